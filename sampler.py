@@ -314,6 +314,12 @@ class WalkPredictor(nn.Conv2d):
 HEAD_DIM, K_NODES = 64, 9
 TINY_STAGES = [(56, 1), (28, 2), (14, 5), (7, 8)]  # DGMN2-Tiny at 224 x 224: map side and heads per stage
 HBM_BYTES_PER_S = 3.0e12                           # H100 device memory, measured copy (kernels.md)
+DGMN_SETTING = dict(channels=512, side=97, groups=4, dilation=24)  # Cityscapes, the largest rate (Table 2)
+DGMN_WALK_SCALE = 8                                # walks of a few pixels, like a trained model's at that rate
+
+
+def _dgmn_batch(batch):
+    return max(batch // 8, 1)  # Cityscapes' batch 8 against ImageNet's 64
 
 
 def _attention(q, k, v, offsets):
@@ -336,12 +342,12 @@ def _cases(batch, dtype, device):
         moved = (4 * features + walks) + (4 * features + walks) + (3 * features + walks)
         yield (f"DGMN2-T stage {stage}: {side}x{side}x({heads}x{HEAD_DIM}), aggregate+dot", _attention,
                (q, k, v, offsets), moved)
-    B = max(batch // 8, 1)  # Cityscapes' batch 8 against ImageNet's 64
-    x = leaf(torch.randn(B, 512, 97, 97, dtype=dtype))
-    offsets = leaf(8 * torch.randn(B, 2 * K_NODES, 97, 97, dtype=dtype))
-    weights = leaf(torch.randn(B, 4, K_NODES, 97, 97).softmax(dim=2))  # float32, as softmax gives under autocast
-    yield "DGMN: 97x97x512, G = 4, dilation 24, aggregate", functools.partial(aggregate, dilation=24), \
-        (x, offsets, weights), None
+    B, (C, side, G, dilation) = _dgmn_batch(batch), DGMN_SETTING.values()
+    x = leaf(torch.randn(B, C, side, side, dtype=dtype))
+    offsets = leaf(DGMN_WALK_SCALE * torch.randn(B, 2 * K_NODES, side, side, dtype=dtype))
+    weights = leaf(torch.randn(B, G, K_NODES, side, side).softmax(dim=2))  # float32, as softmax gives under autocast
+    yield f"DGMN: {side}x{side}x{C}, G = {G}, dilation {dilation}, aggregate", \
+        functools.partial(aggregate, dilation=dilation), (x, offsets, weights), None
 
 
 def _measure(fn, device, repeats):
@@ -381,7 +387,7 @@ def _benchmark():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{where}, {args.dtype}, batch {args.batch} (DGMN row: {max(args.batch // 8, 1)}); median of "
+    print(f"{where}, {args.dtype}, batch {args.batch} (DGMN row: {_dgmn_batch(args.batch)}); median of "
           f"{args.repeats}; peak memory above the inputs\n")
     cuda = device == "cuda"
     print("| shape | path | forward ms | fwd+bwd ms | fwd peak MB | fwd+bwd peak MB |" +

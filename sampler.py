@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.utils.flop_counter import register_flop_formula
 
 # ----------------------------------------------------------------------------------------------------------------
 # Checks: one ValueError that names the argument and the shape it should have
@@ -128,7 +129,9 @@ def _in_float(fn, *args, dtype):
     """Run a reference function in float32 (float64 stays) with autocast off; return its result in `dtype`."""
     compute = torch.promote_types(dtype, torch.float32)
     device = next(a for a in args if isinstance(a, torch.Tensor)).device
-    with torch.autocast(device.type, enabled=False):
+    no_autocast = torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type) \
+        else contextlib.nullcontext()  # the meta device has no autocast
+    with no_autocast:
         out = fn(*(a.to(compute) if isinstance(a, torch.Tensor) else a for a in args))
     return out.to(dtype)
 
@@ -229,6 +232,20 @@ def _dot_backward(ctx, grad):
 
 _aggregate_kernel.register_autograd(_aggregate_backward, setup_context=_aggregate_setup)
 _dot_kernel.register_autograd(_dot_backward, setup_context=_dot_setup)
+
+
+# FlopCounterMode counts the fused ops' products as it counts the reference path's einsum (2 FLOPs per multiply-add:
+# one per sampled element and channel); the bilinear reads themselves (4 multiply-adds per sampled element and
+# channel) are left out, as FlopCounterMode leaves out F.grid_sample. Backward is not counted.
+@register_flop_formula(torch.ops.dgmn_sampler.aggregate)
+def _aggregate_flops(x_shape, offsets_shape, weights_shape, dilation, out_shape=None, **kwargs):
+    return 2 * math.prod(x_shape) * (offsets_shape[1] // 2)
+
+
+@register_flop_formula(torch.ops.dgmn_sampler.dot)
+def _dot_flops(q_shape, x_shape, offsets_shape, groups, dilation, out_shape=None, **kwargs):
+    return 2 * math.prod(x_shape) * (offsets_shape[1] // 2)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Choosing the path

@@ -6,6 +6,7 @@ other. On CPU the sampler's kernel path is sampler_cuda.cu compiled by the host 
 without a GPU.
 """
 
+import argparse
 import math
 import os
 import re
@@ -15,9 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
 
+import dgmn2
 import sampler
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -321,3 +324,344 @@ def test_nvcc_compiles_the_kernel(tmp_path, monkeypatch):
 def test_cuda_tensors_use_the_kernel_by_default():
     x = torch.randn(2, 4, 5, 6, device="cuda")
     assert sampler._use_kernel(x) and not sampler._use_kernel(x.cpu())
+
+
+def test_flop_counter_counts_both_paths_alike(path):
+    """The fused ops count their products as the reference's einsum does: 2 FLOPs per sampled element and channel."""
+    from torch.utils.flop_counter import FlopCounterMode
+    B, C, H, W = 2, 8, 5, 6
+    x, offsets = torch.randn(B, C, H, W), walks(B, 9, H, W, dtype=torch.float32)
+    with FlopCounterMode(display=False) as counter:
+        sampler.aggregate(x, offsets, sampler.dot(x, x, offsets, groups=2))
+    assert counter.get_total_flops() == 2 * (2 * B * C * 9 * H * W)
+
+# ====================================================================================================================
+# dgmn2.py: Eq. 8-9, Fig. 4, Tables 1 and 6
+
+
+class ReleaseAttention(nn.Module):
+    """The release's attention, written from official-dgmn2.md under its parameter names, on F.grid_sample."""
+
+    def __init__(self, dim, heads, side):
+        super().__init__()
+        self.heads, d = heads, dim // heads
+        self.qkv, self.proj, self.conv_offset = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(d, 18)
+        self.pos_emb = nn.Module()
+        self.pos_emb.rel_height = nn.Parameter(torch.randn(side + 8, d) * d ** -0.5)
+        self.pos_emb.rel_width = nn.Parameter(torch.randn(side + 8, d) * d ** -0.5)
+
+    def forward(self, x, H, W):
+        (B, N, C), G = x.shape, self.heads
+        d = C // G
+        q, k, v = self.qkv(x).view(B, N, 3, G, d).permute(2, 0, 3, 4, 1).reshape(3, B * G, d, H, W)
+        offsets = self.conv_offset(x.view(B, N, G, d)).permute(0, 2, 3, 1).reshape(B * G, 18, H, W)
+        keys, values = grid_sample_nodes(k, offsets, 1), grid_sample_nodes(v, offsets, 1)  # (B G, d, 9, H, W)
+        logits = (q[:, :, None] * keys).sum(1) * d ** -0.5  # (B G, 9, H, W)
+        # rel(a, b, s) = q[a, b] . Rw[s + W - 1 - b] + q[b, a] . Rh[s + H - 1 - b], tables indexed after the product
+        a, b, s = torch.arange(H).view(H, 1, 1), torch.arange(W).view(1, W, 1), torch.arange(9)
+        by_width = torch.einsum("ndab,rd->nabr", q, self.pos_emb.rel_width)[:, a, b, s + W - 1 - b]
+        by_height = torch.einsum("ndba,rd->nabr", q, self.pos_emb.rel_height)[:, a, b, s + H - 1 - b]
+        attn = (logits + (by_width + by_height).permute(0, 3, 1, 2)).softmax(dim=1)
+        out = (attn[:, None] * values).sum(2)  # (B G, d, H, W)
+        return self.proj(out.reshape(B, G, d, N).permute(0, 3, 1, 2).reshape(B, N, C))
+
+
+class ReleaseBlock(nn.Module):
+    def __init__(self, dim, heads, ratio, side):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = ReleaseAttention(dim, heads, side)
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, ratio * dim), nn.Linear(ratio * dim, dim)
+
+    def forward(self, x, H, W):
+        x = x + self.attn(self.norm1(x), H, W)
+        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
+
+
+class ReleaseDGMN2(nn.Module):
+    """DGMN2 as the release builds it (patch_embed1..4, block1..4), for a checkpoint in the release's format."""
+
+    def __init__(self, depths, num_classes=1000, dims=(64, 128, 320, 512), heads=(1, 2, 5, 8), ratios=(8, 8, 4, 4)):
+        super().__init__()
+        stem = nn.Module()
+        for n, (cin, cout, stride) in enumerate([(3, 32, 2), (32, 32, 1), (32, 64, 2)], 1):
+            setattr(stem, f"conv{n}", nn.Conv2d(cin, cout, 3, stride, 1, bias=False))
+            setattr(stem, f"norm{n}", nn.BatchNorm2d(cout))
+        self.patch_embed1 = stem
+        for s in range(1, 4):
+            embed = nn.Module()
+            embed.conv, embed.norm = nn.Conv2d(dims[s - 1], dims[s], 3, 2, 1, bias=False), nn.BatchNorm2d(dims[s])
+            setattr(self, f"patch_embed{s + 1}", embed)
+        for s in range(4):
+            setattr(self, f"block{s + 1}", nn.ModuleList(ReleaseBlock(dims[s], heads[s], ratios[s], 224 // 4 // 2 ** s)
+                                                         for _ in range(depths[s])))
+        self.head = nn.Linear(dims[3], num_classes)
+
+    def forward(self, x):
+        for n in range(1, 4):
+            x = F.relu(getattr(self.patch_embed1, f"norm{n}")(getattr(self.patch_embed1, f"conv{n}")(x)))
+        for s in range(1, 5):
+            if s > 1:
+                embed = getattr(self, f"patch_embed{s}")
+                x = F.relu(embed.norm(embed.conv(x)))
+            B, C, H, W = x.shape
+            tokens = x.flatten(2).transpose(1, 2)
+            for block in getattr(self, f"block{s}"):
+                tokens = block(tokens, H, W)
+            x = tokens.transpose(1, 2).reshape(B, C, H, W)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def release_tiny_checkpoint(seed=0):
+    """A trained-looking release model: every tensor random (BN statistics too), walks of a few pixels."""
+    torch.manual_seed(seed)
+    release = ReleaseDGMN2(dgmn2.VARIANTS["tiny"].depths)
+    with torch.no_grad():
+        for name, tensor in release.state_dict().items():
+            if "num_batches_tracked" in name:
+                continue
+            if "running_var" in name or name.endswith("norm1.weight") or name.endswith("norm2.weight"):
+                tensor.uniform_(0.5, 1.5)
+            elif "conv_offset.weight" in name:
+                tensor.normal_(0, 0.3)
+            elif "rel_" not in name and "embed" not in name:
+                tensor.normal_(0, 0.05 if tensor.dim() > 1 else 0.1)
+            elif "running_mean" in name or "norm" in name:
+                tensor.normal_(0, 0.1).add_(1 if name.endswith("weight") else 0)
+    return release.eval()
+
+
+def test_parameter_counts_equal_the_release():
+    expected = dict(tiny=12_101_464, small=20_968_360, medium=35_811_712, large=48_286_762)
+    for name, count in expected.items():
+        with torch.device("meta"):
+            assert sum(p.numel() for p in dgmn2.build(name).parameters()) == count
+            for output_stride in (8, 16):  # Section 6.3's stride-1 embeddings keep the parameters
+                assert sum(p.numel() for p in dgmn2.build(name, output_stride=output_stride).parameters()) == count
+        assert round(count / 1e6, 1) == dgmn2.VARIANTS[name].params_m
+
+
+def test_multiply_adds_within_3_percent_of_table_6():
+    for name, variant in dgmn2.VARIANTS.items():
+        macs, bilinear = dgmn2.count_macs(name)
+        assert abs(macs / 1e9 / variant.gflops - 1) < 0.03, (name, macs)
+        assert 0 < bilinear < 0.03 * macs
+
+
+def test_checkpoint_round_trip_reproduces_the_release(tmp_path):
+    release = release_tiny_checkpoint()
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = release(images)
+    path = tmp_path / "dgmn2_tiny.pth"
+    optimizer = torch.optim.AdamW(release.parameters())
+    torch.save({"model": release.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 299,
+                "args": argparse.Namespace(model="dgmn2_tiny", lr=1e-3)}, path)  # what the release's script saves
+    for checkpoint in (path, str(path), release.state_dict()):  # wrapped under "model" on disk, or bare
+        model = dgmn2.load_official(dgmn2.dgmn2_tiny(), checkpoint).eval()
+        with torch.no_grad():
+            assert (model(images) - expected).abs().max() <= 1e-4
+    # The switch matters: the symmetric rule gives other logits from the same weights.
+    for module in model.modules():
+        if isinstance(module, dgmn2.RelativePosition):
+            module.transposed = False
+    with torch.no_grad():
+        assert (model(images) - expected).abs().max() > 1e-2
+    # A model built for another input size reads the tables resized, as it would resize them at run time.
+    larger = dgmn2.load_official(dgmn2.dgmn2_tiny(img_size=256), path)
+    table = release.state_dict()["block1.0.attn.pos_emb.rel_width"]
+    torch.testing.assert_close(larger.stages[0].layers[0].attn.rel_pos.width,
+                               F.interpolate(table[None, None], size=(64 + 8, 64), mode="bilinear")[0, 0])
+    # The rule travels with our own state dict.
+    reloaded = dgmn2.dgmn2_tiny()
+    reloaded.load_state_dict(dgmn2.load_official(dgmn2.dgmn2_tiny(), path).state_dict())
+    with torch.no_grad():
+        assert (reloaded.eval()(images) - expected).abs().max() <= 1e-4
+
+
+def test_load_official_refuses_what_does_not_fit(tmp_path):
+    release = ReleaseDGMN2(dgmn2.VARIANTS["tiny"].depths).state_dict()
+    with pytest.raises(ValueError, match="missing") as error:
+        dgmn2.load_official(dgmn2.dgmn2_small(), release)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match=r"of another shape \(first: head.weight"):
+        dgmn2.load_official(dgmn2.dgmn2_tiny(num_classes=10), release)
+    with pytest.raises(ValueError, match=r"1 unexpected \(first: stages.0.layers.2.norm1.weight"):
+        dgmn2.load_official(dgmn2.dgmn2_tiny(), {**release, "block1.2.norm1.weight": torch.ones(64)})
+    with pytest.raises(ValueError, match="not the release's format: .* such as 'stages.0.embed.0.conv.weight'"):
+        dgmn2.load_official(dgmn2.dgmn2_tiny(), dgmn2.dgmn2_tiny().state_dict())
+    with pytest.raises(ValueError, match="checkpoint must be a path or a dict of tensors, got int"):
+        dgmn2.load_official(dgmn2.dgmn2_tiny(), 3)
+    with pytest.raises(ValueError, match="nowhere.pth: no such checkpoint file"):
+        dgmn2.load_official(dgmn2.dgmn2_tiny(), tmp_path / "nowhere.pth")
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="notes.txt: not a readable checkpoint") as error:
+        dgmn2.load_official(dgmn2.dgmn2_tiny(), tmp_path / "notes.txt")
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("built, H, W", [((5, 7), 5, 7), ((4, 4), 4, 4), ((6, 3), 5, 7)])
+def test_relative_position_rules(built, H, W, transposed):
+    """Both rules against explicit loops; a map of another size reads the tables resized to it."""
+    D, K = 4, 9
+    rel = dgmn2.RelativePosition(built, D, K).double()
+    rel.transposed = transposed
+    q = torch.randn(2, D, H, W, dtype=torch.float64)
+    Rh, Rw = (F.interpolate(t[None, None], size=(n + K - 1, D), mode="bilinear", align_corners=False)[0, 0]
+              for t, n in ((rel.height, H), (rel.width, W)))
+    expected = torch.zeros(2, K, H, W, dtype=torch.float64)
+    for a in range(H):
+        for b in range(W):
+            for s in range(K):
+                expected[:, s, a, b] = q[:, :, a, b] @ Rw[s + W - 1 - b]
+                if not transposed:
+                    expected[:, s, a, b] += q[:, :, a, b] @ Rh[s + H - 1 - a]
+    if transposed:  # the release's height logits: on the transposed (W x H) map, resized to H x W
+        on_transposed = torch.zeros(2, K, W, H, dtype=torch.float64)
+        for r in range(W):
+            for c in range(H):
+                for s in range(K):
+                    on_transposed[:, s, r, c] = q[:, :, c, r] @ Rh[s + H - 1 - c]
+        expected += F.interpolate(on_transposed, size=(H, W), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(rel(q), expected)
+
+
+def test_every_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    model = dgmn2.dgmn2_tiny(num_classes=10)
+    for size in [(64, 64), (48, 80)]:
+        model.zero_grad()
+        F.cross_entropy(model(torch.randn(2, 3, *size)), torch.tensor([1, 7])).backward()
+        for name, p in model.named_parameters():
+            assert p.grad is not None and p.grad.abs().max() > 0 and p.grad.isfinite().all(), (size, name)
+
+
+@pytest.mark.parametrize("output_stride", [32, 16, 8])
+def test_feature_maps_for_any_input_size(output_stride):
+    model = dgmn2.dgmn2_tiny(num_classes=0, output_stride=output_stride).eval()
+    strides = [min(s, output_stride) for s in (4, 8, 16, 32)]
+    assert model.strides == strides
+    for H, W in [(64, 64), (65, 97), (33, 50), (20, 13), (7, 7), (1, 1)]:
+        with torch.no_grad():
+            maps = model.forward_features(torch.randn(1, 3, H, W))
+        assert [tuple(m.shape) for m in maps] == [(1, c, -(-H // s), -(-W // s))
+                                                  for c, s in zip((64, 128, 320, 512), strides)]
+    assert model(torch.randn(2, 3, 40, 40)).shape == (2, 512)
+
+
+def test_reference_and_kernel_paths_agree():
+    torch.manual_seed(0)
+    model = dgmn2.load_official(dgmn2.dgmn2_tiny(), release_tiny_checkpoint().state_dict()).double()
+    images = torch.randn(2, 3, 40, 56, dtype=torch.float64)
+    results = []
+    for name in ("torch", "kernel"):
+        with sampler.backend(name):
+            model.zero_grad()
+            logits = model(images)
+            logits.square().sum().backward()
+            results.append([logits] + [p.grad for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast(path, dtype):
+    torch.manual_seed(0)
+    model = dgmn2.dgmn2_tiny(num_classes=10).eval()
+    images = torch.randn(2, 3, 48, 64)
+    full = model(images)
+    with torch.autocast("cpu", dtype=dtype):
+        half = model(images)
+    half.float().sum().backward()
+    assert half.dtype == dtype and all(p.grad.isfinite().all() for p in model.parameters())
+    assert F.cosine_similarity(half.float().flatten(), full.flatten(), dim=0) > 0.99
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_torch_compile_traces_a_layer(path, transposed):
+    layer = dgmn2.DGMN2Layer(64, 2, 4, (6, 8))
+    layer.attn.rel_pos.transposed = transposed
+    tokens = torch.randn(2, 5 * 7, 64)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    for a, b in zip(outputs_and_grads(lambda t: compiled(t, 5, 7), [tokens]),
+                    outputs_and_grads(lambda t: layer(t, 5, 7), [tokens])):
+        torch.testing.assert_close(a, b)
+
+
+def _ddp_rank(rank, world, store, state, images, labels, out):
+    """One rank of test_ddp_...: its share of the batch through DistributedDataParallel; rank 0 saves the grads."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    model = dgmn2.dgmn2_tiny(num_classes=10)
+    model.load_state_dict(state)
+    ddp = DistributedDataParallel(model.eval())  # BN on running statistics: a rank's batch share does not change them
+    share = len(images) // world
+    mine = slice(rank * share, (rank + 1) * share)
+    for step in range(2):  # a second step: DDP raises there if a parameter got no gradient in the first
+        model.zero_grad()
+        F.cross_entropy(ddp(images[mine]), labels[mine]).backward()
+    if rank == 0:
+        torch.save([p.grad for p in model.parameters()], out)
+    dist.destroy_process_group()
+
+
+def test_ddp_averages_gradients_like_one_large_batch(tmp_path):
+    torch.manual_seed(0)
+    model = dgmn2.dgmn2_tiny(num_classes=10).eval()
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 9, 3])
+    torch.multiprocessing.spawn(_ddp_rank, nprocs=2, args=(2, tmp_path / "store", model.state_dict(), images, labels,
+                                                           tmp_path / "grads.pt"))
+    F.cross_entropy(model(images), labels).backward()
+    for local, averaged in zip([p.grad for p in model.parameters()], torch.load(tmp_path / "grads.pt")):
+        torch.testing.assert_close(averaged, local)
+
+
+def test_drop_path_rises_linearly_and_drops_whole_samples():
+    model = dgmn2.dgmn2_tiny(drop_path_rate=0.1)
+    rates = [layer.drop_path.p for stage in model.stages for layer in stage.layers]
+    assert rates[0] == 0 and rates[-1] == pytest.approx(0.1) and rates == sorted(rates) and len(set(rates)) == 8
+    drop = dgmn2.DropPath(0.5).train()
+    x = torch.ones(1000, 4, 3)
+    out = drop(x)
+    assert set(out.flatten().tolist()) == {0.0, 2.0} and (out == out[:, :1, :1]).all()
+    assert 0.4 < (out[:, 0, 0] == 0).float().mean() < 0.6
+    assert drop.eval()(x) is x
+
+
+def test_model_errors_are_one_line():
+    cases = [(lambda: dgmn2.dgmn2_tiny()(torch.randn(2, 1, 32, 32)), r"takes images of shape \(B, 3, H, W\)"),
+             (lambda: dgmn2.build("huge"), "unknown DGMN2 variant 'huge'"),
+             (lambda: dgmn2.dgmn2_tiny(output_stride=4), "output_stride must be 8, 16 or 32"),
+             (lambda: dgmn2.dgmn2_tiny(drop_path_rate=1.0), r"drop_path_rate must lie in \[0, 1\), got 1.0"),
+             (lambda: dgmn2.DGMN2Attention(64, 3, (4, 4)), "3 heads do not divide the width 64")]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message) as error:
+            call()
+        assert "\n" not in str(error.value)
+
+
+@CUDA
+def test_model_on_cuda_matches_the_cpu_reference():
+    torch.manual_seed(0)
+    model = dgmn2.load_official(dgmn2.dgmn2_tiny(), release_tiny_checkpoint().state_dict())
+    images = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        expected = model(images)
+        torch.testing.assert_close(model.cuda()(images.cuda()).cpu(), expected, rtol=1e-4, atol=1e-4)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            half = model(images.cuda()).float().cpu()
+    assert F.cosine_similarity(half.flatten(), expected.flatten(), dim=0) > 0.99
+
+
+def test_show_walks_draws_a_picture(tmp_path):
+    from PIL import Image
+    image, out = tmp_path / "image.png", tmp_path / "walks.png"
+    Image.fromarray(torch.randint(0, 256, (48, 64, 3), dtype=torch.uint8).numpy()).save(image)
+    dgmn2._show_walks(image, point=(20, 30), out_path=out)
+    assert Image.open(out).size == (64, 48)
+    with pytest.raises(ValueError, match=r"point \(row 48, column 0\) lies outside the 48 x 64 image"):
+        dgmn2._show_walks(image, point=(48, 0), out_path=out)

@@ -1,0 +1,448 @@
+"""DGMN2: dynamic graph message passing as a Transformer layer (Section 4.1, Eq. 8-9, Fig. 4) and the pyramidal
+DGMN2-Tiny/Small/Medium/Large backbones (Section 4.2, Table 1), with the ImageNet numbers of Table 6.
+
+Each query samples K = 9 nodes: a 3 x 3 grid around it moved by walks predicted from the query's own features
+(Eq. 4). Keys and values are read at those nodes with the bilinear sampler (Eq. 8), and the message is attention over
+them (Eq. 9):  softmax_k(q . k_k / sqrt(D) + rel_k) . v_k,  with rel the relative-position term of Fig. 4b.
+sampler.dot and sampler.aggregate compute q . k_k and attn . v_k without materialising the sampled keys and values.
+
+Symbols, used throughout: B batch, C channels (the stage's width), H x W the stage's map, N = H * W tokens,
+G heads, D = C / G head dim, K sampled nodes per query.
+
+    python dgmn2.py                      Table 6: parameters and multiply-adds beside the paper's
+    python dgmn2.py --show-walks IMG     the nodes sampled for one pixel, drawn on the image (Fig. 5 and 11)
+
+The authors' ImageNet checkpoints (fudan-zvg/DGMN2) load with `load_official`.
+"""
+
+import argparse
+import math
+import pickle
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import einsum, rearrange
+
+import sampler
+
+KERNEL_SIZE = 3                      # the 3 x 3 grid of sampled nodes around each query (K = 9), one rate
+LAYER_NORM_EPS = 1e-6                # the release's LayerNorm
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Relative position (Fig. 4b)
+
+
+class RelativePosition(nn.Module):
+    """Fig. 4b: a logit per query and sampled slot from a width and a height table of head-dim vectors.
+
+    For the query q at row a, column b of an H x W map and slot s in 0..K-1 (the s-th node of the 3 x 3 grid; the
+    term depends on the slot, not on where its walk took it), with Rw, Rh the tables resized to W + K - 1 and H + K - 1
+    rows:
+        symmetric rule (default)        rel(a, b, s) = q[a, b] . Rw[s + W-1 - b]  +  q[a, b] . Rh[s + H-1 - a]
+        release rule (transposed=True)  rel(a, b, s) = q[a, b] . Rw[s + W-1 - b]  +  q[b, a] . Rh[s + H-1 - b]
+    The release computes the height term on the transposed map and never transposes it back: its height logits are
+    the symmetric ones transposed, which for an H x W map lie on a W x H grid that its detection code resizes
+    (bilinearly) to H x W. Its weights were trained with that rule; `load_official` turns it on. The rule is stored
+    in the state dict, so a model fine-tuned from those weights keeps it.
+
+    The tables are built for one map size (the 224 x 224 ImageNet input) and resized bilinearly along their rows for
+    any other, as the paper does for detection and segmentation (Section 4.1).
+    q (B G, D, H, W), unscaled -> (B G, K, H, W)."""
+
+    def __init__(self, size, head_dim, nodes):
+        super().__init__()
+        height, width = size
+        self.nodes = nodes
+        self.height = nn.Parameter(torch.randn(height + nodes - 1, head_dim) * head_dim ** -0.5)
+        self.width = nn.Parameter(torch.randn(width + nodes - 1, head_dim) * head_dim ** -0.5)
+        self.transposed = False
+
+    def get_extra_state(self):
+        return {"transposed": self.transposed}
+
+    def set_extra_state(self, state):
+        self.transposed = state["transposed"]
+
+    def _by_slot(self, table, length):
+        """(length + K - 1, D) rows along one axis -> (length, K, D): entry [p, s] is row s + length - 1 - p."""
+        rows = length + self.nodes - 1
+        if table.shape[0] != rows:  # (1, 1, rows0, D) -> (1, 1, rows, D): linear along the rows
+            table = F.interpolate(table[None, None], size=(rows, table.shape[1]), mode="bilinear",
+                                  align_corners=False)[0, 0]
+        p, s = torch.arange(length, device=table.device), torch.arange(self.nodes, device=table.device)
+        return table[s[None, :] + length - 1 - p[:, None]]  # (length, K, D)
+
+    def forward(self, q):
+        _, _, H, W = q.shape
+        width = einsum(q, self._by_slot(self.width, W), "n d h w, w k d -> n k h w")
+        height = einsum(q, self._by_slot(self.height, H), "n d h w, h k d -> n k h w")
+        if self.transposed:
+            height = height.transpose(-1, -2)  # (B G, K, W, H), read as if it were H x W
+            if H != W:  # (B G, K, W, H) -> (B G, K, H, W)
+                height = F.interpolate(height, size=(H, W), mode="bilinear", align_corners=False)
+        return width + height
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DGMN2 attention (Eq. 8-9, Fig. 4a)
+
+
+class DGMN2Attention(nn.Module):
+    """Eq. 8-9: every query attends over K walked nodes of its own head's keys and values.
+
+    q, k, v come from one linear map (Eq. 8's W^{k,A} and Eq. 9's W^h); each head predicts its walks (Eq. 4) from its
+    slice of the input, and its keys and values are sampled at the same walked nodes.
+    x (B, N, C) tokens of an H x W map -> (B, N, C)."""
+
+    def __init__(self, dim, heads, size):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"{heads} heads do not divide the width {dim}")
+        self.heads, head_dim = heads, dim // heads
+        self.scale = head_dim ** -0.5
+        nodes = KERNEL_SIZE ** 2
+        self.qkv = nn.Linear(dim, 3 * dim)
+        # Paper: walks by a 3x3 conv on the sampled nodes (3.5); release: a per-head Linear on x, not zero-init.
+        self.walk = nn.Linear(head_dim, 2 * nodes)
+        self.rel_pos = RelativePosition(size, head_dim, nodes)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, H, W):
+        G = self.heads
+        qkv = rearrange(self.qkv(x), "b (h w) (three g d) -> three (b g) h w d", three=3, g=G, h=H)  # one copy
+        q, k, v = rearrange(qkv, "three n h w d -> three n d h w")  # views, each (B G, D, H, W) channels-last
+        walks = self.walk(rearrange(x, "b n (g d) -> b n g d", g=G))  # (B, N, G, 2K)
+        offsets = rearrange(walks, "b (h w) g o -> (b g) o h w", h=H)  # (B G, 2K, H, W)
+        # Eq. 9 has no 1 / sqrt(D); the release scales q . k by it, and adds the relative-position term unscaled.
+        logits = sampler.dot(q, k, offsets)[:, 0] * self.scale + self.rel_pos(q)  # (B G, K, H, W)
+        attn = logits.softmax(dim=1)
+        out = sampler.aggregate(v, offsets, attn[:, None])  # (B G, D, H, W)
+        return self.proj(rearrange(out, "(b g) d h w -> b (h w) (g d)", g=G))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DGMN2 layer: the attention and a feed-forward block, pre-norm, with stochastic depth
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, drop a residual branch for a whole sample with probability p and scale the
+    kept ones by 1 / (1 - p). (B, ...) -> (B, ...)."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = x.new_empty(x.shape[0], *[1] * (x.dim() - 1)).bernoulli_(1 - self.p)  # (B, 1, ..., 1)
+        return x * keep / (1 - self.p)
+
+
+class DGMN2Layer(nn.Module):
+    """Fig. 4a: x + DropPath(attention(LN(x))), then x + DropPath(MLP(LN(x))). x (B, N, C) of an H x W map -> same."""
+
+    def __init__(self, dim, heads, mlp_ratio, size, drop_path=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.attn = DGMN2Attention(dim, heads, size)
+        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, mlp_ratio * dim), act=nn.GELU(),
+                                             fc2=nn.Linear(mlp_ratio * dim, dim)))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x, H, W):
+        x = x + self.drop_path(self.attn(self.norm1(x), H, W))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Patch embeddings and stages (Section 4.2)
+
+
+def conv_bn_relu(in_channels, out_channels, stride):
+    """One 3x3 Conv-BN-ReLU unit. (B, C_in, H, W) -> (B, C_out, ceil(H / stride), ceil(W / stride))."""
+    return nn.Sequential(OrderedDict(conv=nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=False),
+                                     norm=nn.BatchNorm2d(out_channels), relu=nn.ReLU(inplace=True)))
+
+
+class Stage(nn.Module):
+    """A patch embedding (Conv-BN-ReLU units) and DGMN2 layers. (B, C_in, H, W) -> (B, C, H / stride, W / stride)."""
+
+    def __init__(self, embed, layers):
+        super().__init__()
+        self.embed = embed
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x):
+        x = self.embed(x)
+        H, W = x.shape[-2:]
+        tokens = rearrange(x, "b c h w -> b (h w) c").contiguous()  # (B, N, C), a view if x is channels-last
+        for layer in self.layers:
+            tokens = layer(tokens, H, W)
+        return rearrange(tokens, "b (h w) c -> b c h w", h=H)  # (B, C, H, W), a channels-last view
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The backbone
+
+
+class DGMN2(nn.Module):
+    """Fig. 4c: a stem of three Conv-BN-ReLU (strides 2, 1, 2) and one Conv-BN-ReLU (stride 2) before stages 2-4,
+    each stage a stack of DGMN2 layers; global average pooling of stage 4 and a linear classifier (no final norm,
+    as in the release).
+
+    Any input size: a stride-2 unit maps a side n to ceil(n / 2), so the stage maps are ceil(H / 4) ... ceil(H / 32)
+    (nothing is padded). output_stride=8 uses stride-1 embeddings in stages 3 and 4, as Section 6.3 does for
+    segmentation (16: in stage 4 only); the parameters are the same, the relative-position tables are always built for
+    img_size at the strides 4, 8, 16, 32 and resized at run time.
+    x (B, 3, H, W) -> logits (B, num_classes), or pooled features (B, 512) when num_classes == 0."""
+
+    def __init__(self, depths, dims=(64, 128, 320, 512), heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4),
+                 num_classes=1000, img_size=224, drop_path_rate=0.0, output_stride=32, in_channels=3):
+        super().__init__()
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        img_h, img_w = (img_size, img_size) if isinstance(img_size, int) else img_size
+        nominal = [4 * 2 ** s for s in range(len(depths))]  # (4, 8, 16, 32): the strides the tables are built for
+        self.strides = [min(stride, output_stride) for stride in nominal]
+        stem = [(dims[0] // 2, 2), (dims[0] // 2, 1), (dims[0], 2)]  # (out channels, stride) of the three units
+        self.stages = nn.ModuleList()
+        for s, depth in enumerate(depths):
+            embed, width = nn.Sequential(), in_channels if s == 0 else dims[s - 1]
+            for out, stride in stem if s == 0 else [(dims[s], self.strides[s] // self.strides[s - 1])]:
+                embed.append(conv_bn_relu(width, out, stride))
+                width = out
+            size = (math.ceil(img_h / nominal[s]), math.ceil(img_w / nominal[s]))  # the map at img_size
+            self.stages.append(Stage(embed, [DGMN2Layer(dims[s], heads[s], mlp_ratios[s], size)
+                                             for _ in range(depth)]))
+        self.channels = list(dims)
+        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+        self.set_drop_path_rate(drop_path_rate)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+
+    def set_drop_path_rate(self, rate):
+        """Stochastic depth rising linearly from 0 to `rate` over all layers (the release sets 0, then 0.1)."""
+        if not 0 <= rate < 1:
+            raise ValueError(f"drop_path_rate must lie in [0, 1), got {rate}")
+        layers = [layer for stage in self.stages for layer in stage.layers]
+        for i, layer in enumerate(layers):
+            layer.drop_path.p = rate * i / max(len(layers) - 1, 1)
+
+    def forward_features(self, x):
+        """The four stage maps for FPN-style heads: x (B, 3, H, W) -> [(B, C_s, ceil(H / stride_s), ...)], channels
+        (64, 128, 320, 512), strides self.strides: (4, 8, 16, 32) at output_stride 32."""
+        in_channels = self.stages[0].embed[0].conv.in_channels
+        if x.dim() != 4 or x.shape[1] != in_channels:
+            raise ValueError(f"DGMN2 takes images of shape (B, {in_channels}, H, W), got {tuple(x.shape)}")
+        maps = []
+        for stage in self.stages:
+            x = stage(x)
+            maps.append(x)
+        return maps
+
+    def forward(self, x):
+        return self.head(self.forward_features(x)[-1].mean(dim=(2, 3)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The family (Table 1): the same widths (64, 128, 320, 512), heads (1, 2, 5, 8) and MLP ratios (8, 8, 4, 4)
+
+
+@dataclass(frozen=True)
+class Variant:
+    depths: tuple       # DGMN2 layers per stage (Table 1)
+    params_m: float     # Table 6: parameters (M)
+    gflops: float       # Table 6: FLOPs (G, multiply-adds) at 224 x 224
+    top1: float         # Table 6: ImageNet-1K top-1 (%)
+
+
+VARIANTS = dict(
+    tiny=Variant(depths=(2, 2, 2, 2), params_m=12.1, gflops=2.3, top1=78.7),
+    small=Variant(depths=(3, 4, 6, 3), params_m=21.0, gflops=4.3, top1=81.7),
+    medium=Variant(depths=(3, 4, 18, 3), params_m=35.8, gflops=7.1, top1=82.5),
+    large=Variant(depths=(3, 8, 27, 3), params_m=48.3, gflops=10.4, top1=83.3),
+)
+
+
+def build(variant, **overrides):
+    """DGMN2 by name, e.g. build("small", num_classes=100, drop_path_rate=0.1, img_size=384, output_stride=8)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown DGMN2 variant {variant!r}: choose one of {', '.join(VARIANTS)}")
+    return DGMN2(depths=VARIANTS[variant].depths, **overrides)
+
+
+def dgmn2_tiny(**overrides):
+    return build("tiny", **overrides)
+
+
+def dgmn2_small(**overrides):
+    return build("small", **overrides)
+
+
+def dgmn2_medium(**overrides):
+    return build("medium", **overrides)
+
+
+def dgmn2_large(**overrides):
+    return build("large", **overrides)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The authors' released weights
+
+_RELEASE_NAMES = [  # (release pattern, ours), applied in order to every key of a release checkpoint
+    (r"^patch_embed1\.(conv|norm)(\d)\.", lambda m: f"stages.0.embed.{int(m[2]) - 1}.{m[1]}."),
+    (r"^patch_embed(\d)\.(conv|norm)\.", lambda m: f"stages.{int(m[1]) - 1}.embed.0.{m[2]}."),
+    (r"^block(\d)\.", lambda m: f"stages.{int(m[1]) - 1}.layers."),
+    (r"\.attn\.conv_offset\.", ".attn.walk."),
+    (r"\.attn\.pos_emb\.rel_(height|width)$", lambda m: f".attn.rel_pos.{m[1]}"),
+]
+
+
+def _our_name(name):
+    for pattern, replacement in _RELEASE_NAMES:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def load_official(model, checkpoint):
+    """Load a checkpoint of the authors' release (fudan-zvg/DGMN2, classification/) into a DGMN2 of the same variant
+    and switch its relative positions to the release's (transposed) rule, so that it gives the released model's
+    logits. checkpoint: a path or an already loaded dict, with the weights under "model" (as the release's training
+    script saves them) or bare, under the release's names. Strict: every tensor must be there with its shape, except
+    the relative-position tables, which are resized (bilinearly, as at run time) for a model built with another
+    img_size. Returns the model."""
+    if isinstance(checkpoint, (str, Path)):
+        if not Path(checkpoint).is_file():
+            raise ValueError(f"{checkpoint}: no such checkpoint file")
+        try:  # the release's training script saves its argparse.Namespace beside the weights
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except (RuntimeError, pickle.UnpicklingError) as error:
+            raise ValueError(f"{checkpoint}: not a readable checkpoint ({str(error).splitlines()[0]})") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"checkpoint must be a path or a dict of tensors, got {type(checkpoint).__name__}")
+    release = checkpoint.get("model", checkpoint)
+    foreign = [name for name in release if not re.match(r"(patch_embed[1-4]|block[1-4]|head)\.", name)]
+    if foreign:
+        raise ValueError(f"not the release's format: {len(foreign)} names such as {foreign[0]!r} are not its names "
+                         "(patch_embed1..4, block1..4, head); a state dict of ours loads with load_state_dict")
+    state = {_our_name(name): tensor for name, tensor in release.items()}
+    ours = model.state_dict()
+    for name, tensor in state.items():
+        if name.split(".")[-2] == "rel_pos" and name in ours and tensor.shape[1:] == ours[name].shape[1:]:
+            state[name] = F.interpolate(tensor[None, None].float(), size=ours[name].shape, mode="bilinear",
+                                        align_corners=False)[0, 0].to(tensor.dtype)  # (rows, D) -> (our rows, D)
+    rules = [name for name in ours if name.endswith("rel_pos._extra_state")]
+    state.update({name: {"transposed": True} for name in rules})
+    missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
+    wrong = [f"{name} {tuple(state[name].shape)} (ours {tuple(ours[name].shape)})" for name in ours
+             if name in state and name not in rules and state[name].shape != ours[name].shape]
+    if missing or unexpected or wrong:
+        problems = [f"{len(missing)} missing (first: {missing[0]})" if missing else "",
+                    f"{len(unexpected)} unexpected (first: {unexpected[0]})" if unexpected else "",
+                    f"{len(wrong)} of another shape (first: {wrong[0]})" if wrong else ""]
+        raise ValueError("checkpoint does not fit this DGMN2 (another variant or number of classes?): "
+                         + "; ".join(p for p in problems if p))
+    model.load_state_dict(state)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# python dgmn2.py: Table 6; --show-walks IMAGE: the sampled nodes of one pixel
+
+
+def count_macs(variant, size=224):
+    """Multiply-adds of one forward pass of a variant at size x size, batch 1, counted on the meta device (nothing is
+    computed). Returns (total, of which bilinear sampling). The total is torch.utils.flop_counter.FlopCounterMode's
+    FLOPs / 2 (matmuls, convolutions, and the sampler's q . k and attn . v products: not norms, activations or
+    softmax) plus the bilinear reads of the sampled keys and values, 4 multiply-adds per sampled element and channel,
+    which FlopCounterMode cannot see inside the sampler (the release's count leaves them out, but counts its relative
+    positions' q against all W + K - 1 table rows where ours uses the K that are read)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        model = build(variant)
+    # On the meta device the kernel path runs the sampler ops' shape functions, which FlopCounterMode counts by name.
+    with sampler.backend("kernel"), FlopCounterMode(display=False) as counter:
+        model(torch.empty(1, 3, size, size, device="meta"))
+    counts = counter.get_flop_counts()["Global"]
+    products = sum(flops for op, flops in counts.items() if str(op).startswith("dgmn_sampler")) // 2
+    bilinear = 4 * products  # every product reads one sampled element of one channel
+    return counter.get_total_flops() // 2 + bilinear, bilinear
+
+
+def _table_6():
+    print("| model | params (M) | paper | multiply-adds (G) | paper | of which bilinear sampling (G) | "
+          "top-1 (%), paper |")
+    print("|---|---|---|---|---|---|---|")
+    for name, variant in VARIANTS.items():
+        with torch.device("meta"):
+            params = sum(p.numel() for p in build(name).parameters())
+        macs, bilinear = count_macs(name)
+        print(f"| DGMN2-{name.capitalize()} | {params / 1e6:.3f} | {variant.params_m} | {macs / 1e9:.3f} | "
+              f"{variant.gflops} | {bilinear / 1e9:.3f} | {variant.top1} |")
+
+
+def _show_walks(image_path, variant="tiny", weights=None, point=None, out_path="walks.png"):
+    """Draw the K nodes that each head of the last layer of every stage samples for one pixel (Fig. 5 and 11).
+    point: (row, column) in image pixels, the centre by default."""
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+    from torchvision.utils import draw_keypoints, save_image
+    image = pil_to_tensor(Image.open(image_path).convert("RGB"))  # (3, H, W) uint8
+    model = build(variant).eval()
+    if weights:
+        load_official(model, weights)
+    walks = {}  # stage -> (1, N, G, 2K) walks of its last layer
+    for s, stage in enumerate(model.stages):
+        stage.layers[-1].attn.walk.register_forward_hook(lambda module, args, out, s=s: walks.__setitem__(s, out))
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    with torch.no_grad():
+        model(((image / 255 - mean) / std)[None])
+    y, x = point or (image.shape[1] // 2, image.shape[2] // 2)
+    if not (0 <= y < image.shape[1] and 0 <= x < image.shape[2]):
+        raise ValueError(f"point (row {y}, column {x}) lies outside the {image.shape[1]} x {image.shape[2]} image")
+    colours = ["red", "orange", "yellow", "cyan"]
+    steps = torch.arange(KERNEL_SIZE) - KERNEL_SIZE // 2
+    grid = torch.cartesian_prod(steps, steps)  # (K, 2) the uniform grid, node k = KERNEL_SIZE * i + j
+    for s, stride in enumerate(model.strides):
+        # Stride-2, padding-1 3x3 convs centre feature p on image pixel stride * p.
+        h, w = math.ceil(image.shape[1] / stride), math.ceil(image.shape[2] / stride)
+        qy, qx = min(round(y / stride), h - 1), min(round(x / stride), w - 1)
+        offsets = rearrange(walks[s][0, qy * w + qx], "g (k yx) -> g k yx", yx=2)  # (G, K, 2) walks, (dy, dx)
+        nodes = (torch.tensor([qy, qx]) + grid + offsets) * stride  # (G, K, 2) in image pixels, (row, column)
+        image = draw_keypoints(image, nodes.flip(-1), colors=colours[s], radius=3)  # takes (x, y)
+    image = draw_keypoints(image, torch.tensor([[[x, y]]], dtype=torch.float), colors="blue", radius=5)
+    save_image(image / 255, out_path)
+    print(f"{out_path}: the nodes sampled for pixel (row {y}, column {x}) by the last layer of stages 1-4 "
+          f"({', '.join(colours)}){'' if weights else ', untrained'}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Table 6 for DGMN2, or a picture of the walks for one pixel.")
+    parser.add_argument("--show-walks", metavar="IMAGE", help="draw the nodes sampled for one pixel of IMAGE")
+    parser.add_argument("--model", default="tiny", choices=list(VARIANTS), help="the variant for --show-walks")
+    parser.add_argument("--weights", help="a release checkpoint for --show-walks (without one the walks are untrained)")
+    parser.add_argument("--point", type=int, nargs=2, metavar=("ROW", "COL"), help="the pixel (default: the centre)")
+    parser.add_argument("--out", default="walks.png", help="where --show-walks writes its picture")
+    args = parser.parse_args()
+    if args.show_walks:
+        try:
+            _show_walks(args.show_walks, args.model, args.weights, args.point, args.out)
+        except (OSError, ValueError) as error:
+            parser.error(f"{args.show_walks}: {error}")
+    else:
+        _table_6()

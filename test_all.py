@@ -18,8 +18,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from torchvision.ops import deform_conv2d
 
+import dgmn
 import dgmn2
 import sampler
 
@@ -665,3 +667,154 @@ def test_show_walks_draws_a_picture(tmp_path):
     assert Image.open(out).size == (64, 48)
     with pytest.raises(ValueError, match=r"point \(row 48, column 0\) lies outside the 48 x 64 image"):
         dgmn2._show_walks(image, point=(48, 0), out_path=out)
+
+# ====================================================================================================================
+# dgmn.py: Eq. 1-7, Table 2, Section 5.1
+
+DGMN_VARIANTS = {  # every switch of the module, at small sizes
+    "full": lambda: dgmn.DGMN(8, rates=(1, 2)),
+    "DA": lambda: dgmn.DGMN(8, rates=(1,), dynamic_weights=False, dynamic_sampling=False),
+    "DA+DW": lambda: dgmn.DGMN(8, rates=(1,), dynamic_sampling=False),
+    "DW+DS": lambda: dgmn.DGMN(8, rates=(1, 3), dynamic_affinity=False),
+    "deformable message passing": lambda: dgmn.deformable_message_passing(8, rates=(2,)),
+    "two groups, 5x5, T = 2": lambda: dgmn.DGMN(8, rates=(1, 2), groups=2, kernel_size=5, iterations=2),
+}
+
+
+@pytest.mark.parametrize("variant", DGMN_VARIANTS)
+def test_every_dgmn_variant_trains_at_odd_sizes(variant):
+    torch.manual_seed(0)
+    module = DGMN_VARIANTS[variant]()
+    for size in [(7, 9), (5, 4), (1, 1)]:
+        module.zero_grad()
+        x = torch.randn(2, 8, *size)
+        out = module(x)
+        assert out.shape == x.shape
+        out.square().mean().backward()
+        for name, p in module.named_parameters():
+            assert p.grad is not None and p.grad.abs().max() > 0 and p.grad.isfinite().all(), (size, name)
+
+
+def test_dgmn_node_conv_is_a_deformable_convolution(path):
+    torch.manual_seed(0)
+    conv = dgmn.NodeConv(6, 5, dilation=2).double()
+    x, offsets = torch.randn(2, 6, 7, 8, dtype=torch.float64), walks(2, 9, 7, 8)
+    weight = rearrange(conv.per_node.weight, "(k o) c 1 1 -> o c k", k=9).reshape(5, 6, 3, 3)  # a 3x3 kernel
+    torch.testing.assert_close(conv(x, offsets), deform_conv2d(x, offsets, weight, padding=2, dilation=2))
+    torch.testing.assert_close(conv(x, torch.zeros_like(offsets)), F.conv2d(x, weight, padding=2, dilation=2))
+
+
+def test_dgmn_without_dynamic_sampling_the_nodes_are_the_uniform_grid(path):
+    torch.manual_seed(0)
+    B, C, H, W, rate = 2, 8, 6, 7, 2
+    message = dgmn.RateMessage(C, rate, groups=2, dynamic_sampling=False).double()
+    h = torch.randn(B, C, H, W, dtype=torch.float64)
+    offsets, weights, _ = message.graph(h)
+    assert message.walk is None and offsets.abs().max() == 0
+    nodes = F.unfold(h, 3, dilation=rate, padding=rate).view(B, 2, C // 2, 9, H, W)  # the uniform grid, per group
+    expected = F.conv2d(torch.einsum("bgckhw,bgkhw->bgchw", nodes, weights).reshape(B, C, H, W),
+                        message.transform.weight)
+    torch.testing.assert_close(message(h), expected)
+
+
+def test_dgmn_update_is_eq_2_iterated_from_the_observed_map():
+    torch.manual_seed(0)
+    module = dgmn.DGMN(8, rates=(1, 2), iterations=3)
+    with torch.no_grad():
+        module.alpha.fill_(0.7)
+        module.beta.copy_(torch.tensor([0.5, 2.0]))
+    f = torch.randn(2, 8, 5, 6)
+    h = f
+    for _ in range(3):  # h <- f + alpha U(sum_q beta_q m_q(h))
+        messages = [message.transform(sampler.aggregate(h, *message.graph(h)[:2], message.rate))
+                    for message in module.messages]
+        h = f + 0.7 * F.conv2d(0.5 * messages[0] + 2.0 * messages[1], module.update.weight)
+    torch.testing.assert_close(module(f), h)
+
+
+def test_dgmn_filters_and_affinities_come_from_the_walked_nodes(path):
+    """Eq. 6-7 against deform_conv2d on the same walks: filters from the first G K kernels, affinity logits from the
+    last K, softmax over the K nodes; the node weights are their product."""
+    torch.manual_seed(0)
+    B, C, H, W, G, rate = 2, 8, 5, 6, 4, 3
+    message = dgmn.RateMessage(C, rate, groups=G).double()
+    with torch.no_grad():
+        message.walk.weight.normal_(0, 0.5)  # walks of a few pixels
+    h = torch.randn(B, C, H, W, dtype=torch.float64)
+    offsets, weights, affinity = message.graph(h)
+    assert offsets.abs().max() > 1
+    kernels = rearrange(message.predict.per_node.weight, "(k o) c 1 1 -> o c k", k=9).reshape(-1, C, 3, 3)
+    predicted = deform_conv2d(h, offsets, kernels, padding=rate, dilation=rate)  # (B, G K + K, H, W)
+    filters = predicted[:, :G * 9].reshape(B, G, 9, H, W)
+    expected_affinity = predicted[:, G * 9:].softmax(dim=1)[:, None]  # (B, 1, K, H, W)
+    torch.testing.assert_close(affinity, expected_affinity)
+    torch.testing.assert_close(affinity.sum(dim=2), torch.ones(B, 1, H, W, dtype=torch.float64))
+    torch.testing.assert_close(weights, filters * expected_affinity)
+
+
+def test_dgmn_table_2_counts():
+    """The layout of official-dgmn.md: exactly its counts, within 1% of the paper's rounded ones."""
+    expected = {"DGMN w/ DA": 565_760, "DGMN w/ DA+DW": 731_648, "DGMN w/ DA+DW+DS": 2_609_664}
+    for name, row in dgmn.TABLE_2.items():
+        cost = dgmn.added_cost(row.options)
+        assert cost["params"] == expected[name]
+        assert cost["macs"] == expected[name] * 97 * 97  # every counted convolution runs on the whole map
+        assert abs(cost["params"] / 1e6 / row.params_m - 1) < 0.01 and abs(cost["macs"] / 1e9 / row.gflops - 1) < 0.01
+    full = dgmn.added_cost(dgmn.TABLE_2["DGMN w/ DA+DW+DS"].options)
+    assert full["walk_params"] == 5 * (18 * 512 * 9 + 18)  # Eq. 4's ks x ks convs with bias, one per rate
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 7, 6), (1, 8, 1, 1), (2, 8, 3, 2)])
+def test_kernel_and_reference_paths_agree_on_dgmn(shape):
+    """Rates up to 36 on maps far smaller, channels-last input."""
+    torch.manual_seed(0)
+    module = dgmn.DGMN(8, rates=(1, 3, 36), iterations=2).double()
+    with torch.no_grad():
+        for message in module.messages:
+            message.walk.weight.normal_(0, 0.3)
+    x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    results = []
+    for name in ("torch", "kernel"):
+        with sampler.backend(name):
+            module.zero_grad()
+            out = module(x)
+            out.square().sum().backward()
+            results.append([out] + [p.grad for p in module.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_resnet50_with_dgmn_in_c5():
+    from torchvision.models import resnet50
+    torch.manual_seed(0)
+    plain = resnet50().eval()
+    model = dgmn.insert_into_resnet(resnet50(), stages=("C5",)).eval()
+    result = model.load_state_dict(plain.state_dict(), strict=False)
+    assert not result.unexpected_keys and result.missing_keys
+    assert all(".conv2.dgmn." in key and key.startswith("layer4.") for key in result.missing_keys)
+    assert sum(isinstance(m, dgmn.DGMN) for m in model.modules()) == 3  # one per bottleneck of layer4
+    torch.testing.assert_close(model.layer4[0].conv2.weight, plain.layer4[0].conv2.weight, rtol=0, atol=0)
+    body = nn.Sequential(*list(model.children())[:-2])  # up to layer4
+    with torch.no_grad():
+        assert body(torch.randn(2, 3, 96, 160)).shape == (2, 2048, 3, 5)
+    with pytest.raises(ValueError, match="stage 'C6': a ResNet has stages C2, C3, C4, C5"):
+        dgmn.insert_into_resnet(resnet50(), stages=("C6",))
+    with pytest.raises(ValueError, match="stage 'C5' already has DGMN modules"):
+        dgmn.insert_into_resnet(model, stages=("C5",))
+    frozen = resnet50()
+    frozen.layer3.requires_grad_(False)
+    assert not dgmn.insert_into_resnet(frozen, stages=("C4",)).layer3[0].conv2.weight.requires_grad
+
+
+def test_dgmn_errors_are_one_line():
+    cases = [(lambda: dgmn.DGMN(10, groups=4), "groups = 4 must be positive and divide channels = 10"),
+             (lambda: dgmn.DGMN(8, groups=0), "groups = 0 must be positive"),
+             (lambda: dgmn.DGMN(8, rates=(1, 0)), "rates must be positive ints"),
+             (lambda: dgmn.DGMN(8, rates=(True,)), "rates must be positive ints"),
+             (lambda: dgmn.DGMN(8, kernel_size=4), "kernel_size must be odd"),
+             (lambda: dgmn.DGMN(8, kernel_size=-1), "kernel_size must be odd and positive"),
+             (lambda: dgmn.DGMN(8)(torch.randn(2, 6, 5, 5)), r"DGMN takes \(B, 8, H, W\) maps, got \(2, 6, 5, 5\)")]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message) as error:
+            call()
+        assert "\n" not in str(error.value)

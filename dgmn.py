@@ -1,0 +1,250 @@
+"""DGMN: the dynamic graph message passing module (Sections 3.2-3.5, Eq. 1-7, Fig. 2-3), its ablations (Table 2,
+Tables 14-15, the deformable message passing baseline of Table 3), and its placement in ResNets (Section 5.1).
+
+Every pixel is a graph node. At each of S sampling rates (Eq. 3), a node receives a message from K = ks * ks nodes:
+a ks x ks grid spaced `rate` apart (uniform sampling) moved by predicted walks (Eq. 4, dynamic sampling, DS), read
+bilinearly (Eq. 5). Filters over G channel groups (dynamic weights, DW) and affinities normalised over the K nodes
+(dynamic affinity, DA) are predicted from those walked nodes (Eq. 6-7); the message is the filter x affinity weighted
+sum of the nodes, transformed by a C x C map per rate (Eq. 1's w), and the node is updated with the sum of the
+messages (Eq. 2). sampler.aggregate computes the weighted sum without materialising the K sampled nodes.
+
+Symbols, used throughout: B batch, C channels, H x W the map, K nodes per rate, G filter groups, S rates, O outputs.
+
+    python dgmn.py      Table 2: the parameters and multiply-adds that DGMN adds at the Cityscapes setting
+
+Parameter layout. The authors' release (lzrobots/dgmn) predicts filters and affinities with a deformable 3x3 conv
+per rate and has no C x C transforms; its counts do not match Table 2. This file uses the layout that reproduces all
+three rows of Table 2 exactly (../shared/reference/official-dgmn.md): per rate a C x C transform (Eq. 1's w^q) and a
+ks x ks predictor of G K + K channels, plus one shared C x C transform of the summed message. Table 2 counts these
+convolutions only; the walk predictors and the few scalars are reported beside them.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from einops import rearrange, reduce
+
+import sampler
+
+CITYSCAPES_RATES = (1, 6, 12, 24, 36)  # Section 5.1: the network's stride is 8
+COCO_RATES = (1, 4, 8, 12)             # Section 5.1: C4 / C5 at strides 16 / 32
+
+# ----------------------------------------------------------------------------------------------------------------
+# A convolution over the walked nodes (Eq. 6's matrix transformation)
+
+
+class NodeConv(nn.Module):
+    """O outputs from the K walked nodes of every pixel: sum_k W_k rho(x, p_k), a ks x ks deformable convolution
+    (no bias). rho is linear per channel, so sum_k W_k rho(x, p_k) = sum_k rho(W_k x, p_k): one 1x1 convolution to K O
+    channels, of which node k reads only the k-th block of O. Parameters and multiply-adds are those of the ks x ks
+    convolution, and the K C sampled values are never materialised on the kernel path; the price is that
+    sampler.aggregate reads all K O channels at every node and weighs K - 1 of K reads by zero. No bias: Table 2 counts
+    none. With zero offsets it is the dilated ks x ks convolution.
+    x (B, C, H, W), offsets (B, 2K, H, W) -> (B, O, H, W)."""
+
+    def __init__(self, channels, out_channels, dilation, kernel_size=3):
+        super().__init__()
+        self.nodes, self.dilation = kernel_size ** 2, dilation
+        self.per_node = nn.Conv2d(channels, self.nodes * out_channels, 1, bias=False)
+        with torch.no_grad():  # the scale of the ks x ks convolution it stands for (fan-in K C, not C)
+            self.per_node.weight /= math.sqrt(self.nodes)
+        one_node = rearrange(torch.eye(self.nodes), "g k -> 1 g k 1 1")  # (1, K, K, 1, 1): group g weighs node g
+        self.register_buffer("one_node", one_node, persistent=False)
+
+    def forward(self, x, offsets):
+        B, _, H, W = x.shape
+        per_node = self.per_node(x)  # (B, K O, H, W): block k is W_k x
+        pick = self.one_node.to(x.dtype).expand(B, -1, -1, H, W)  # (B, K, K, H, W): group k weighs node k only
+        picked = sampler.aggregate(per_node, offsets, pick, self.dilation)  # (B, K O, H, W): rho(W_k x, p_k)
+        return reduce(picked, "b (k o) h w -> b o h w", "sum", k=self.nodes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The message at one sampling rate (Eq. 3-7, Fig. 3)
+
+
+class RateMessage(nn.Module):
+    """The message of one sampling rate (Eq. 3-7): walks (Eq. 4), filters and affinities from the walked nodes
+    (Eq. 6-7), their weighted sum of the nodes (Eq. 5), and the rate's C x C transform w^q (Eq. 1, 3).
+
+    Switches (Table 2): dynamic_sampling off: the uniform grid (no walks); dynamic_weights off: one static filter per
+    group and node, shared by all pixels (with w^q, a factorised deformable convolution); dynamic_affinity off: no
+    affinity (the filter alone weighs the nodes).
+    h (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, channels, rate, groups=4, kernel_size=3, dynamic_affinity=True, dynamic_weights=True,
+                 dynamic_sampling=True):
+        super().__init__()
+        K = kernel_size ** 2
+        self.rate, self.groups, self.nodes = rate, groups, K
+        self.walk = sampler.WalkPredictor(channels, rate, kernel_size) if dynamic_sampling else None  # Eq. 4
+        outputs = groups * K * dynamic_weights + K * dynamic_affinity  # Eq. 6: filters, then affinity logits
+        self.predict = NodeConv(channels, outputs, rate, kernel_size) if outputs else None
+        self.dynamic_weights, self.dynamic_affinity = dynamic_weights, dynamic_affinity
+        self.static_filters = None if dynamic_weights else nn.Parameter(torch.full((groups, K), 1 / K))
+        self.transform = nn.Conv2d(channels, channels, 1, bias=False)  # w^q
+
+    def graph(self, h):
+        """The sampled graph: walks (B, 2K, H, W) and the node weights filters x affinity (B, G, K, H, W), and the
+        affinity (B, 1, K, H, W) (None when DA is off)."""
+        B, _, H, W = h.shape
+        G, K = self.groups, self.nodes
+        offsets = self.walk(h) if self.walk is not None else h.new_zeros(B, 2 * K, H, W)
+        predicted = self.predict(h, offsets) if self.predict is not None else None  # (B, G K + K, H, W) at most
+        if self.dynamic_weights:
+            filters = rearrange(predicted[:, :G * K], "b (g k) h w -> b g k h w", g=G)
+        else:
+            filters = self.static_filters[None, :, :, None, None].expand(B, G, K, H, W)  # (B, G, K, H, W)
+        affinity = None
+        if self.dynamic_affinity:
+            affinity = predicted[:, None, -K:].softmax(dim=2)  # Eq. 7: (B, 1, K, H, W), normalised over the nodes
+            filters = filters * affinity
+        return offsets, filters, affinity
+
+    def forward(self, h):
+        offsets, weights, _ = self.graph(h)
+        return self.transform(sampler.aggregate(h, offsets, weights, self.rate))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The DGMN module (Eq. 1-3, Fig. 2)
+
+
+class DGMN(nn.Module):
+    """Eq. 2-3: h <- f + alpha * U(sum_q beta_q m_q(h)), T times from h = f, with m_q the message of rate q.
+
+    U is a C x C transform shared by the rates; alpha (Eq. 2) and beta_q (Eq. 3) are learnable scalars starting at 1.
+    Eq. 2's non-linearity sigma is left out, as in the release: the module sits before a BN-ReLU. The T iterations
+    share their parameters. f (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, channels, rates=CITYSCAPES_RATES, groups=4, kernel_size=3, iterations=1,
+                 dynamic_affinity=True, dynamic_weights=True, dynamic_sampling=True):
+        super().__init__()
+        if not rates or not all(type(r) is int and r > 0 for r in rates):
+            raise ValueError(f"rates must be positive ints, got {rates!r}")
+        if groups < 1 or channels % groups:
+            raise ValueError(f"groups = {groups} must be positive and divide channels = {channels}")
+        if kernel_size < 1 or kernel_size % 2 == 0 or iterations < 1:
+            raise ValueError(f"kernel_size must be odd and positive, iterations >= 1, got {kernel_size}, {iterations}")
+        self.iterations = iterations
+        self.messages = nn.ModuleList(
+            RateMessage(channels, rate, groups, kernel_size, dynamic_affinity, dynamic_weights, dynamic_sampling)
+            for rate in rates)
+        self.beta = nn.Parameter(torch.ones(len(rates)))
+        self.update = nn.Conv2d(channels, channels, 1, bias=False)
+        self.alpha = nn.Parameter(torch.ones(()))
+
+    def forward(self, f):
+        if f.dim() != 4 or f.shape[1] != self.update.in_channels:
+            raise ValueError(f"DGMN takes (B, {self.update.in_channels}, H, W) maps, got {tuple(f.shape)}")
+        h = f
+        for _ in range(self.iterations):
+            message = sum(beta * message(h) for beta, message in zip(self.beta, self.messages))
+            h = f + self.alpha * self.update(message)
+        return h
+
+
+def deformable_message_passing(channels, rates=COCO_RATES, groups=4, kernel_size=3):
+    """Table 3's baseline: walks, but static filters shared by all pixels and no affinity; each rate's message is then
+    a factorised deformable convolution (G x K static taps, then the C x C transform w^q)."""
+    return DGMN(channels, rates, groups, kernel_size, dynamic_affinity=False, dynamic_weights=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plugging DGMN into ResNets (Section 5.1)
+
+RESNET_STAGES = dict(C2="layer1", C3="layer2", C4="layer3", C5="layer4")
+
+
+class ConvThenDGMN(nn.Conv2d):
+    """A convolution followed by a DGMN module. It is the convolution itself (same parameter names), so a pretrained
+    state dict still loads into it. (B, C_in, H, W) -> (B, C_out, H / stride, W / stride)."""
+
+    def __init__(self, conv, **dgmn):
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                         conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+                         device=conv.weight.device, dtype=conv.weight.dtype)
+        self.load_state_dict(conv.state_dict())
+        for name, p in conv.named_parameters():  # a frozen conv stays frozen
+            getattr(self, name).requires_grad_(p.requires_grad)
+        self.dgmn = DGMN(conv.out_channels, **dgmn).to(conv.weight.device, conv.weight.dtype)
+
+    def forward(self, x):
+        return self.dgmn(super().forward(x))
+
+
+def insert_into_resnet(resnet, stages=("C5",), rates=COCO_RATES, **dgmn):
+    """Put a DGMN module after every 3x3 convolution of the chosen stages of a torchvision ResNet, in place ("C5":
+    layer4, "C4": layer3; Section 5.1, COCO's rates by default). Every other parameter keeps its name, so torchvision's
+    ImageNet weights load with strict=False, missing only the new modules. Returns the ResNet."""
+    for stage in stages:
+        if stage not in RESNET_STAGES or not hasattr(resnet, RESNET_STAGES[stage]):
+            raise ValueError(f"stage {stage!r}: a ResNet has stages {', '.join(RESNET_STAGES)}")
+        for block in getattr(resnet, RESNET_STAGES[stage]):
+            for name, conv in list(block.named_children()):
+                if isinstance(conv, ConvThenDGMN):
+                    raise ValueError(f"stage {stage!r} already has DGMN modules")
+                if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):
+                    setattr(block, name, ConvThenDGMN(conv, rates=rates, **dgmn))
+    return resnet
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Table 2: python dgmn.py
+
+CITYSCAPES_CHANNELS, CITYSCAPES_SIDE = 512, 97  # the 512-channel map of the dilated FCN: 769 crop at stride 8
+
+
+@dataclass(frozen=True)
+class Ablation:
+    options: dict = field(hash=False)  # DGMN's switches for this row
+    params_m: float                    # Table 2: added parameters (M)
+    gflops: float                      # Table 2: added FLOPs (G)
+    miou: float                        # Table 2: Cityscapes val mIoU (%)
+
+
+TABLE_2 = {
+    "DGMN w/ DA": Ablation(dict(rates=(1,), dynamic_weights=False, dynamic_sampling=False), 0.57, 5.32, 76.5),
+    "DGMN w/ DA+DW": Ablation(dict(rates=(1,), dynamic_sampling=False), 0.73, 6.88, 79.1),
+    "DGMN w/ DA+DW+DS": Ablation(dict(rates=CITYSCAPES_RATES), 2.61, 24.55, 80.4),
+}
+
+
+def added_cost(options, channels=CITYSCAPES_CHANNELS, side=CITYSCAPES_SIDE):
+    """What a DGMN adds on a (1, channels, side, side) map, counted on the meta device (nothing is computed):
+    parameters and multiply-adds (FlopCounterMode's count / 2) of the convolutions that Table 2 counts (transforms
+    and filter / affinity predictors) and of the walk predictors; the remaining parameters (scalars, static
+    filters); and the sampler's weighted sums (products only, the bilinear reads are not counted). A dict."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        module = DGMN(channels, **options)
+    params = {name: p.numel() for name, p in module.named_parameters()}
+    walk_params = sum(n for name, n in params.items() if ".walk." in name)
+    conv_params = sum(n for name, n in params.items() if name.endswith("weight") and ".walk." not in name)
+    with sampler.backend("kernel"), FlopCounterMode(display=False) as counter:
+        module(torch.empty(1, channels, side, side, device="meta"))
+    counts = counter.get_flop_counts()  # module name -> op -> FLOPs
+    conv_macs = counts["Global"][torch.ops.aten.convolution] // 2
+    walk_macs = sum(ops[torch.ops.aten.convolution] for name, ops in counts.items() if name.endswith(".walk")) // 2
+    sampler_macs = sum(f for op, f in counts["Global"].items() if str(op).startswith("dgmn_sampler")) // 2
+    return dict(params=conv_params, macs=conv_macs - walk_macs, walk_params=walk_params, walk_macs=walk_macs,
+                other_params=sum(params.values()) - conv_params - walk_params, sampler_macs=sampler_macs)
+
+
+def _table_2():
+    print(f"DGMN on a {CITYSCAPES_SIDE}x{CITYSCAPES_SIDE}x{CITYSCAPES_CHANNELS} map (Cityscapes, dilated FCN "
+          "ResNet-101, 769 crop), batch 1.\n")
+    print("| row | params | paper | multiply-adds (G) | paper | + walk predictors (M / G) | + other params | "
+          "+ sampler sums (G) | mIoU paper |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, row in TABLE_2.items():
+        cost = added_cost(row.options)
+        print(f"| {name} | {cost['params']:,} | +{row.params_m}M | {cost['macs'] / 1e9:.3f} | +{row.gflops} | "
+              f"{cost['walk_params'] / 1e6:.3f} / {cost['walk_macs'] / 1e9:.3f} | {cost['other_params']} | "
+              f"{cost['sampler_macs'] / 1e9:.3f} | {row.miou} |")
+
+
+if __name__ == "__main__":
+    _table_2()

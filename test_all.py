@@ -553,19 +553,24 @@ def test_feature_maps_for_any_input_size(output_stride):
     assert model(torch.randn(2, 3, 40, 40)).shape == (2, 512)
 
 
+def assert_paths_agree(module, x):
+    """The module's output and every parameter's gradient agree between the sampler's reference and kernel paths."""
+    results = []
+    for name in ("torch", "kernel"):
+        with sampler.backend(name):
+            module.zero_grad()
+            out = module(x)
+            out.square().sum().backward()
+            results.append([out] + [p.grad for p in module.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
 def test_reference_and_kernel_paths_agree():
     torch.manual_seed(0)
     model = dgmn2.load_official(dgmn2.dgmn2_tiny(), release_tiny_checkpoint().state_dict()).double()
     images = torch.randn(2, 3, 40, 56, dtype=torch.float64)
-    results = []
-    for name in ("torch", "kernel"):
-        with sampler.backend(name):
-            model.zero_grad()
-            logits = model(images)
-            logits.square().sum().backward()
-            results.append([logits] + [p.grad for p in model.parameters()])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    assert_paths_agree(model, images)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -773,15 +778,7 @@ def test_kernel_and_reference_paths_agree_on_dgmn(shape):
         for message in module.messages:
             message.walk.weight.normal_(0, 0.3)
     x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    results = []
-    for name in ("torch", "kernel"):
-        with sampler.backend(name):
-            module.zero_grad()
-            out = module(x)
-            out.square().sum().backward()
-            results.append([out] + [p.grad for p in module.parameters()])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    assert_paths_agree(module, x)
 
 
 def test_resnet50_with_dgmn_in_c5():

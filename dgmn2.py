@@ -374,7 +374,7 @@ def count_macs(variant, size=224):
     positions' q against all W + K - 1 table rows where ours uses the K that are read)."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
-        model = build(variant)
+        model = build(variant).eval()  # batch 1: BN in training mode would refuse a 1 x 1 map
     # On the meta device the kernel path runs the sampler ops' shape functions, which FlopCounterMode counts by name.
     with sampler.backend("kernel"), FlopCounterMode(display=False) as counter:
         model(torch.empty(1, 3, size, size, device="meta"))

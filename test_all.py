@@ -7,11 +7,14 @@ without a GPU.
 """
 
 import argparse
+import dataclasses
+import json
 import math
 import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,7 @@ from torchvision.ops import deform_conv2d
 import dgmn
 import dgmn2
 import sampler
+import train_imagenet
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
@@ -815,3 +819,140 @@ def test_dgmn_errors_are_one_line():
         with pytest.raises(ValueError, match=message) as error:
             call()
         assert "\n" not in str(error.value)
+
+# ====================================================================================================================
+# train_imagenet.py: Section 6.1
+
+
+def tiny_run(tmp_path, **overrides):
+    """A config of the built-in default, shrunk to a few steps at 32 x 32."""
+    settings = {**train_imagenet.SYNTHETIC, **dict(synthetic_train=16, synthetic_val=11, batch_size=8, epochs=1,
+                                                    workers=0, output=str(tmp_path / "run"))}
+    return train_imagenet.Config(**{**settings, **overrides})
+
+
+def write_image_folder(root, classes=("cat", "dog", "fox"), per_class=(4, 2)):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split, count in zip(("train", "val"), per_class):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8, generator=g).numpy()
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_synthetic_default_trains_two_steps(tmp_path):
+    cfg = tiny_run(tmp_path)
+    assert train_imagenet.parse_args([]) == train_imagenet.Config(**train_imagenet.SYNTHETIC)
+    metrics = train_imagenet.main(cfg)
+    assert metrics["step"] == 2 and math.isfinite(metrics["train_loss"]) and metrics["images"] == 11
+    assert (tmp_path / "run" / "checkpoint-0001.pth").is_file()
+    assert json.loads((tmp_path / "run" / "log.jsonl").read_text())["top1"] == metrics["top1"]
+
+
+def test_image_folder_with_the_paper_recipe(tmp_path):
+    data = write_image_folder(tmp_path / "data")
+    cfg = train_imagenet.parse_args(["--data", str(data), "--img-size", "32", "--eval-resize", "36", "--batch-size",
+                                     "4", "--epochs", "1", "--workers", "0", "--output", str(tmp_path / "run")])
+    assert cfg.mixup == 0.8 and cfg.cutmix == 1.0 and cfg.epochs == 1 and cfg.warmup_epochs == 5  # paper defaults
+    metrics = train_imagenet.main(cfg)
+    assert metrics["step"] == 3 and metrics["images"] == 6 and math.isfinite(metrics["train_loss"])
+
+
+def test_learning_rate_schedule():
+    cfg = train_imagenet.Config(epochs=10, warmup_epochs=2, warmup_lr=1e-6, min_lr=1e-5)
+    lrs = [train_imagenet.lr_at(step, cfg, 1e-3, steps_per_epoch=5) for step in range(50)]
+    assert lrs[0] == 1e-6 and lrs[10] == pytest.approx(1e-3) and lrs[-1] > 1e-5
+    assert lrs[:11] == sorted(lrs[:11]) and lrs[10:] == sorted(lrs[10:], reverse=True)
+    assert train_imagenet.lr_at(50, cfg, 1e-3, steps_per_epoch=5) == pytest.approx(1e-5)
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    straight = tiny_run(tmp_path / "a", epochs=2, mixup=0.8)
+    train_imagenet.main(straight)
+    expected = torch.load(tmp_path / "a" / "run" / "checkpoint-0002.pth", weights_only=True)
+
+    save = train_imagenet.save_checkpoint
+
+    def save_then_die(state, output, epoch):  # a kill right after the first epoch's checkpoint
+        save(state, output, epoch)
+        raise KeyboardInterrupt
+
+    killed = tiny_run(tmp_path / "b", epochs=2, mixup=0.8)
+    monkeypatch.setattr(train_imagenet, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_imagenet.main(killed)
+    monkeypatch.setattr(train_imagenet, "save_checkpoint", save)
+    train_imagenet.main(dataclasses.replace(killed, resume="auto"))
+    resumed = torch.load(tmp_path / "b" / "run" / "checkpoint-0002.pth", weights_only=True)
+    assert resumed["step"] == expected["step"] == 4
+    torch.testing.assert_close(resumed["model"], expected["model"])
+    torch.testing.assert_close(resumed["optimizer"], expected["optimizer"])
+    assert resumed["scheduler"] == expected["scheduler"]
+
+
+def test_a_non_finite_loss_stops_the_run(tmp_path, monkeypatch):
+    step = train_imagenet.train_step
+    calls = []
+
+    def diverging(*args):
+        calls.append(1)
+        loss = step(*args)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train_imagenet, "train_step", diverging)
+    with pytest.raises(train_imagenet.TrainingError, match=r"the loss is nan at step 3 \(epoch 2\); stopped, the "
+                                                           r"last good checkpoint is .*checkpoint-0001.pth"):
+        train_imagenet.main(tiny_run(tmp_path, epochs=2))
+    assert (tmp_path / "run" / "checkpoint-0001.pth").is_file()
+
+
+def test_bad_input_gives_one_line(tmp_path):
+    data = write_image_folder(tmp_path / "data")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "train").mkdir()
+    (tmp_path / "empty" / "val").mkdir()
+    mismatch = write_image_folder(tmp_path / "mismatch")
+    (mismatch / "val" / "fox").rename(mismatch / "val" / "wolf")
+    other = tmp_path / "small.pth"
+    torch.save({"model": {}, "config": {"model": "small"}}, other)
+    cases = [(dict(data=str(tmp_path / "nowhere")), "nowhere: no such data directory"),
+             (dict(data=str(tmp_path)), r"no train or val folder \(expected .*/train/CLASS/IMAGE"),
+             (dict(data=str(tmp_path / "empty")), "empty/train: Couldn't find any class folder"),
+             (dict(data=str(mismatch)), "train has 3 classes and val 3, and they differ \\(first: fox\\)"),
+             (dict(data=str(data), resume=str(other)), "small.pth: a checkpoint of DGMN2-small, not of --model tiny"),
+             (dict(data=str(data), resume=str(tmp_path / "none.pth")), "none.pth: no such checkpoint"),
+             (dict(data=str(data), weights=str(other)), "--weights .*small.pth: checkpoint does not fit this DGMN2"),
+             (dict(model="huge"), "unknown --model 'huge'")]
+    for overrides, message in cases:
+        with pytest.raises(train_imagenet.InputError, match=message) as error:
+            train_imagenet.main(tiny_run(tmp_path, **overrides))
+        assert "\n" not in str(error.value)
+
+
+def test_command_line_errors_exit_with_one_line(tmp_path):
+    data = write_image_folder(tmp_path / "data")
+    (data / "train" / "cat" / "0.png").write_bytes(b"not an image")
+    script = str(Path(__file__).with_name("train_imagenet.py"))
+    run = subprocess.run([sys.executable, script, "--data", str(data), "--img-size", "32", "--batch-size", "4",
+                          "--workers", "1", "--output", str(tmp_path / "run")], capture_output=True, text=True)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == \
+        f"train_imagenet.py: error: {data / 'train' / 'cat' / '0.png'}: unreadable image " \
+        f"(cannot identify image file '{data / 'train' / 'cat' / '0.png'}')"
+    assert "Traceback" not in run.stderr
+    run = subprocess.run([sys.executable, script, "--model", "huge"], capture_output=True, text=True)
+    assert run.returncode == 2 and "invalid choice: 'huge'" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_torchrun_two_processes_count_each_image_once(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          str(Path(__file__).with_name("train_imagenet.py")), "--synthetic-train", "32",
+                          "--synthetic-val", "11", "--batch-size", "4", "--epochs", "1", "--workers", "0",
+                          "--output", str(tmp_path / "run")], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    log = json.loads((tmp_path / "run" / "log.jsonl").read_text())
+    assert log["images"] == 11 and log["step"] == 4  # 32 images, 4 per process, 2 processes

@@ -925,11 +925,23 @@ def test_bad_input_gives_one_line(tmp_path):
              (dict(data=str(data), resume=str(other)), "small.pth: a checkpoint of DGMN2-small, not of --model tiny"),
              (dict(data=str(data), resume=str(tmp_path / "none.pth")), "none.pth: no such checkpoint"),
              (dict(data=str(data), weights=str(other)), "--weights .*small.pth: checkpoint does not fit this DGMN2"),
-             (dict(model="huge"), "unknown --model 'huge'")]
+             (dict(model="huge"), "unknown --model 'huge'"),
+             (dict(eval_only=True), "--eval-only needs the weights to evaluate"),
+             (dict(eval_only=True, resume="auto"), "--eval-only --resume auto: no checkpoint in"),
+             (dict(amp="fp8"), "unknown --amp 'fp8'"),
+             (dict(batch_size=0), "--batch-size must be positive, got 0"),
+             (dict(img_size=64, eval_resize=36), "--eval-resize 36 is smaller than the --img-size 64")]
     for overrides, message in cases:
         with pytest.raises(train_imagenet.InputError, match=message) as error:
             train_imagenet.main(tiny_run(tmp_path, **overrides))
         assert "\n" not in str(error.value)
+    train_imagenet.main(tiny_run(tmp_path))
+    with pytest.raises(train_imagenet.InputError, match="holds another run's checkpoints: continue it with --resume"):
+        train_imagenet.main(tiny_run(tmp_path))
+    with pytest.raises(train_imagenet.InputError, match=r"saved at a global batch of 8 \(2 steps an epoch\), now 4"):
+        train_imagenet.main(tiny_run(tmp_path, resume="auto", batch_size=4))
+    with pytest.raises(train_imagenet.InputError, match=r"does not fit this model \(first: head.weight \(6, 512\)"):
+        train_imagenet.main(tiny_run(tmp_path, resume="auto", data=str(data), batch_size=4, eval_only=True))
 
 
 def test_command_line_errors_exit_with_one_line(tmp_path):
@@ -937,22 +949,23 @@ def test_command_line_errors_exit_with_one_line(tmp_path):
     (data / "train" / "cat" / "0.png").write_bytes(b"not an image")
     script = str(Path(__file__).with_name("train_imagenet.py"))
     run = subprocess.run([sys.executable, script, "--data", str(data), "--img-size", "32", "--batch-size", "4",
-                          "--workers", "1", "--output", str(tmp_path / "run")], capture_output=True, text=True)
+                          "--workers", "1", "--output", str(tmp_path / "run")], capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 1
     assert run.stderr.strip().splitlines()[-1] == \
         f"train_imagenet.py: error: {data / 'train' / 'cat' / '0.png'}: unreadable image " \
         f"(cannot identify image file '{data / 'train' / 'cat' / '0.png'}')"
     assert "Traceback" not in run.stderr
-    run = subprocess.run([sys.executable, script, "--model", "huge"], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, script, "--model", "huge"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "invalid choice: 'huge'" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_torchrun_two_processes_count_each_image_once(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(Path(__file__).with_name("train_imagenet.py")), "--synthetic-train", "32",
                           "--synthetic-val", "11", "--batch-size", "4", "--epochs", "1", "--workers", "0",
                           "--output", str(tmp_path / "run")], capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     log = json.loads((tmp_path / "run" / "log.jsonl").read_text())
     assert log["images"] == 11 and log["step"] == 4  # 32 images, 4 per process, 2 processes

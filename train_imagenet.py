@@ -61,7 +61,7 @@ class Config:
     min_lr: float = 1e-5
     weight_decay: float = 0.05        # not on biases, norm weights and relative-position tables
     img_size: int = 224
-    eval_resize: int = 256            # eval: resize the shorter side, then centre-crop img_size
+    eval_resize: int = 0              # eval: resize the shorter side (0: img_size / 0.875, 256 at 224), crop img_size
     crop_scale: float = 0.08          # RandomResizedCrop's smallest area fraction
     color_jitter: float = 0.4
     randaugment_ops: int = 2
@@ -87,8 +87,12 @@ class Config:
 
 
 SYNTHETIC = dict(  # a few minutes on a CPU: small images, few epochs; the generator already varies colour and place
-    epochs=6, warmup_epochs=1, batch_size=64, lr=1.6e-2, img_size=32, eval_resize=36, crop_scale=0.35,
-    color_jitter=0.0, randaugment_ops=0, random_erasing=0.0, mixup=0.0, cutmix=0.0, drop_path=0.0, workers=1)
+    epochs=6, warmup_epochs=1, batch_size=64, lr=1.6e-2, img_size=32, crop_scale=0.35,
+    color_jitter=0.0, randaugment_ops=0, random_erasing=0.0, mixup=0.0, cutmix=0.0, drop_path=0.0, workers=1,
+    output="runs/synthetic")
+
+
+CHOICES = dict(model=list(dgmn2.VARIANTS), amp=["auto", "bf16", "fp16", "off"])
 
 
 class InputError(Exception):
@@ -106,8 +110,8 @@ def parse_args(argv=None):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif f.name == "model":
-            parser.add_argument(flag, choices=list(dgmn2.VARIANTS), default=None)
+        elif f.name in CHOICES:
+            parser.add_argument(flag, choices=CHOICES[f.name], default=None)
         else:
             parser.add_argument(flag, type=f.type, default=None, help=f"default {f.default}")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
@@ -190,7 +194,8 @@ def transforms(cfg, train):
         if cfg.randaugment_ops:
             steps.append(v2.RandAugment(cfg.randaugment_ops, cfg.randaugment_magnitude))
     else:
-        steps = [v2.Resize(cfg.eval_resize, interpolation=bicubic), v2.CenterCrop(cfg.img_size)]
+        resize = cfg.eval_resize or round(cfg.img_size / 0.875)
+        steps = [v2.Resize(resize, interpolation=bicubic), v2.CenterCrop(cfg.img_size)]
     steps = [v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if train and cfg.random_erasing:
         steps.append(v2.RandomErasing(cfg.random_erasing, value="random"))
@@ -289,7 +294,9 @@ def lr_at(step, cfg, peak, steps_per_epoch):
 
 def amp_dtype(cfg, device):
     if cfg.amp == "auto":
-        return None if device.type == "cpu" else torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return dict(bf16=torch.bfloat16, fp16=torch.float16, off=None)[cfg.amp]
 
 
@@ -300,7 +307,10 @@ def amp_dtype(cfg, device):
 def save_checkpoint(state, output, epoch):
     path = Path(output) / f"checkpoint-{epoch:04d}.pth"
     temporary = path.with_suffix(".tmp")
-    torch.save(state, temporary)
+    with open(temporary, "wb") as file:
+        torch.save(state, file)
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(temporary, path)
     for old in Path(output).glob("checkpoint-*.pth"):
         if old != path:
@@ -310,6 +320,8 @@ def save_checkpoint(state, output, epoch):
 
 def find_checkpoint(cfg):
     """The checkpoint to resume from: cfg.resume, or the newest in cfg.output for "auto" (None if there is none)."""
+    if not cfg.resume:
+        return None
     if cfg.resume == "auto":
         found = sorted(Path(cfg.output).glob("checkpoint-*.pth"))
         return found[-1] if found else None
@@ -383,10 +395,24 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def check(cfg):
+    """Settings that cannot work, named before anything starts."""
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise InputError(f"unknown --{name} {getattr(cfg, name)!r}: choose one of {', '.join(choices)}")
+    positive = ["epochs", "batch_size", "img_size", "synthetic_train", "synthetic_val"]
+    for name in [n for n in positive if getattr(cfg, n) < 1] + [n for n in ["workers", "bench"] if getattr(cfg, n) < 0]:
+        raise InputError(f"--{name.replace('_', '-')} must be {'positive' if name in positive else '>= 0'}, "
+                         f"got {getattr(cfg, name)}")
+    if cfg.eval_resize and cfg.eval_resize < cfg.img_size:
+        raise InputError(f"--eval-resize {cfg.eval_resize} is smaller than the --img-size {cfg.img_size} it crops")
+    if cfg.eval_only and not (cfg.resume or cfg.weights):
+        raise InputError("--eval-only needs the weights to evaluate: --resume CKPT or --weights RELEASE_CKPT")
+
+
 def main(cfg):
     """Train (or evaluate, or benchmark) as cfg says. Returns the last evaluation's metrics (None for --bench)."""
-    if cfg.model not in dgmn2.VARIANTS:
-        raise InputError(f"unknown --model {cfg.model!r}: choose one of {', '.join(dgmn2.VARIANTS)}")
+    check(cfg)
     rank, world, device = setup_distributed()
     try:
         return _run(cfg, rank, world, device)
@@ -398,7 +424,18 @@ def main(cfg):
 def _run(cfg, rank, world, device):
     log = print if rank == 0 else lambda *args, **kwargs: None
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    checkpoint = find_checkpoint(cfg) if cfg.resume else None
+    # Rank 0 chooses (--output must be on a filesystem that every node sees: only rank 0 writes there).
+    choice = [find_checkpoint(cfg) if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(choice, src=0)
+    checkpoint = choice[0]
+    if checkpoint is None and cfg.eval_only and not cfg.weights:
+        raise InputError(f"--eval-only --resume auto: no checkpoint in {cfg.output}")
+    if checkpoint is None and cfg.resume == "auto":
+        log(f"--resume auto: no checkpoint in {cfg.output} yet, starting from scratch.")
+    if checkpoint is None and not cfg.eval_only and not cfg.bench and list(Path(cfg.output).glob("checkpoint-*.pth")):
+        raise InputError(f"{cfg.output} holds another run's checkpoints: continue it with --resume auto, or choose "
+                         "another --output")
     state = read_checkpoint(checkpoint, cfg) if checkpoint else None
     if cfg.bench:
         train_loader, val_loader, num_classes = None, None, 1000
@@ -424,7 +461,8 @@ def _run(cfg, rank, world, device):
     peak = cfg.lr * global_batch / 1024
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak)
     steps_per_epoch = len(train_loader) if train_loader else 1
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg, peak, steps_per_epoch) / peak)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  lambda step: lr_at(step, cfg, peak, steps_per_epoch) / peak)
     dtype = amp_dtype(cfg, device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -433,13 +471,21 @@ def _run(cfg, rank, world, device):
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     start_epoch = 0
     if state:
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError) as error:
-            raise InputError(f"{checkpoint}: does not fit this model ({str(error).splitlines()[0]})") from None
+        ours = model.state_dict()
+        misfit = [f"{name} {tuple(t.shape)}, ours {tuple(ours[name].shape)}" for name, t in state["model"].items()
+                  if name in ours and torch.is_tensor(t) and t.shape != ours[name].shape]
+        misfit += sorted(set(ours) ^ set(state["model"]))  # missing or unexpected names
+        if misfit:
+            raise InputError(f"{checkpoint}: does not fit this model (first: {misfit[0]})")
+        saved = (state["global_batch"], state["steps_per_epoch"])
+        if not (cfg.eval_only or cfg.bench) and saved != (global_batch, steps_per_epoch):
+            raise InputError(f"{checkpoint}: saved at a global batch of {saved[0]} ({saved[1]} steps an epoch), now "
+                             f"{global_batch} ({steps_per_epoch}): its schedule would not continue")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty unless the run used fp16
+            scaler.load_state_dict(state["scaler"])
         if ema and state["ema"]:
             ema.load_state_dict(state["ema"])
         start_epoch = state["epoch"]
@@ -458,11 +504,13 @@ def _run(cfg, rank, world, device):
     output = Path(cfg.output)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
+    if start_epoch >= cfg.epochs:
+        log(f"{checkpoint} has finished all {cfg.epochs} epochs: nothing to train.")
     metrics = None
     for epoch in range(start_epoch, cfg.epochs):
         # Every random choice of an epoch (shuffle, augmentation, workers' seeds, stochastic depth) follows from
         # (seed, epoch, rank): a resumed run repeats exactly what the interrupted one would have done.
-        torch.manual_seed(cfg.seed * 10_007 + epoch * 101 + rank)
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch * world + rank)
         train_loader.sampler.set_epoch(epoch)
         model.train()
         started, total_loss = time.time(), torch.zeros((), device=device)
@@ -483,8 +531,11 @@ def _run(cfg, rank, world, device):
                                     f"stopped, the last good checkpoint is {last[-1] if last else 'none yet'}")
             total_loss += loss
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                            img_s=f"{bar.n * global_batch / (time.time() - started + 1e-9):.0f}")
+                            img_s=f"{(bar.n + 1) * global_batch / (time.time() - started):.0f}")
         seconds = time.time() - started
+        if world > 1:  # BatchNorm statistics moved on each rank after DDP's last broadcast: evaluate rank 0's
+            for buffer in [*model.buffers(), *(ema.module.buffers() if ema else [])]:
+                dist.broadcast(buffer, src=0)
         metrics = dict(epoch=epoch + 1, step=scheduler.last_epoch, train_loss=total_loss.item() / len(train_loader),
                        lr=scheduler.get_last_lr()[0], images_per_s=len(train_loader) * global_batch / seconds,
                        **evaluate(model, val_loader, device, autocast, cfg, world))
@@ -495,7 +546,9 @@ def _run(cfg, rank, world, device):
             path = save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
                                         ema=ema.state_dict() if ema else None, epoch=epoch + 1,
-                                        step=scheduler.last_epoch, config=dataclasses.asdict(cfg)), output, epoch + 1)
+                                        step=scheduler.last_epoch, global_batch=global_batch,
+                                        steps_per_epoch=steps_per_epoch, config=dataclasses.asdict(cfg)),
+                                   output, epoch + 1)
             with open(output / "log.jsonl", "a") as file:
                 file.write(json.dumps(metrics) + "\n")
             log(f"epoch {epoch + 1}/{cfg.epochs}: loss {metrics['train_loss']:.3f}, top-1 {metrics['top1']:.2f}%, "

@@ -324,7 +324,7 @@ def load_official(model, checkpoint):
     logits. checkpoint: a path or an already loaded dict, with the weights under "model" (as the release's training
     script saves them) or bare, under the release's names. Strict: every tensor must be there with its shape, except
     the relative-position tables, which are resized (bilinearly, as at run time) for a model built with another
-    img_size. Returns the model."""
+    img_size, and the classifier, which a backbone (num_classes=0) leaves out. Returns the model."""
     if isinstance(checkpoint, (str, Path)):
         if not Path(checkpoint).is_file():
             raise ValueError(f"{checkpoint}: no such checkpoint file")
@@ -340,8 +340,10 @@ def load_official(model, checkpoint):
     if foreign:
         raise ValueError(f"not the release's format: {len(foreign)} names such as {foreign[0]!r} are not its names "
                          "(patch_embed1..4, block1..4, head); a state dict of ours loads with load_state_dict")
-    state = {_our_name(name): tensor for name, tensor in release.items()}
     ours = model.state_dict()
+    # A backbone (num_classes=0) has no classifier: the release's is left out.
+    state = {_our_name(name): tensor for name, tensor in release.items()
+             if "head.weight" in ours or not name.startswith("head.")}
     for name, tensor in state.items():
         if name.split(".")[-2] == "rel_pos" and name in ours and tensor.shape[1:] == ours[name].shape[1:]:
             state[name] = F.interpolate(tensor[None, None].float(), size=ours[name].shape, mode="bilinear",

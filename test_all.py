@@ -27,6 +27,7 @@ from torchvision.ops import deform_conv2d
 import dgmn
 import dgmn2
 import sampler
+import train_cityscapes
 import train_imagenet
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -474,6 +475,9 @@ def test_checkpoint_round_trip_reproduces_the_release(tmp_path):
             module.transposed = False
     with torch.no_grad():
         assert (model(images) - expected).abs().max() > 1e-2
+    # A backbone takes everything but the classifier.
+    backbone = dgmn2.load_official(dgmn2.dgmn2_tiny(num_classes=0, output_stride=8), path)
+    torch.testing.assert_close(backbone.stages[3].layers[1].mlp.fc2.weight, model.stages[3].layers[1].mlp.fc2.weight)
     # A model built for another input size reads the tables resized, as it would resize them at run time.
     larger = dgmn2.load_official(dgmn2.dgmn2_tiny(img_size=256), path)
     table = release.state_dict()["block1.0.attn.pos_emb.rel_width"]
@@ -969,3 +973,127 @@ def test_torchrun_two_processes_count_each_image_once(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     log = json.loads((tmp_path / "run" / "log.jsonl").read_text())
     assert log["images"] == 11 and log["step"] == 4  # 32 images, 4 per process, 2 processes
+
+# ====================================================================================================================
+# train_cityscapes.py: Sections 5, 6.3, 8.1.1
+
+
+def segmentation_run(tmp_path, **overrides):
+    """A config of the built-in default, shrunk to a few iterations on 32 x 32 scenes."""
+    settings = {**train_cityscapes.SYNTHETIC, **dict(synthetic_train=8, synthetic_val=3, batch_size=2, iterations=2,
+                                                      eval_every=2, base_size=32, crop=32, eval_stride=24, workers=0,
+                                                      pictures=2, output=str(tmp_path / "run"))}
+    return train_cityscapes.Config(**{**settings, **overrides})
+
+
+def write_cityscapes(root, size=(40, 72)):
+    """The real layout: leftImg8bit/SPLIT/CITY/*_leftImg8bit.png and gtFine/SPLIT/CITY/*_gtFine_labelIds.png."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    label_ids = torch.tensor([7, 8, 11, 26, 0, 24])  # road, sidewalk, building, car, unlabeled, person
+    for split, city, count in (("train", "aachen", 3), ("val", "lindau", 2)):
+        for folder in ("leftImg8bit", "gtFine"):
+            (root / folder / split / city).mkdir(parents=True)
+        for i in range(count):
+            stem = f"{city}_{i:06d}_000019"
+            pixels = torch.randint(0, 256, (*size, 3), dtype=torch.uint8, generator=g).numpy()
+            Image.fromarray(pixels).save(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
+            labels = label_ids[torch.randint(0, len(label_ids), size, generator=g)].to(torch.uint8).numpy()
+            Image.fromarray(labels).save(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png")
+    return root
+
+
+@pytest.mark.parametrize("model, multi_scale", [("dgmn2-tiny", True), ("fcn-dgmn", False)])
+def test_each_segmentation_family_trains_two_iterations(tmp_path, model, multi_scale):
+    metrics = train_cityscapes.main(segmentation_run(tmp_path, model=model, multi_scale=multi_scale))
+    assert metrics["iteration"] == 2 and math.isfinite(metrics["loss"]) and 0 <= metrics["miou"] <= 100
+    assert (tmp_path / "run" / "checkpoint-0000002.pth").is_file()
+    assert (tmp_path / "run" / "predictions-0000002.png").is_file()
+
+
+def test_cityscapes_layout_trains_and_maps_train_ids(tmp_path):
+    data = write_cityscapes(tmp_path / "cityscapes")
+    val = train_cityscapes.CityscapesTrainIds(str(data), "val")
+    _, label = val[0]
+    assert set(label.unique().tolist()) <= {0, 1, 2, 13, 11, 255}  # road, sidewalk, building, car, person, ignore
+    cfg = train_cityscapes.parse_args(["--data", str(data), "--base-size", "40", "--crop", "32", "--eval-stride",
+                                       "24", "--batch-size", "2", "--iterations", "1", "--eval-every", "1",
+                                       "--workers", "0", "--output", str(tmp_path / "run")])
+    assert cfg.optimizer == "auto" and cfg.crop == 32 and cfg.scale_max == 2.0  # the paper's recipe otherwise
+    metrics = train_cityscapes.main(cfg)
+    assert metrics["iteration"] == 1 and len(metrics["iou"]) == 19
+
+
+def test_sliding_window_equals_whole_image_inference():
+    torch.manual_seed(0)
+    model = dgmn2.dgmn2_tiny(num_classes=0)
+    net = train_cityscapes.SemanticFPN(model, 5).eval()
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(train_cityscapes.sliding_window(net, image, 5, window=64, stride=48), net(image))
+        pointwise = nn.Conv2d(3, 5, 1)  # overlapping windows of a per-pixel model average equal values
+        image = torch.randn(1, 3, 50, 77)
+        torch.testing.assert_close(train_cityscapes.sliding_window(pointwise, image, 5, window=32, stride=20),
+                                   pointwise(image))
+
+
+def test_miou_from_a_hand_checked_confusion_matrix():
+    label = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
+    prediction = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 2]])
+    matrix = train_cityscapes.confusion(prediction, label, 3)
+    expected = torch.tensor([[1, 1, 0], [0, 2, 1], [1, 0, 1]])  # rows: true class; the ignored pixel is left out
+    assert torch.equal(matrix, expected)
+    # IoU: class 0 = 1 / (2 + 2 - 1), class 1 = 2 / (3 + 3 - 2), class 2 = 1 / (2 + 2 - 1)
+    expected_iou = torch.tensor([100 / 3, 50.0, 100 / 3], dtype=torch.float64)
+    torch.testing.assert_close(train_cityscapes.iou(matrix), expected_iou)
+
+
+def test_segmentation_resume_continues_exactly(tmp_path, monkeypatch):
+    train_cityscapes.main(segmentation_run(tmp_path / "a", iterations=4))
+    expected = torch.load(tmp_path / "a" / "run" / "checkpoint-0000004.pth", weights_only=True)
+    save = train_cityscapes.save_checkpoint
+
+    def save_then_die(state, output, iteration):
+        save(state, output, iteration)
+        raise KeyboardInterrupt
+
+    killed = segmentation_run(tmp_path / "b", iterations=4)
+    monkeypatch.setattr(train_cityscapes, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_cityscapes.main(killed)
+    monkeypatch.setattr(train_cityscapes, "save_checkpoint", save)
+    train_cityscapes.main(dataclasses.replace(killed, resume="auto"))
+    resumed = torch.load(tmp_path / "b" / "run" / "checkpoint-0000004.pth", weights_only=True)
+    torch.testing.assert_close(resumed["model"], expected["model"])
+    torch.testing.assert_close(resumed["optimizer"], expected["optimizer"])
+
+
+def test_segmentation_bad_input_gives_one_line(tmp_path):
+    data = write_cityscapes(tmp_path / "cityscapes")
+    shutil.rmtree(data / "gtFine" / "val")
+    cases = [(dict(data=str(tmp_path / "nowhere")), "nowhere: no such data directory"),
+             (dict(data=str(data)), "not a Cityscapes directory for split 'val'"),
+             (dict(eval_stride=40), "--eval-stride 40 exceeds the window --crop 32"),
+             (dict(model="segformer"), "unknown --model 'segformer'"),
+             (dict(pretrained=str(tmp_path / "none.pth")), "--pretrained .*none.pth: no such file")]
+    for overrides, message in cases:
+        with pytest.raises(train_cityscapes.InputError, match=message) as error:
+            train_cityscapes.main(segmentation_run(tmp_path, **overrides))
+        assert "\n" not in str(error.value)
+    script = str(Path(__file__).with_name("train_cityscapes.py"))
+    run = subprocess.run([sys.executable, script, "--data", str(tmp_path / "nowhere")], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 1 and run.stderr.strip().endswith("nowhere: no such data directory")
+    assert "Traceback" not in run.stderr
+
+
+def test_segmentation_under_torchrun_counts_each_pixel_once(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(Path(__file__).with_name("train_cityscapes.py")), "--iterations", "2", "--eval-every",
+                          "2", "--synthetic-train", "8", "--synthetic-val", "5", "--base-size", "32", "--crop", "32",
+                          "--eval-stride", "24", "--batch-size", "4", "--workers", "0", "--output",
+                          str(tmp_path / "run")], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    log = json.loads((tmp_path / "run" / "log.jsonl").read_text())
+    assert log["pixels"] == 5 * 32 * 32  # 5 scenes over 2 processes, no ignored pixels

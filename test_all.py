@@ -1066,16 +1066,21 @@ def test_segmentation_resume_continues_exactly(tmp_path, monkeypatch):
     resumed = torch.load(tmp_path / "b" / "run" / "checkpoint-0000004.pth", weights_only=True)
     torch.testing.assert_close(resumed["model"], expected["model"])
     torch.testing.assert_close(resumed["optimizer"], expected["optimizer"])
+    with pytest.raises(train_cityscapes.InputError, match="saved with --iterations 4, not 8"):
+        train_cityscapes.main(dataclasses.replace(killed, resume="auto", iterations=8))
 
 
 def test_segmentation_bad_input_gives_one_line(tmp_path):
     data = write_cityscapes(tmp_path / "cityscapes")
     shutil.rmtree(data / "gtFine" / "val")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a checkpoint")
     cases = [(dict(data=str(tmp_path / "nowhere")), "nowhere: no such data directory"),
              (dict(data=str(data)), "not a Cityscapes directory for split 'val'"),
              (dict(eval_stride=40), "--eval-stride 40 exceeds the window --crop 32"),
              (dict(model="segformer"), "unknown --model 'segformer'"),
-             (dict(pretrained=str(tmp_path / "none.pth")), "--pretrained .*none.pth: no such file")]
+             (dict(pretrained=str(tmp_path / "none.pth")), "--pretrained .*none.pth: no such file"),
+             (dict(model="fcn", pretrained=str(notes)), "--pretrained .*notes.txt: not a readable checkpoint")]
     for overrides, message in cases:
         with pytest.raises(train_cityscapes.InputError, match=message) as error:
             train_cityscapes.main(segmentation_run(tmp_path, **overrides))
@@ -1087,9 +1092,11 @@ def test_segmentation_bad_input_gives_one_line(tmp_path):
     assert "Traceback" not in run.stderr
 
 
-def test_segmentation_under_torchrun_counts_each_pixel_once(tmp_path):
+@pytest.mark.parametrize("model", ["dgmn2-tiny", "fcn"])
+def test_segmentation_under_torchrun_counts_each_pixel_once(tmp_path, model):
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(Path(__file__).with_name("train_cityscapes.py")), "--iterations", "2", "--eval-every",
+                          str(Path(__file__).with_name("train_cityscapes.py")), "--model", model, "--iterations", "2",
+                          "--eval-every",
                           "2", "--synthetic-train", "8", "--synthetic-val", "5", "--base-size", "32", "--crop", "32",
                           "--eval-stride", "24", "--batch-size", "4", "--workers", "0", "--output",
                           str(tmp_path / "run")], capture_output=True, text=True,

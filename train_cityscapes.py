@@ -125,10 +125,12 @@ def parse_args(argv=None):
 
 class Scenes(Dataset):
     """A learnable stand-in for Cityscapes: a sky and a ground region split by a random horizon, and 2-4 shapes
-    (disc, square, triangle, bar) of random colour, size, position and rotation, with noise. Each pixel is labelled
+    (disc, square, triangle, bar) of random size, position and rotation, coloured around a colour of their class,
+    with noise. Each pixel is labelled
     with what is drawn there. Scene i is a function of (seed, i). Items: (uint8 (3, S, S) image, uint8 (S, S) label)."""
 
     classes = ["sky", "ground", "disc", "square", "triangle", "bar"]
+    colours = torch.tensor([[0.9, 0.2, 0.2], [0.2, 0.8, 0.2], [0.9, 0.8, 0.1], [0.8, 0.3, 0.9]])  # of the shapes
 
     def __init__(self, size, length, seed):
         self.size, self.length, self.seed = size, length, seed
@@ -155,7 +157,8 @@ class Scenes(Dataset):
             u, v = (cos * (x - cx) + sin * (y - cy)) / scale, (-sin * (x - cx) + cos * (y - cy)) / scale
             inside = [u ** 2 + v ** 2 < 0.8, (u.abs() < 0.7) & (v.abs() < 0.7),
                       (v < 0.6) & (v > 1.9 * u.abs() - 0.9), (u.abs() < 0.95) & (v.abs() < 0.25)][kind - 2]
-            image = torch.where(inside, rand(3, 1, 1), image)
+            hue = self.colours[kind - 2].view(3, 1, 1)  # each class has its own colour family
+            image = torch.where(inside, (0.7 * hue + 0.3 * rand(3, 1, 1)).clamp(0, 1), image)
             label = torch.where(inside, kind, label)
         image = (image + 0.04 * torch.randn(3, S, S, generator=g)).clamp(0, 1)
         return (image * 255).round().to(torch.uint8), label.to(torch.uint8)
@@ -281,6 +284,7 @@ class DilatedFCN(nn.Module):
     def __init__(self, classes, dgmn_options=None, channels=512):
         super().__init__()
         self.backbone = resnet101(replace_stride_with_dilation=[False, True, True])
+        self.backbone.fc = nn.Identity()  # unused: DDP requires every parameter to take part
         self.reduce = nn.Sequential(nn.Conv2d(2048, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
                                     nn.ReLU(inplace=True))
         self.dgmn = dgmn.DGMN(channels, **dgmn_options) if dgmn_options else nn.Identity()
@@ -323,7 +327,12 @@ def load_pretrained(model, path):
         except ValueError as error:
             raise InputError(f"--pretrained {path}: {error}") from None
         return
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unpickling failure is one bad file
+        raise InputError(f"--pretrained {path}: not a readable checkpoint ({str(error).splitlines()[0]})") from None
+    if not isinstance(state, dict):
+        raise InputError(f"--pretrained {path}: not a state dict")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing, unexpected = backbone.load_state_dict(state, strict=False)
     if [k for k in missing if not k.startswith("fc.")] or unexpected:
@@ -406,7 +415,7 @@ def evaluate(model, val, class_names, cfg, device, autocast, rank, world, pictur
         with autocast:
             prediction = predict(model, image, classes, cfg).argmax(dim=1)[0]
         matrix += confusion(prediction, label, classes)
-        if pictures_to and len(shown) < cfg.pictures:
+        if pictures_to and rank == 0 and len(shown) < 3 * cfg.pictures:  # 3 tiles a picture
             picture = (image[0] * std + mean).clamp(0, 1)
             shown += [picture, colourise(label) / 255, colourise(prediction) / 255]
     if world > 1:
@@ -415,8 +424,8 @@ def evaluate(model, val, class_names, cfg, device, autocast, rank, world, pictur
         save_image(torch.stack(shown), pictures_to, nrow=3)
     model.train()
     per_class = iou(matrix)
-    return dict(miou=per_class.nanmean().item(), pixels=int(matrix.sum()),
-                iou={n: round(v, 2) for n, v in zip(class_names, per_class.tolist())})
+    return dict(miou=per_class.nanmean().item(), pixels=int(matrix.sum()),  # absent classes: None (JSON has no NaN)
+                iou={n: None if math.isnan(v) else round(v, 2) for n, v in zip(class_names, per_class.tolist())})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -456,8 +465,10 @@ def read_checkpoint(path, cfg):
         raise InputError(f"{path}: not a readable checkpoint ({str(error).splitlines()[0]})") from None
     if not isinstance(state, dict) or "config" not in state:
         raise InputError(f"{path}: not a checkpoint of this script (use --pretrained for backbone weights)")
-    if state["config"]["model"] != cfg.model:
-        raise InputError(f"{path}: a checkpoint of {state['config']['model']}, not of --model {cfg.model}")
+    for name in ("model", "output_stride", "optimizer", "iterations"):  # what the weights and schedule depend on
+        if state["config"][name] != getattr(cfg, name) and not (cfg.eval_only and name in ("optimizer", "iterations")):
+            raise InputError(f"{path}: saved with --{name.replace('_', '-')} {state['config'][name]}, not "
+                             f"{getattr(cfg, name)}")
     return state
 
 
@@ -578,7 +589,7 @@ def _run(cfg, rank, world, device):
         batches, passes = iter(()), 0
         bar = tqdm(range(steps), desc=f"iterations {chunk_start}-{chunk_start + steps}", disable=rank != 0,
                    leave=False)
-        started = time.time()
+        started, total_loss = time.time(), torch.zeros((), device=device)
         for _ in bar:
             batch = next(batches, None)
             if batch is None:  # a new pass over the training set, shuffled by (chunk, pass)
@@ -600,12 +611,13 @@ def _run(cfg, rank, world, device):
                 last = sorted(output.glob("checkpoint-*.pth"))
                 raise TrainingError(f"the loss is {loss.item()} at iteration {scheduler.last_epoch}; stopped, the "
                                     f"last good checkpoint is {last[-1] if last else 'none yet'}")
+            total_loss += loss
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         iteration = chunk_start + steps
         if world > 1:  # without SyncBatchNorm (CPU) the ranks' statistics differ: evaluate rank 0's
             for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)
-        metrics = dict(iteration=iteration, loss=loss.item(), seconds=time.time() - started,
+        metrics = dict(iteration=iteration, loss=total_loss.item() / steps, seconds=time.time() - started,
                        **evaluate(model, val, class_names, cfg, device, autocast, rank, world,
                                   output / f"predictions-{iteration:07d}.png"))
         if rank == 0:

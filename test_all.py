@@ -873,23 +873,27 @@ def test_learning_rate_schedule():
     assert train_imagenet.lr_at(50, cfg, 1e-3, steps_per_epoch=5) == pytest.approx(1e-5)
 
 
+def kill_then_resume(script, cfg, monkeypatch):
+    """Run script.main(cfg), killed right after its first checkpoint, then again with --resume auto."""
+    save = script.save_checkpoint
+
+    def save_then_die(*args):
+        save(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(script, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        script.main(cfg)
+    monkeypatch.setattr(script, "save_checkpoint", save)
+    script.main(dataclasses.replace(cfg, resume="auto"))
+
+
 def test_resume_continues_exactly(tmp_path, monkeypatch):
     straight = tiny_run(tmp_path / "a", epochs=2, mixup=0.8)
     train_imagenet.main(straight)
     expected = torch.load(tmp_path / "a" / "run" / "checkpoint-0002.pth", weights_only=True)
 
-    save = train_imagenet.save_checkpoint
-
-    def save_then_die(state, output, epoch):  # a kill right after the first epoch's checkpoint
-        save(state, output, epoch)
-        raise KeyboardInterrupt
-
-    killed = tiny_run(tmp_path / "b", epochs=2, mixup=0.8)
-    monkeypatch.setattr(train_imagenet, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_imagenet.main(killed)
-    monkeypatch.setattr(train_imagenet, "save_checkpoint", save)
-    train_imagenet.main(dataclasses.replace(killed, resume="auto"))
+    kill_then_resume(train_imagenet, tiny_run(tmp_path / "b", epochs=2, mixup=0.8), monkeypatch)
     resumed = torch.load(tmp_path / "b" / "run" / "checkpoint-0002.pth", weights_only=True)
     assert resumed["step"] == expected["step"] == 4
     torch.testing.assert_close(resumed["model"], expected["model"])
@@ -1051,18 +1055,8 @@ def test_miou_from_a_hand_checked_confusion_matrix():
 def test_segmentation_resume_continues_exactly(tmp_path, monkeypatch):
     train_cityscapes.main(segmentation_run(tmp_path / "a", iterations=4))
     expected = torch.load(tmp_path / "a" / "run" / "checkpoint-0000004.pth", weights_only=True)
-    save = train_cityscapes.save_checkpoint
-
-    def save_then_die(state, output, iteration):
-        save(state, output, iteration)
-        raise KeyboardInterrupt
-
     killed = segmentation_run(tmp_path / "b", iterations=4)
-    monkeypatch.setattr(train_cityscapes, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_cityscapes.main(killed)
-    monkeypatch.setattr(train_cityscapes, "save_checkpoint", save)
-    train_cityscapes.main(dataclasses.replace(killed, resume="auto"))
+    kill_then_resume(train_cityscapes, killed, monkeypatch)
     resumed = torch.load(tmp_path / "b" / "run" / "checkpoint-0000004.pth", weights_only=True)
     torch.testing.assert_close(resumed["model"], expected["model"])
     torch.testing.assert_close(resumed["optimizer"], expected["optimizer"])

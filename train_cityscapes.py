@@ -335,9 +335,8 @@ def load_pretrained(model, path):
         raise InputError(f"--pretrained {path}: not a state dict")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing, unexpected = backbone.load_state_dict(state, strict=False)
-    if [k for k in missing if not k.startswith("fc.")] or unexpected:
-        raise InputError(f"--pretrained {path}: not a torchvision ResNet-101 state dict "
-                         f"({([k for k in missing if not k.startswith('fc.')] or unexpected)[0]})")
+    if missing or unexpected:
+        raise InputError(f"--pretrained {path}: not a torchvision ResNet-101 state dict ({(missing or unexpected)[0]})")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -487,6 +486,15 @@ def check(cfg):
         raise InputError("--eval-only needs the model to evaluate: --resume CKPT")
 
 
+def amp_dtype(cfg, device):
+    """bf16 on GPUs that have it, else fp16 (with a GradScaler); off on CPU."""
+    if cfg.amp == "auto":
+        if device.type == "cpu":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return dict(bf16=torch.bfloat16, fp16=torch.float16, off=None)[cfg.amp]
+
+
 def setup_distributed():
     """(rank, world size, device) from torchrun's environment; a single process without it."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -547,9 +555,7 @@ def _run(cfg, rank, world, device):
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=cfg.iterations, power=cfg.poly_power)
-    dtype = None if cfg.amp == "off" or (cfg.amp == "auto" and device.type == "cpu") else \
-        dict(bf16=torch.bfloat16, fp16=torch.float16).get(cfg.amp) or \
-        (torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16)
+    dtype = amp_dtype(cfg, device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(ignore_index=IGNORE)

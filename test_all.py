@@ -7,6 +7,7 @@ without a GPU.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -21,6 +22,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 from einops import rearrange
 from torchvision.ops import deform_conv2d
 
@@ -28,6 +30,7 @@ import dgmn
 import dgmn2
 import sampler
 import train_cityscapes
+import train_coco
 import train_imagenet
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -1098,3 +1101,244 @@ def test_segmentation_under_torchrun_counts_each_pixel_once(tmp_path, model):
     assert run.returncode == 0, run.stderr[-2000:]
     log = json.loads((tmp_path / "run" / "log.jsonl").read_text())
     assert log["pixels"] == 5 * 32 * 32  # 5 scenes over 2 processes, no ignored pixels
+
+
+# ====================================================================================================================
+# train_coco.py: Sections 5.1-5.3, 6.2, 8.1.2
+
+
+def detection_run(tmp_path, **overrides):
+    """A config of the built-in default, shrunk to two iterations on a few 64 x 64 synthetic images."""
+    settings = {**train_coco.SYNTHETIC, **dict(synthetic_train=4, synthetic_val=3, batch_size=2, iterations=2,
+                                                lr_steps="1", warmup=1, eval_every=2, save_every=2, min_size=64,
+                                                max_size=64, workers=0, pictures=1, output=str(tmp_path / "run"))}
+    return train_coco.Config(**{**settings, **overrides})
+
+
+def write_coco(root):
+    """A tiny COCO directory: rectangles as polygons, category ids 1, 7 and 90 (COCO's are not contiguous), a crowd
+    region, and images without usable annotations (none; only a crowd region; a 1-pixel-wide box). Image i is filled
+    with the value 10 i, so a test model can tell which image it is given. Returns root."""
+    from PIL import Image
+    layout = {  # split -> per image: (category, x0, y0, x1, y1, iscrowd)
+        "train": [[(1, 4, 4, 30, 20, 0), (7, 10, 24, 40, 44, 0)], [], [(90, 2, 2, 20, 20, 1)],
+                  [(7, 5, 5, 6, 30, 0)], [(90, 20, 4, 44, 40, 0), (1, 1, 30, 12, 46, 1)]],
+        "val": [[(1, 3, 5, 33, 25, 0), (90, 30, 28, 46, 46, 0)], [(7, 8, 8, 40, 40, 0), (1, 0, 0, 8, 8, 1)], [],
+                [(90, 4, 30, 44, 46, 0), (7, 2, 2, 14, 12, 0), (1, 20, 4, 40, 20, 0)]],
+    }
+    (root / "annotations").mkdir(parents=True)
+    for split, images in layout.items():
+        (root / f"{split}2017").mkdir()
+        entries, annotations = [], []
+        for i, objects in enumerate(images):
+            Image.new("RGB", (48, 48), (10 * i,) * 3).save(root / f"{split}2017" / f"{i}.png")
+            entries.append(dict(id=100 + i, file_name=f"{i}.png", height=48, width=48))
+            for category, x0, y0, x1, y1, crowd in objects:
+                annotations.append(dict(id=len(annotations) + 1, image_id=100 + i, category_id=category, iscrowd=crowd,
+                                        bbox=[x0, y0, x1 - x0, y1 - y0], area=(x1 - x0) * (y1 - y0),
+                                        segmentation=[[x0, y0, x1, y0, x1, y1, x0, y1]]))
+        categories = [dict(id=i, name=n) for i, n in [(1, "person"), (7, "train"), (90, "toothbrush")]]
+        (root / "annotations" / f"instances_{split}2017.json").write_text(
+            json.dumps(dict(images=entries, annotations=annotations, categories=categories)))
+    return root
+
+
+class GroundTruthDetector(nn.Module):
+    """Returns the ground truth of each image as detections (scores 1, masks as pycocotools rasterises them), shifted
+    by `shift` pixels; it tells the images apart by their fill value."""
+
+    def __init__(self, annotation_file, shift=0.0):
+        super().__init__()
+        from pycocotools.coco import COCO
+        self.coco, self.shift = COCO(str(annotation_file)), shift
+
+    def forward(self, images):
+        outputs = []
+        for image in images:
+            image_id = 100 + round(image[0, 0, 0].item() * 255 / 10)
+            objects = [a for a in self.coco.imgToAnns[image_id] if not a["iscrowd"]]
+            boxes = torch.tensor([a["bbox"] for a in objects], dtype=torch.float32).view(-1, 4)
+            masks = [torch.from_numpy(self.coco.annToMask(a)).float() for a in objects]
+            outputs.append(dict(boxes=torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], 1) + self.shift,
+                                labels=torch.tensor([a["category_id"] for a in objects], dtype=torch.int64),
+                                scores=torch.ones(len(objects)),
+                                masks=torch.stack(masks)[:, None] if masks else torch.zeros(0, 1, *image.shape[1:])))
+        return outputs
+
+
+def evaluate_detector(data, detector, rank=0, world=1, output=None):
+    cfg = detection_run(data, model="maskrcnn-dgmn2-tiny", data=str(data), eval_only=True, resume="x")
+    _, val, names, annotation_file = train_coco.datasets(cfg, masks=True)
+    return train_coco.evaluate(detector, val, names, annotation_file, cfg, torch.device("cpu"),
+                               contextlib.nullcontext(), rank, world, output, "test")
+
+
+def test_perfect_detections_score_ap_100(tmp_path):
+    data = write_coco(tmp_path / "coco")
+    annotation_file = data / "annotations" / "instances_val2017.json"
+    metrics = evaluate_detector(data, GroundTruthDetector(annotation_file), output=tmp_path)
+    for iou_type in ("bbox", "segm"):
+        assert metrics[iou_type]["AP"] == metrics[iou_type]["AP50"] == metrics[iou_type]["AP75"] == 100.0
+        assert metrics[iou_type]["APl"] is None  # no object over 96 x 96 pixels
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    written = COCO(str(annotation_file)).loadRes(str(tmp_path / "detections-segm.json"))  # valid COCO results
+    assert len(written.anns) == 6 and {a["category_id"] for a in written.anns.values()} == {1, 7, 90}
+    assert len(list((tmp_path / "pictures-test").glob("*.png"))) == 1
+    shifted = evaluate_detector(data, GroundTruthDetector(annotation_file, shift=1.0))
+    assert 0 < shifted["bbox"]["AP"] < 100 and shifted["bbox"]["AP50"] == 100.0
+    assert shifted["segm"]["AP"] == 100.0  # the masks did not move
+
+
+def _evaluate_rank(rank, world, store, data, out):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    detector = GroundTruthDetector(data / "annotations" / "instances_val2017.json")
+    metrics = evaluate_detector(data, detector, rank, world)
+    if rank == 0:
+        out.write_text(json.dumps(metrics))
+    dist.destroy_process_group()
+
+
+def test_detections_of_every_rank_are_evaluated_once(tmp_path):
+    data = write_coco(tmp_path / "coco")  # each rank alone holds half the images: AP 100 needs both halves
+    torch.multiprocessing.spawn(_evaluate_rank, nprocs=2, args=(2, tmp_path / "store", data, tmp_path / "out.json"))
+    metrics = json.loads((tmp_path / "out.json").read_text())
+    assert metrics["bbox"]["AP"] == metrics["segm"]["AP"] == 100.0
+
+
+def test_coco_layout_drops_unusable_images_and_crowds(tmp_path):
+    data = write_coco(tmp_path / "coco")
+    train, val, names, _ = train_coco.datasets(detection_run(tmp_path, data=str(data)), masks=True)
+    assert names == {1: "person", 7: "train", 90: "toothbrush"} and len(val) == 4
+    assert [train.dataset.ids[i] for i in range(len(train))] == [100, 104]  # 101: none, 102: crowd, 103: 1 px wide
+    image, target = train[1]
+    assert image.shape == (3, 48, 48) and image.dtype == torch.float32
+    assert target["labels"].tolist() == [90] and target["masks"].shape == (1, 48, 48)  # the crowd region is gone
+    assert target["masks"].sum() == 24 * 36 and target["boxes"].tolist() in ([[20, 4, 44, 40]], [[4, 4, 28, 40]])
+
+
+@pytest.mark.parametrize("model", ["retinanet-dgmn2-tiny", "maskrcnn-dgmn2-tiny", "maskrcnn-r50-dgmn-c5"])
+def test_each_detector_trains_two_iterations(tmp_path, model):
+    metrics = train_coco.main(detection_run(tmp_path, model=model))
+    types = {"bbox", "segm"} if model.startswith("maskrcnn") else {"bbox"}
+    assert set(metrics) == types and all(0 <= m["AP"] <= 100 for m in metrics.values())
+    run = tmp_path / "run"
+    log = json.loads((run / "log.jsonl").read_text())
+    assert log["iteration"] == 2 and math.isfinite(log["loss"]) and log["bbox"] == metrics["bbox"]
+    assert (run / "checkpoint-0000002.pth").is_file() and (run / "pictures-0000002").is_dir()
+    assert {p.name for p in run.glob("detections-*.json")} == {f"detections-{t}.json" for t in types}
+
+
+@pytest.mark.parametrize("model", ["retinanet-dgmn2-tiny", "maskrcnn-dgmn2-tiny", "maskrcnn-r50-dgmn-c5"])
+def test_every_detector_parameter_gets_a_gradient(model):
+    torch.manual_seed(0)
+    detector = train_coco.build_model(train_coco.Config(model=model, min_size=64, max_size=64), 5)
+    masks = torch.zeros(2, 64, 64, dtype=torch.uint8)
+    masks[0, 8:40, 4:30], masks[1, 30:60, 36:62] = 1, 1
+    target = dict(boxes=torch.tensor([[4.0, 8, 30, 40], [36, 30, 62, 60]]), labels=torch.tensor([1, 4]), masks=masks)
+    losses = detector([torch.rand(3, 64, 64), torch.rand(3, 64, 64)], [target, target])
+    sum(losses.values()).backward()
+    assert not [n for n, p in detector.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+
+
+def test_detector_parameter_counts_equal_tables_7_and_8():
+    for name, spec in train_coco.MODELS.items():
+        if spec.backbone in dgmn2.VARIANTS:  # the paper's heads score 80 classes (Mask R-CNN: and the background)
+            with torch.device("meta"):
+                detector = train_coco.build_model(train_coco.Config(model=name), 80 + (spec.detector == "maskrcnn"))
+            assert abs(sum(p.numel() for p in detector.parameters()) / 1e6 - spec.params_m) < 0.15, name
+
+
+def test_pretrained_backbones_load_from_local_files(tmp_path):
+    from torchvision.models import resnet50
+    torch.save(resnet50().state_dict(), tmp_path / "resnet50.pth")
+    cfg = detection_run(tmp_path, model="maskrcnn-r50-dgmn-c5")
+    detector = train_coco.build_model(cfg, 5, pretrained=True)
+    state = train_coco.read_weights(str(tmp_path / "resnet50.pth"))
+    train_coco.load_pretrained(detector, state, "resnet50.pth")
+    torch.testing.assert_close(detector.backbone.body.layer4[0].conv2.weight, state["layer4.0.conv2.weight"])
+    assert not detector.backbone.body.layer1[0].conv1.weight.requires_grad  # Detectron's 1x: stem and res2 frozen
+    assert isinstance(detector.backbone.body.bn1, torchvision.ops.FrozenBatchNorm2d)
+    tiny = train_coco.build_model(dataclasses.replace(cfg, model="maskrcnn-dgmn2-tiny"), 5, pretrained=True)
+    release = dict(model=release_tiny_checkpoint().state_dict(), epoch=299, args=argparse.Namespace(model="tiny"))
+    torch.save(release, tmp_path / "dgmn2_tiny.pth")  # as the release's script saves it
+    train_coco.load_pretrained(tiny, train_coco.read_weights(str(tmp_path / "dgmn2_tiny.pth")), "dgmn2_tiny.pth")
+    assert tiny.backbone.body.stages[0].layers[0].attn.rel_pos.transposed  # the release's rule came with its weights
+    with pytest.raises(train_coco.InputError, match="not a torchvision ResNet-50 state dict"):
+        train_coco.load_pretrained(detector, {"conv1.weight": torch.zeros(1)}, "x.pth")
+
+
+def test_detection_recipes_are_the_papers():
+    tiny = train_coco.recipe(train_coco.Config(model="maskrcnn-dgmn2-tiny"), 7330)  # COCO at batch 16: 7330 an epoch
+    assert tiny == dict(optimizer="adamw", lr=1e-4, iterations=12 * 7330, steps=[8 * 7330, 11 * 7330], warmup=500,
+                        warmup_factor=0.001, eval_every=7330)
+    r50 = train_coco.recipe(train_coco.Config(model="maskrcnn-r50-dgmn-c5"), 7330)
+    assert r50 == dict(optimizer="sgd", lr=0.02, iterations=90_000, steps=[60_000, 80_000], warmup=500,
+                       warmup_factor=0.3, eval_every=7330)
+    shorter = train_coco.recipe(train_coco.Config(model="maskrcnn-r50", iterations=9000), 100)
+    assert shorter["steps"] == [6000, 8000]  # the decays keep their place in a shorter run
+    factors = [train_coco.lr_factor(i, r50) for i in (0, 250, 500, 59_999, 60_000, 80_000)]
+    assert factors == pytest.approx([0.3, 0.65, 1, 1, 0.1, 0.01])
+    assert train_coco.lr_factor(0, {**r50, "warmup": 0}) == 1
+
+
+def test_detection_resume_continues_exactly(tmp_path, monkeypatch):
+    # 3 batches an epoch and a checkpoint after 2: the resumed run starts in the middle of an epoch
+    train_coco.main(detection_run(tmp_path / "a", iterations=4, eval_every=4, synthetic_train=6, workers=1))
+    expected = torch.load(tmp_path / "a" / "run" / "checkpoint-0000004.pth", weights_only=True)
+    killed = detection_run(tmp_path / "b", iterations=4, eval_every=4, synthetic_train=6, workers=1)
+    kill_then_resume(train_coco, killed, monkeypatch)
+    resumed = torch.load(tmp_path / "b" / "run" / "checkpoint-0000004.pth", weights_only=True)
+    torch.testing.assert_close(resumed["model"], expected["model"])
+    torch.testing.assert_close(resumed["optimizer"], expected["optimizer"])
+    assert resumed["scheduler"] == expected["scheduler"]
+    with pytest.raises(train_coco.InputError, match=r"iterations 4, steps \[1\]; now .*iterations 8, steps \[1\] "):
+        train_coco.main(dataclasses.replace(killed, resume="auto", iterations=8))
+
+
+def test_data_order_survives_an_interruption():
+    train = [(i, {}) for i in range(10)]  # (image, target) pairs
+    sampler = torch.utils.data.DistributedSampler(train, 1, 0, shuffle=True, seed=0, drop_last=True)
+    cfg = train_coco.Config(workers=0)
+    stream = train_coco.batches(train, sampler, 3, 3, 0, cfg, torch.device("cpu"))
+    straight = [next(stream)[0] for _ in range(7)]  # into the third epoch; each epoch's tenth image is left out
+    resumed = train_coco.batches(train, sampler, 3, 3, 4, cfg, torch.device("cpu"))
+    assert [next(resumed)[0] for _ in range(3)] == straight[4:]
+    assert len(set(sum(straight[:3], ()))) == 9 and straight[:3] != straight[3:6]  # each epoch: 9 images, reshuffled
+
+
+def test_detection_bad_input_gives_one_line(tmp_path):
+    data = write_coco(tmp_path / "coco")
+    (data / "annotations" / "instances_train2017.json").unlink()
+    broken = write_coco(tmp_path / "broken")
+    (broken / "annotations" / "instances_val2017.json").write_text("{not json")
+    cases = [(dict(data=str(tmp_path / "nowhere")), "nowhere: no such data directory"),
+             (dict(data=str(data)), "instances_train2017.json: no such annotation file"),
+             (dict(data=str(broken)), "instances_val2017.json: not a COCO annotation file"),
+             (dict(model="detr"), "unknown --model 'detr'"),
+             (dict(lr_steps="60k"), "--lr-steps '60k': give increasing iterations separated by commas"),
+             (dict(lr_steps="3,2"), "--lr-steps '3,2': give increasing iterations"),
+             (dict(min_size=200), "--min-size 200 exceeds --max-size 64"),
+             (dict(pretrained=str(tmp_path / "none.pth")), "--pretrained .*none.pth: no such file")]
+    for overrides, message in cases:
+        with pytest.raises(train_coco.InputError, match=message) as error:
+            train_coco.main(detection_run(tmp_path, **overrides))
+        assert "\n" not in str(error.value)
+    script = str(Path(__file__).with_name("train_coco.py"))
+    run = subprocess.run([sys.executable, script, "--data", str(data)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and run.stderr.strip().endswith("instances_train2017.json: no such annotation file")
+    assert "Traceback" not in run.stderr
+
+
+def test_detection_under_torchrun(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(Path(__file__).with_name("train_coco.py")), "--model", "maskrcnn-dgmn2-tiny",
+                          "--iterations", "2", "--eval-every", "2", "--synthetic-train", "4", "--synthetic-val", "3",
+                          "--min-size", "64", "--max-size", "64", "--batch-size", "4", "--workers", "0",
+                          "--output", str(tmp_path / "run")], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    log = json.loads((tmp_path / "run" / "log.jsonl").read_text())
+    assert log["iteration"] == 2 and set(log) >= {"bbox", "segm"}

@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import datetime
 import io
+import itertools
 import json
 import math
 import os
@@ -151,6 +152,8 @@ def parse_args(argv=None):
             parser.add_argument(flag, type=f.type, default=None, help=f"default {f.default}")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     defaults = SYNTHETIC if not given.get("data") else {}
+    if "iterations" in given:  # SYNTHETIC's steps belong to its own length: the recipe's fractions instead
+        defaults = {k: v for k, v in defaults.items() if k != "lr_steps"}
     return Config(**{**defaults, **given})
 
 
@@ -575,10 +578,12 @@ def read_checkpoint(path, cfg):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unpickling failure is one bad file
         raise InputError(f"{path}: not a readable checkpoint ({str(error).splitlines()[0]})") from None
-    if not isinstance(state, dict) or "config" not in state:
+    keys = {"model", "optimizer", "scheduler", "scaler", "iteration", "plan", "num_classes", "config"}
+    if not isinstance(state, dict) or not keys <= state.keys():
         raise InputError(f"{path}: not a checkpoint of this script (use --pretrained for backbone weights)")
-    for name in ("model", "batch_size"):  # the weights, and where in the data the run stands
-        if state["config"][name] != getattr(cfg, name) and not (cfg.eval_only and name == "batch_size"):
+    # the weights; where in the data the run stands, the seeds of its chunks, what the optimizer state keeps
+    for name in ("model", "batch_size", "seed", "save_every", "weight_decay"):
+        if state["config"][name] != getattr(cfg, name) and not (cfg.eval_only and name != "model"):
             raise InputError(f"{path}: saved with --{name.replace('_', '-')} {state['config'][name]!r}, not "
                              f"{getattr(cfg, name)!r}")
     return state
@@ -594,8 +599,8 @@ def check(cfg):
     for name in ["iterations", "eval_every", "warmup", "lr", "warmup_factor", "weight_decay", "workers"]:
         if getattr(cfg, name) < 0:
             raise InputError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
-    if not re.fullmatch(r"(\d+(,\d+)*)?", cfg.lr_steps) or cfg.lr_steps and (
-            sorted(steps := [int(s) for s in cfg.lr_steps.split(",")]) != steps):
+    if not re.fullmatch(r"(\d+(,\d+)*)?", cfg.lr_steps) or cfg.lr_steps and any(
+            a >= b for a, b in itertools.pairwise(int(s) for s in cfg.lr_steps.split(","))):
         raise InputError(f"--lr-steps {cfg.lr_steps!r}: give increasing iterations separated by commas, e.g. "
                          "60000,80000")
     if cfg.min_size > cfg.max_size:
@@ -674,20 +679,21 @@ def _run(cfg, rank, world, device):
         log(f"No --data: the built-in synthetic shapes ({len(SHAPES)} classes, {cfg.min_size} x {cfg.min_size}, "
             f"{cfg.synthetic_train} training images) in COCO's format under {output}.")
         if rank == 0:
-            write_synthetic(output / f"synthetic-{cfg.min_size}px",
-                            cfg.min_size, dict(train=cfg.synthetic_train, val=cfg.synthetic_val))
+            splits = dict(val=cfg.synthetic_val) if cfg.eval_only else dict(train=cfg.synthetic_train,
+                                                                            val=cfg.synthetic_val)
+            write_synthetic(output / f"synthetic-{cfg.min_size}px", cfg.min_size, splits)
         if world > 1:
             dist.barrier()
     train, val, names, annotation_file = datasets(cfg, masks=spec.detector == "maskrcnn")
-    categories = names.keys() | (train.dataset.coco.cats.keys() if train else set())
+    num_classes = state["num_classes"] if state else 1 + max(names.keys() | train.dataset.coco.cats.keys())
     pretrained = bool(state["config"]["pretrained"] if state else weights is not None)  # frozen BN or not
-    model = build_model(cfg, max(categories) + 1, pretrained=pretrained)
+    model = build_model(cfg, num_classes, pretrained=pretrained)
     if weights is not None:
         load_pretrained(model, weights, cfg.pretrained)
-    elif cfg.data and not pretrained:
+    elif cfg.data and not state:
         log("No --pretrained: the backbone trains from scratch (the paper starts from ImageNet weights).")
     model = model.to(device)
-    log(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters at {max(categories) + 1} "
+    log(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters at {num_classes} "
         f"classes (paper: {spec.params_m or '-'}M at 80, {spec.table}; python train_coco.py --table); "
         f"{world} process(es) on {device.type}")
     local_batch = cfg.batch_size // world
@@ -718,10 +724,10 @@ def _run(cfg, rank, world, device):
         scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:  # empty unless the run used fp16
             scaler.load_state_dict(state["scaler"])
-        schedule = ("optimizer", "lr", "iterations", "steps")  # what the rest of the run depends on
-        if not cfg.eval_only and [state["plan"][k] for k in schedule] != [plan[k] for k in schedule]:
-            raise InputError(f"{checkpoint}: saved with " + ", ".join(f"{k} {state['plan'][k]}" for k in schedule) +
-                             "; now " + ", ".join(f"{k} {plan[k]}" for k in schedule) + " (different flags or data)")
+        if not cfg.eval_only and state["plan"] != plan:  # what the rest of the run depends on
+            changed = [k for k in plan if state["plan"][k] != plan[k]]
+            raise InputError(f"{checkpoint}: saved with " + ", ".join(f"{k} {state['plan'][k]}" for k in changed) +
+                             "; now " + ", ".join(f"{k} {plan[k]}" for k in changed) + " (other flags or data)")
         start = state["iteration"]
         log(f"Resumed from {checkpoint} at iteration {start}.")
     if rank == 0:
@@ -789,7 +795,8 @@ def _run(cfg, rank, world, device):
                 file.write(json.dumps(record) + "\n")
             path = save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                                        iteration=chunk_end, plan=plan, config=dataclasses.asdict(cfg)),
+                                        iteration=chunk_end, plan=plan, num_classes=num_classes,
+                                        config=dataclasses.asdict(cfg)),
                                    output, chunk_end)
             scores = summary({t: m for t, m in record.items() if isinstance(m, dict)})
             log(f"iteration {chunk_end}/{total}: loss {record['loss']:.3f}{'; ' + scores if scores else ''}; "

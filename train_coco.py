@@ -351,7 +351,7 @@ class DGMN2FPN(nn.Module):
         super().__init__()
         self.body = dgmn2.build(variant, num_classes=0)
         self.levels = levels
-        extra = dict(p6p7=LastLevelP6P7(self.body.channels[-1], out_channels), pool=LastLevelMaxPool())[extra_levels]
+        extra = LastLevelP6P7(self.body.channels[-1], out_channels) if extra_levels == "p6p7" else LastLevelMaxPool()
         self.fpn = FeaturePyramidNetwork([self.body.channels[i] for i in levels], out_channels, extra)
         self.out_channels = out_channels
 
@@ -391,6 +391,15 @@ def read_weights(path):
         raise InputError(f"--pretrained {path}: not a readable checkpoint ({str(error).splitlines()[0]})") from None
 
 
+def load_matching(module, weights):
+    """module.load_state_dict(weights, strict=False) -> (missing, unexpected); a tensor of another shape counts as
+    missing, named by torch's message."""
+    try:
+        return module.load_state_dict(weights, strict=False)
+    except RuntimeError as error:
+        return [str(error).splitlines()[-1].strip()], []
+
+
 def load_pretrained(model, state, path):
     """Backbone weights: an authors' DGMN2 checkpoint (dgmn2.load_official) or a train_imagenet.py checkpoint into a
     DGMN2 backbone; a torchvision ResNet-50 state dict into R-50 (the DGMN modules stay newly initialised). The
@@ -399,10 +408,7 @@ def load_pretrained(model, state, path):
     if isinstance(body, dgmn2.DGMN2):
         if isinstance(state, dict) and "config" in state:  # ours, from train_imagenet.py
             weights = {k: v for k, v in state["model"].items() if not k.startswith("head.")}
-            try:
-                missing, unexpected = body.load_state_dict(weights, strict=False)
-            except RuntimeError as error:  # a tensor of another shape
-                missing, unexpected = [str(error).splitlines()[-1].strip()], []
+            missing, unexpected = load_matching(body, weights)
             if missing or unexpected:
                 raise InputError(f"--pretrained {path}: another DGMN2 variant ({(missing or unexpected)[0]})")
             return
@@ -413,11 +419,7 @@ def load_pretrained(model, state, path):
         return
     if not isinstance(state, dict):
         raise InputError(f"--pretrained {path}: not a state dict")
-    try:
-        missing, unexpected = body.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")},
-                                                   strict=False)
-    except RuntimeError as error:  # a tensor of another shape
-        missing, unexpected = [str(error).splitlines()[-1].strip()], []
+    missing, unexpected = load_matching(body, {k: v for k, v in state.items() if not k.startswith("fc.")})
     missing = [k for k in missing if ".dgmn." not in k]
     if missing or unexpected:
         raise InputError(f"--pretrained {path}: not a torchvision ResNet-50 state dict ({(missing or unexpected)[0]})")
@@ -487,10 +489,10 @@ PALETTE = [tuple(c) for c in torch.randint(64, 256, (256, 3), generator=torch.Ge
 def draw(image, output, names):
     """uint8 (3, H, W) image with the detections scoring at least DRAW_SCORE: masks, boxes, names and scores."""
     keep = output["scores"] >= DRAW_SCORE
-    labels = output["labels"][keep].tolist()
-    colours = [PALETTE[c % len(PALETTE)] for c in labels]
     if not keep.any():
         return image
+    labels = output["labels"][keep].tolist()
+    colours = [PALETTE[c % len(PALETTE)] for c in labels]
     if "masks" in output:
         image = draw_segmentation_masks(image, output["masks"][keep, 0] > 0.5, alpha=0.5, colors=colours)
     captions = [f"{names.get(c, c)} {s:.2f}" for c, s in zip(labels, output["scores"][keep].tolist())]

@@ -53,7 +53,7 @@ class RelativePosition(nn.Module):
 
     The tables are built for one map size (the 224 x 224 ImageNet input) and resized bilinearly along their rows for
     any other, as the paper does for detection and segmentation (Section 4.1).
-    q (B G, D, H, W), unscaled -> (B G, K, H, W)."""
+    q (..., D, H, W), unscaled -> (..., K, H, W)."""
 
     def __init__(self, size, head_dim, nodes):
         super().__init__()
@@ -79,13 +79,15 @@ class RelativePosition(nn.Module):
         return table[s[None, :] + length - 1 - p[:, None]]  # (length, K, D)
 
     def forward(self, q):
-        _, _, H, W = q.shape
-        width = einsum(q, self._by_slot(self.width, W), "n d h w, w k d -> n k h w")
-        height = einsum(q, self._by_slot(self.height, H), "n d h w, h k d -> n k h w")
+        H, W = q.shape[-2:]
+        width = einsum(q, self._by_slot(self.width, W), "... d h w, w k d -> ... k h w")
+        height = einsum(q, self._by_slot(self.height, H), "... d h w, h k d -> ... k h w")
         if self.transposed:
-            height = height.transpose(-1, -2)  # (B G, K, W, H), read as if it were H x W
-            if H != W:  # (B G, K, W, H) -> (B G, K, H, W)
-                height = F.interpolate(height, size=(H, W), mode="bilinear", align_corners=False)
+            height = height.transpose(-1, -2)  # (..., K, W, H), read as if it were H x W
+            if H != W:  # (..., K, W, H) -> (..., K, H, W)
+                lead = height.shape[:-3]
+                height = F.interpolate(height.flatten(0, -4), size=(H, W), mode="bilinear",
+                                       align_corners=False).view(*lead, -1, H, W)
         return width + height
 
 
@@ -115,15 +117,16 @@ class DGMN2Attention(nn.Module):
 
     def forward(self, x, H, W):
         G = self.heads
-        qkv = rearrange(self.qkv(x), "b (h w) (three g d) -> three (b g) h w d", three=3, g=G, h=H)  # one copy
-        q, k, v = rearrange(qkv, "three n h w d -> three n d h w")  # views, each (B G, D, H, W) channels-last
+        # The sampler reads q, k, v and the walks where the Linears wrote them: channels-last views, a walk per head.
+        q, k, v = rearrange(self.qkv(x), "b (h w) (three c) -> three b c h w", three=3, h=H)  # each (B, C, H, W)
         walks = self.walk(rearrange(x, "b n (g d) -> b n g d", g=G))  # (B, N, G, 2K)
-        offsets = rearrange(walks, "b (h w) g o -> (b g) o h w", h=H)  # (B G, 2K, H, W)
+        offsets = rearrange(walks, "b (h w) g o -> b (g o) h w", h=H)  # (B, 2K G, H, W)
         # Eq. 9 has no 1 / sqrt(D); the release scales q . k by it, and adds the relative-position term unscaled.
-        logits = sampler.dot(q, k, offsets)[:, 0] * self.scale + self.rel_pos(q)  # (B G, K, H, W)
-        attn = logits.softmax(dim=1)
-        out = sampler.aggregate(v, offsets, attn[:, None])  # (B G, D, H, W)
-        return self.proj(rearrange(out, "(b g) d h w -> b (h w) (g d)", g=G))
+        logits = sampler.dot(q, k, offsets, groups=G, offset_groups=G) * self.scale \
+            + self.rel_pos(rearrange(q, "b (g d) h w -> b g d h w", g=G))  # (B, G, K, H, W)
+        attn = logits.softmax(dim=2)
+        out = sampler.aggregate(v, offsets, attn, offset_groups=G)  # (B, C, H, W), channels-last
+        return self.proj(rearrange(out, "b c h w -> b (h w) c"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -8,19 +8,23 @@ rate of Eq. 3), each node moved by a predicted walk (Eq. 4) and read with the bi
     dot(q, x, offsets, groups)      q . node per channel group: Eq. 9's q . k
     WalkPredictor                   Eq. 4: walks predicted from the uniformly sampled neighbourhood
 
-Symbols, used throughout: B batch, C channels, H x W the map, G channel groups (C / G channels each), K nodes
-per query. Offsets are (B, 2K, H, W) in torchvision.ops.deform_conv2d's layout: channel 2k is dy and 2k + 1 is dx
-of node k = ks * i + j, which sits at (y + (i - ks // 2) * dilation + dy, x + (j - ks // 2) * dilation + dx).
-A point is read bilinearly from its four neighbours; neighbours outside the map read zero (the DCN v1
-semantics of the authors' release, equal to F.grid_sample(padding_mode="zeros", align_corners=False)).
-Half inputs are computed in float32 (coordinates, bilinear weights, sums) and returned in their own dtype.
+Symbols, used throughout: B batch, C channels, H x W the map, G channel groups (C / G channels each), Go walk groups,
+K nodes per query. Offsets are (B, 2K Go, H, W) in torchvision.ops.deform_conv2d's layout: channels [2K o, 2K (o + 1))
+walk the o-th of Go equal chunks of the C channels (DGMN2: one walk per head, Go = G; DGMN: one walk, Go = 1), and
+within a walk channel 2k is dy and 2k + 1 is dx of node k = ks * i + j, which sits at
+(y + (i - ks // 2) * dilation + dy, x + (j - ks // 2) * dilation + dx). A point is read bilinearly from its four
+neighbours; neighbours outside the map read zero (the DCN v1 semantics of the authors' release, equal to
+F.grid_sample(padding_mode="zeros", align_corners=False)). A NaN or infinite walk reads NaN, on both paths, so that
+a NaN check or a GradScaler sees it. Half inputs are computed in float32 (coordinates, bilinear weights, sums) and
+returned in their own dtype.
 
 Two paths compute the same functions:
-  - the torch reference below, a few lines each: the specification, used on CPU;
-  - sampler_cuda.cu, built on first use and used for CUDA tensors: aggregate and dot are fused, never writing the
-    (B, C, K, H, W) nodes. The same source compiled as C++ runs on CPU under `with backend("kernel")`, which
-    is how the tests check the kernel's arithmetic without a GPU.
-`python sampler.py` benchmarks the two paths at DGMN2-Tiny's and DGMN's shapes.
+  - the torch reference below, a few lines each: the specification, and the fallback;
+  - sampler_cuda.cu, the default wherever it builds (nvcc for CUDA tensors, the host C++ compiler for CPU tensors;
+    built on first use and cached): aggregate and dot are fused and never write the (B, C, K, H, W) nodes, and feature
+    maps are read channels-last with any pixel strides, so DGMN2's q, k and v are read in place from its Linear.
+`with backend("torch" | "kernel" | "auto")` chooses; `python sampler.py` benchmarks the paths at DGMN2-Tiny's and
+DGMN's shapes.
 """
 
 import contextlib
@@ -39,21 +43,24 @@ from torch.utils.flop_counter import register_flop_formula
 # Checks: one ValueError that names the argument and the shape it should have
 
 
-def _kernel_size(offsets):
-    """ks of the ks x ks grid that (B, 2K, H, W) offsets walk, K = ks * ks with ks odd; None if there is none."""
-    ks = math.isqrt(offsets.shape[1] // 2) if offsets.dim() == 4 else 0
-    return ks if ks % 2 == 1 and offsets.shape[1] == 2 * ks * ks else None
+def _kernel_size(offsets, offset_groups):
+    """ks of the ks x ks grid that (B, 2K Go, H, W) offsets walk, K = ks * ks with ks odd; None if there is none."""
+    per_walk = offsets.shape[1] // (2 * offset_groups) if offsets.dim() == 4 else 0
+    ks = math.isqrt(per_walk)
+    return ks if ks % 2 == 1 and offsets.shape[1] == 2 * ks * ks * offset_groups else None
 
 
-def _check(x, offsets, dilation, weights=None, q=None, groups=None):
+def _check(x, offsets, dilation, offset_groups, weights=None, q=None, groups=None):
     """Validate the inputs of sample/aggregate/dot."""
     if x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"x must be a floating-point (B, C, H, W) tensor, got {x.dtype} of shape {tuple(x.shape)}")
     B, C, H, W = x.shape
-    ks = _kernel_size(offsets)
+    if not (isinstance(offset_groups, int) and offset_groups > 0):
+        raise ValueError(f"offset_groups must be a positive int, got {offset_groups!r}")
+    ks = _kernel_size(offsets, offset_groups)
     if offsets.dim() != 4 or (offsets.shape[0], *offsets.shape[2:]) != (B, H, W) or ks is None:
-        raise ValueError(f"offsets must have shape (B, 2K, H, W) = ({B}, 2K, {H}, {W}) with K = ks * ks for an odd "
-                         f"ks (2K = 18 for 3x3), got {tuple(offsets.shape)}")
+        raise ValueError(f"offsets must have shape (B, 2K Go, H, W) = ({B}, 2K x {offset_groups}, {H}, {W}) with "
+                         f"K = ks * ks for an odd ks (2K = 18 for 3x3), got {tuple(offsets.shape)}")
     if not offsets.is_floating_point():
         raise ValueError(f"offsets must be floating point, got {offsets.dtype}")
     if not (isinstance(dilation, int) and dilation > 0):
@@ -68,12 +75,16 @@ def _check(x, offsets, dilation, weights=None, q=None, groups=None):
                              f"C = {C}, got {tuple(weights.shape)}")
         if not weights.is_floating_point():
             raise ValueError(f"weights must be floating point, got {weights.dtype}")
+        groups = G
     if q is not None:
         if q.shape != x.shape or q.dtype != x.dtype:
             raise ValueError(f"q must have x's shape {tuple(x.shape)} and dtype {x.dtype}, "
                              f"got {tuple(q.shape)} {q.dtype}")
         if not (isinstance(groups, int) and groups > 0 and C % groups == 0):
             raise ValueError(f"groups must be a positive int dividing C = {C}, got {groups!r}")
+    if (groups or C) % offset_groups:
+        raise ValueError(f"offset_groups = {offset_groups} must divide the {groups or C} "
+                         f"{'groups' if groups else 'channels'}: a walk is shared by whole groups")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -85,7 +96,7 @@ def _node_positions(offsets, dilation):
 
     The ks x ks grid around each pixel (Eq. 3's uniform sampling at rate `dilation`) moved by the walks (Eq. 4)."""
     _, _, H, W = offsets.shape
-    ks = _kernel_size(offsets)
+    ks = _kernel_size(offsets, 1)
     step = (torch.arange(ks, device=offsets.device) - ks // 2) * dilation  # (ks,) grid steps around the query
     i, j = torch.meshgrid(step, step, indexing="ij")                      # (ks, ks) row, column step of node ks*i+j
     dy, dx = rearrange(offsets, "b (k yx) h w -> yx b k h w", yx=2)       # each (B, K, H, W)
@@ -94,34 +105,39 @@ def _node_positions(offsets, dilation):
     return rows, cols
 
 
-def _sample(x, offsets, dilation):
-    """rho of Eq. 5 at every node: (B, C, H, W), (B, 2K, H, W) -> (B, C, K, H, W), in x's dtype."""
+def _sample(x, offsets, dilation, offset_groups):
+    """rho of Eq. 5 at every node: (B, C, H, W), (B, 2K Go, H, W) -> (B, C, K, H, W), in x's dtype."""
+    x = rearrange(x, "b (o c) h w -> (b o) c h w", o=offset_groups)  # each walk group's channels an image of its own
+    offsets = rearrange(offsets, "b (o k) h w -> (b o) k h w", o=offset_groups)  # (B Go, 2K, H, W)
     B, C, H, W = x.shape
-    rows, cols = _node_positions(offsets, dilation)                          # each (B, K, H, W)
+    rows, cols = _node_positions(offsets, dilation)                          # each (B Go, K, H, W)
+    finite = rows.isfinite() & cols.isfinite()
+    rows, cols = rows.where(finite, -2), cols.where(finite, -2)              # NaN below instead of a wild index
     # A ring of zeros around the map: a neighbour outside it reads 0 once its index is clamped onto the ring.
-    padded = rearrange(F.pad(x, (1, 1, 1, 1)), "b c h w -> b c (h w)")      # (B, C, (H + 2) (W + 2))
+    padded = rearrange(F.pad(x, (1, 1, 1, 1)), "b c h w -> b c (h w)")      # (B Go, C / Go, (H + 2) (W + 2))
     top, left = rows.floor(), cols.floor()
     nodes = 0
     for r, wr in ((top, 1 - (rows - top)), (top + 1, rows - top)):          # upper and lower neighbour rows
         for c, wc in ((left, 1 - (cols - left)), (left + 1, cols - left)):  # left and right neighbour columns
-            index = (r.clamp(-1, H).long() + 1) * (W + 2) + c.clamp(-1, W).long() + 1            # (B, K, H, W)
-            index = rearrange(index, "b k h w -> b 1 (k h w)").expand(-1, C, -1)                # (B, C, K H W)
-            read = rearrange(padded.gather(2, index), "b c (k h w) -> b c k h w", h=H, w=W)   # (B, C, K, H, W)
+            index = (r.clamp(-1, H).long() + 1) * (W + 2) + c.clamp(-1, W).long() + 1            # (B Go, K, H, W)
+            index = rearrange(index, "b k h w -> b 1 (k h w)").expand(-1, C, -1)                # (B Go, C, K H W)
+            read = rearrange(padded.gather(2, index), "b c (k h w) -> b c k h w", h=H, w=W)   # (B Go, C, K, H, W)
             nodes = nodes + read * (wr * wc)[:, None]
-    return nodes
+    nodes = nodes.masked_fill(~finite[:, None], math.nan)
+    return rearrange(nodes, "(b o) c k h w -> b (o c) k h w", o=offset_groups)
 
 
-def _aggregate_reference(x, offsets, weights, dilation):
-    """(B, C, H, W), (B, 2K, H, W), (B, G, K, H, W) -> (B, C, H, W)"""
+def _aggregate_reference(x, offsets, weights, dilation, offset_groups):
+    """(B, C, H, W), (B, 2K Go, H, W), (B, G, K, H, W) -> (B, C, H, W)"""
     G = weights.shape[1]
-    nodes = rearrange(_sample(x, offsets, dilation), "b (g c) k h w -> b g c k h w", g=G)
+    nodes = rearrange(_sample(x, offsets, dilation, offset_groups), "b (g c) k h w -> b g c k h w", g=G)
     out = torch.einsum("bgckhw,bgkhw->bgchw", nodes, weights)
     return rearrange(out, "b g c h w -> b (g c) h w")
 
 
-def _dot_reference(q, x, offsets, groups, dilation):
-    """(B, C, H, W), (B, C, H, W), (B, 2K, H, W) -> (B, G, K, H, W)"""
-    nodes = rearrange(_sample(x, offsets, dilation), "b (g c) k h w -> b g c k h w", g=groups)
+def _dot_reference(q, x, offsets, groups, dilation, offset_groups):
+    """(B, C, H, W), (B, C, H, W), (B, 2K Go, H, W) -> (B, G, K, H, W)"""
+    nodes = rearrange(_sample(x, offsets, dilation, offset_groups), "b (g c) k h w -> b g c k h w", g=groups)
     return torch.einsum("bgchw,bgckhw->bgkhw", rearrange(q, "b (g c) h w -> b g c h w", g=groups), nodes)
 
 
@@ -144,107 +160,151 @@ _SOURCE = Path(__file__).with_name("sampler_cuda.cu")
 
 @functools.cache
 def _extension(device_type):
-    """The compiled kernels for 'cuda' (nvcc) or 'cpu' (the same source compiled as C++ by the host compiler)."""
-    from torch.utils import cpp_extension
+    """The compiled kernels' ops for 'cuda' (nvcc) or 'cpu' (the same source compiled as C++ by the host compiler):
+    torch.ops.dgmn_sampler_cuda or torch.ops.dgmn_sampler_host, each with aggregate, dot and backward."""
+    import logging
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # its import warns "No CUDA runtime is found" on machines without a GPU
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
     if device_type == "cuda":
-        return cpp_extension.load(name="dgmn_sampler_cuda", sources=[str(_SOURCE)], extra_cflags=["-O3"],
-                                  extra_cuda_cflags=["-O3"])
+        cpp_extension.load(name="dgmn_sampler_cuda", sources=[str(_SOURCE)], extra_cflags=["-O3"],
+                           extra_cuda_cflags=["-O3"], is_python_module=False)
+        return torch.ops.dgmn_sampler_cuda
     if device_type == "cpu":
-        # load_inline hashes the text it is given, so an edited sampler_cuda.cu is rebuilt. ATen's parallel_for is
-        # inlined from its OpenMP header: without -fopenmp it would run on one thread.
-        return cpp_extension.load_inline(name="dgmn_sampler_host", cpp_sources=[_SOURCE.read_text()],
-                                         extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        # load_inline compiles the .cu as C++ and hashes its text, so an edited sampler_cuda.cu is rebuilt; the file
+        # includes what it needs (torch/extension.h would triple the build time). ATen's parallel_for is inlined
+        # from its OpenMP header: without -fopenmp it would run on one thread. No -march=native: the cached build
+        # may be loaded by another machine sharing the home directory.
+        cpp_extension.load_inline(name="dgmn_sampler_host", cpp_sources=[_SOURCE.read_text()],
+                                  extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False,
+                                  no_implicit_headers=True)
+        return torch.ops.dgmn_sampler_host
     raise ValueError(f"the sampler's kernels run on CUDA or CPU tensors, got {device_type}")
 
 
 @functools.cache
-def _cuda_kernel_builds():
+def _build(device_type):
+    if device_type not in ("cpu", "cuda"):
+        return False  # the meta device (shapes, FLOP counts) and others: the reference
     try:
-        _extension("cuda")
+        _extension(device_type)
         return True
     except Exception as error:  # a failed build is a slower run, not a failed one
-        warnings.warn(f"sampler.py: could not build {_SOURCE.name} ({type(error).__name__}: {error}); "
-                      "using the torch reference path")
+        warnings.warn(f"sampler.py: could not build {_SOURCE.name} for {device_type} ({type(error).__name__}: "
+                      f"{error}); using the torch reference path")
         return False
 
 
+# torch.compile calls this while tracing instead of tracing into the build, and keeps its answer as a constant.
+@torch.compiler.assume_constant_result
+def _kernel_builds(device_type: str) -> bool:
+    """Whether the kernels build (or are already built) for this device type; built once, on first call."""
+    return _build(device_type)
+
+
 @torch.library.custom_op("dgmn_sampler::aggregate", mutates_args=())
-def _aggregate_kernel(x: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, dilation: int) -> torch.Tensor:
-    return _extension(x.device.type).aggregate(x, offsets, weights, dilation)
+def _aggregate_kernel(x: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, offset_groups: int,
+                      dilation: int) -> torch.Tensor:
+    return _extension(x.device.type).aggregate(x, offsets, weights, offset_groups, dilation)
 
 
 @torch.library.custom_op("dgmn_sampler::dot", mutates_args=())
-def _dot_kernel(q: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, groups: int, dilation: int) -> torch.Tensor:
-    return _extension(x.device.type).dot(q, x, offsets, groups, dilation)
+def _dot_kernel(q: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, groups: int, offset_groups: int,
+                dilation: int) -> torch.Tensor:
+    return _extension(x.device.type).dot(q, x, offsets, groups, offset_groups, dilation)
 
 
 @torch.library.custom_op("dgmn_sampler::backward", mutates_args=())
-def _backward_kernel(x: torch.Tensor, offsets: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dilation: int,
-                     need_u: bool, need_v: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of L = sum_k sum_{c in g} u[k] v[c] node_k[c] (both ops are this form): x, offsets, u, v."""
-    return tuple(_extension(x.device.type).backward(x, offsets, u, v, dilation, need_u, need_v))
+def _backward_kernel(x: torch.Tensor, offsets: torch.Tensor, u: torch.Tensor, v: torch.Tensor, offset_groups: int,
+                     dilation: int, need_x: bool, need_offsets: bool,
+                     need_u: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of L = sum_k sum_{c in g} u[k] v[c] node_k[c] (both ops are this form): x, offsets and u, each
+    empty unless asked for."""
+    return tuple(_extension(x.device.type).backward(x, offsets, u, v, offset_groups, dilation, need_x, need_offsets,
+                                                    need_u))
 
 
-# The fakes give torch.compile the kernels' exact output layouts: feature maps channels-last, the rest contiguous.
+# The fakes give torch.compile the kernels' exact output layouts: feature maps channels-last, per-query tensors
+# (B, G, K, H, W) laid out (B, H, W, G, K), offset gradients channels-last.
+def _per_query(x, groups, per_unit, dtype):
+    B, _, H, W = x.shape
+    return torch.empty(B, H, W, groups, per_unit, dtype=dtype, device=x.device).permute(0, 3, 4, 1, 2)
+
+
+def _channels_last(shape, like, dtype=None):
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=torch.channels_last)
+
+
 @_aggregate_kernel.register_fake
-def _(x, offsets, weights, dilation):
-    return torch.empty_like(x, memory_format=torch.channels_last)
+def _(x, offsets, weights, offset_groups, dilation):
+    return _channels_last(x.shape, x)
 
 
 @_dot_kernel.register_fake
-def _(q, x, offsets, groups, dilation):
-    B, _, H, W = x.shape
-    return x.new_empty(B, groups, offsets.shape[1] // 2, H, W)
+def _(q, x, offsets, groups, offset_groups, dilation):
+    return _per_query(x, groups, offsets.shape[1] // (2 * offset_groups), x.dtype)
 
 
 @_backward_kernel.register_fake
-def _(x, offsets, u, v, dilation, need_u, need_v):
-    grad_u = torch.empty_like(u, memory_format=torch.contiguous_format) if need_u else u.new_empty(0, 0, 0, 0, 0)
-    grad_v = torch.empty_like(v, memory_format=torch.channels_last) if need_v else v.new_empty(0, 0, 0, 0)
-    return (torch.empty_like(x, memory_format=torch.channels_last),
-            torch.empty_like(offsets, memory_format=torch.contiguous_format), grad_u, grad_v)
+def _(x, offsets, u, v, offset_groups, dilation, need_x, need_offsets, need_u):
+    grad_x = _channels_last(x.shape, x) if need_x else x.new_empty(0)
+    grad_offsets = _channels_last(offsets.shape, offsets) if need_offsets else offsets.new_empty(0)
+    grad_u = _per_query(x, u.shape[1], u.shape[2], u.dtype) if need_u else u.new_empty(0)
+    return grad_x, grad_offsets, grad_u
 
 
 def _aggregate_setup(ctx, inputs, output):
-    x, offsets, weights, ctx.dilation = inputs
+    x, offsets, weights, ctx.offset_groups, ctx.dilation = inputs
     ctx.save_for_backward(x, offsets, weights)
 
 
 def _aggregate_backward(ctx, grad):
     x, offsets, weights = ctx.saved_tensors
-    need_weights = ctx.needs_input_grad[2]
-    grad_x, grad_offsets, grad_weights, _ = _backward_kernel(x, offsets, weights, grad, ctx.dilation, need_weights,
-                                                             False)
-    return grad_x, grad_offsets, grad_weights if need_weights else None, None
+    need = ctx.needs_input_grad[:3]
+    grads = _backward_kernel(x, offsets, weights, grad, ctx.offset_groups, ctx.dilation, *need)
+    return *(g if n else None for g, n in zip(grads, need)), None, None
 
 
 def _dot_setup(ctx, inputs, output):
-    q, x, offsets, _, ctx.dilation = inputs
+    q, x, offsets, ctx.groups, ctx.offset_groups, ctx.dilation = inputs
     ctx.save_for_backward(q, x, offsets)
 
 
 def _dot_backward(ctx, grad):
     q, x, offsets = ctx.saved_tensors
-    need_q = ctx.needs_input_grad[0]
-    grad_x, grad_offsets, _, grad_q = _backward_kernel(x, offsets, grad, q, ctx.dilation, False, need_q)
-    return grad_q if need_q else None, grad_x, grad_offsets, None, None
+    need_q, need_x, need_offsets = ctx.needs_input_grad[:3]
+    grad_x, grad_offsets, _ = _backward_kernel(x, offsets, grad, q, ctx.offset_groups, ctx.dilation, need_x,
+                                               need_offsets, False)
+    # d/dq of sum_k grad[k] q . node_k is sum_k grad[k] node_k: aggregate itself.
+    grad_q = _aggregate_kernel(x, offsets, grad, ctx.offset_groups, ctx.dilation) if need_q else None
+    return grad_q, grad_x if need_x else None, grad_offsets if need_offsets else None, None, None, None
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("sampler.py: the kernel path has no double backward (gradients of gradients); "
+                       "use `with sampler.backend('torch'):` for those")
 
 
 _aggregate_kernel.register_autograd(_aggregate_backward, setup_context=_aggregate_setup)
 _dot_kernel.register_autograd(_dot_backward, setup_context=_dot_setup)
+_backward_kernel.register_autograd(_no_double_backward)
 
 
 # FlopCounterMode counts the fused ops' products as it counts the reference path's einsum (2 FLOPs per multiply-add:
 # one per sampled element and channel); the bilinear reads themselves (4 multiply-adds per sampled element and
 # channel) are left out, as FlopCounterMode leaves out F.grid_sample. Backward is not counted.
 @register_flop_formula(torch.ops.dgmn_sampler.aggregate)
-def _aggregate_flops(x_shape, offsets_shape, weights_shape, dilation, out_shape=None, **kwargs):
-    return 2 * math.prod(x_shape) * (offsets_shape[1] // 2)
+def _aggregate_flops(x_shape, offsets_shape, weights_shape, offset_groups, dilation, out_shape=None, **kwargs):
+    return 2 * math.prod(x_shape) * weights_shape[2]
 
 
 @register_flop_formula(torch.ops.dgmn_sampler.dot)
-def _dot_flops(q_shape, x_shape, offsets_shape, groups, dilation, out_shape=None, **kwargs):
-    return 2 * math.prod(x_shape) * (offsets_shape[1] // 2)
+def _dot_flops(q_shape, x_shape, offsets_shape, groups, offset_groups, dilation, out_shape=None, **kwargs):
+    return 2 * math.prod(x_shape) * (offsets_shape[1] // (2 * offset_groups))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -256,8 +316,8 @@ _backend = "auto"
 
 @contextlib.contextmanager
 def backend(name):
-    """Choose the path inside a `with` block: "auto" (the kernel for CUDA tensors, the reference otherwise),
-    "torch" (the reference everywhere) or "kernel" (the kernel everywhere, on CPU its host-compiled build)."""
+    """Choose the path inside a `with` block: "auto" (the kernel wherever it builds, else the reference with one
+    warning), "torch" (the reference everywhere) or "kernel" (the kernel everywhere)."""
     global _backend
     if name not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
@@ -270,7 +330,7 @@ def backend(name):
 
 def _use_kernel(x):
     if _backend == "auto":
-        return x.is_cuda and _cuda_kernel_builds()
+        return _kernel_builds(x.device.type)
     return _backend == "kernel"
 
 
@@ -278,34 +338,36 @@ def _use_kernel(x):
 # The public functions
 
 
-def sample(x, offsets, dilation=1):
-    """rho of Eq. 5: the K walked nodes of every query. x (B, C, H, W), offsets (B, 2K, H, W) -> (B, C, K, H, W)."""
-    _check(x, offsets, dilation)
+def sample(x, offsets, dilation=1, offset_groups=1):
+    """rho of Eq. 5: the K walked nodes of every query.
+
+    x (B, C, H, W), offsets (B, 2K Go, H, W) with Go dividing C -> (B, C, K, H, W) (on the kernel path laid out
+    (B, H, W, C, K): use .reshape, not .view)."""
+    _check(x, offsets, dilation, offset_groups)
     if not _use_kernel(x):
-        return _in_float(_sample, x, offsets, dilation, dtype=x.dtype)
-    B, C, H, W = x.shape
-    ones = x.new_ones(()).expand(B, C, H, W)  # sample is dot with q = 1 and a group per channel
-    return _dot_kernel(ones, x, offsets, C, dilation)  # (B, G = C, K, H, W)
+        return _in_float(_sample, x, offsets, dilation, offset_groups, dtype=x.dtype)
+    ones = torch.ones_like(x, memory_format=torch.channels_last)
+    return _dot_kernel(ones, x, offsets, x.shape[1], offset_groups, dilation)  # dot with q = 1, a group per channel
 
 
-def aggregate(x, offsets, weights, dilation=1):
+def aggregate(x, offsets, weights, dilation=1, offset_groups=1):
     """Eq. 5's message / Eq. 9's attn . v: out[:, c] = sum_k weights[:, c // (C / G), k] * sample(x)[:, c, k].
 
-    x (B, C, H, W), offsets (B, 2K, H, W), weights (B, G, K, H, W) with G dividing C -> (B, C, H, W)."""
-    _check(x, offsets, dilation, weights=weights)
+    x (B, C, H, W), offsets (B, 2K Go, H, W), weights (B, G, K, H, W) with Go | G | C -> (B, C, H, W)."""
+    _check(x, offsets, dilation, offset_groups, weights=weights)
     if _use_kernel(x):
-        return _aggregate_kernel(x, offsets, weights, dilation)
-    return _in_float(_aggregate_reference, x, offsets, weights, dilation, dtype=x.dtype)
+        return _aggregate_kernel(x, offsets, weights, offset_groups, dilation)
+    return _in_float(_aggregate_reference, x, offsets, weights, dilation, offset_groups, dtype=x.dtype)
 
 
-def dot(q, x, offsets, groups=1, dilation=1):
+def dot(q, x, offsets, groups=1, dilation=1, offset_groups=1):
     """Eq. 9's q . k: per group of C / G channels, the inner product of q with every node of x.
 
-    q, x (B, C, H, W), offsets (B, 2K, H, W) -> (B, G, K, H, W), G = groups dividing C."""
-    _check(x, offsets, dilation, q=q, groups=groups)
+    q, x (B, C, H, W), offsets (B, 2K Go, H, W) -> (B, G, K, H, W), G = groups with Go | G | C."""
+    _check(x, offsets, dilation, offset_groups, q=q, groups=groups)
     if _use_kernel(x):
-        return _dot_kernel(q, x, offsets, groups, dilation)
-    return _in_float(_dot_reference, q, x, offsets, groups, dilation, dtype=x.dtype)
+        return _dot_kernel(q, x, offsets, groups, offset_groups, dilation)
+    return _in_float(_dot_reference, q, x, offsets, groups, dilation, offset_groups, dtype=x.dtype)
 
 
 class WalkPredictor(nn.Conv2d):
@@ -326,45 +388,80 @@ class WalkPredictor(nn.Conv2d):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Benchmark: python sampler.py [--batch N] [--dtype bfloat16]
+# Benchmark: python sampler.py [--batch N] [--dtype D] [--repeats N]
 
 HEAD_DIM, K_NODES = 64, 9
 TINY_STAGES = [(56, 1), (28, 2), (14, 5), (7, 8)]  # DGMN2-Tiny at 224 x 224: map side and heads per stage
-HBM_BYTES_PER_S = 3.0e12                           # H100 device memory, measured copy (kernels.md)
 DGMN_SETTING = dict(channels=512, side=97, groups=4, dilation=24)  # Cityscapes, the largest rate (Table 2)
 DGMN_WALK_SCALE = 8                                # walks of a few pixels, like a trained model's at that rate
+PATHS = ("torch", "grid_sample", "kernel")         # the reference, the peers' way, the fused kernels
 
 
 def _dgmn_batch(batch):
     return max(batch // 8, 1)  # Cityscapes' batch 8 against ImageNet's 64
 
 
-def _attention(q, k, v, offsets):
-    """DGMN2's sampled attention (Eq. 8-9, relative positions left out): heads folded into the batch."""
-    attn = (dot(q, k, offsets) * HEAD_DIM ** -0.5).softmax(dim=2)  # (B, 1, K, H, W)
-    return aggregate(v, offsets, attn)
+def _grid_sample_nodes(x, offsets, dilation, offset_groups):
+    """The nodes as the peers sample them (DAT; the pure-PyTorch MSDeformAttn of HF transformers): one F.grid_sample of
+    all K nodes, walk groups folded into the batch. (B, C, H, W), (B, 2K Go, H, W) -> (B Go, C / Go, K, H, W)."""
+    _, _, H, W = x.shape
+    walks = rearrange(offsets, "b (o k) h w -> (b o) k h w", o=offset_groups)       # (B Go, 2K, H, W)
+    rows, cols = _node_positions(walks, dilation)                                    # each (B Go, K, H, W)
+    grid = torch.stack([(2 * cols + 1) / W - 1, (2 * rows + 1) / H - 1], dim=-1)   # (B Go, K, H, W, 2), x first
+    nodes = F.grid_sample(rearrange(x, "b (o c) h w -> (b o) c h w", o=offset_groups),
+                          rearrange(grid, "n k h w xy -> n (k h) w xy").to(x.dtype), mode="bilinear",
+                          padding_mode="zeros", align_corners=False)                 # (B Go, C / Go, K H, W)
+    return rearrange(nodes, "n c (k h) w -> n c k h w", h=H)
+
+
+def _attention(path, q, k, v, offsets, heads):
+    """DGMN2's sampled attention (Eq. 8-9, relative positions left out), a walk per head: (B, C, H, W) -> same."""
+    if path == "grid_sample":
+        keys, values = (_grid_sample_nodes(t, offsets, 1, heads) for t in (k, v))    # each (B G, D, K, H, W)
+        queries = rearrange(q, "b (g d) h w -> (b g) d h w", g=heads)                 # (B G, D, H, W)
+        attn = (torch.einsum("ndhw,ndkhw->nkhw", queries, keys) * HEAD_DIM ** -0.5).softmax(dim=1)
+        return rearrange(torch.einsum("nkhw,ndkhw->ndhw", attn, values), "(b g) d h w -> b (g d) h w", g=heads)
+    with backend(path):
+        attn = (dot(q, k, offsets, heads, offset_groups=heads) * HEAD_DIM ** -0.5).softmax(dim=2)  # (B, G, K, H, W)
+        return aggregate(v, offsets, attn, offset_groups=heads)
+
+
+def _message(path, x, offsets, weights, dilation):
+    """DGMN's message of one rate (Eq. 5-7 without the transforms), one walk for G filter groups."""
+    if path == "grid_sample":
+        nodes = rearrange(_grid_sample_nodes(x, offsets, dilation, 1), "b (g c) k h w -> b g c k h w",
+                          g=weights.shape[1])
+        return rearrange(torch.einsum("bgckhw,bgkhw->bgchw", nodes, weights.to(x.dtype)), "b g c h w -> b (g c) h w")
+    with backend(path):
+        return aggregate(x, offsets, weights, dilation)
 
 
 def _cases(batch, dtype, device):
-    """(name, function, inputs, bytes the fused kernels must at least move forward and backward, or None)."""
-    def leaf(t):
-        return t.to(device).requires_grad_()
-
+    """(name, function of (path, *inputs), leaf inputs, bytes of the feature maps and walks that a fused forward and
+    backward must read and write at least)."""
     size = torch.finfo(dtype).bits // 8
     for stage, (side, heads) in enumerate(TINY_STAGES, 1):
-        q, k, v = (leaf(torch.randn(batch * heads, HEAD_DIM, side, side, dtype=dtype)) for _ in range(3))
-        offsets = leaf(torch.randn(batch * heads, 2 * K_NODES, side, side, dtype=dtype))
-        features, walks = q.numel() * size, offsets.numel() * size
-        # forward: read q, k, v, offsets, write out; backward: read them and grad out, write their four grads
-        moved = (4 * features + walks) + (4 * features + walks) + (3 * features + walks)
-        yield (f"DGMN2-T stage {stage}: {side}x{side}x({heads}x{HEAD_DIM}), aggregate+dot", _attention,
-               (q, k, v, offsets), moved)
+        C = heads * HEAD_DIM
+        qkv = torch.randn(batch, side, side, 3 * C, dtype=dtype, device=device, requires_grad=True)  # the Linear's
+        walks = torch.randn(batch, side, side, heads, 2 * K_NODES, dtype=dtype, device=device, requires_grad=True)
+
+        def attention(path, qkv, walks, heads=heads):
+            q, k, v = rearrange(qkv, "b h w (three c) -> three b c h w", three=3)     # views, each (B, C, H, W)
+            return _attention(path, q, k, v, rearrange(walks, "b h w g o -> b (g o) h w"), heads)
+
+        features, walk_bytes = batch * side * side * C * size, walks.numel() * size
+        # forward: q, k, v, walks in, out; backward: those and grad out in, their four grads out
+        moved = (4 * features + walk_bytes) + (4 * features + walk_bytes) + (3 * features + walk_bytes)
+        yield f"DGMN2-T stage {stage}: {side}x{side}x({heads}x{HEAD_DIM})", attention, (qkv, walks), moved
     B, (C, side, G, dilation) = _dgmn_batch(batch), DGMN_SETTING.values()
-    x = leaf(torch.randn(B, C, side, side, dtype=dtype))
-    offsets = leaf(DGMN_WALK_SCALE * torch.randn(B, 2 * K_NODES, side, side, dtype=dtype))
-    weights = leaf(torch.randn(B, G, K_NODES, side, side).softmax(dim=2))  # float32, as softmax gives under autocast
-    yield f"DGMN: {side}x{side}x{C}, G = {G}, dilation {dilation}, aggregate", \
-        functools.partial(aggregate, dilation=dilation), (x, offsets, weights), None
+    x = torch.randn(B, C, side, side, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
+    offsets = DGMN_WALK_SCALE * torch.randn(B, 2 * K_NODES, side, side, dtype=dtype, device=device)
+    weights = torch.randn(B, G, K_NODES, side, side, device=device).softmax(dim=2)  # float32, as under autocast
+    features = x.numel() * size
+    moved = (2 * features + offsets.numel() * size) + (2 * features + offsets.numel() * size) + features
+    yield (f"DGMN: {side}x{side}x{C}, G = {G}, dilation {dilation}",
+           lambda path, x, offsets, weights: _message(path, x, offsets, weights, dilation),
+           tuple(t.requires_grad_() for t in (x, offsets, weights)), moved)
 
 
 def _measure(fn, device, repeats):
@@ -394,34 +491,58 @@ def _measure(fn, device, repeats):
     return statistics.median(times), max(itertools.accumulate(bytes_ for _, bytes_ in records))
 
 
+def _copy_bandwidth(device, size=2 ** 30):
+    """Bytes a device-to-device copy moves per second (read and write counted), measured: the bandwidth bound."""
+    import time
+    source, target = torch.empty(size, dtype=torch.uint8, device=device), torch.empty(size, dtype=torch.uint8,
+                                                                                       device=device)
+    target.copy_(source)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        target.copy_(source)
+    torch.cuda.synchronize()
+    return 10 * 2 * size / (time.perf_counter() - start)
+
+
 def _benchmark():
     import argparse
-    parser = argparse.ArgumentParser(description="Reference vs kernel path at DGMN2-Tiny's and DGMN's shapes.")
-    parser.add_argument("--batch", type=int, default=64, help="images (DGMN2 rows; the DGMN row uses batch / 8)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--repeats", type=int, default=5)
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description="The reference, the grid_sample way and the kernel at DGMN2-Tiny's "
+                                                 "and DGMN's shapes: time and memory, forward and backward.")
+    parser.add_argument("--batch", type=int, default=64 if cuda else 8,
+                        help="images (DGMN2 rows; the DGMN row uses batch / 8); default 64 on CUDA, 8 on CPU")
+    parser.add_argument("--dtype", default="bfloat16" if cuda else "float32",
+                        choices=["float32", "bfloat16", "float16"], help="default bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per row (the median is printed)")
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if cuda else "cpu"
     dtype = getattr(torch, args.dtype)
-    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    bandwidth = _copy_bandwidth(device) if cuda else None
     print(f"{where}, {args.dtype}, batch {args.batch} (DGMN row: {_dgmn_batch(args.batch)}); median of "
-          f"{args.repeats}; peak memory above the inputs\n")
-    cuda = device == "cuda"
+          f"{args.repeats}; peak memory above the inputs" +
+          (f"; device-to-device copy {bandwidth / 1e12:.2f} TB/s" if cuda else "") + "\n")
     print("| shape | path | forward ms | fwd+bwd ms | fwd peak MB | fwd+bwd peak MB |" +
           (" fwd+bwd / bandwidth bound |" if cuda else ""))
     print("|---|---|---|---|---|---|" + ("---|" if cuda else ""))
+    summary = []
     for name, fn, inputs, moved in _cases(args.batch, dtype, device):
-        for path in ("torch", "kernel"):
-            with backend(path):
-                with torch.no_grad():
-                    fwd, fwd_mem = _measure(lambda: fn(*inputs), device, args.repeats)
-                grad = torch.randn_like(fn(*inputs))
-                both, both_mem = _measure(lambda: torch.autograd.grad(fn(*inputs), inputs, grad), device, args.repeats)
+        grad = torch.randn_like(fn("torch", *inputs))
+        measured = {}
+        for path in PATHS:
+            with torch.no_grad():
+                fwd, fwd_mem = _measure(lambda: fn(path, *inputs), device, args.repeats)
+            both, both_mem = _measure(lambda: torch.autograd.grad(fn(path, *inputs), inputs, grad), device,
+                                      args.repeats)
+            measured[path] = both, both_mem
             row = f"| {name} | {path} | {fwd * 1e3:.1f} | {both * 1e3:.1f} | {fwd_mem / 2**20:.0f} | " \
                   f"{both_mem / 2**20:.0f} |"
-            if cuda:
-                row += f" {both * HBM_BYTES_PER_S / moved:.1f}x |" if moved else " |"
-            print(row)
+            print(row + (f" {both * bandwidth / moved:.1f}x |" if cuda else ""), flush=True)
+        (ref_t, _), (peer_t, peer_m), (ker_t, ker_m) = (measured[p] for p in PATHS)
+        summary.append(f"{name}: kernel fwd+bwd {ref_t / ker_t:.1f}x faster than the reference, {peer_t / ker_t:.1f}x "
+                       f"faster than grid_sample with {peer_m / max(ker_m, 1):.1f}x less memory")
+    print("\n" + "\n".join(summary))
 
 
 if __name__ == "__main__":

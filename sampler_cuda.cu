@@ -1,78 +1,130 @@
 // sampler_cuda.cu: the kernels behind sampler.py. Bilinear sampling of walked nodes (rho of Eq. 5,
-// Section 3.3) fused with the contraction that follows it:
-//   aggregate  out[c]    = sum_k weights[g(c), k] * node_k[c]   (Eq. 5's message, Eq. 9's attn . v)
-//   dot        logits[k] = sum_{c in g} q[c] * node_k[c]         (Eq. 9's q . k; sample() is dot with q = 1, G = C)
-// and one backward for both, since each is the bilinear form L = sum_{k, c in g} u[k] * v[c] * node_k[c].
-// Neither ever writes the (B, C, K, H, W) sampled nodes.
+// Section 3.3) fused with the contraction that follows it (Eq. 5's message, Eq. 9's q . k and attn . v):
+//   aggregate  out[c]    = sum_k weights[g(c), k] * node_k[c]
+//   dot        logits[k] = sum_{c in g} q[c] * node_k[c]         (sample() is dot with q = 1 and G = C)
+//   backward   of L = sum_{k, c in g} u[k] v[c] node_k[c], the form of both: grad_x, grad_offsets, grad_u
+//              (the remaining gradient, sum_k u[k] node_k[c], is aggregate itself: sampler.py calls it).
+// None of them writes the (B, C, K, H, W) sampled nodes.
 //
-// One source, two builds. nvcc compiles it for the GPU. The host C++ compiler compiles the same file
-// (sampler.py passes it as C++), where a CPU loop stands in for the thread grid and atomics become plain
-// adds, so the per-element code below, everything but the launch, is tested against the torch reference
-// path on machines without a GPU.
+// Symbols: B batch, C channels, H x W map, G channel groups of C / G channels (a weight or a logit per group and
+// node), Go walk groups (Go divides G: channels [o C / Go, (o + 1) C / Go) follow walk o), K = ks * ks nodes.
+// Node k = ks * i + j of query (y, x) in walk group o sits at
+//   (y + (i - ks / 2) * dilation + dy, x + (j - ks / 2) * dilation + dx),  dy, dx = offsets[2 (o K + k) + {0, 1}]
+// (torchvision.ops.deform_conv2d's layout). Neighbours outside the map read zero (DCN v1 semantics); a node whose
+// walk is NaN or infinite reads NaN. Half inputs are read as float: coordinates, bilinear weights and sums are in
+// at::opmath_type (float, or double for double inputs), and gradients are accumulated in it and cast once.
 //
-// Symbols: B batch, C channels, H x W map, G groups of C / G channels, K = ks * ks nodes per query.
-// Node k = ks * i + j of query (y, x) sits at (y + (i - ks / 2) * dilation + dy_k, x + (j - ks / 2) * dilation + dx_k),
-// with dy_k, dx_k in channels 2k, 2k + 1 of the offsets (torchvision.ops.deform_conv2d's layout).
-// Neighbours outside the map read zero (DCN v1 semantics). Half inputs are read as float: coordinates,
-// bilinear weights and sums are in at::opmath_type (float, or double for double inputs).
-#include <torch/extension.h>
+// Work. A unit is one query pixel (b, y, x) with one channel group g; units are numbered ((b H + y) W + x) G + g,
+// so neighbouring units hold the groups of one pixel, then neighbouring pixels. Feature maps are read
+// channels-last, (B, H, W, C) in memory with any pixel strides (a slice of nn.Linear's tokens is read in place).
+//   GPU:  a unit is L lanes (a power of two up to a warp); a lane owns runs of R consecutive channels (16 bytes,
+//         one vector load, where alignment and C / G allow; else R = 1), its runs L R apart. Consecutive threads
+//         thus read consecutive addresses; a query's walks and weights are read once per lane; sums over a group
+//         are warp-shuffle reductions; grad_x is scattered with float atomics on consecutive addresses.
+//   Host: the same source compiled as C++ (sampler.py passes it as such). A unit is one lane that walks its group
+//         in runs of up to kHostRun channels (whose loops the compiler vectorises); a shuffle reduction becomes the
+//         lane's own sum, and the threads of the backward own whole (image, group) strips, so that its scatter
+//         needs no atomics and is deterministic.
+// Only the headers in use (not torch/extension.h, which takes most of the build's time).
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
 #include <cmath>
+#include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #ifdef __CUDACC__
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 #define HD __host__ __device__
 #define UNROLL _Pragma("unroll")
+#define CHANNELS _Pragma("unroll")
 #else
+// Loops over the channels of a run are vectorised on the host (OpenMP simd: no dependence from one channel to the
+// next).
 #define HD
 #define UNROLL
+#define CHANNELS _Pragma("omp simd")
+#if defined(__GNUC__) && !defined(__clang__)
+// Keep short runs' zeroing and copies as vector stores: GCC would call memset and memcpy for them, slowly.
+#pragma GCC optimize("no-tree-loop-distribute-patterns")
+#endif
 #endif
 
-// A strided tensor: t(i, j, ...) is data[i * stride[0] + j * stride[1] + ...], any layout, broadcasts included.
-template <typename T, int N>
-struct Strided {
-  T* data;
-  int64_t stride[N];
+constexpr int kHostRun = 64;  // channels a host lane reads at once (a DGMN2 head)
+constexpr int kThreads = 256;  // GPU threads a block, a multiple of the warp
 
-  explicit Strided(const at::Tensor& t) : data(t.data_ptr<T>()) {
-    TORCH_CHECK(t.dim() == N, "expected a ", N, "-d tensor");
-    for (int d = 0; d < N; ++d) stride[d] = t.stride(d);
+// ------------------------------------------------------------------------------------------------
+// Tensors
+
+// A (B, C, H, W) feature map whose channels are contiguous: channel c of pixel (b, y, x) is at
+// data[b * sb + y * sy + x * sx + c]. A map of an undefined tensor is null (a gradient nobody asked for).
+template <typename T, typename index_t>
+struct Map {
+  T* __restrict__ data = nullptr;
+  index_t sb = 0, sy = 0, sx = 0;
+
+  Map() = default;
+  explicit Map(const at::Tensor& t)
+      : data(t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr),
+        sb(t.defined() ? t.stride(0) : 0), sy(t.defined() ? t.stride(2) : 0), sx(t.defined() ? t.stride(3) : 0) {}
+  HD T* at(index_t b, index_t y, index_t x) const { return data + b * sb + y * sy + x * sx; }
+};
+
+// A tensor of any strides (broadcasts included): t(i, j, ...) is data[i * stride[0] + j * stride[1] + ...].
+template <typename T, int N, typename index_t>
+struct Strided {
+  T* __restrict__ data = nullptr;
+  index_t stride[N] = {};
+
+  Strided() = default;
+  explicit Strided(const at::Tensor& t) : data(t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr) {
+    for (int d = 0; d < N && t.defined(); ++d) stride[d] = t.stride(d);
   }
   template <typename... I>
   HD T& operator()(I... index) const {
     static_assert(sizeof...(I) == N, "one index per dimension");
-    int64_t at = 0, d = 0;
-    ((at += static_cast<int64_t>(index) * stride[d++]), ...);
+    index_t at = 0;
+    int d = 0;
+    ((at += static_cast<index_t>(index) * stride[d++]), ...);
     return data[at];
   }
 };
 
 // ------------------------------------------------------------------------------------------------
-// Geometry and work items
+// Geometry and units
 
+template <typename index_t>
 struct Geometry {
-  int64_t B, C, H, W, G, ks, dilation;
-  HD int64_t K() const { return ks * ks; }
-  HD int64_t group_channels() const { return C / G; }
+  index_t B, C, H, W, G, Go, ks, dilation;
+  HD index_t K() const { return ks * ks; }
+  HD index_t group_channels() const { return C / G; }
+  HD index_t units() const { return B * H * W * G; }
 };
 
-// One work item (one GPU thread) is one query pixel (b, y, x) with one channel group g. Items are numbered
-// ((b * G + g) * H + y) * W + x, so neighbouring threads hold neighbouring pixels.
-struct Item {
-  int64_t b, g, y, x;
+template <typename index_t>
+struct Unit {
+  index_t b, y, x, g, o;  // o: the walk group of channel group g
 };
 
-HD inline Item item(const Geometry& s, int64_t i) {
-  Item q;
-  q.x = i % s.W;
+template <typename index_t>
+HD inline Unit<index_t> unit(const Geometry<index_t>& s, index_t i) {
+  Unit<index_t> u;
+  u.g = i % s.G;
+  i /= s.G;
+  u.x = i % s.W;
   i /= s.W;
-  q.y = i % s.H;
-  i /= s.H;
-  q.g = i % s.G;
-  q.b = i / s.G;
-  return q;
+  u.y = i % s.H;
+  u.b = i / s.H;
+  u.o = u.g / (s.G / s.Go);
+  return u;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -80,29 +132,45 @@ HD inline Item item(const Geometry& s, int64_t i) {
 
 HD inline float floor_(float v) { return floorf(v); }
 HD inline double floor_(double v) { return floor(v); }
+template <typename T>
+HD inline bool finite_(T v) {
+#ifdef __CUDA_ARCH__
+  return isfinite(v);
+#else
+  return std::isfinite(v);
+#endif
+}
 
-// The four neighbours of a point (py, px): neighbour n = 2 * down + right, with its bilinear weight w and
-// the derivatives of w along y and x. Neighbours outside the map are flagged and skipped: they read 0.
-template <typename acc_t>
-struct Neighbours {
-  int64_t y[4], x[4];
+// The four neighbours of a node: neighbour i = 2 * down + right, with its bilinear weight w and the derivatives of
+// w along y and x. Neighbours outside the map are flagged: they read 0. A non-finite walk flags them all and the
+// node reads NaN, so that a NaN check downstream sees it.
+template <typename acc_t, typename index_t>
+struct Node {
+  index_t y[4], x[4];
   acc_t w[4], dw_dy[4], dw_dx[4];
   bool inside[4];
+  bool finite;
 };
 
-template <typename acc_t>
-HD Neighbours<acc_t> neighbours(acc_t py, acc_t px, int64_t H, int64_t W) {
-  Neighbours<acc_t> n;
+// Node k of unit u: the ks x ks grid spaced `dilation` apart (Eq. 3's uniform sampling) moved by its walk (Eq. 4).
+template <typename acc_t, typename index_t>
+HD inline Node<acc_t, index_t> node(const Geometry<index_t>& s, const Strided<const acc_t, 4, index_t>& offsets,
+                                    const Unit<index_t>& u, index_t k) {
+  const index_t half = s.ks / 2, walk = 2 * (u.o * s.K() + k);
+  const acc_t py = static_cast<acc_t>(u.y + (k / s.ks - half) * s.dilation) + offsets(u.b, walk, u.y, u.x);
+  const acc_t px = static_cast<acc_t>(u.x + (k % s.ks - half) * s.dilation) + offsets(u.b, walk + 1, u.y, u.x);
+  Node<acc_t, index_t> n;
+  n.finite = finite_(py) && finite_(px);
   const acc_t top = floor_(py), left = floor_(px);
-  const acc_t fy = py - top, fx = px - left;  // weights of the lower and the right neighbours
+  const acc_t fy = py - top, fx = px - left;  // the weights of the lower and the right neighbours
   UNROLL
   for (int i = 0; i < 4; ++i) {
     const int down = i / 2, right = i % 2;
     const acc_t ny = top + down, nx = left + right;
-    // Compared as floats: a walk can land far outside int64, or be NaN (then all four read 0).
-    n.inside[i] = ny >= 0 && ny < H && nx >= 0 && nx < W;
-    n.y[i] = n.inside[i] ? static_cast<int64_t>(ny) : 0;
-    n.x[i] = n.inside[i] ? static_cast<int64_t>(nx) : 0;
+    // Compared as floats: a walk can land far outside the index type.
+    n.inside[i] = n.finite && ny >= 0 && ny < s.H && nx >= 0 && nx < s.W;
+    n.y[i] = n.inside[i] ? static_cast<index_t>(ny) : 0;
+    n.x[i] = n.inside[i] ? static_cast<index_t>(nx) : 0;
     const acc_t wy = down ? fy : 1 - fy, wx = right ? fx : 1 - fx;
     n.w[i] = wy * wx;
     n.dw_dy[i] = down ? wx : -wx;
@@ -111,180 +179,317 @@ HD Neighbours<acc_t> neighbours(acc_t py, acc_t px, int64_t H, int64_t W) {
   return n;
 }
 
-// Node k of query q: the ks x ks grid spaced `dilation` apart (Eq. 3's uniform sampling) moved by its walk (Eq. 4).
-template <typename acc_t>
-HD Neighbours<acc_t> node(const Geometry& s, const Strided<acc_t, 4>& offsets, const Item& q, int64_t k) {
-  const int64_t half = s.ks / 2;
-  const acc_t py = static_cast<acc_t>(q.y + (k / s.ks - half) * s.dilation) + offsets(q.b, 2 * k, q.y, q.x);
-  const acc_t px = static_cast<acc_t>(q.x + (k % s.ks - half) * s.dilation) + offsets(q.b, 2 * k + 1, q.y, q.x);
-  return neighbours(py, px, s.H, s.W);
-}
+// ------------------------------------------------------------------------------------------------
+// Runs: up to R consecutive channels of one pixel, held by one lane. On the GPU a run is exactly R channels, R a
+// compile-time `count` (std::integral_constant); on the host `count` is an int, so that the last run of a group
+// may be shorter and the loops over a run's channels are vectorised whatever its length.
 
-// Channel c of image b read bilinearly at a node.
-template <typename scalar_t, typename acc_t>
-HD acc_t read(const Strided<scalar_t, 4>& x, int64_t b, int64_t c, const Neighbours<acc_t>& n) {
-  acc_t v = 0;
-  UNROLL
-  for (int i = 0; i < 4; ++i)
-    if (n.inside[i]) v += n.w[i] * static_cast<acc_t>(x(b, c, n.y[i], n.x[i]));
-  return v;
-}
+template <typename T, int R>
+struct alignas(sizeof(T) * R) Vector {
+  T v[R];
+};
 
-template <typename T>
-HD inline void atomic_add(T* p, T v) {
+// Calls f(j, value) for j in [0, count), value = p[j] as acc_t. GPU: one 16-byte load when the run is 16 bytes (its
+// alignment is checked at launch). Host: one vectorised loop, so f must not carry anything from one j to the next.
+template <int R, typename acc_t, typename T, typename Count, typename F>
+HD inline void each(const T* p, Count count, const F& f) {
 #ifdef __CUDA_ARCH__
-  atomicAdd(p, v);
+  if constexpr (R * sizeof(T) == 16) {
+    const Vector<T, R> run = *reinterpret_cast<const Vector<T, R>*>(p);
+    CHANNELS
+    for (int j = 0; j < R; ++j) f(j, static_cast<acc_t>(run.v[j]));
+  } else
+#endif
+  {
+    CHANNELS
+    for (int j = 0; j < count; ++j) f(j, static_cast<acc_t>(p[j]));
+  }
+}
+
+// sum_j a[j] * b[j] over a run. GPU: in registers, after one vector load of each where it fits. Host: in 16
+// independent sums (four vectors, so that no add waits for the one before), added up at the end.
+template <int R, typename acc_t, typename T, typename Count>
+HD inline acc_t inner(const T* a, const T* b, Count count) {
+#ifdef __CUDA_ARCH__
+  acc_t values[R], sum = 0;
+  each<R, acc_t>(b, count, [&](int j, acc_t value) { values[j] = value; });
+  each<R, acc_t>(a, count, [&](int j, acc_t value) { sum += value * values[j]; });
+  return sum;
 #else
-  *p += v;  // the host loop gives each thread a whole image (backward) or writes no shared output (forward)
+  constexpr int kPartialSums = 16;
+  acc_t part[kPartialSums] = {};
+  int j0 = 0;
+  for (; j0 + kPartialSums <= count; j0 += kPartialSums)
+    for (int j = 0; j < kPartialSums; ++j) part[j] += static_cast<acc_t>(a[j0 + j]) * static_cast<acc_t>(b[j0 + j]);
+  for (int j = 0; j0 + j < count; ++j) part[j] += static_cast<acc_t>(a[j0 + j]) * static_cast<acc_t>(b[j0 + j]);
+  CHANNELS
+  for (int j = 0; j < 4; ++j) part[j] = (part[j] + part[j + 4]) + (part[j + 8] + part[j + 12]);
+  return (part[0] + part[1]) + (part[2] + part[3]);
 #endif
 }
 
-// Channels a thread accumulates at once, in registers.
-constexpr int CHUNK = 8;
+// a[0, count) = 0, in a vectorised loop on the host (where `= {}` would be a slow memset call for a short run).
+template <int R, typename acc_t, typename Count>
+HD inline void zero(acc_t (&a)[R], Count count) {
+  CHANNELS
+  for (int j = 0; j < count; ++j) a[j] = 0;
+}
+
+template <int R, typename T, typename acc_t, typename Count>
+HD inline void store(T* p, const acc_t (&in)[R], Count count) {
+#ifdef __CUDA_ARCH__
+  if constexpr (R * sizeof(T) == 16) {
+    Vector<T, R> run;
+    CHANNELS
+    for (int j = 0; j < R; ++j) run.v[j] = static_cast<T>(in[j]);
+    *reinterpret_cast<Vector<T, R>*>(p) = run;
+  } else
+#endif
+  {
+    CHANNELS
+    for (int j = 0; j < count; ++j) p[j] = static_cast<T>(in[j]);
+  }
+}
+
+// to[j] += scale * v[j] over a run, where other lanes may add to the same place: float atomics on the GPU (one
+// 16-byte atomic per four floats on Hopper and newer), plain adds on the host, whose threads own disjoint strips.
+template <int R, typename acc_t, typename T, typename Count>
+HD inline void scatter(acc_t* to, acc_t scale, const T* v, Count count) {
+#ifdef __CUDA_ARCH__
+  acc_t add[R];
+  each<R, acc_t>(v, count, [&](int j, acc_t value) { add[j] = scale * value; });
+#if __CUDA_ARCH__ >= 900
+  if constexpr (std::is_same_v<acc_t, float> && R % 4 == 0) {
+    UNROLL
+    for (int j = 0; j < R; j += 4)
+      atomicAdd(reinterpret_cast<float4*>(to + j), make_float4(add[j], add[j + 1], add[j + 2], add[j + 3]));
+  } else
+#endif
+  {
+    UNROLL
+    for (int j = 0; j < R; ++j) atomicAdd(to + j, add[j]);
+  }
+#else
+  each<R, acc_t>(v, count, [&](int j, acc_t value) { to[j] += scale * value; });
+#endif
+}
+
+// acc += scale * rho(x, n) over the run at channel c: the bilinear read of a run of channels at one node.
+template <int R, typename scalar_t, typename acc_t, typename index_t, typename Count>
+HD inline void gather(acc_t (&acc)[R], const Map<const scalar_t, index_t>& x, index_t b,
+                      const Node<acc_t, index_t>& n, index_t c, acc_t scale, Count count) {
+  if (!n.finite) {
+    CHANNELS
+    for (int j = 0; j < count; ++j) acc[j] += scale * static_cast<acc_t>(NAN);
+    return;
+  }
+  UNROLL
+  for (int i = 0; i < 4; ++i) {
+    if (!n.inside[i]) continue;
+    const acc_t w = scale * n.w[i];
+    each<R, acc_t>(x.at(b, n.y[i], n.x[i]) + c, count, [&](int j, acc_t value) { acc[j] += w * value; });
+  }
+}
+
+// Calls f(count, c) for the runs of one lane in the channels [begin, end). GPU: runs of R channels from
+// begin + lane R, lanes R apart (R divides end - begin). Host: the only lane, runs of up to R channels.
+template <int R, typename index_t, typename F>
+HD inline void for_runs(index_t begin, index_t end, int lane, int lanes, const F& f) {
+#ifdef __CUDA_ARCH__
+  for (index_t c = begin + lane * R; c < end; c += lanes * R) f(std::integral_constant<int, R>(), c);
+#else
+  (void)lane, (void)lanes;
+  for (index_t c = begin; c < end; c += R) f(static_cast<int>(std::min<index_t>(R, end - c)), c);
+#endif
+}
+
+// The sum of v over the lanes of a unit: a butterfly of warp shuffles within the unit's aligned segment of `lanes`
+// threads (every lane gets the total). On the host a unit is one lane, whose own sum is the total.
+template <typename T>
+HD inline T lane_sum(T v, int lanes) {
+#ifdef __CUDA_ARCH__
+  const unsigned segment = lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1) << (threadIdx.x & 31 & ~(lanes - 1));
+  for (int m = lanes / 2; m > 0; m /= 2) v += __shfl_xor_sync(segment, v, m);
+#else
+  (void)lanes;
+#endif
+  return v;
+}
 
 // ------------------------------------------------------------------------------------------------
-// Forward: aggregate and dot, one item each
+// Forward: aggregate and dot, one lane of one unit each call
 
 // out[b, c, y, x] = sum_k weights[b, g, k, y, x] * node_k[c] for the channels c of group g.
-template <typename scalar_t, typename acc_t>
-struct AggregateForward {
-  Geometry s;
-  Strided<scalar_t, 4> x;
-  Strided<acc_t, 4> offsets;
-  Strided<acc_t, 5> weights;
-  Strided<scalar_t, 4> out;
+template <typename scalar_t, typename index_t>
+struct Aggregate {
+  using acc_t = at::opmath_type<scalar_t>;
+  Geometry<index_t> s;
+  Map<const scalar_t, index_t> x;
+  Strided<const acc_t, 4, index_t> offsets;
+  Strided<const acc_t, 5, index_t> weights;
+  Map<scalar_t, index_t> out;
 
-  HD void operator()(int64_t i) const {
-    const Item q = item(s, i);
-    const int64_t end = (q.g + 1) * s.group_channels();
-    for (int64_t c0 = q.g * s.group_channels(); c0 < end; c0 += CHUNK) {
-      acc_t sum[CHUNK] = {};
-      for (int64_t k = 0; k < s.K(); ++k) {
-        const Neighbours<acc_t> n = node(s, offsets, q, k);
-        const acc_t w = weights(q.b, q.g, k, q.y, q.x);
-        UNROLL
-        for (int j = 0; j < CHUNK; ++j)
-          if (c0 + j < end) sum[j] += w * read(x, q.b, c0 + j, n);
-      }
-      UNROLL
-      for (int j = 0; j < CHUNK; ++j)
-        if (c0 + j < end) out(q.b, c0 + j, q.y, q.x) = static_cast<scalar_t>(sum[j]);
-    }
+  template <int R>
+  HD void operator()(index_t i, int lane, int lanes) const {
+    const Unit<index_t> u = unit(s, i);
+    const index_t begin = u.g * s.group_channels();
+    for_runs<R>(begin, begin + s.group_channels(), lane, lanes, [&](auto count, index_t c) {
+      acc_t sum[R];
+      zero(sum, count);
+      for (index_t k = 0; k < s.K(); ++k)
+        gather(sum, x, u.b, node(s, offsets, u, k), c, weights(u.b, u.g, k, u.y, u.x), count);
+      store(out.at(u.b, u.y, u.x) + c, sum, count);
+    });
   }
 };
 
 // logits[b, g, k, y, x] = sum_{c in g} q[b, c, y, x] * node_k[c].
-template <typename scalar_t, typename acc_t>
-struct DotForward {
-  Geometry s;
-  Strided<scalar_t, 4> q, x;
-  Strided<acc_t, 4> offsets;
-  Strided<scalar_t, 5> logits;
+template <typename scalar_t, typename index_t>
+struct Dot {
+  using acc_t = at::opmath_type<scalar_t>;
+  Geometry<index_t> s;
+  Map<const scalar_t, index_t> q, x;
+  Strided<const acc_t, 4, index_t> offsets;
+  Strided<scalar_t, 5, index_t> logits;
 
-  HD void operator()(int64_t i) const {
-    const Item p = item(s, i);
-    const int64_t begin = p.g * s.group_channels(), end = begin + s.group_channels();
-    for (int64_t k = 0; k < s.K(); ++k) {
-      const Neighbours<acc_t> n = node(s, offsets, p, k);
-      acc_t sum = 0;
-      for (int64_t c = begin; c < end; ++c) sum += static_cast<acc_t>(q(p.b, c, p.y, p.x)) * read(x, p.b, c, n);
-      logits(p.b, p.g, k, p.y, p.x) = static_cast<scalar_t>(sum);
+  template <int R>
+  HD void operator()(index_t i, int lane, int lanes) const {
+    const Unit<index_t> u = unit(s, i);
+    const index_t begin = u.g * s.group_channels();
+    for (index_t k = 0; k < s.K(); ++k) {
+      const Node<acc_t, index_t> n = node(s, offsets, u, k);
+      acc_t part = n.finite ? 0 : static_cast<acc_t>(NAN);  // q . node_k = sum_n w_n (q . x_n)
+      for_runs<R>(begin, begin + s.group_channels(), lane, lanes, [&](auto count, index_t c) {
+        const scalar_t* qc = q.at(u.b, u.y, u.x) + c;
+        UNROLL
+        for (int nb = 0; nb < 4; ++nb)
+          if (n.inside[nb]) part += n.w[nb] * inner<R, acc_t>(qc, x.at(u.b, n.y[nb], n.x[nb]) + c, count);
+      });
+      part = lane_sum(part, lanes);
+      if (lane == k % lanes) logits(u.b, u.g, k, u.y, u.x) = static_cast<scalar_t>(part);
     }
   }
 };
 
 // ------------------------------------------------------------------------------------------------
-// Backward of L = sum_k sum_{c in g} u[k] * v[c] * node_k[c], one item each.
-//   aggregate: u = weights, v = grad of out      -> grad_x, grad_offsets, grad_u = grad of weights
-//   dot:       u = grad of logits, v = q         -> grad_x, grad_offsets, grad_v = grad of q
-// With t_n = sum_c v[c] * x[c] at neighbour n of node k:
-//   dL/du[k] = sum_n w_n t_n,  dL/dv[c] = sum_k u[k] node_k[c],  dL/dx[c] at n += u[k] w_n v[c],
-//   dL/d(dy_k) = u[k] sum_n (dw_n/dy) t_n, and likewise for dx_k.
+// Backward of L = sum_k sum_{c in g} u[k] v[c] node_k[c]:
+//   aggregate: u = weights, v = grad of out  -> grad_x, grad_offsets, grad_u = grad of the weights
+//   dot:       u = grad of logits, v = q     -> grad_x, grad_offsets (grad of q: aggregate(x, offsets, u))
+// With t_n = sum_{c in g} v[c] x_n[c] at the four neighbours n of node k (node_k = sum_n w_n x_n):
+//   dL/du[k] = sum_n w_n t_n,  dL/d(dy_k) = u[k] sum_n (dw_n / dy) t_n (likewise dx_k),  dL/dx_n[c] += u[k] w_n v[c].
+// Each unit writes its own walk gradients (B, G, 2K, H, W); with Go < G, sampler sums them over a walk's groups.
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename index_t>
 struct Backward {
-  Geometry s;
-  Strided<scalar_t, 4> x;
-  Strided<acc_t, 4> offsets;
-  Strided<acc_t, 5> u;
-  Strided<scalar_t, 4> v;
-  Strided<acc_t, 4> grad_x;        // scattered into, zeroed first
-  Strided<acc_t, 5> grad_offsets;  // (B, G, 2K, H, W): per group, summed over groups afterwards; zeroed first
-  Strided<acc_t, 5> grad_u;        // zeroed first; written when need_u
-  Strided<scalar_t, 4> grad_v;     // written when need_v
-  bool need_u, need_v;
+  using acc_t = at::opmath_type<scalar_t>;
+  Geometry<index_t> s;
+  Map<const scalar_t, index_t> x, v;
+  Strided<const acc_t, 4, index_t> offsets;
+  Strided<const acc_t, 5, index_t> u;
+  Map<acc_t, index_t> grad_x;               // scattered into (zeroed first); null when not asked for
+  Strided<acc_t, 5, index_t> grad_offsets;  // (B, G, 2K, H, W); null when not asked for
+  Strided<acc_t, 5, index_t> grad_u;        // (B, G, K, H, W); null when not asked for
 
-  HD void operator()(int64_t i) const {
-    const Item p = item(s, i);
-    const int64_t end = (p.g + 1) * s.group_channels();
-    for (int64_t c0 = p.g * s.group_channels(); c0 < end; c0 += CHUNK) {
-      acc_t vc[CHUNK], gv[CHUNK] = {};
-      UNROLL
-      for (int j = 0; j < CHUNK; ++j) vc[j] = c0 + j < end ? static_cast<acc_t>(v(p.b, c0 + j, p.y, p.x)) : 0;
-      for (int64_t k = 0; k < s.K(); ++k) {
-        const Neighbours<acc_t> n = node(s, offsets, p, k);
-        const acc_t uk = u(p.b, p.g, k, p.y, p.x);
-        acc_t gu = 0, gy = 0, gx = 0;
+  template <int R>
+  HD void operator()(index_t i, int lane, int lanes) const {
+    const Unit<index_t> p = unit(s, i);
+    const index_t begin = p.g * s.group_channels();
+    const bool walks_or_u = grad_offsets.data != nullptr || grad_u.data != nullptr;
+    for (index_t k = 0; k < s.K(); ++k) {
+      const Node<acc_t, index_t> n = node(s, offsets, p, k);
+      const acc_t uk = u(p.b, p.g, k, p.y, p.x);
+      acc_t gu = 0, gy = 0, gx = 0;  // this lane's parts of sum_n {w_n, dw_n / dy, dw_n / dx} t_n
+      for_runs<R>(begin, begin + s.group_channels(), lane, lanes, [&](auto count, index_t c) {
+        const scalar_t* vc = v.at(p.b, p.y, p.x) + c;
         UNROLL
         for (int nb = 0; nb < 4; ++nb) {
           if (!n.inside[nb]) continue;
-          acc_t t = 0;
-          UNROLL
-          for (int j = 0; j < CHUNK; ++j) {
-            if (c0 + j >= end) continue;
-            const acc_t xv = static_cast<acc_t>(x(p.b, c0 + j, n.y[nb], n.x[nb]));
-            t += vc[j] * xv;
-            gv[j] += uk * n.w[nb] * xv;
-            atomic_add(&grad_x(p.b, c0 + j, n.y[nb], n.x[nb]), uk * n.w[nb] * vc[j]);
+          const scalar_t* xn = x.at(p.b, n.y[nb], n.x[nb]) + c;
+          if (walks_or_u) {
+            const acc_t t = inner<R, acc_t>(vc, xn, count);  // sum_c v[c] x_n[c] over the run
+            gu += n.w[nb] * t;
+            gy += n.dw_dy[nb] * t;
+            gx += n.dw_dx[nb] * t;
           }
-          gu += n.w[nb] * t;
-          gy += n.dw_dy[nb] * t;
-          gx += n.dw_dx[nb] * t;
+          if (grad_x.data != nullptr) scatter<R>(grad_x.at(p.b, n.y[nb], n.x[nb]) + c, uk * n.w[nb], vc, count);
         }
-        if (need_u) grad_u(p.b, p.g, k, p.y, p.x) += gu;
-        grad_offsets(p.b, p.g, 2 * k, p.y, p.x) += uk * gy;
-        grad_offsets(p.b, p.g, 2 * k + 1, p.y, p.x) += uk * gx;
+      });
+      if (!walks_or_u) continue;
+      gu = lane_sum(gu, lanes);
+      gy = lane_sum(gy, lanes);
+      gx = lane_sum(gx, lanes);
+      if (lane != k % lanes) continue;
+      if (grad_offsets.data != nullptr) {
+        grad_offsets(p.b, p.g, 2 * k, p.y, p.x) = uk * gy;
+        grad_offsets(p.b, p.g, 2 * k + 1, p.y, p.x) = uk * gx;
       }
-      if (need_v) {
-        UNROLL
-        for (int j = 0; j < CHUNK; ++j)
-          if (c0 + j < end) grad_v(p.b, c0 + j, p.y, p.x) = static_cast<scalar_t>(gv[j]);
-      }
+      // A non-finite walk's node reads NaN: so does the gradient of its weight (its position gets none, like x).
+      if (grad_u.data != nullptr) grad_u(p.b, p.g, k, p.y, p.x) = n.finite ? gu : static_cast<acc_t>(NAN);
     }
   }
 };
 
 // ------------------------------------------------------------------------------------------------
-// Launch: a thread per item on the GPU; on the host, a parallel loop over `units` blocks of items, where
-// items of different blocks never write the same memory.
+// Launch
+
+// How a unit's channels are split over threads on the GPU: `lanes` threads, runs of `run` channels.
+struct Split {
+  int run, lanes;
+};
 
 #ifdef __CUDACC__
-template <typename Op>
-__global__ void each_item(Op op, int64_t n) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(blockDim.x) * gridDim.x)
-    op(i);
+template <int R, typename Op>
+__global__ void __launch_bounds__(kThreads) each_lane(Op op, int64_t units, int lanes_log2) {
+  const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t i = t >> lanes_log2;
+  if (i >= units) return;  // a unit's lanes are one aligned segment of a warp: they leave together
+  const int lanes = 1 << lanes_log2;
+  op.template operator()<R>(static_cast<decltype(op.s.B)>(i), static_cast<int>(t & (lanes - 1)), lanes);
+}
+
+template <int R, typename Op>
+void launch(const Op& op, int64_t units, int lanes) {
+  int lanes_log2 = 0;
+  while ((1 << lanes_log2) < lanes) ++lanes_log2;
+  const int64_t blocks = (units * lanes + kThreads - 1) / kThreads;
+  if (blocks == 0) return;
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "sampler_cuda.cu: the problem is too large for one launch");
+  each_lane<R><<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(op, units,
+                                                                                                  lanes_log2);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 #endif
 
-template <typename Op>
-void run(const Op& op, int64_t units, int64_t items_per_unit) {
-  const int64_t n = units * items_per_unit;
-  if (n == 0) return;
+// Runs every lane of every unit. With `strips` (the backward), host threads take whole strips of one image and one
+// group each, so that no two threads scatter to the same place.
+template <int VectorRun, typename Op>
+void run(const Op& op, Split split, bool strips) {
+  const int64_t units = op.s.units();
+  if (units == 0) return;
 #ifdef __CUDACC__
-  constexpr int threads = 256;
-  const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, std::numeric_limits<int>::max());
-  each_item<<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(op, n);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (split.run == VectorRun) launch<VectorRun>(op, units, split.lanes);
+  else launch<1>(op, units, split.lanes);
 #else
-  at::parallel_for(0, units, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo * items_per_unit; i < hi * items_per_unit; ++i) op(i);
+  (void)split;
+  if (!strips) {
+    at::parallel_for(0, units, 64, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) op.template operator()<kHostRun>(i, 0, 1);
+    });
+    return;
+  }
+  const int64_t B = op.s.B, G = op.s.G, pixels = op.s.H * op.s.W;
+  at::parallel_for(0, B * G, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t strip = lo; strip < hi; ++strip) {
+      const int64_t b = strip / G, g = strip % G;
+      for (int64_t pixel = 0; pixel < pixels; ++pixel) op.template operator()<kHostRun>((b * pixels + pixel) * G + g, 0, 1);
+    }
   });
 #endif
 }
 
 // ------------------------------------------------------------------------------------------------
-// Entry points. sampler.py checks shapes with readable messages; these checks guard direct calls.
+// Entry points: every tensor's device, dtype and shape checked with a one-line message (sampler.py checks first,
+// with the user's names; these guard direct calls of torch.ops.dgmn_sampler.*).
 
 #ifdef __CUDACC__
 constexpr bool kCuda = true;
@@ -292,93 +497,219 @@ constexpr bool kCuda = true;
 constexpr bool kCuda = false;
 #endif
 
-static Geometry geometry(const at::Tensor& x, const at::Tensor& offsets, int64_t groups, int64_t dilation) {
-  TORCH_CHECK(x.dim() == 4 && offsets.dim() == 4, "x and offsets must be (B, C, H, W) and (B, 2K, H, W)");
-  TORCH_CHECK(x.is_cuda() == kCuda, "this build of sampler_cuda.cu takes ", kCuda ? "CUDA" : "CPU", " tensors");
-  const int64_t ks = static_cast<int64_t>(std::lround(std::sqrt(offsets.size(1) / 2.0)));
-  TORCH_CHECK(offsets.size(1) == 2 * ks * ks && ks % 2 == 1, "offsets must have 2K channels, K = ks * ks, ks odd");
-  TORCH_CHECK(offsets.size(0) == x.size(0) && offsets.size(2) == x.size(2) && offsets.size(3) == x.size(3),
-              "offsets must be (B, 2K, H, W) for x of shape (B, C, H, W)");
-  TORCH_CHECK(groups > 0 && x.size(1) % groups == 0, "groups must divide the channels");
-  TORCH_CHECK(dilation > 0, "dilation must be positive");
-  return Geometry{x.size(0), x.size(1), x.size(2), x.size(3), groups, ks, dilation};
+static void check_device(const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(kCuda ? t.is_cuda() : t.is_cpu(), "sampler_cuda.cu: ", name, " is on ", t.device(), ", this build takes ",
+              kCuda ? "CUDA" : "CPU", " tensors");
+  TORCH_CHECK(t.device() == x.device(), "sampler_cuda.cu: ", name, " is on ", t.device(), " but x is on ", x.device());
+}
+
+static void check_dims(const char* name, const at::Tensor& t, at::IntArrayRef sizes) {
+  TORCH_CHECK(t.sizes() == sizes, "sampler_cuda.cu: ", name, " must have shape ", sizes, ", got ", t.sizes());
+}
+
+// The geometry of x (B, C, H, W) walked by offsets (B, 2 K Go, H, W) in G groups.
+static Geometry<int64_t> geometry(const at::Tensor& x, const at::Tensor& offsets, int64_t groups, int64_t walk_groups,
+                                  int64_t dilation) {
+  TORCH_CHECK(x.dim() == 4 && at::isFloatingType(x.scalar_type()),
+              "sampler_cuda.cu: x must be a floating-point (B, C, H, W) tensor, got ", x.scalar_type(), " ", x.sizes());
+  check_device("x", x, x);
+  check_device("offsets", offsets, x);
+  TORCH_CHECK(offsets.dim() == 4 && at::isFloatingType(offsets.scalar_type()),
+              "sampler_cuda.cu: offsets must be a floating-point (B, 2K Go, H, W) tensor, got ", offsets.scalar_type(),
+              " ", offsets.sizes());
+  TORCH_CHECK(walk_groups > 0 && groups > 0 && groups % walk_groups == 0 && x.size(1) % groups == 0,
+              "sampler_cuda.cu: walk groups (", walk_groups, ") must divide groups (", groups,
+              "), which must divide the channels (", x.size(1), ")");
+  const int64_t per_walk = offsets.size(1) / (2 * walk_groups);
+  const int64_t ks = static_cast<int64_t>(std::lround(std::sqrt(static_cast<double>(per_walk))));
+  TORCH_CHECK(offsets.size(1) == 2 * ks * ks * walk_groups && ks % 2 == 1,
+              "sampler_cuda.cu: offsets must have 2 K Go channels with K = ks * ks, ks odd, Go = ", walk_groups,
+              ", got ", offsets.size(1));
+  check_dims("offsets", offsets, {x.size(0), offsets.size(1), x.size(2), x.size(3)});
+  TORCH_CHECK(dilation > 0, "sampler_cuda.cu: dilation must be positive, got ", dilation);
+  return Geometry<int64_t>{x.size(0), x.size(1), x.size(2), x.size(3), groups, walk_groups, ks, dilation};
+}
+
+static void check_like_x(const char* name, const at::Tensor& t, const at::Tensor& x) {
+  check_device(name, t, x);
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "sampler_cuda.cu: ", name, " must be ", x.scalar_type(), " like x, got ",
+              t.scalar_type());
+  check_dims(name, t, x.sizes());
+}
+
+static void check_per_query(const char* name, const at::Tensor& t, const at::Tensor& x, const Geometry<int64_t>& s) {
+  check_device(name, t, x);
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "sampler_cuda.cu: ", name, " must be floating point, got ",
+              t.scalar_type());
+  check_dims(name, t, {s.B, s.G, s.K(), s.H, s.W});
 }
 
 static at::ScalarType acc_type(const at::Tensor& x) { return at::toOpMathType(x.scalar_type()); }
 
-// Feature maps are read and written channels-last, (B, H, W, C) in memory, so the channels of a node are contiguous:
-// the layout nn.Linear gives DGMN2's tokens (no copy then). Stride 0 (a broadcast) is left alone.
-static at::Tensor channels_last(const at::Tensor& t) {
-  return t.stride(1) <= 1 ? t : t.contiguous(at::MemoryFormat::ChannelsLast);
+// Feature maps are read with contiguous channels; any other layout is copied once to channels-last.
+static at::Tensor channels_contiguous(const at::Tensor& t) {
+  return t.size(1) == 1 || t.stride(1) == 1 ? t : t.contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-static at::TensorOptions channels_last(const at::TensorOptions& options) {
-  return options.memory_format(at::MemoryFormat::ChannelsLast);
+static at::Tensor empty_channels_last(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::empty(sizes, options.memory_format(at::MemoryFormat::ChannelsLast));
 }
 
-// (B, C, H, W), (B, 2K, H, W), (B, G, K, H, W) -> (B, C, H, W)
-at::Tensor aggregate(const at::Tensor& x_in, const at::Tensor& offsets, const at::Tensor& weights, int64_t dilation) {
-  const Geometry s = geometry(x_in, offsets, weights.size(1), dilation);
-  TORCH_CHECK(weights.dim() == 5 && weights.size(2) == s.K(), "weights must be (B, G, K, H, W)");
+// A per-query tensor (B, G, K, H, W) laid out (B, H, W, G, K) in memory: a unit's K values are contiguous.
+static at::Tensor empty_per_query(const Geometry<int64_t>& s, int64_t per_unit, const at::TensorOptions& options) {
+  return at::empty({s.B, s.H, s.W, s.G, per_unit}, options).permute({0, 3, 4, 1, 2});
+}
+
+// The GPU's split of a unit's channels: runs of 16 bytes where every map's pointer and pixel strides allow it and
+// the group's channels divide into runs, else single channels; lanes for the runs, up to a warp. A problem too
+// small to fill the GPU with vector lanes takes single channels and more lanes.
+template <typename scalar_t>
+static Split split(const Geometry<int64_t>& s, std::initializer_list<at::Tensor> maps) {
+  constexpr int vector = 16 / sizeof(scalar_t);
+  bool aligned = s.group_channels() % vector == 0;
+  for (const at::Tensor& t : maps) {
+    if (!t.defined()) continue;
+    aligned = aligned && reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
+    for (int d : {0, 2, 3}) aligned = aligned && (t.size(d) == 1 || t.stride(d) % vector == 0);
+  }
+  auto lanes_for = [&](int run) {
+    int lanes = 1;
+    while (lanes < 32 && lanes * run < s.group_channels()) lanes *= 2;
+    return lanes;
+  };
+  if (!kCuda) return {kHostRun, 1};
+  int run = aligned ? vector : 1;
+#ifdef __CUDACC__
+  int processors = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&processors, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  const int64_t resident = processors * 2048LL;  // threads the GPU holds at once (2048 a multiprocessor)
+  if (run > 1 && s.units() * lanes_for(run) < resident) run = 1;
+#endif
+  return {run, lanes_for(run)};
+}
+
+// Whether every element offset of these tensors, and every thread index, fits in 32 bits.
+static bool fits_int32(std::initializer_list<at::Tensor> tensors, int64_t threads) {
+  int64_t largest = threads;
+  for (const at::Tensor& t : tensors) {
+    if (!t.defined()) continue;
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * std::abs(t.stride(d));
+    largest = std::max(largest, last + 1);
+  }
+  return largest < std::numeric_limits<int32_t>::max();
+}
+
+// Calls f(index_t()) with 32-bit indices on the GPU where everything fits, 64-bit ones otherwise and on the host.
+template <typename F>
+static void with_index_type(bool fits, const F& f) {
+#ifdef __CUDACC__
+  if (fits) return f(int32_t());
+#endif
+  (void)fits;
+  f(int64_t());
+}
+
+template <typename index_t>
+static Geometry<index_t> narrow(const Geometry<int64_t>& s) {
+  return Geometry<index_t>{static_cast<index_t>(s.B),  static_cast<index_t>(s.C),  static_cast<index_t>(s.H),
+                           static_cast<index_t>(s.W),  static_cast<index_t>(s.G),  static_cast<index_t>(s.Go),
+                           static_cast<index_t>(s.ks), static_cast<index_t>(s.dilation)};
+}
+
+// Runs kernel Op<scalar_t, index_t> on the dtype of x, built by make(Op<...>{}) from the tensors.
+#define DGMN_DISPATCH(x, fits, VECTOR_RUN, ...)                                                          \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (x).scalar_type(), "dgmn_sampler", [&] {    \
+    with_index_type(fits, [&](auto index) {                                                              \
+      using index_t = decltype(index);                                                                   \
+      using acc_t = at::opmath_type<scalar_t>;                                                           \
+      constexpr int VECTOR_RUN = 16 / sizeof(scalar_t);                                                  \
+      __VA_ARGS__                                                                                        \
+    });                                                                                                  \
+  })
+
+template <typename T, typename index_t>
+using In = Map<const T, index_t>;
+
+// (B, C, H, W), (B, 2K Go, H, W), (B, G, K, H, W) -> (B, C, H, W) channels-last
+at::Tensor aggregate(const at::Tensor& x_in, const at::Tensor& offsets_in, const at::Tensor& weights_in,
+                     int64_t walk_groups, int64_t dilation) {
+  const Geometry<int64_t> s =
+      geometry(x_in, offsets_in, weights_in.dim() == 5 ? weights_in.size(1) : 0, walk_groups, dilation);
+  check_per_query("weights", weights_in, x_in, s);
   const at::OptionalDeviceGuard guard(x_in.device());
-  const at::Tensor x = channels_last(x_in), off = offsets.to(acc_type(x)), w = weights.to(acc_type(x));
-  at::Tensor out = at::empty(x.sizes(), channels_last(x.options()));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "aggregate", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    run(AggregateForward<scalar_t, acc_t>{s, Strided<scalar_t, 4>(x), Strided<acc_t, 4>(off),
-                                          Strided<acc_t, 5>(w), Strided<scalar_t, 4>(out)},
-        s.B * s.G * s.H, s.W);
+  const at::Tensor x = channels_contiguous(x_in);
+  const at::Tensor offsets = offsets_in.to(acc_type(x)), weights = weights_in.to(acc_type(x));
+  at::Tensor out = empty_channels_last(x.sizes(), x.options());
+  DGMN_DISPATCH(x, fits_int32({x, offsets, weights, out}, s.units() * 32), vector, {
+    const Aggregate<scalar_t, index_t> kernel{narrow<index_t>(s), In<scalar_t, index_t>(x),
+                                              Strided<const acc_t, 4, index_t>(offsets),
+                                              Strided<const acc_t, 5, index_t>(weights), Map<scalar_t, index_t>(out)};
+    run<vector>(kernel, split<scalar_t>(s, {x, out}), false);
   });
   return out;
 }
 
-// (B, C, H, W), (B, C, H, W), (B, 2K, H, W) -> (B, G, K, H, W)
-at::Tensor dot(const at::Tensor& q_in, const at::Tensor& x_in, const at::Tensor& offsets, int64_t groups,
-               int64_t dilation) {
-  const Geometry s = geometry(x_in, offsets, groups, dilation);
-  TORCH_CHECK(q_in.sizes() == x_in.sizes() && q_in.scalar_type() == x_in.scalar_type(), "q must be like x");
+// (B, C, H, W), (B, C, H, W), (B, 2K Go, H, W) -> (B, G, K, H, W), laid out (B, H, W, G, K)
+at::Tensor dot(const at::Tensor& q_in, const at::Tensor& x_in, const at::Tensor& offsets_in, int64_t groups,
+               int64_t walk_groups, int64_t dilation) {
+  const Geometry<int64_t> s = geometry(x_in, offsets_in, groups, walk_groups, dilation);
+  check_like_x("q", q_in, x_in);
   const at::OptionalDeviceGuard guard(x_in.device());
-  const at::Tensor q = channels_last(q_in), x = channels_last(x_in), off = offsets.to(acc_type(x));
-  at::Tensor logits = at::empty({s.B, s.G, s.K(), s.H, s.W}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dot", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    run(DotForward<scalar_t, acc_t>{s, Strided<scalar_t, 4>(q), Strided<scalar_t, 4>(x),
-                                    Strided<acc_t, 4>(off), Strided<scalar_t, 5>(logits)},
-        s.B * s.G * s.H, s.W);
+  const at::Tensor x = channels_contiguous(x_in), q = channels_contiguous(q_in);
+  const at::Tensor offsets = offsets_in.to(acc_type(x));
+  at::Tensor logits = empty_per_query(s, s.K(), x.options());
+  DGMN_DISPATCH(x, fits_int32({q, x, offsets, logits}, s.units() * 32), vector, {
+    const Dot<scalar_t, index_t> kernel{narrow<index_t>(s), In<scalar_t, index_t>(q), In<scalar_t, index_t>(x),
+                                        Strided<const acc_t, 4, index_t>(offsets),
+                                        Strided<scalar_t, 5, index_t>(logits)};
+    run<vector>(kernel, split<scalar_t>(s, {q, x}), false);
   });
   return logits;
 }
 
-// The backward of L = sum u[k] v[c] node_k[c] above: (grad_x, grad_offsets, grad_u, grad_v), each in the dtype
-// of its input; grad_u and grad_v are empty unless asked for.
-std::vector<at::Tensor> backward(const at::Tensor& x_in, const at::Tensor& offsets, const at::Tensor& u,
-                                 const at::Tensor& v_in, int64_t dilation, bool need_u, bool need_v) {
-  const Geometry s = geometry(x_in, offsets, u.size(1), dilation);
-  TORCH_CHECK(u.dim() == 5 && u.size(2) == s.K(), "u must be (B, G, K, H, W)");
-  TORCH_CHECK(v_in.sizes() == x_in.sizes() && v_in.scalar_type() == x_in.scalar_type(), "v must be like x");
+// The backward above: grad_x (B, C, H, W) channels-last, grad_offsets (B, 2K Go, H, W) channels-last and grad_u
+// (B, G, K, H, W) laid out (B, H, W, G, K), each in its input's dtype; those not asked for are empty.
+std::vector<at::Tensor> backward(const at::Tensor& x_in, const at::Tensor& offsets_in, const at::Tensor& u_in,
+                                 const at::Tensor& v_in, int64_t walk_groups, int64_t dilation, bool need_x,
+                                 bool need_offsets, bool need_u) {
+  const Geometry<int64_t> s = geometry(x_in, offsets_in, u_in.dim() == 5 ? u_in.size(1) : 0, walk_groups, dilation);
+  check_per_query("u", u_in, x_in, s);
+  check_like_x("v", v_in, x_in);
+  if (kCuda && need_x)  // float atomics add in an order that varies from run to run
+    at::globalContext().alertNotDeterministic("dgmn_sampler::backward (the sampler's kernel path on CUDA)");
   const at::OptionalDeviceGuard guard(x_in.device());
-  const at::Tensor x = channels_last(x_in), v = channels_last(v_in);
+  const at::Tensor x = channels_contiguous(x_in), v = channels_contiguous(v_in);
   const auto acc = x.options().dtype(acc_type(x));
-  const at::Tensor off = offsets.to(acc_type(x)), uu = u.to(acc_type(x));
-  at::Tensor grad_x = at::empty(x.sizes(), channels_last(acc)).zero_();  // at::zeros drops the memory format
-  at::Tensor grad_offsets = at::zeros({s.B, s.G, 2 * s.K(), s.H, s.W}, acc);
-  at::Tensor grad_u = need_u ? at::zeros(u.sizes(), acc) : at::empty({0, 0, 0, 0, 0}, acc);
-  at::Tensor grad_v = need_v ? at::empty(v.sizes(), channels_last(v.options())) : at::empty({0, 0, 0, 0}, v.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    run(Backward<scalar_t, acc_t>{s, Strided<scalar_t, 4>(x), Strided<acc_t, 4>(off),
-                                  Strided<acc_t, 5>(uu), Strided<scalar_t, 4>(v),
-                                  Strided<acc_t, 4>(grad_x), Strided<acc_t, 5>(grad_offsets),
-                                  Strided<acc_t, 5>(grad_u), Strided<scalar_t, 4>(grad_v),
-                                  need_u, need_v},
-        s.B * s.G, s.H * s.W);  // host: groups of one image write disjoint channels, images disjoint memory
-  });
-  return {grad_x.to(x.scalar_type()), grad_offsets.sum(1).to(offsets.scalar_type()),
-          grad_u.to(u.scalar_type()), grad_v};
+  const at::Tensor offsets = offsets_in.to(acc_type(x)), u = u_in.to(acc_type(x));
+  const at::Tensor grad_x = need_x ? empty_channels_last(x.sizes(), acc).zero_() : at::Tensor();
+  const at::Tensor grad_walks = need_offsets ? empty_per_query(s, 2 * s.K(), acc) : at::Tensor();  // per group
+  const at::Tensor grad_u = need_u ? empty_per_query(s, s.K(), acc) : at::Tensor();
+  if (need_x || need_offsets || need_u) {
+    DGMN_DISPATCH(x, fits_int32({x, v, offsets, u, grad_x, grad_walks, grad_u}, s.units() * 32), vector, {
+      const Backward<scalar_t, index_t> kernel{
+          narrow<index_t>(s),           In<scalar_t, index_t>(x),         In<scalar_t, index_t>(v),
+          Strided<const acc_t, 4, index_t>(offsets), Strided<const acc_t, 5, index_t>(u), Map<acc_t, index_t>(grad_x),
+          Strided<acc_t, 5, index_t>(grad_walks),    Strided<acc_t, 5, index_t>(grad_u)};
+      run<vector>(kernel, split<scalar_t>(s, {x, v}), true);
+    });
+  }
+  const auto empty = [](const at::Tensor& like) { return at::empty({0}, like.options()); };
+  at::Tensor grad_offsets = empty(offsets_in);
+  if (need_offsets) {
+    // (B, G, 2K, H, W) laid out (B, H, W, G, 2K) -> summed over the G / Go groups of each walk -> (B, 2K Go, H, W)
+    at::Tensor walks = grad_walks.permute({0, 3, 4, 1, 2});  // (B, H, W, G, 2K), contiguous
+    if (s.G != s.Go) walks = walks.reshape({s.B, s.H, s.W, s.Go, s.G / s.Go, 2 * s.K()}).sum(4);
+    grad_offsets = walks.reshape({s.B, s.H, s.W, 2 * s.K() * s.Go}).permute({0, 3, 1, 2}).to(offsets_in.scalar_type());
+  }
+  return {need_x ? grad_x.to(x_in.scalar_type()) : empty(x_in), grad_offsets,
+          need_u ? grad_u.to(u_in.scalar_type()) : empty(u_in)};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("aggregate", &aggregate, "sum_k weights * node_k per group, (B, C, H, W)");
-  m.def("dot", &dot, "q . node_k per group, (B, G, K, H, W)");
-  m.def("backward", &backward, "backward of sum u[k] v[c] node_k[c]: grad_x, grad_offsets, grad_u, grad_v");
+// The ops of this build: torch.ops.<extension name>.{aggregate, dot, backward}, called by sampler.py's custom ops.
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def("aggregate(Tensor x, Tensor offsets, Tensor weights, int walk_groups, int dilation) -> Tensor", &aggregate);
+  m.def("dot(Tensor q, Tensor x, Tensor offsets, int groups, int walk_groups, int dilation) -> Tensor", &dot);
+  m.def("backward(Tensor x, Tensor offsets, Tensor u, Tensor v, int walk_groups, int dilation, bool need_x, "
+        "bool need_offsets, bool need_u) -> Tensor[]", &backward);
 }

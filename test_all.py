@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -47,28 +48,41 @@ def path(request):
         yield request.param
 
 
-def walks(B, K, H, W, spread=3, dtype=torch.float64, seed=0, device="cpu"):
-    """Random walks whose fractional parts lie in [0.1, 0.9]: nodes never sit on the integer kinks of bilinear
-    interpolation, where finite differences would straddle two slopes."""
+@pytest.fixture
+def exact_cuda():
+    """Float32 on the GPU without TF32 (cuDNN's convolutions use it by default), for comparisons at 1e-4."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def walks(B, K, H, W, spread=3, dtype=torch.float64, seed=0, device="cpu", groups=1):
+    """Random walks (B, 2K groups, H, W) whose fractional parts lie in [0.1, 0.9]: nodes never sit on the integer
+    kinks of bilinear interpolation, where finite differences would straddle two slopes."""
     g = torch.Generator().manual_seed(seed)
-    whole = torch.randint(-spread, spread + 1, (B, 2 * K, H, W), generator=g)
-    return (whole + 0.1 + 0.8 * torch.rand(B, 2 * K, H, W, generator=g)).to(dtype=dtype, device=device)
+    whole = torch.randint(-spread, spread + 1, (B, 2 * K * groups, H, W), generator=g)
+    return (whole + 0.1 + 0.8 * torch.rand(B, 2 * K * groups, H, W, generator=g)).to(dtype=dtype, device=device)
 
 
-def grid_sample_nodes(x, offsets, dilation):
-    """The nodes through F.grid_sample, one node at a time: pixel p sits at (2p + 1) / size - 1."""
+def grid_sample_nodes(x, offsets, dilation, offset_groups=1):
+    """The nodes through F.grid_sample, one walk group and one node at a time: pixel p sits at (2p + 1) / size - 1.
+    (B, C, H, W), (B, 2K Go, H, W) -> (B, C, K, H, W)."""
     _, _, H, W = x.shape
-    ks = math.isqrt(offsets.shape[1] // 2)
+    ks = math.isqrt(offsets.shape[1] // (2 * offset_groups))
     ys = torch.arange(H, dtype=x.dtype).view(H, 1)
     xs = torch.arange(W, dtype=x.dtype).view(1, W)
-    nodes = []
-    for k in range(ks * ks):
-        i, j = divmod(k, ks)
-        py = ys + (i - ks // 2) * dilation + offsets[:, 2 * k]
-        px = xs + (j - ks // 2) * dilation + offsets[:, 2 * k + 1]
-        grid = torch.stack([(2 * px + 1) / W - 1, (2 * py + 1) / H - 1], dim=-1)  # (B, H, W, 2), x first
-        nodes.append(F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
-    return torch.stack(nodes, dim=2)  # (B, C, K, H, W)
+    per_group = []
+    for channels, walk in zip(x.chunk(offset_groups, dim=1), offsets.chunk(offset_groups, dim=1)):
+        nodes = []
+        for k in range(ks * ks):
+            i, j = divmod(k, ks)
+            py = ys + (i - ks // 2) * dilation + walk[:, 2 * k]
+            px = xs + (j - ks // 2) * dilation + walk[:, 2 * k + 1]
+            grid = torch.stack([(2 * px + 1) / W - 1, (2 * py + 1) / H - 1], dim=-1)  # (B, H, W, 2), x first
+            nodes.append(F.grid_sample(channels, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+        per_group.append(torch.stack(nodes, dim=2))
+    return torch.cat(per_group, dim=1)  # (B, C, K, H, W)
 
 
 @pytest.mark.parametrize("ks", [3, 5])
@@ -105,11 +119,37 @@ def test_far_outside_reads_zero(path):
     assert grad_x.abs().max() == 0 and grad_offsets.abs().max() == 0
 
 
+def test_a_non_finite_walk_reads_nan_at_its_query_only(path):
+    """NaN and infinite walks give NaN where they are used, so that a NaN check sees them; nothing else changes."""
+    B, C, H, W, G = 2, 8, 5, 6, 2
+    x, q = torch.randn(B, C, H, W, requires_grad=True), torch.randn(B, C, H, W)
+    offsets = walks(B, 9, H, W, dtype=torch.float32, groups=G)
+    weights = torch.rand(B, G, 9, H, W)
+    clean = [sampler.aggregate(x, offsets, weights, offset_groups=G), sampler.dot(q, x, offsets, G, offset_groups=G)]
+    broken = offsets.clone()
+    broken[0, 2 * 9 + 2 * 4, 1, 2] = math.nan  # walk group 1, node 4, query (1, 2) of image 0
+    broken[1, 1, 3, 0] = math.inf              # walk group 0, node 0, query (3, 0) of image 1
+    out = sampler.aggregate(x, broken, weights, offset_groups=G)
+    logits = sampler.dot(q, x, broken, G, offset_groups=G)
+    nan_out = torch.zeros_like(out, dtype=torch.bool)
+    nan_out[0, 4:, 1, 2] = nan_out[1, :4, 3, 0] = True  # the walk group's channels at that query
+    assert torch.equal(out.isnan(), nan_out)
+    torch.testing.assert_close(out[~nan_out], clean[0][~nan_out])
+    nan_logits = torch.zeros_like(logits, dtype=torch.bool)
+    nan_logits[0, 1, 4, 1, 2] = nan_logits[1, 0, 0, 3, 0] = True
+    assert torch.equal(logits.isnan(), nan_logits)
+    torch.testing.assert_close(logits[~nan_logits], clean[1][~nan_logits])
+    out.nansum().backward()  # no exception on either path
+    assert x.grad.isfinite().all()
+
+
 @pytest.mark.parametrize("dilation", [1, 2])
 def test_sample_matches_grid_sample(path, dilation):
-    x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
-    offsets = walks(2, 9, 5, 6, spread=4)
-    torch.testing.assert_close(sampler.sample(x, offsets, dilation), grid_sample_nodes(x, offsets, dilation))
+    x = torch.randn(2, 6, 5, 6, dtype=torch.float64)
+    for offset_groups in (1, 3):
+        offsets = walks(2, 9, 5, 6, spread=4, groups=offset_groups)
+        torch.testing.assert_close(sampler.sample(x, offsets, dilation, offset_groups),
+                                   grid_sample_nodes(x, offsets, dilation, offset_groups))
 
 
 def test_aggregate_with_a_fixed_kernel_matches_deform_conv2d(path):
@@ -122,40 +162,45 @@ def test_aggregate_with_a_fixed_kernel_matches_deform_conv2d(path):
     torch.testing.assert_close(sampler.aggregate(x, offsets, weights, dilation), expected)
 
 
-def test_aggregate_with_per_pixel_weights_matches_modulated_deform_conv2d(path):
-    # DCNv2's mask with G offset groups is a per-pixel weight per group; the G groups share our offsets.
-    B, C, H, W, G, dilation = 2, 6, 5, 7, 3, 2
-    x, offsets = torch.randn(B, C, H, W, dtype=torch.float64), walks(B, 9, H, W)
-    weights = torch.randn(B, G, 9, H, W, dtype=torch.float64)
-    ones = torch.ones(C, 1, 3, 3, dtype=torch.float64)
-    expected = deform_conv2d(x, offsets.repeat(1, G, 1, 1), ones, padding=dilation, dilation=dilation,
-                             mask=weights.flatten(1, 2))
-    torch.testing.assert_close(sampler.aggregate(x, offsets, weights, dilation), expected)
+@pytest.mark.parametrize("G, Go", [(3, 1), (3, 3), (4, 2)])
+def test_aggregate_with_per_pixel_weights_matches_modulated_deform_conv2d(path, G, Go):
+    """DCNv2 with Go offset groups: a walk and a per-pixel mask per offset group, here times a fixed filter per
+    channel group, is aggregate with weights filter[g, k] * mask[o(g), k]."""
+    B, C, H, W, dilation = 2, 12, 5, 7, 2
+    x, offsets = torch.randn(B, C, H, W, dtype=torch.float64), walks(B, 9, H, W, groups=Go)
+    mask, kernel = torch.randn(B, Go, 9, H, W, dtype=torch.float64), torch.randn(G, 9, dtype=torch.float64)
+    weights = mask.repeat_interleave(G // Go, dim=1) * kernel.view(1, G, 9, 1, 1)  # (B, G, K, H, W)
+    depthwise = kernel.repeat_interleave(C // G, dim=0).view(C, 1, 3, 3)
+    expected = deform_conv2d(x, offsets, depthwise, padding=dilation, dilation=dilation, mask=mask.flatten(1, 2))
+    torch.testing.assert_close(sampler.aggregate(x, offsets, weights, dilation, offset_groups=Go), expected)
 
 
-def test_dot_matches_grid_sample_inner_products(path):
-    B, C, H, W, G = 2, 6, 5, 7, 3
-    q, x, offsets = torch.randn(B, C, H, W, dtype=torch.float64), torch.randn(B, C, H, W, dtype=torch.float64), \
-        walks(B, 9, H, W)
-    nodes = grid_sample_nodes(x, offsets, 1).view(B, G, C // G, 9, H, W)
+@pytest.mark.parametrize("G, Go", [(3, 1), (6, 3)])
+def test_dot_matches_grid_sample_inner_products(path, G, Go):
+    B, C, H, W = 2, 12, 5, 7
+    q, x = torch.randn(B, C, H, W, dtype=torch.float64), torch.randn(B, C, H, W, dtype=torch.float64)
+    offsets = walks(B, 9, H, W, groups=Go)
+    nodes = grid_sample_nodes(x, offsets, 1, Go).view(B, G, C // G, 9, H, W)
     expected = (q.view(B, G, C // G, 1, H, W) * nodes).sum(2)
-    torch.testing.assert_close(sampler.dot(q, x, offsets, G), expected)
+    torch.testing.assert_close(sampler.dot(q, x, offsets, G, offset_groups=Go), expected)
 
 
 @pytest.mark.parametrize("op", ["sample", "aggregate", "dot"])
-def test_gradcheck(path, op):
+@pytest.mark.parametrize("offset_groups", [1, 2])
+def test_gradcheck(path, op, offset_groups):
     B, C, H, W, G, dilation = 2, 4, 4, 5, 2, 1
     x, q = torch.randn(B, C, H, W, dtype=torch.float64), torch.randn(B, C, H, W, dtype=torch.float64)
-    offsets, weights = walks(B, 9, H, W), torch.randn(B, G, 9, H, W, dtype=torch.float64)
-    rows, cols = sampler._node_positions(offsets, dilation)
+    offsets = walks(B, 9, H, W, groups=offset_groups)
+    weights = torch.randn(B, G, 9, H, W, dtype=torch.float64)
+    rows, cols = sampler._node_positions(rearrange(offsets, "b (o k) h w -> (b o) k h w", o=offset_groups), dilation)
     on_border = ((rows > -1) & (rows < 0)) | ((rows > H - 1) & (rows < H)) | \
                 ((cols > -1) & (cols < 0)) | ((cols > W - 1) & (cols < W))
     beyond = (rows <= -1) | (rows >= H) | (cols <= -1) | (cols >= W)
     assert on_border.any() and beyond.any() and (~beyond).any()
     call, inputs = {
-        "sample": (lambda x, o: sampler.sample(x, o, dilation), (x, offsets)),
-        "aggregate": (lambda x, o, w: sampler.aggregate(x, o, w, dilation), (x, offsets, weights)),
-        "dot": (lambda q, x, o: sampler.dot(q, x, o, G, dilation), (q, x, offsets)),
+        "sample": (lambda x, o: sampler.sample(x, o, dilation, offset_groups), (x, offsets)),
+        "aggregate": (lambda x, o, w: sampler.aggregate(x, o, w, dilation, offset_groups), (x, offsets, weights)),
+        "dot": (lambda q, x, o: sampler.dot(q, x, o, G, dilation, offset_groups), (q, x, offsets)),
     }[op]
     assert torch.autograd.gradcheck(call, tuple(t.requires_grad_() for t in inputs))
 
@@ -168,16 +213,25 @@ def outputs_and_grads(fn, inputs, seed=0):
     return [out, *torch.autograd.grad(out, inputs, g.to(out.device, out.dtype))]
 
 
-def odd_inputs(C, G, dtype, device):
-    """Odd sizes and every input non-contiguous: x channels-last, q transposed, offsets and weights permuted."""
-    B, H, W, ks = 3, 7, 9, 3
-    K = ks * ks
-    x = torch.randn(B, C, H, W, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
-    q = torch.randn(B, C, W, H, dtype=dtype, device=device).transpose(2, 3)
-    offsets = walks(B, K, H, W, dtype=dtype, device=device, seed=1).permute(0, 2, 3, 1).contiguous() \
-        .permute(0, 3, 1, 2)
+def odd_inputs(C, G, Go, dtype, device, layout):
+    """Odd sizes, in one of several layouts: "strided" (x channels-last, q transposed, offsets and weights permuted:
+    nothing contiguous), "views" (q, x as slices of one channels-last tensor, x starting one element in: unaligned
+    for vector loads) or "broadcast" (x and weights expanded, with stride 0)."""
+    B, H, W, K = 3, 7, 9, 9
+    offsets = walks(B, K, H, W, dtype=dtype, device=device, seed=1, groups=Go)
     weights = torch.randn(B, H, W, G, K, dtype=dtype, device=device).permute(0, 3, 4, 1, 2)
-    assert not any(t.is_contiguous() for t in (x, q, offsets, weights))
+    if layout == "strided":
+        x = torch.randn(B, C, H, W, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
+        q = torch.randn(B, C, W, H, dtype=dtype, device=device).transpose(2, 3)
+        offsets = offsets.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        assert not any(t.is_contiguous() for t in (x, q, offsets, weights))
+    elif layout == "views":
+        tokens = torch.randn(B, H, W, 2 * C + 1, dtype=dtype, device=device)
+        q, x = tokens[..., :C].permute(0, 3, 1, 2), tokens[..., C + 1:].permute(0, 3, 1, 2)
+    else:
+        x = torch.randn(1, C, H, W, dtype=dtype, device=device).expand(B, -1, -1, -1)
+        q = torch.randn(B, C, H, W, dtype=dtype, device=device)
+        weights = torch.randn(1, G, K, 1, 1, dtype=dtype, device=device).expand(B, -1, -1, H, W)
     return x, q, offsets, weights
 
 
@@ -191,12 +245,14 @@ def both_paths(fn, inputs):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("C, G", [(12, 1), (12, 4), (5, 5)])  # 8 + 4 channels a thread; 3; 1
-def test_kernel_matches_reference(device, dtype, C, G):
-    x, q, offsets, weights = odd_inputs(C, G, dtype, device)
-    calls = [(lambda x, o: sampler.sample(x, o, 2), (x, offsets)),
-             (lambda x, o, w: sampler.aggregate(x, o, w, 2), (x, offsets, weights)),
-             (lambda q, x, o: sampler.dot(q, x, o, G, 2), (q, x, offsets))]
+@pytest.mark.parametrize("C, G, Go", [(12, 1, 1), (12, 4, 2), (5, 5, 5), (6, 2, 2), (40, 2, 1), (144, 2, 2)])
+@pytest.mark.parametrize("layout", ["strided", "views", "broadcast"])
+def test_kernel_matches_reference(device, dtype, C, G, Go, layout):
+    """Values and gradients of every function, C / G of 12, 3, 1 (G = C), 20 and 72 channels, walk groups."""
+    x, q, offsets, weights = odd_inputs(C, G, Go, dtype, device, layout)
+    calls = [(lambda x, o: sampler.sample(x, o, 2, Go), (x, offsets)),
+             (lambda x, o, w: sampler.aggregate(x, o, w, 2, Go), (x, offsets, weights)),
+             (lambda q, x, o: sampler.dot(q, x, o, G, 2, Go), (q, x, offsets))]
     for fn, inputs in calls:
         reference, kernel = both_paths(fn, inputs)
         for a, b in zip(kernel, reference):
@@ -229,13 +285,20 @@ def test_bad_inputs_raise_one_clear_error():
     cases = [
         (lambda: sampler.sample(x[0], offsets), r"x must be a floating-point \(B, C, H, W\)"),
         (lambda: sampler.sample(x.long(), offsets), "x must be a floating-point"),
-        (lambda: sampler.sample(x, offsets[:, :17]), r"offsets must have shape \(B, 2K, H, W\) = \(2, 2K, 5, 6\)"),
+        (lambda: sampler.sample(x, offsets[:, :17]),
+         r"offsets must have shape \(B, 2K Go, H, W\) = \(2, 2K x 1, 5, 6\)"),
         (lambda: sampler.sample(x, offsets[:, :8]), r"got \(2, 8, 5, 6\)"),  # K = 4: no odd square grid
         (lambda: sampler.sample(x, offsets[..., :5]), "offsets must have shape"),
+        (lambda: sampler.sample(x, offsets, offset_groups=2), r"= \(2, 2K x 2, 5, 6\) .* got \(2, 18, 5, 6\)"),
+        (lambda: sampler.sample(x, offsets.repeat(1, 3, 1, 1), offset_groups=3),
+         "offset_groups = 3 must divide the 4 channels"),
+        (lambda: sampler.sample(x, offsets, offset_groups=0), "offset_groups must be a positive int, got 0"),
         (lambda: sampler.sample(x, offsets, dilation=0), "dilation must be a positive int"),
         (lambda: sampler.sample(x, offsets.to("meta")), "offsets is on meta but x is on cpu"),
         (lambda: sampler.aggregate(x, offsets, weights[:, :, :8]), r"weights must have shape \(B, G, K, H, W\)"),
         (lambda: sampler.aggregate(x, offsets, torch.rand(2, 3, 9, 5, 6)), "G dividing C = 4"),
+        (lambda: sampler.aggregate(x, offsets.repeat(1, 4, 1, 1), weights, offset_groups=4),
+         "offset_groups = 4 must divide the 2 groups"),
         (lambda: sampler.dot(q[:, :3], x, offsets), "q must have x's shape"),
         (lambda: sampler.dot(q.double(), x, offsets), "q must have x's shape .* and dtype"),
         (lambda: sampler.dot(q, x, offsets, groups=3), "groups must be a positive int dividing C = 4"),
@@ -249,6 +312,31 @@ def test_bad_inputs_raise_one_clear_error():
             pass
 
 
+def test_the_compiled_entry_points_check_every_tensor():
+    """Direct calls of torch.ops.dgmn_sampler.* (no Python checks before them) get one line naming the tensor."""
+    extension = sampler._extension("cpu")
+    x, offsets, weights = torch.randn(2, 4, 5, 6), torch.zeros(2, 18, 5, 6), torch.rand(2, 2, 9, 5, 6)
+    cases = [
+        (lambda: extension.aggregate(x.to("meta"), offsets, weights, 1, 1), "x is on meta, this build takes CPU"),
+        (lambda: extension.aggregate(x, offsets.to("meta"), weights, 1, 1), "offsets is on meta"),
+        (lambda: extension.aggregate(x, offsets, weights.to("meta"), 1, 1), "weights is on meta"),
+        (lambda: extension.aggregate(x, offsets, weights.long(), 1, 1), "weights must be floating point, got Long"),
+        (lambda: extension.aggregate(x, offsets.int(), weights, 1, 1), "offsets must be a floating-point"),
+        (lambda: extension.aggregate(x, offsets, weights[:, :, :, :4], 1, 1), r"weights must have shape \[2, 2, 9"),
+        (lambda: extension.aggregate(x, offsets[:1], weights, 1, 1), r"offsets must have shape \[2, 18, 5, 6\]"),
+        (lambda: extension.aggregate(x, offsets.repeat(1, 4, 1, 1), weights, 4, 1),
+         r"walk groups \(4\) must divide groups \(2\)"),
+        (lambda: extension.dot(x.double(), x, offsets, 2, 1, 1), "q must be Float like x, got Double"),
+        (lambda: extension.dot(x[:, :2], x, offsets, 2, 1, 1), r"q must have shape \[2, 4, 5, 6\]"),
+        (lambda: extension.backward(x, offsets, weights, x[:1], 1, 1, True, True, True), "v must have shape"),
+        (lambda: extension.backward(x, offsets, weights, x, 1, 0, True, True, True), "dilation must be positive"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message) as error:
+            call()
+        assert "\n" not in str(error.value).strip()
+
+
 def test_walk_predictor_starts_uniform_and_learns(path):
     walk = sampler.WalkPredictor(6, dilation=2).double()
     x = torch.randn(2, 6, 7, 8, dtype=torch.float64)
@@ -260,41 +348,93 @@ def test_walk_predictor_starts_uniform_and_learns(path):
 
 
 def test_custom_ops_pass_opcheck():
-    B, C, H, W, G = 2, 4, 5, 6, 2
+    B, C, H, W, G, Go = 2, 4, 5, 6, 2, 2
     x, q = torch.randn(B, C, H, W, requires_grad=True), torch.randn(B, C, H, W, requires_grad=True)
-    offsets = walks(B, 9, H, W, dtype=torch.float32).requires_grad_()
+    offsets = walks(B, 9, H, W, dtype=torch.float32, groups=Go).requires_grad_()
     weights = torch.rand(B, G, 9, H, W, requires_grad=True)
-    for op, args in [(sampler._aggregate_kernel, (x, offsets, weights, 1)),
-                     (sampler._dot_kernel, (q, x, offsets, G, 2)),
-                     (sampler._backward_kernel, (x.detach(), offsets.detach(), weights.detach(), q.detach(), 1,
-                                                 True, True))]:
+    for op, args in [(sampler._aggregate_kernel, (x, offsets, weights, Go, 1)),
+                     (sampler._dot_kernel, (q, x, offsets, G, Go, 2)),
+                     (sampler._backward_kernel, (x.detach(), offsets.detach(), weights.detach(), q.detach(), Go, 1,
+                                                 True, True, True)),
+                     (sampler._backward_kernel, (x.detach(), offsets.detach(), weights.detach(), q.detach(), Go, 1,
+                                                 False, True, False))]:
         results = torch.library.opcheck(op, args)
         assert set(results.values()) == {"SUCCESS"}, results
 
 
+def test_double_backward_says_it_is_not_supported():
+    x, offsets, weights = torch.randn(1, 2, 3, 4, requires_grad=True), walks(1, 9, 3, 4), torch.rand(1, 1, 9, 3, 4)
+    with sampler.backend("kernel"):
+        grad_x, = torch.autograd.grad(sampler.aggregate(x, offsets, weights).square().sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="the kernel path has no double backward"):
+            grad_x.sum().backward()
+    with sampler.backend("torch"):  # the reference has one
+        grad_x, = torch.autograd.grad(sampler.aggregate(x, offsets, weights).square().sum(), x, create_graph=True)
+        grad_x.sum().backward()
+
+
+def test_the_host_backward_is_deterministic():
+    B, C, H, W = 2, 8, 6, 7
+    inputs = torch.randn(B, C, H, W), torch.randn(B, C, H, W), walks(B, 9, H, W, dtype=torch.float32)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with sampler.backend("kernel"):
+            first, second = (outputs_and_grads(lambda q, x, o: sampler.dot(q, x, o, 2), inputs) for _ in range(2))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@CUDA
+def test_deterministic_mode_refuses_the_cuda_atomics():
+    x = torch.randn(2, 8, 6, 7, device="cuda", requires_grad=True)
+    offsets, weights = walks(2, 9, 6, 7, dtype=torch.float32, device="cuda"), torch.rand(2, 1, 9, 6, 7, device="cuda")
+    out = sampler.aggregate(x, offsets, weights)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="dgmn_sampler::backward .* does not have a deterministic"):
+            out.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_torch_compile_traces_the_sampler(path):
-    B, C, H, W = 2, 8, 5, 6
+    B, C, H, W, G = 2, 8, 5, 6, 2
 
     def attention(q, k, v, offsets):
-        return sampler.aggregate(v, offsets, sampler.dot(q, k, offsets).softmax(dim=2))
+        return sampler.aggregate(v, offsets, sampler.dot(q, k, offsets, G, offset_groups=G).softmax(dim=2),
+                                 offset_groups=G)
 
-    inputs = [torch.randn(B, C, H, W) for _ in range(3)] + [walks(B, 9, H, W, dtype=torch.float32)]
+    inputs = [torch.randn(B, C, H, W) for _ in range(3)] + [walks(B, 9, H, W, dtype=torch.float32, groups=G)]
     compiled = torch.compile(attention, backend="aot_eager", fullgraph=True)
     for a, b in zip(outputs_and_grads(compiled, inputs), outputs_and_grads(attention, inputs)):
         torch.testing.assert_close(a, b)
 
 
-def test_a_failed_cuda_build_warns_and_falls_back(monkeypatch):
+def test_the_kernel_is_the_default_where_it_builds():
+    x = torch.randn(2, 4, 5, 6)
+    assert sampler._use_kernel(x) and not sampler._use_kernel(x.to("meta"))
+    with sampler.backend("torch"):
+        assert not sampler._use_kernel(x)
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
     def no_compiler(device_type):
-        raise RuntimeError("nvcc not found")
+        raise RuntimeError("c++ not found")
 
     monkeypatch.setattr(sampler, "_extension", no_compiler)
-    sampler._cuda_kernel_builds.cache_clear()
+    sampler._build.cache_clear()
     try:
-        with pytest.warns(UserWarning, match="using the torch reference path"):
-            assert sampler._cuda_kernel_builds() is False
+        x, offsets, weights = torch.randn(1, 2, 3, 4), walks(1, 9, 3, 4, dtype=torch.float32), torch.rand(1, 1, 9, 3, 4)
+        with pytest.warns(UserWarning, match="could not build sampler_cuda.cu for cpu .*using the torch reference"):
+            out = sampler.aggregate(x, offsets, weights)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once: the second call is silent
+            torch.testing.assert_close(sampler.aggregate(x, offsets, weights), out)
+        with sampler.backend("torch"):
+            torch.testing.assert_close(sampler.aggregate(x, offsets, weights), out)
     finally:
-        sampler._cuda_kernel_builds.cache_clear()
+        sampler._build.cache_clear()
 
 
 def _cuda_home():
@@ -325,24 +465,18 @@ def test_nvcc_compiles_the_kernel(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_HOME", cuda_home)
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", cuda_home)
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"))
-    module = cpp_extension.load(name="dgmn_sampler_nvcc_check", sources=[str(sampler._SOURCE)],
-                                build_directory=str(tmp_path), extra_cuda_cflags=["-O3"])
-    assert {"aggregate", "dot", "backward"} <= set(dir(module))
-
-
-@CUDA
-def test_cuda_tensors_use_the_kernel_by_default():
-    x = torch.randn(2, 4, 5, 6, device="cuda")
-    assert sampler._use_kernel(x) and not sampler._use_kernel(x.cpu())
+    cpp_extension.load(name="dgmn_sampler_nvcc_check", sources=[str(sampler._SOURCE)], build_directory=str(tmp_path),
+                       extra_cuda_cflags=["-O3"], is_python_module=False)
+    assert all(hasattr(torch.ops.dgmn_sampler_nvcc_check, op) for op in ("aggregate", "dot", "backward"))
 
 
 def test_flop_counter_counts_both_paths_alike(path):
     """The fused ops count their products as the reference's einsum does: 2 FLOPs per sampled element and channel."""
     from torch.utils.flop_counter import FlopCounterMode
     B, C, H, W = 2, 8, 5, 6
-    x, offsets = torch.randn(B, C, H, W), walks(B, 9, H, W, dtype=torch.float32)
+    x, offsets = torch.randn(B, C, H, W), walks(B, 9, H, W, dtype=torch.float32, groups=2)
     with FlopCounterMode(display=False) as counter:
-        sampler.aggregate(x, offsets, sampler.dot(x, x, offsets, groups=2))
+        sampler.aggregate(x, offsets, sampler.dot(x, x, offsets, groups=2, offset_groups=2), offset_groups=2)
     assert counter.get_total_flops() == 2 * (2 * B * C * 9 * H * W)
 
 # ====================================================================================================================
@@ -597,15 +731,35 @@ def test_autocast(path, dtype):
     assert F.cosine_similarity(half.float().flatten(), full.flatten(), dim=0) > 0.99
 
 
-@pytest.mark.parametrize("transposed", [False, True])
-def test_torch_compile_traces_a_layer(path, transposed):
+@pytest.mark.parametrize("choice, transposed", [("torch", False), ("auto", False), ("auto", True)])
+def test_torch_compile_traces_a_layer(choice, transposed):
+    """fullgraph=True on the reference and on the default path (the kernel here), where the build check is not traced."""
     layer = dgmn2.DGMN2Layer(64, 2, 4, (6, 8))
     layer.attn.rel_pos.transposed = transposed
     tokens = torch.randn(2, 5 * 7, 64)
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-    for a, b in zip(outputs_and_grads(lambda t: compiled(t, 5, 7), [tokens]),
-                    outputs_and_grads(lambda t: layer(t, 5, 7), [tokens])):
-        torch.testing.assert_close(a, b)
+    with sampler.backend(choice):
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+        for a, b in zip(outputs_and_grads(lambda t: compiled(t, 5, 7), [tokens]),
+                        outputs_and_grads(lambda t: layer(t, 5, 7), [tokens])):
+            torch.testing.assert_close(a, b)
+
+
+def test_attention_reads_q_k_v_and_walks_where_the_linears_wrote_them(monkeypatch):
+    """No fold of heads into the batch and no copy: the sampler gets views of the qkv and walk Linears' outputs."""
+    attention = dgmn2.DGMN2Attention(64, 2, (5, 7))
+    written, read = {}, []
+    for name in ("qkv", "walk"):
+        getattr(attention, name).register_forward_hook(lambda m, i, out, name=name: written.update({name: out}))
+    for name in ("dot", "aggregate"):
+        original = getattr(sampler, name)
+        monkeypatch.setattr(sampler, name, lambda *args, original=original, **kwargs: read.append(args) or
+                            original(*args, **kwargs))
+    attention(torch.randn(2, 5 * 7, 64), 5, 7)
+    (q, k, offsets_dot, *_), (v, offsets_aggregate, attn) = read
+    storage = {name: out.untyped_storage().data_ptr() for name, out in written.items()}
+    assert {t.untyped_storage().data_ptr() for t in (q, k, v)} == {storage["qkv"]}
+    assert {t.untyped_storage().data_ptr() for t in (offsets_dot, offsets_aggregate)} == {storage["walk"]}
+    assert q.shape == (2, 64, 5, 7) and q.stride(1) == 1 and attn.shape == (2, 2, 9, 5, 7)
 
 
 def _ddp_rank(rank, world, store, state, images, labels, out):
@@ -663,16 +817,24 @@ def test_model_errors_are_one_line():
 
 
 @CUDA
-def test_model_on_cuda_matches_the_cpu_reference():
+def test_model_on_cuda_matches_the_cpu_reference(exact_cuda):
+    """The default path on the GPU (the CUDA kernels) against the torch reference on the CPU: logits and every
+    parameter's gradient in float32, then logits under bf16 autocast."""
     torch.manual_seed(0)
-    model = dgmn2.load_official(dgmn2.dgmn2_tiny(), release_tiny_checkpoint().state_dict())
+    model = dgmn2.load_official(dgmn2.dgmn2_tiny(), release_tiny_checkpoint().state_dict()).eval()
     images = torch.randn(2, 3, 64, 96)
-    with torch.no_grad():
-        expected = model(images)
-        torch.testing.assert_close(model.cuda()(images.cuda()).cpu(), expected, rtol=1e-4, atol=1e-4)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            half = model(images.cuda()).float().cpu()
-    assert F.cosine_similarity(half.flatten(), expected.flatten(), dim=0) > 0.99
+    results = []
+    for device, choice in (("cpu", "torch"), ("cuda", "auto")):
+        with sampler.backend(choice):
+            model.to(device).zero_grad()
+            logits = model(images.to(device))
+            logits.square().sum().backward()
+            results.append([logits.cpu()] + [p.grad.cpu() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        half = model(images.cuda()).float().cpu()
+    assert F.cosine_similarity(half.flatten(), results[0][0].flatten(), dim=0) > 0.99
 
 
 def test_show_walks_draws_a_picture(tmp_path):
@@ -857,6 +1019,16 @@ def test_synthetic_default_trains_two_steps(tmp_path):
     assert metrics["step"] == 2 and math.isfinite(metrics["train_loss"]) and metrics["images"] == 11
     assert (tmp_path / "run" / "checkpoint-0001.pth").is_file()
     assert json.loads((tmp_path / "run" / "log.jsonl").read_text())["top1"] == metrics["top1"]
+
+
+def test_bench_times_dgmn2_beside_swin_t(tmp_path, capsys):
+    assert train_imagenet.main(tiny_run(tmp_path, bench=1, batch_size=2)) is None
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\| (DGMN2-tiny|torchvision swin_t) \| ([\d.]+)M \| ([\d.]+) \| ([\d.]+) \|$", out, re.M)
+    assert [row[0] for row in rows] == ["DGMN2-tiny", "torchvision swin_t"] and rows[1][1] == "28.3"
+    assert all(float(rate) > 0 for row in rows for rate in row[2:])
+    assert re.search(r"DGMN2-tiny / swin_t: [\d.]+x training, [\d.]+x inference", out)
+    assert not (tmp_path / "run").exists()  # a benchmark writes nothing
 
 
 def test_image_folder_with_the_paper_recipe(tmp_path):

@@ -13,7 +13,7 @@ clutter), at 32 x 32 with a short schedule, in a few minutes on a CPU: same code
     torchrun train_imagenet.py --model tiny
 
 Evaluate the authors' released weights:  --eval-only --weights dgmn2_tiny.pth --data /path/to/imagenet
-Benchmark training throughput:           --bench 10 (timed steps on random images at --img-size)
+Benchmark beside torchvision's swin_t:   --bench 10 --img-size 224 --batch-size 16 (timed steps on random images)
 The recipe (AdamW, lr 1e-3 at batch 1024, cosine, RandAugment, MixUp/CutMix, ...) is from the paper and the
 authors' release (../shared/reference/recipes.md). Every knob is a flag: python train_imagenet.py --help.
 """
@@ -81,7 +81,8 @@ class Config:
     resume: str = ""                  # a checkpoint, or "auto": the newest in --output
     weights: str = ""                 # the authors' released checkpoint (dgmn2.load_official)
     eval_only: bool = False
-    bench: int = 0                    # > 0: time this many training steps on random images and exit
+    bench: int = 0                    # > 0: time this many training and inference steps on random images, DGMN2
+                                      # and torchvision's swin_t, and exit
     synthetic_train: int = 6000       # images in the built-in synthetic set
     synthetic_val: int = 1200
 
@@ -558,24 +559,52 @@ def _run(cfg, rank, world, device):
     return metrics
 
 
+def _images_per_s(step, cfg, device, world):
+    """Images/s of step() (one batch on each rank): 2 warm-up calls, then cfg.bench timed ones."""
+    for call in range(2 + cfg.bench):
+        if call == 2:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return cfg.bench * cfg.batch_size * world / (time.perf_counter() - started)
+
+
 def _bench(cfg, model, optimizer, scaler, criterion, autocast, dtype, device, world, log):
-    """Training images/s on random images: 2 warm-up steps, then cfg.bench timed steps."""
+    """Training and inference images/s on random images, DGMN2 beside torchvision's swin_t (Table 6 compares the two:
+    Small 4.3 and Swin-T 4.5 GMACs), on the same device, batch, precision, memory format and compilation."""
+    import torchvision
     images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, device=device)
     if cfg.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (cfg.batch_size,), device=device)
-    for step in range(2 + cfg.bench):
-        if step == 2:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            started = time.time()
-        train_step(model, optimizer, scaler, criterion, images, labels, cfg, autocast)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    rate = cfg.bench * cfg.batch_size * world / (time.time() - started)
-    log(f"DGMN2-{cfg.model} training at {cfg.img_size} x {cfg.img_size}, batch {cfg.batch_size} x {world}, "
-        f"autocast {dtype}: {rate:.1f} images/s on "
-        f"{torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'}")
+    swin = torchvision.models.swin_t(num_classes=1000).to(device)
+    if cfg.channels_last:
+        swin = swin.to(memory_format=torch.channels_last)
+    swin_trained = DistributedDataParallel(swin) if world > 1 else swin
+    if cfg.compile:
+        swin_trained = torch.compile(swin_trained)
+    swin_optimizer = torch.optim.AdamW(param_groups(swin, cfg.weight_decay), lr=cfg.lr)
+    swin_scaler = torch.amp.GradScaler(device.type, enabled=scaler.is_enabled())
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    log(f"Training and inference at {cfg.img_size} x {cfg.img_size}, batch {cfg.batch_size} x {world}, autocast "
+        f"{dtype}, {cfg.bench} timed steps on {where}:\n| model | parameters | train images/s | inference images/s |"
+        "\n|---|---|---|---|")
+    rates = []
+    for name, net, trained, opt, scale in [(f"DGMN2-{cfg.model}", model, model, optimizer, scaler),
+                                           ("torchvision swin_t", swin, swin_trained, swin_optimizer, swin_scaler)]:
+        trained.train()
+        train = _images_per_s(lambda: train_step(trained, opt, scale, criterion, images, labels, cfg, autocast),
+                              cfg, device, world)
+        trained.eval()
+        with torch.no_grad(), autocast:
+            infer = _images_per_s(lambda: trained(images), cfg, device, world)
+        rates.append((train, infer))
+        log(f"| {name} | {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M | {train:.1f} | {infer:.1f} |")
+    (train, infer), (swin_train, swin_infer) = rates
+    log(f"DGMN2-{cfg.model} / swin_t: {train / swin_train:.2f}x training, {infer / swin_infer:.2f}x inference")
     return None
 
 

@@ -235,8 +235,8 @@ def _per_query(x, groups, per_unit, dtype):
     return torch.empty(B, H, W, groups, per_unit, dtype=dtype, device=x.device).permute(0, 3, 4, 1, 2)
 
 
-def _channels_last(shape, like, dtype=None):
-    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=torch.channels_last)
+def _channels_last(shape, like):
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
 
 
 @_aggregate_kernel.register_fake
@@ -270,15 +270,17 @@ def _aggregate_backward(ctx, grad):
 
 
 def _dot_setup(ctx, inputs, output):
-    q, x, offsets, ctx.groups, ctx.offset_groups, ctx.dilation = inputs
+    q, x, offsets, _, ctx.offset_groups, ctx.dilation = inputs
     ctx.save_for_backward(q, x, offsets)
 
 
 def _dot_backward(ctx, grad):
     q, x, offsets = ctx.saved_tensors
     need_q, need_x, need_offsets = ctx.needs_input_grad[:3]
-    grad_x, grad_offsets, _ = _backward_kernel(x, offsets, grad, q, ctx.offset_groups, ctx.dilation, need_x,
-                                               need_offsets, False)
+    grad_x = grad_offsets = None
+    if need_x or need_offsets:
+        grad_x, grad_offsets, _ = _backward_kernel(x, offsets, grad, q, ctx.offset_groups, ctx.dilation, need_x,
+                                                   need_offsets, False)
     # d/dq of sum_k grad[k] q . node_k is sum_k grad[k] node_k: aggregate itself.
     grad_q = _aggregate_kernel(x, offsets, grad, ctx.offset_groups, ctx.dilation) if need_q else None
     return grad_q, grad_x if need_x else None, grad_offsets if need_offsets else None, None, None, None
@@ -464,6 +466,20 @@ def _cases(batch, dtype, device):
            tuple(t.requires_grad_() for t in (x, offsets, weights)), moved)
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Send the process's stderr to /dev/null for a while: the CPU profiler prints start and stop lines there."""
+    import os
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _measure(fn, device, repeats):
     """Median seconds of fn() and its peak memory above what was allocated before. CUDA: the allocator's peak.
     CPU: the running sum of the profiler's allocation and free records (every aten op, those inside the kernels'
@@ -485,7 +501,8 @@ def _measure(fn, device, repeats):
         times.append(time.perf_counter() - start)
     if device == "cuda":
         return statistics.median(times), torch.cuda.max_memory_allocated() - base
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                 profile_memory=True) as prof:
         fn()
     records = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())
     return statistics.median(times), max(itertools.accumulate(bytes_ for _, bytes_ in records))

@@ -588,9 +588,9 @@ static Split split(const Geometry<int64_t>& s, std::initializer_list<at::Tensor>
   return {run, lanes_for(run)};
 }
 
-// Whether every element offset of these tensors, and every thread index, fits in 32 bits.
-static bool fits_int32(std::initializer_list<at::Tensor> tensors, int64_t threads) {
-  int64_t largest = threads;
+// Whether every element offset of these tensors, every thread index and every grid position fits in 32 bits.
+static bool fits_int32(const Geometry<int64_t>& s, std::initializer_list<at::Tensor> tensors) {
+  int64_t largest = std::max(s.units() * 32, s.ks / 2 * s.dilation + std::max(s.H, s.W));
   for (const at::Tensor& t : tensors) {
     if (!t.defined()) continue;
     int64_t last = 0;
@@ -641,7 +641,7 @@ at::Tensor aggregate(const at::Tensor& x_in, const at::Tensor& offsets_in, const
   const at::Tensor x = channels_contiguous(x_in);
   const at::Tensor offsets = offsets_in.to(acc_type(x)), weights = weights_in.to(acc_type(x));
   at::Tensor out = empty_channels_last(x.sizes(), x.options());
-  DGMN_DISPATCH(x, fits_int32({x, offsets, weights, out}, s.units() * 32), vector, {
+  DGMN_DISPATCH(x, fits_int32(s, {x, offsets, weights, out}), vector, {
     const Aggregate<scalar_t, index_t> kernel{narrow<index_t>(s), In<scalar_t, index_t>(x),
                                               Strided<const acc_t, 4, index_t>(offsets),
                                               Strided<const acc_t, 5, index_t>(weights), Map<scalar_t, index_t>(out)};
@@ -659,7 +659,7 @@ at::Tensor dot(const at::Tensor& q_in, const at::Tensor& x_in, const at::Tensor&
   const at::Tensor x = channels_contiguous(x_in), q = channels_contiguous(q_in);
   const at::Tensor offsets = offsets_in.to(acc_type(x));
   at::Tensor logits = empty_per_query(s, s.K(), x.options());
-  DGMN_DISPATCH(x, fits_int32({q, x, offsets, logits}, s.units() * 32), vector, {
+  DGMN_DISPATCH(x, fits_int32(s, {q, x, offsets, logits}), vector, {
     const Dot<scalar_t, index_t> kernel{narrow<index_t>(s), In<scalar_t, index_t>(q), In<scalar_t, index_t>(x),
                                         Strided<const acc_t, 4, index_t>(offsets),
                                         Strided<scalar_t, 5, index_t>(logits)};
@@ -686,7 +686,7 @@ std::vector<at::Tensor> backward(const at::Tensor& x_in, const at::Tensor& offse
   const at::Tensor grad_walks = need_offsets ? empty_per_query(s, 2 * s.K(), acc) : at::Tensor();  // per group
   const at::Tensor grad_u = need_u ? empty_per_query(s, s.K(), acc) : at::Tensor();
   if (need_x || need_offsets || need_u) {
-    DGMN_DISPATCH(x, fits_int32({x, v, offsets, u, grad_x, grad_walks, grad_u}, s.units() * 32), vector, {
+    DGMN_DISPATCH(x, fits_int32(s, {x, v, offsets, u, grad_x, grad_walks, grad_u}), vector, {
       const Backward<scalar_t, index_t> kernel{
           narrow<index_t>(s),           In<scalar_t, index_t>(x),         In<scalar_t, index_t>(v),
           Strided<const acc_t, 4, index_t>(offsets), Strided<const acc_t, 5, index_t>(u), Map<acc_t, index_t>(grad_x),

@@ -259,6 +259,28 @@ def test_kernel_matches_reference(device, dtype, C, G, Go, layout):
             torch.testing.assert_close(a, b)
 
 
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("G, shift", [(1, 0), (2, 0), (2, 1)])
+def test_cuda_vector_lanes_match_reference(exact_cuda, dtype, G, shift):
+    """A problem large enough for the GPU's 16-byte lanes (the small ones above take single channels), with q, k, v
+    as slices of one token tensor like DGMN2's; shift 1 starts them one element in, off the 16-byte grid."""
+    B, H, W, C = 16, 56, 56, 64
+    tokens = torch.randn(B, H, W, 3 * C + shift, device="cuda", dtype=dtype)
+    q, k, v = (tokens[..., shift + i * C:shift + (i + 1) * C].permute(0, 3, 1, 2) for i in range(3))
+    offsets = (2 * torch.randn(B, H, W, G, 18, device="cuda")).to(dtype).flatten(3).permute(0, 3, 1, 2)
+    assert q.data_ptr() % 16 == shift * tokens.element_size()
+
+    def attention(q, k, v, offsets):
+        attn = sampler.dot(q, k, offsets, G, offset_groups=G).float().softmax(dim=2)
+        return sampler.aggregate(v, offsets, attn, offset_groups=G)
+
+    reference, kernel = both_paths(attention, (q, k, v, offsets))
+    scale = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, b in zip(kernel, reference):
+        torch.testing.assert_close(a.float(), b.float(), rtol=scale, atol=scale * b.abs().max().item())
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_types_round_once(path, device, dtype):

@@ -377,7 +377,7 @@ struct Dot {
 //   dot:       u = grad of logits, v = q     -> grad_x, grad_offsets (grad of q: aggregate(x, offsets, u))
 // With t_n = sum_{c in g} v[c] x_n[c] at the four neighbours n of node k (node_k = sum_n w_n x_n):
 //   dL/du[k] = sum_n w_n t_n,  dL/d(dy_k) = u[k] sum_n (dw_n / dy) t_n (likewise dx_k),  dL/dx_n[c] += u[k] w_n v[c].
-// Each unit writes its own walk gradients (B, G, 2K, H, W); with Go < G, sampler sums them over a walk's groups.
+// Each unit writes its own walk gradients (B, G, 2K, H, W); with Go < G, backward() below sums a walk's groups.
 
 template <typename scalar_t, typename index_t>
 struct Backward {
@@ -481,7 +481,8 @@ void run(const Op& op, Split split, bool strips) {
   at::parallel_for(0, B * G, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t strip = lo; strip < hi; ++strip) {
       const int64_t b = strip / G, g = strip % G;
-      for (int64_t pixel = 0; pixel < pixels; ++pixel) op.template operator()<kHostRun>((b * pixels + pixel) * G + g, 0, 1);
+      for (int64_t pixel = 0; pixel < pixels; ++pixel)
+        op.template operator()<kHostRun>((b * pixels + pixel) * G + g, 0, 1);
     }
   });
 #endif
@@ -489,7 +490,7 @@ void run(const Op& op, Split split, bool strips) {
 
 // ------------------------------------------------------------------------------------------------
 // Entry points: every tensor's device, dtype and shape checked with a one-line message (sampler.py checks first,
-// with the user's names; these guard direct calls of torch.ops.dgmn_sampler.*).
+// with the user's names; these guard direct calls of torch.ops.dgmn_sampler_host.* and dgmn_sampler_cuda.*).
 
 #ifdef __CUDACC__
 constexpr bool kCuda = true;
@@ -532,8 +533,8 @@ static Geometry<int64_t> geometry(const at::Tensor& x, const at::Tensor& offsets
 
 static void check_like_x(const char* name, const at::Tensor& t, const at::Tensor& x) {
   check_device(name, t, x);
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "sampler_cuda.cu: ", name, " must be ", x.scalar_type(), " like x, got ",
-              t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "sampler_cuda.cu: ", name, " must be ", x.scalar_type(),
+              " like x, got ", t.scalar_type());
   check_dims(name, t, x.sizes());
 }
 

@@ -755,7 +755,7 @@ def test_autocast(path, dtype):
 
 @pytest.mark.parametrize("choice, transposed", [("torch", False), ("auto", False), ("auto", True)])
 def test_torch_compile_traces_a_layer(choice, transposed):
-    """fullgraph=True on the reference and on the default path (the kernel here), where the build check is not traced."""
+    """fullgraph=True on the reference and on the default path (here the kernel; its build check is not traced)."""
     layer = dgmn2.DGMN2Layer(64, 2, 4, (6, 8))
     layer.attn.rel_pos.transposed = transposed
     tokens = torch.randn(2, 5 * 7, 64)

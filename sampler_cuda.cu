@@ -60,6 +60,9 @@
 
 constexpr int kHostRun = 64;  // channels a host lane reads at once (a DGMN2 head)
 constexpr int kThreads = 256;  // GPU threads a block, a multiple of the warp
+constexpr int kWarp = 32;  // the most lanes a unit gets on the GPU: its shuffles stay within a warp
+constexpr int64_t kResidentThreads = 2048;  // threads a multiprocessor holds at once (sm_80, sm_90)
+constexpr int64_t kHostGrain = 64;  // units a host thread takes at least
 
 // ------------------------------------------------------------------------------------------------
 // Tensors
@@ -308,7 +311,8 @@ HD inline void for_runs(index_t begin, index_t end, int lane, int lanes, const F
 template <typename T>
 HD inline T lane_sum(T v, int lanes) {
 #ifdef __CUDA_ARCH__
-  const unsigned segment = lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1) << (threadIdx.x & 31 & ~(lanes - 1));
+  const unsigned segment =
+      lanes == kWarp ? 0xffffffffu : ((1u << lanes) - 1) << (threadIdx.x & (kWarp - 1) & ~(lanes - 1));
   for (int m = lanes / 2; m > 0; m /= 2) v += __shfl_xor_sync(segment, v, m);
 #else
   (void)lanes;
@@ -472,7 +476,7 @@ void run(const Op& op, Split split, bool strips) {
 #else
   (void)split;
   if (!strips) {
-    at::parallel_for(0, units, 64, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, units, kHostGrain, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) op.template operator()<kHostRun>(i, 0, 1);
     });
     return;
@@ -566,32 +570,30 @@ static at::Tensor empty_per_query(const Geometry<int64_t>& s, int64_t per_unit, 
 // small to fill the GPU with vector lanes takes single channels and more lanes.
 template <typename scalar_t>
 static Split split(const Geometry<int64_t>& s, std::initializer_list<at::Tensor> maps) {
+  if (!kCuda) return {kHostRun, 1};
   constexpr int vector = 16 / sizeof(scalar_t);
   bool aligned = s.group_channels() % vector == 0;
   for (const at::Tensor& t : maps) {
-    if (!t.defined()) continue;
     aligned = aligned && reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
     for (int d : {0, 2, 3}) aligned = aligned && (t.size(d) == 1 || t.stride(d) % vector == 0);
   }
   auto lanes_for = [&](int run) {
     int lanes = 1;
-    while (lanes < 32 && lanes * run < s.group_channels()) lanes *= 2;
+    while (lanes < kWarp && lanes * run < s.group_channels()) lanes *= 2;
     return lanes;
   };
-  if (!kCuda) return {kHostRun, 1};
   int run = aligned ? vector : 1;
 #ifdef __CUDACC__
   int processors = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&processors, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  const int64_t resident = processors * 2048LL;  // threads the GPU holds at once (2048 a multiprocessor)
-  if (run > 1 && s.units() * lanes_for(run) < resident) run = 1;
+  if (run > 1 && s.units() * lanes_for(run) < processors * kResidentThreads) run = 1;
 #endif
   return {run, lanes_for(run)};
 }
 
 // Whether every element offset of these tensors, every thread index and every grid position fits in 32 bits.
 static bool fits_int32(const Geometry<int64_t>& s, std::initializer_list<at::Tensor> tensors) {
-  int64_t largest = std::max(s.units() * 32, s.ks / 2 * s.dilation + std::max(s.H, s.W));
+  int64_t largest = std::max(s.units() * kWarp, s.ks / 2 * s.dilation + std::max(s.H, s.W));
   for (const at::Tensor& t : tensors) {
     if (!t.defined()) continue;
     int64_t last = 0;

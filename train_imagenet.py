@@ -1,31 +1,28 @@
 """ImageNet-1K classification with DGMN2 (Section 6.1, Table 6): training, evaluation, DDP through torchrun.
 
 Paper targets, top-1 on ImageNet-1K val at 224 x 224 (resize 256, centre crop): DGMN2-Tiny 78.7, Small 81.7,
-Medium 82.5, Large 83.3 (300 epochs, global batch 1024 on 8 GPUs). To reproduce Tiny:
+Medium 82.5, Large 83.3 (300 epochs, global batch 1024 on 8 GPUs), with the release's (DeiT's) recipe: AdamW, cosine,
+RandAugment rand-m9-mstd0.5-inc1, MixUp/CutMix, random erasing, repeated augmentation, drop path 0.1 from epoch 100.
 
-    torchrun --nproc_per_node 8 train_imagenet.py --model tiny --data /path/to/imagenet --batch-size 128
-
-Several machines: the same command on each with torchrun's rendezvous, e.g. on both of two nodes
+    torchrun --nproc_per_node 8 train_imagenet.py --model tiny --data /path/to/imagenet      # Table 6, Tiny
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train_imagenet.py ...
-
-Without --data it trains on a built-in synthetic set (shapes with random colour, size, position, rotation and
-clutter), at 32 x 32 with a short schedule, in a few minutes on a CPU: same code path, other defaults (SYNTHETIC).
-    torchrun train_imagenet.py --model tiny
-
-Evaluate the authors' released weights:  --eval-only --weights dgmn2_tiny.pth --data /path/to/imagenet
-Benchmark beside torchvision's swin_t:   --bench 10 --img-size 224 --batch-size 16 (timed steps on random images)
-The recipe (AdamW, lr 1e-3 at batch 1024, cosine, RandAugment, MixUp/CutMix, ...) is from the paper and the
-authors' release (../shared/reference/recipes.md). Every knob is a flag: python train_imagenet.py --help.
+    torchrun train_imagenet.py --model tiny      # no --data: built-in synthetic shapes at 32 x 32, minutes on a CPU
+    python train_imagenet.py --eval-only --weights dgmn2_tiny.pth --data /path/to/imagenet     # the release's weights
+    python train_imagenet.py --eval-only --resume runs/imagenet/checkpoint-0300.pth --data ... # EMA weights if saved
+    python train_imagenet.py --bench 10 --img-size 224 --batch-size 16      # images/s beside torchvision's swin_t
 """
 
 import argparse
 import dataclasses
+import datetime
+import functools
 import json
 import math
 import os
 import re
 import sys
 import time
+from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,90 +31,305 @@ import torch.distributed as dist
 import torch.nn as nn
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 from torchvision.datasets import ImageFolder
+from torchvision.models import swin_t
 from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
 
 import dgmn2
 
-IMAGENET_MEAN, IMAGENET_STD = dgmn2.IMAGENET_MEAN, dgmn2.IMAGENET_STD
 
-# ----------------------------------------------------------------------------------------------------------------
-# Configuration: the paper's recipe by default; SYNTHETIC replaces what no flag set when there is no --data
-
-
-@dataclass
-class Config:
-    model: str = "tiny"               # tiny | small | medium | large
-    data: str = ""                    # ImageFolder root with train/ and val/; empty: the built-in synthetic set
-    output: str = "runs/imagenet"     # checkpoints and log.jsonl
-    epochs: int = 300
-    warmup_epochs: int = 5
-    batch_size: int = 128             # per process; the global batch is batch_size x world size
-    lr: float = 1e-3                  # at a global batch of 1024, scaled linearly with the real one
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05        # not on biases, norm weights and relative-position tables
-    img_size: int = 224
-    eval_resize: int = 0              # eval: resize the shorter side (0: img_size / 0.875, 256 at 224), crop img_size
-    crop_scale: float = 0.08          # RandomResizedCrop's smallest area fraction
-    color_jitter: float = 0.4
-    randaugment_ops: int = 2
-    randaugment_magnitude: int = 9
-    random_erasing: float = 0.25
-    mixup: float = 0.8                # MixUp alpha (0: off); with CutMix, one of the two per batch
-    cutmix: float = 1.0               # CutMix alpha (0: off)
-    label_smoothing: float = 0.1
-    drop_path: float = 0.1
-    amp: str = "auto"                 # auto (bf16 on GPUs that have it, else fp16; off on CPU) | bf16 | fp16 | off
-    ema_decay: float = 0.0            # 0: no EMA; e.g. 0.99996
-    clip_grad: float = 0.0            # max gradient norm, 0: no clipping
-    channels_last: bool = False
-    compile: bool = False
-    workers: int = 8
-    seed: int = 0
-    resume: str = ""                  # a checkpoint, or "auto": the newest in --output
-    weights: str = ""                 # the authors' released checkpoint (dgmn2.load_official)
-    eval_only: bool = False
-    bench: int = 0                    # > 0: time this many training and inference steps on random images, DGMN2
-                                      # and torchvision's swin_t, and exit
-    synthetic_train: int = 6000       # images in the built-in synthetic set
-    synthetic_val: int = 1200
-
-
-SYNTHETIC = dict(  # a few minutes on a CPU: small images, few epochs; the generator already varies colour and place
-    epochs=6, warmup_epochs=1, batch_size=64, lr=1.6e-2, img_size=32, crop_scale=0.35,
-    color_jitter=0.0, randaugment_ops=0, random_erasing=0.0, mixup=0.0, cutmix=0.0, drop_path=0.0, workers=1,
-    output="runs/synthetic")
-
-
-CHOICES = dict(model=list(dgmn2.VARIANTS), amp=["auto", "bf16", "fp16", "off"])
+# ================================================================================================================
+# The shared block: the same text in the three training scripts (test_all.py compares them), so that each stays
+# self-contained. The script around it defines Config, SYNTHETIC (the defaults without --data), CHOICES, check(cfg)
+# and run(cfg, rank, world, device).
 
 
 class InputError(Exception):
-    """Bad input (paths, data, checkpoints): reported in one line, exit status 1."""
+    """Bad input (options, paths, data, checkpoints): reported in one line, exit status 1."""
 
 
 class TrainingError(Exception):
     """A run that cannot go on (a non-finite loss): reported in one line, exit status 1."""
 
 
+def option(default, help):
+    """A Config field: its default and its --help text."""
+    return dataclasses.field(default=default, metadata=dict(help=help))
+
+
 def parse_args(argv=None):
-    """Config from the command line: one flag per field; SYNTHETIC fills the fields no flag set when --data is empty."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """Config from the command line, an option a field. Without --data, SYNTHETIC replaces the defaults it names."""
+    changed = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in SYNTHETIC.items())
+    parser = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__, epilog="Without --data (the "
+                                     f"built-in synthetic set) these defaults change: {changed}.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif f.name in CHOICES:
-            parser.add_argument(flag, choices=CHOICES[f.name], default=None)
+        synthetic = f"; {SYNTHETIC[f.name]!r} without --data" if f.name in SYNTHETIC else ""
+        kwargs = dict(default=None, help=f"{f.metadata['help']} (default {f.default!r}{synthetic})".replace("%", "%%"))
+        if f.type is bool:  # a plain switch, with a --no- twin only where it is on by default
+            on = f.default or SYNTHETIC.get(f.name, False)
+            kwargs.update(action=argparse.BooleanOptionalAction if on else "store_true")
         else:
-            parser.add_argument(flag, type=f.type, default=None, help=f"default {f.default}")
+            kwargs.update(type=f.type, choices=CHOICES.get(f.name))
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    defaults = SYNTHETIC if not given.get("data") else {}
-    return Config(**{**defaults, **given})
+    return Config(**{**(SYNTHETIC if not given.get("data") else {}), **given})
+
+
+def seed_of(*keys):
+    """One seed from several integers (seed, epoch, rank, image index, ...): distinct tuples, distinct seeds."""
+    return functools.reduce(lambda seed, key: (seed * 1_000_003 + key) % 2 ** 63, keys, 0)
+
+
+def setup_distributed():
+    """(rank, world size, device, store) from torchrun's environment; (0, 1, device, None) without it."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if "RANK" not in os.environ:
+        return 0, 1, device, None
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    store, rank, world = next(dist.rendezvous("env://"))  # under torchrun, the agent's store: it outlives any rank
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world)
+    return rank, world, device, store
+
+
+def precision(cfg, device):
+    """(dtype, autocast, GradScaler) of --amp. auto: bf16 on GPUs that have it, else fp16 (scaled); off on CPU."""
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(cfg.amp)
+    if cfg.amp == "auto" and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    return dtype, autocast, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def distribute(model, cfg, world):
+    """The model as it trains: DDP over the ranks, then torch.compile where asked."""
+    model = DistributedDataParallel(model) if world > 1 else model
+    return torch.compile(model) if cfg.compile else model
+
+
+def logger(rank):
+    return print if rank == 0 else lambda *args, **kwargs: None
+
+
+class Progress:
+    """A training loop's log without a host sync a step: the loss terms are summed on the device and, every
+    cfg.log_every steps and at the last, averaged over the ranks, checked and shown (a tqdm bar on a terminal, else a
+    line with the ETA, images/s, data wait and GPU memory). A non-finite loss stops every rank at the same step."""
+
+    def __init__(self, cfg, rank, world, device, first, last, images_per_step, where, output):
+        self.cfg, self.rank, self.world, self.device, self.where, self.output = cfg, rank, world, device, where, output
+        self.first = self.synced = self.step = first
+        self.last, self.images_per_step, self.names = last, images_per_step, []
+        self.sums = self.totals = self.wait = 0
+        self.started = self.since = time.perf_counter()
+        self.bar = tqdm(total=last - first, desc=where, leave=False, disable=rank != 0 or not sys.stderr.isatty())
+
+    def batches(self, iterable):
+        """The batches of iterable; the time spent waiting for them is the data wait."""
+        waited = time.perf_counter()
+        for batch in iterable:
+            self.wait += time.perf_counter() - waited
+            yield batch
+            waited = time.perf_counter()
+
+    def update(self, losses, lr):
+        """After a step: its losses (a dict of scalar tensors) and learning rate."""
+        self.names, self.step = list(losses), self.step + 1
+        self.sums = self.sums + torch.stack([loss.detach().float() for loss in losses.values()])
+        if (self.step - self.first) % self.cfg.log_every == 0 or self.step == self.last:
+            self._sync(lr)
+
+    def _sync(self, lr):
+        steps, now = self.step - self.synced, time.perf_counter()
+        if self.world > 1:
+            dist.all_reduce(self.sums)
+        means = (self.sums / (self.world * steps)).tolist()  # the host sync
+        named = f"step {self.step}" if steps == 1 else f"steps {self.synced + 1}-{self.step}"
+        if not all(map(math.isfinite, means)):
+            last = sorted(Path(self.output).glob("checkpoint-*.pth"))
+            raise TrainingError(f"the loss is {sum(means)} at {named} ({self.where}); stopped, the last good "
+                                f"checkpoint is {last[-1] if last else 'none yet'}")
+        self.totals = self.totals + torch.tensor(means, dtype=torch.float64) * steps
+        terms = f" ({', '.join(f'{n} {m:.3f}' for n, m in zip(self.names, means))})" if len(means) > 1 else ""
+        memory = f", {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GB" if self.device.type == "cuda" else ""
+        eta = datetime.timedelta(seconds=round((now - self.started) / (self.step - self.first)
+                                               * (self.last - self.step)))
+        line = (f"loss {sum(means):.3f}{terms}, lr {lr:.2e}, {steps * self.images_per_step / (now - self.since):.1f} "
+                f"images/s, data wait {1000 * self.wait / steps:.0f} ms/step{memory}, ETA {eta}")
+        if self.bar.disable and self.rank == 0:
+            print(f"{self.where}, {named}: {line}", flush=True)
+        self.bar.set_postfix_str(line, refresh=False)
+        self.bar.update(steps)
+        self.sums, self.synced, self.since, self.wait = 0, self.step, now, 0.0
+
+    def close(self):
+        """The bar goes; returns dict(loss=the mean of the summed terms over the steps run, and each term)."""
+        self.bar.close()
+        means = (self.totals / (self.step - self.first)).tolist() if self.step > self.first else []
+        return dict(loss=sum(means), **(dict(zip(self.names, means)) if len(means) > 1 else {}))
+
+
+def save_checkpoint(state, path):
+    """Written to a temporary file, synced, then renamed (a kill never leaves a broken checkpoint); older ones go."""
+    path, temporary = Path(path), Path(path).with_suffix(".tmp")
+    with open(temporary, "wb") as file:
+        torch.save(state, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    for old in path.parent.glob("checkpoint-*.pth"):
+        if old != path:
+            old.unlink()
+    return path
+
+
+def find_checkpoint(cfg):
+    """--resume, or the newest checkpoint in --output for "auto" (None if none); another run's --output is refused."""
+    found = sorted(Path(cfg.output).glob("checkpoint-*.pth"))
+    if cfg.resume and cfg.resume != "auto" and not Path(cfg.resume).is_file():
+        raise InputError(f"{cfg.resume}: no such checkpoint")
+    if found and not cfg.resume and not cfg.eval_only:
+        raise InputError(f"{cfg.output} holds another run's checkpoints: continue it with --resume auto, or choose "
+                         "another --output")
+    return (found[-1] if found else None) if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None
+
+
+def read_checkpoint(path, cfg, weights_depend_on, training_depends_on):
+    """A checkpoint of this script, refused in one line if saved with other values of the options listed."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unpickling failure is one bad file
+        raise InputError(f"{path}: not a readable checkpoint ({str(error).strip().splitlines()[0]})") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "scaler", "config"} <= state.keys():
+        raise InputError(f"{path}: not a checkpoint of {Path(__file__).name} (backbone weights go to --pretrained)")
+    for name in [*weights_depend_on, *([] if cfg.eval_only else training_depends_on)]:
+        if state["config"].get(name) != getattr(cfg, name):
+            raise InputError(f"{path}: saved with --{name.replace('_', '-')} {state['config'].get(name)!r}, not "
+                             f"{getattr(cfg, name)!r}")
+    return state
+
+
+def load_weights(module, weights, source):
+    """module.load_state_dict(weights), refused in one line that names the first tensor that does not fit."""
+    ours = module.state_dict()
+    misfit = [f"{name} {tuple(t.shape)}, ours {tuple(ours[name].shape)}" for name, t in weights.items()
+              if name in ours and torch.is_tensor(t) and t.shape != ours[name].shape]
+    misfit += [f"{name} missing" for name in ours if name not in weights]
+    misfit += [f"{name} unexpected" for name in weights if name not in ours]
+    if misfit:
+        raise InputError(f"{source}: does not fit this model (first: {misfit[0]})")
+    module.load_state_dict(weights)
+
+
+def main(cfg):
+    """Train, evaluate or benchmark as cfg says; returns run()'s result (the last evaluation's metrics)."""
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise InputError(f"unknown --{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {choices}")
+    check(cfg)
+    rank, world, device, store = setup_distributed()
+    try:
+        result = run(cfg, rank, world, device)
+    except BaseException as error:  # the first rank to fail reports it; the others (their peers gone) stay quiet
+        error.reported_elsewhere = world > 1 and store.compare_set("failed", "", str(rank)) != str(rank).encode()
+        raise
+    if world > 1:
+        dist.destroy_process_group()
+    return result
+
+
+def command_line():
+    """The script under python or torchrun: bad input or a failed run ends every rank, one line printed once."""
+    try:
+        main(parse_args())
+    except Exception as error:
+        quiet = getattr(error, "reported_elsewhere", False)
+        if not quiet and not isinstance(error, (InputError, TrainingError)):
+            raise
+        if not quiet:  # a DataLoader worker's error comes with its traceback: its last line is the message
+            message = re.sub(r"^[\w.]*(InputError|TrainingError): ", "", str(error).strip().splitlines()[-1])
+            print(f"{Path(__file__).name}: error: {message}", file=sys.stderr, flush=True)
+        if "RANK" in os.environ:  # now: shutting the process group down would wait for the failed peers
+            os._exit(1)
+        sys.exit(1)
+
+# End of the shared block
+# ================================================================================================================
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration: the paper's recipe by default; SYNTHETIC replaces what no option set when there is no --data
+
+REFERENCE_BATCH = 1024  # the global batch at which --lr is given (8 GPUs x 128)
+
+
+@dataclass
+class Config:
+    model: str = option("tiny", "DGMN2 variant (Table 6)")
+    data: str = option("", "ImageFolder root: train/CLASS/IMAGE, val/CLASS/IMAGE; empty: the built-in synthetic set")
+    output: str = option("runs/imagenet", "checkpoints and log.jsonl, written by rank 0 (every node must see it)")
+    epochs: int = option(300, "passes over the training set")
+    warmup_epochs: int = option(5, "epochs of linear warm-up from --warmup-lr to the peak learning rate")
+    batch_size: int = option(1024, "global batch: images a step over all processes (the paper's: 8 GPUs x 128)")
+    lr: float = option(1e-3, f"peak learning rate at a global batch of {REFERENCE_BATCH}, scaled with --batch-size")
+    warmup_lr: float = option(1e-6, "learning rate at the first warm-up step")
+    min_lr: float = option(1e-5, "learning rate at the end of the cosine schedule")
+    weight_decay: float = option(0.05, "AdamW's weight decay; none on biases, norm weights and relative positions")
+    img_size: int = option(224, "training and evaluation image side")
+    eval_resize: int = option(0, "evaluation resizes the shorter side to this, then crops; 0: img_size / 0.875")
+    crop_scale: float = option(0.08, "RandomResizedCrop's smallest area fraction")
+    randaugment_ops: int = option(2, "RandAugment's operations an image (0: off; then --color-jitter applies)")
+    randaugment_magnitude: float = option(9.0, "RandAugment's mean magnitude, timm's: of 10 (9: rotations to 27°)")
+    randaugment_std: float = option(0.5, "standard deviation of each RandAugment magnitude (timm's mstd)")
+    color_jitter: float = option(0.4, "brightness, contrast, saturation jitter, only without RandAugment (as timm)")
+    random_erasing: float = option(0.25, "probability of erasing a random rectangle of an image")
+    mixup: float = option(0.8, "MixUp's alpha (0: off); with CutMix, one of the two at random a batch")
+    cutmix: float = option(1.0, "CutMix's alpha (0: off)")
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy")
+    repeated_aug: int = option(3, "repeated augmentation (DeiT): copies of each image drawn in an epoch; 1: off")
+    drop_path: float = option(0.1, "stochastic depth of the deepest block (linear in depth)")
+    drop_path_epoch: int = option(100, "first epoch with drop path (the release trains 100 epochs without)")
+    amp: str = option("auto", "mixed precision; auto: bf16 where the GPU has it, else fp16; off on CPU")
+    ema_decay: float = option(0.0, "decay of a moving average of the weights, also evaluated (0: none; 0.99996)")
+    clip_grad: float = option(0.0, "largest gradient norm (0: no clipping)")
+    channels_last: bool = option(False, "channels-last model and inputs (off until a GPU shows it faster)")
+    compile: bool = option(False, "torch.compile the model (off until a GPU shows it faster)")
+    log_every: int = option(50, "steps between log lines (the loss's host sync and NaN check)")
+    workers: int = option(8, "data-loading processes a rank")
+    seed: int = option(0, "seed of the weights, the data order and the augmentations")
+    resume: str = option("", "checkpoint to continue from, or auto: the newest in --output")
+    weights: str = option("", "the authors' released checkpoint to start from or evaluate")
+    eval_only: bool = option(False, "evaluate --resume (its EMA weights if it has them) or --weights, then exit")
+    bench: int = option(0, "time this many steps on random images beside torchvision's swin_t, then exit (0: off)")
+    synthetic_train: int = option(6000, "images in the built-in synthetic training set")
+    synthetic_val: int = option(1200, "images in the built-in synthetic validation set")
+
+
+SYNTHETIC = dict(  # minutes on a CPU: small images, few epochs, no augmentation (the generator varies colour and place)
+    epochs=6, warmup_epochs=1, batch_size=64, lr=1.6e-2, img_size=32, crop_scale=0.35, randaugment_ops=0, mixup=0.0,
+    color_jitter=0.0, random_erasing=0.0, cutmix=0.0, repeated_aug=1, drop_path=0.0, log_every=20, workers=1,
+    output="runs/synthetic")
+CHOICES = dict(model=list(dgmn2.VARIANTS), amp=["auto", "bf16", "fp16", "off"])
+
+
+def check(cfg):
+    """Settings that cannot work, named before anything starts."""
+    positive = ["epochs", "batch_size", "img_size", "repeated_aug", "log_every", "synthetic_train", "synthetic_val"]
+    for name in [n for n in positive if getattr(cfg, n) < 1] + [n for n in ["workers", "bench"] if getattr(cfg, n) < 0]:
+        raise InputError(f"--{name.replace('_', '-')} must be {'positive' if name in positive else '>= 0'}, "
+                         f"got {getattr(cfg, name)}")
+    if cfg.eval_resize and cfg.eval_resize < cfg.img_size:
+        raise InputError(f"--eval-resize {cfg.eval_resize} is smaller than the --img-size {cfg.img_size} it crops")
+    if cfg.eval_only and not (cfg.resume or cfg.weights):
+        raise InputError("--eval-only needs the weights to evaluate: --resume CKPT or --weights RELEASE_CKPT")
+    if not 0 < cfg.warmup_lr <= cfg.lr * cfg.batch_size / REFERENCE_BATCH:
+        raise InputError(f"--warmup-lr {cfg.warmup_lr} must be positive and at most the peak learning rate")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,10 +337,9 @@ def parse_args(argv=None):
 
 
 class Shapes(Dataset):
-    """A learnable stand-in for ImageNet: each image holds one shape of its class (disc, ring, square, triangle,
-    cross, bar), with random colour, size, position and rotation, on a random two-colour background with small
-    distractor blobs and noise. Image i is a function of (seed, i): the set needs no storage and is the same on
-    every rank. Items are (uint8 (3, S, S) image, class)."""
+    """A learnable stand-in for ImageNet: each image holds one shape of its class, of random colour, size, position
+    and rotation, on a two-colour background with distractor blobs and noise. Image i is a function of (seed, i): no
+    storage, the same on every rank. Items are (S x S RGB PIL image, class), as ImageFolder's."""
 
     classes = ["disc", "ring", "square", "triangle", "cross", "bar"]
 
@@ -138,23 +349,13 @@ class Shapes(Dataset):
     def __len__(self):
         return self.length
 
-    def _shape(self, label, u, v):
-        """Inside-test of each class in the shape's own frame: u, v in about [-1, 1]."""
-        r2 = u ** 2 + v ** 2
-        return [r2 < 0.8, (r2 < 0.9) & (r2 > 0.35), (u.abs() < 0.7) & (v.abs() < 0.7),
-                (v < 0.6) & (v > 1.9 * u.abs() - 0.9), ((u.abs() < 0.22) | (v.abs() < 0.22)) & (r2 < 0.9),
-                (u.abs() < 0.95) & (v.abs() < 0.25)][label]
-
     def __getitem__(self, index):
         if not 0 <= index < self.length:
             raise IndexError(index)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        label = index % len(self.classes)
-        rand = lambda *shape: torch.rand(shape, generator=g)  # noqa: E731
-        S = self.resolution
+        g = torch.Generator().manual_seed(seed_of(self.seed, index))
+        rand, label, S = functools.partial(torch.rand, generator=g), index % len(self.classes), self.resolution
         y, x = torch.meshgrid(torch.linspace(-1, 1, S), torch.linspace(-1, 1, S), indexing="ij")  # (S, S) each
-        top, bottom = rand(3, 1, 1), rand(3, 1, 1)
-        image = top + (bottom - top) * (y + 1) / 2  # (3, S, S) background gradient
+        image = torch.lerp(rand(3, 1, 1), rand(3, 1, 1), (y + 1) / 2)  # (3, S, S) background: top to bottom
         for _ in range(4):  # distractor blobs, smaller than the shape
             cy, cx, r = rand(3) * torch.tensor([1.6, 1.6, 0.12]) + torch.tensor([-0.8, -0.8, 0.04])
             image = torch.where((y - cy) ** 2 + (x - cx) ** 2 < r ** 2, rand(3, 1, 1), image)
@@ -164,14 +365,17 @@ class Shapes(Dataset):
         u, v = (cos * (x - cx) + sin * (y - cy)) / scale, (-sin * (x - cx) + cos * (y - cy)) / scale
         colour = rand(3, 1, 1)
         colour = torch.where((colour - image.mean((1, 2), keepdim=True)).abs().mean() < 0.25, 1 - colour, colour)
-        image = torch.where(self._shape(label, u, v), colour, image)
-        image = (image + 0.05 * torch.randn(3, S, S, generator=g)).clamp(0, 1)
+        r2 = u ** 2 + v ** 2  # the inside-test of each class, in the shape's own frame (u, v in about [-1, 1])
+        inside = [r2 < 0.8, (r2 < 0.9) & (r2 > 0.35), (u.abs() < 0.7) & (v.abs() < 0.7),
+                  (v < 0.6) & (v > 1.9 * u.abs() - 0.9), ((u.abs() < 0.22) | (v.abs() < 0.22)) & (r2 < 0.9),
+                  (u.abs() < 0.95) & (v.abs() < 0.25)][label]
+        image = (torch.where(inside, colour, image) + 0.05 * torch.randn(3, S, S, generator=g)).clamp(0, 1)
         image = v2.functional.resize(image, [self.size, self.size], antialias=True)
-        return (image * 255).round().to(torch.uint8), label
+        return v2.functional.to_pil_image((image * 255).round().to(torch.uint8)), label
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data
+# Data: the release's augmentations, repeated augmentation, every validation image once
 
 
 def load_rgb(path):
@@ -183,43 +387,22 @@ def load_rgb(path):
         raise InputError(f"{path}: unreadable image ({error})") from None
 
 
-def transforms(cfg, train):
-    """The train augmentation (RandomResizedCrop, flip, ColorJitter, RandAugment, RandomErasing) or the eval
-    resize-and-crop; both end in ImageNet normalisation. Image (PIL or uint8 tensor) -> float (3, S, S)."""
-    bicubic = InterpolationMode.BICUBIC
-    if train:
-        steps = [v2.RandomResizedCrop(cfg.img_size, scale=(cfg.crop_scale, 1.0), interpolation=bicubic),
-                 v2.RandomHorizontalFlip()]
-        if cfg.color_jitter:
-            steps.append(v2.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter))
-        if cfg.randaugment_ops:
-            steps.append(v2.RandAugment(cfg.randaugment_ops, cfg.randaugment_magnitude))
-    else:
-        resize = cfg.eval_resize or round(cfg.img_size / 0.875)
-        steps = [v2.Resize(resize, interpolation=bicubic), v2.CenterCrop(cfg.img_size)]
-    steps = [v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    if train and cfg.random_erasing:
-        steps.append(v2.RandomErasing(cfg.random_erasing, value="random"))
-    return v2.Compose(steps)
-
-
 def datasets(cfg):
     """(train, val, number of classes), with the data directory checked first."""
     if not cfg.data:
-        return (Shapes(cfg.img_size, cfg.synthetic_train, seed=1), Shapes(cfg.img_size, cfg.synthetic_val, seed=2),
-                len(Shapes.classes))
+        return Shapes(cfg.img_size, cfg.synthetic_train, 1), Shapes(cfg.img_size, cfg.synthetic_val, 2), \
+            len(Shapes.classes)
     root = Path(cfg.data)
-    if not root.is_dir():
-        raise InputError(f"{root}: no such data directory")
     missing = [split for split in ("train", "val") if not (root / split).is_dir()]
     if missing:
-        raise InputError(f"{root}: no {' or '.join(missing)} folder (expected {root}/train/CLASS/IMAGE and "
+        raise InputError(f"{root}: no such data directory" if not root.is_dir() else f"{root}: no "
+                         f"{' or '.join(missing)} folder (expected {root}/train/CLASS/IMAGE and "
                          f"{root}/val/CLASS/IMAGE)")
     found = []
     for split in ("train", "val"):
         try:
             found.append(ImageFolder(root / split, loader=load_rgb))
-        except FileNotFoundError as error:
+        except FileNotFoundError as error:  # no class folders
             raise InputError(f"{root / split}: {error}") from None
     train, val = found
     if train.classes != val.classes:
@@ -229,8 +412,68 @@ def datasets(cfg):
     return train, val, len(train.classes)
 
 
-class Apply(Dataset):
-    """A dataset with a transform applied to its images."""
+class RandAugment(nn.Module):
+    """timm's rand-m{magnitude}-mstd{std}-inc1 (the release's) on torchvision's operations: `ops` times, with p = 0.5,
+    a random operation at a magnitude from N(magnitude, std) clipped to [0, 10], 10 being an operation's whole range
+    (rotate 30 degrees, ...): 101 bins (torchvision's 31 would make 9 mean 30%). The operations: timm's increasing
+    set without Invert and SolarizeAdd, with Identity. Bicubic, filled with the mean colour. Image -> image."""
+
+    def __init__(self, ops, magnitude, std):
+        super().__init__()
+        self.ops, self.magnitude, self.std = ops, magnitude, std
+        self.fill = [round(255 * m) for m in dgmn2.IMAGENET_MEAN]
+
+    def forward(self, image):
+        for _ in range(self.ops):
+            if torch.rand(()) < 0.5:
+                magnitude = (self.magnitude + self.std * torch.randn(())).clamp(0, 10).item()
+                image = v2.RandAugment(1, round(10 * magnitude), num_magnitude_bins=101,
+                                       interpolation=InterpolationMode.BICUBIC, fill=self.fill)(image)
+        return image
+
+
+def transforms(cfg, train):
+    """Train: RandomResizedCrop, flip, RandAugment (or ColorJitter), normalise, RandomErasing; eval: resize, centre
+    crop, normalise. The geometric and colour steps run on the PIL image, before ToImage, where they are fastest."""
+    bicubic = InterpolationMode.BICUBIC
+    resize = cfg.eval_resize or round(cfg.img_size / 0.875)
+    image_steps, tensor_steps = [v2.Resize(resize, interpolation=bicubic), v2.CenterCrop(cfg.img_size)], []
+    if train:
+        image_steps = [v2.RandomResizedCrop(cfg.img_size, scale=(cfg.crop_scale, 1.0), interpolation=bicubic),
+                       v2.RandomHorizontalFlip()]
+        if cfg.randaugment_ops:
+            image_steps.append(RandAugment(cfg.randaugment_ops, cfg.randaugment_magnitude, cfg.randaugment_std))
+        elif cfg.color_jitter:
+            image_steps.append(v2.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter))
+        tensor_steps = [v2.RandomErasing(cfg.random_erasing, value="random")] if cfg.random_erasing else []
+    return v2.Compose([*image_steps, v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(dgmn2.IMAGENET_MEAN, dgmn2.IMAGENET_STD), *tensor_steps])
+
+
+class RepeatedAugmentationSampler(Sampler):
+    """DeiT's repeated augmentation, deterministic per epoch: the images shuffled by (seed, epoch), each repeated
+    `repeats` times in a row, dealt round-robin to the ranks (an image's copies go to different ranks); an epoch has
+    as many samples as images, as in DeiT. Yields (image index, augmentation seed from (seed, epoch, place)): the
+    augmentations do not depend on the (persistent) workers, and a resumed run repeats them."""
+
+    def __init__(self, size, repeats, rank, world, seed):
+        self.size, self.repeats, self.rank, self.world, self.seed, self.epoch = size, repeats, rank, world, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.size // self.world
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed_of(self.seed, self.epoch)))
+        order = order.repeat_interleave(self.repeats)[:len(self) * self.world].tolist()  # (world x len,) indices
+        return iter([(order[p], seed_of(self.seed, self.epoch, p)) for p in range(self.rank, len(order), self.world)])
+
+
+class Augmented(Dataset):
+    """A dataset with a transform applied to its images. Keyed by (index, augmentation seed), an item is (image,
+    label, seed), its random choices fixed by the seed; keyed by an index, (image, label)."""
 
     def __init__(self, dataset, transform):
         self.dataset, self.transform = dataset, transform
@@ -238,42 +481,65 @@ class Apply(Dataset):
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
         image, label = self.dataset[index]
-        return self.transform(image), label
+        if seed is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image), label, seed
 
 
-class MixCollate:
-    """default_collate, then MixUp or CutMix (one at random per batch) on the batch: labels become soft."""
-
-    def __init__(self, cfg, num_classes):
-        mixes = [mix(alpha=alpha, num_classes=num_classes)
-                 for mix, alpha in ((v2.MixUp, cfg.mixup), (v2.CutMix, cfg.cutmix)) if alpha > 0]
-        self.mix = v2.RandomChoice(mixes) if mixes else None
-
-    def __call__(self, batch):
-        images, labels = default_collate(batch)
-        return self.mix(images, labels) if self.mix else (images, labels)
+def mix_collate(batch, mix):
+    """default_collate, then MixUp or CutMix (mix: one of the two at random a batch), seeded by the batch's first
+    augmentation seed: labels become soft."""
+    images, labels, seeds = default_collate(batch)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seeds[0].item())
+        return mix(images, labels) if mix else (images, labels)
 
 
-def loaders(cfg, rank, world):
-    """Train: shuffled by epoch and split across ranks (DistributedSampler, whole batches). Val: rank r takes images
-    r, r + world, ..., so that every image is evaluated exactly once under any world size."""
+def loaders(cfg, rank, world, log):
+    """(train, val, classes): training batches from this rank's RepeatedAugmentationSampler share; for validation
+    rank r takes images r, r + world, ..., so that every image is evaluated exactly once under any world size."""
+    if not cfg.data:
+        log(f"No --data: the built-in synthetic set ({len(Shapes.classes)} shapes, {cfg.synthetic_train} images).")
     train, val, num_classes = datasets(cfg)
-    sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    common = dict(num_workers=cfg.workers, pin_memory=torch.cuda.is_available())
-    train_loader = DataLoader(Apply(train, transforms(cfg, True)), cfg.batch_size, sampler=sampler, drop_last=True,
-                              collate_fn=MixCollate(cfg, num_classes), **common)
-    val_loader = DataLoader(Subset(Apply(val, transforms(cfg, False)), range(rank, len(val), world)),
-                            cfg.batch_size, **common)
+    mixes = [mix(alpha=alpha, num_classes=num_classes)
+             for mix, alpha in ((v2.MixUp, cfg.mixup), (v2.CutMix, cfg.cutmix)) if alpha > 0]
+    common = dict(batch_size=cfg.batch_size // world, num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
+                  persistent_workers=cfg.workers > 0)
+    train_loader = DataLoader(Augmented(train, transforms(cfg, True)), drop_last=True,
+                              sampler=RepeatedAugmentationSampler(len(train), cfg.repeated_aug, rank, world, cfg.seed),
+                              collate_fn=functools.partial(mix_collate, mix=v2.RandomChoice(mixes) if mixes else None),
+                              **common)
+    val_loader = DataLoader(Subset(Augmented(val, transforms(cfg, False)), range(rank, len(val), world)), **common)
     if len(train_loader) == 0:
         raise InputError(f"{cfg.data or 'the synthetic set'}: {len(train)} training images are fewer than one batch "
-                         f"of {cfg.batch_size} per process on {world} processes")
+                         f"of {cfg.batch_size // world} a process on {world} processes")
     return train_loader, val_loader, num_classes
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Optimisation
+# The run: model, optimiser and schedule, starting point, training, evaluation
+
+# What a run holds: the model (trained: it under DDP / compile), optimiser, schedule, precision, loss, EMA, data
+Parts = namedtuple("Parts", "model trained optimizer scheduler scaler autocast criterion ema train_loader val_loader")
+
+
+def build_model(cfg, num_classes, device, log):
+    """DGMN2 of cfg.model, from the release's weights if given, on the device. Drop path is set each epoch."""
+    model = dgmn2.build(cfg.model, num_classes=num_classes).to(device)
+    if cfg.weights:
+        try:
+            dgmn2.load_official(model, cfg.weights)
+        except ValueError as error:
+            raise InputError(f"--weights {cfg.weights}: {error}") from None
+    macs, _ = dgmn2.count_macs(cfg.model, cfg.img_size)
+    log(f"DGMN2-{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters at {num_classes} "
+        f"classes, {macs / 1e9:.3f}G multiply-adds at {cfg.img_size} x {cfg.img_size}")
+    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
 
 def param_groups(model, weight_decay):
@@ -284,335 +550,197 @@ def param_groups(model, weight_decay):
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
-def lr_at(step, cfg, peak, steps_per_epoch):
-    """Linear warm-up from warmup_lr to peak, then cosine to min_lr, per optimiser step."""
+def optimiser(cfg, model, steps_per_epoch):
+    """AdamW at the peak lr scaled to the global batch, and its schedule, stepped every optimiser step: linear
+    warm-up from --warmup-lr over --warmup-epochs, then cosine to --min-lr at the last step."""
+    peak = cfg.lr * cfg.batch_size / REFERENCE_BATCH
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak)
     warmup, total = cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch
-    if step < warmup:
-        return cfg.warmup_lr + (peak - cfg.warmup_lr) * step / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return cfg.min_lr + 0.5 * (peak - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+    cosine = CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1), eta_min=cfg.min_lr)
+    if not warmup:
+        return optimizer, cosine
+    ramp = LinearLR(optimizer, start_factor=cfg.warmup_lr / peak, total_iters=warmup)
+    return optimizer, SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
 
 
-def amp_dtype(cfg, device):
-    if cfg.amp == "auto":
-        if device.type == "cpu":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    return dict(bf16=torch.bfloat16, fp16=torch.float16, off=None)[cfg.amp]
+def starting_point(cfg, rank, world, parts, steps_per_epoch, log):
+    """The checkpoint to start from, if any (rank 0 chooses: --output must be seen by every node): to train on, its
+    weights, optimiser, schedule, loss scale and EMA; to evaluate, its EMA weights, else its weights. -> epoch."""
+    choice = [find_checkpoint(cfg) if rank == 0 and not cfg.bench else None]
+    if world > 1:
+        dist.broadcast_object_list(choice, src=0)
+    checkpoint = choice[0]
+    if checkpoint is None and cfg.resume == "auto":
+        if cfg.eval_only:
+            raise InputError(f"--eval-only --resume auto: no checkpoint in {cfg.output}")
+        log(f"--resume auto: no checkpoint in {cfg.output} yet, starting from scratch.")
+    state = read_checkpoint(checkpoint, cfg, ["model"], []) if checkpoint else None
+    if cfg.eval_only and state:
+        averaged = {k.removeprefix("module."): v for k, v in (state["ema"] or {}).items() if k != "n_averaged"}
+        load_weights(parts.model, averaged or state["model"], checkpoint)
+        log(f"Evaluating the {'EMA' if averaged else 'trained (no EMA in the checkpoint)'} weights of {checkpoint}.")
+    elif state:
+        if (state["global_batch"], state["steps_per_epoch"]) != (cfg.batch_size, steps_per_epoch):
+            raise InputError(f"{checkpoint}: saved at a global batch of {state['global_batch']} "
+                             f"({state['steps_per_epoch']} steps an epoch), now {cfg.batch_size} ({steps_per_epoch}): "
+                             "its schedule would not continue")
+        load_weights(parts.model, state["model"], checkpoint)
+        for name in ("optimizer", "scheduler", "scaler", "ema"):
+            if state[name] and getattr(parts, name):  # the scaler's is empty unless the run used fp16
+                getattr(parts, name).load_state_dict(state[name])
+        log(f"Resumed from {checkpoint} at epoch {state['epoch']}, step {state['step']}.")
+    return state["epoch"] if state else 0
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: written to a temporary file, then renamed, so that a kill never leaves a broken one
+def to_device(images, labels, cfg, device):
+    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if cfg.channels_last else images, labels
 
 
-def save_checkpoint(state, output, epoch):
-    path = Path(output) / f"checkpoint-{epoch:04d}.pth"
-    temporary = path.with_suffix(".tmp")
-    with open(temporary, "wb") as file:
-        torch.save(state, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-    for old in Path(output).glob("checkpoint-*.pth"):
-        if old != path:
-            old.unlink()
-    return path
-
-
-def find_checkpoint(cfg):
-    """The checkpoint to resume from: cfg.resume, or the newest in cfg.output for "auto" (None if there is none)."""
-    if not cfg.resume:
-        return None
-    if cfg.resume == "auto":
-        found = sorted(Path(cfg.output).glob("checkpoint-*.pth"))
-        return found[-1] if found else None
-    if not Path(cfg.resume).is_file():
-        raise InputError(f"{cfg.resume}: no such checkpoint")
-    return Path(cfg.resume)
-
-
-def read_checkpoint(path, cfg):
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unpickling failure is one bad file
-        raise InputError(f"{path}: not a readable checkpoint ({str(error).splitlines()[0]})") from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise InputError(f"{path}: not a checkpoint of this script (use --weights for the authors' release)")
-    if state["config"]["model"] != cfg.model:
-        raise InputError(f"{path}: a checkpoint of DGMN2-{state['config']['model']}, not of --model {cfg.model}")
-    return state
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training and evaluation
-
-
-def train_step(model, optimizer, scaler, criterion, images, targets, cfg, autocast):
-    """One optimiser step. Returns the loss (detached)."""
-    with autocast:
-        loss = criterion(model(images), targets)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+def train_step(parts, images, targets, cfg):
+    """One optimiser step of parts.trained. Returns the loss (detached, on the device)."""
+    with parts.autocast:
+        loss = parts.criterion(parts.trained(images), targets)
+    parts.optimizer.zero_grad(set_to_none=True)
+    parts.scaler.scale(loss).backward()
     if cfg.clip_grad:
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-    scaler.step(optimizer)
-    scaler.update()
+        parts.scaler.unscale_(parts.optimizer)
+        nn.utils.clip_grad_norm_(parts.trained.parameters(), cfg.clip_grad)
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
     return loss.detach()
 
 
 @torch.no_grad()
 def evaluate(model, loader, device, autocast, cfg, world):
-    """Exact top-1 and top-5 (%) over the whole validation set: each rank counts its own images, then they are
-    summed over ranks."""
+    """Exact top-1 and top-5 (%) over the whole validation set: each rank counts its images; summed over ranks."""
     model.eval()
     counts = torch.zeros(3, device=device, dtype=torch.float64)  # top-1 hits, top-5 hits, images
     for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images, labels = to_device(images, labels, cfg, device)
         with autocast:
             logits = model(images)
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
-        hits = top5 == labels[:, None]
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]  # (B, 5)
         counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(len(labels), device=device)])
     if world > 1:
         dist.all_reduce(counts)
     model.train()
-    return dict(top1=100 * counts[0].item() / counts[2].item(), top5=100 * counts[1].item() / counts[2].item(),
-                images=int(counts[2].item()))
+    top1, top5, images = counts.tolist()
+    return dict(top1=100 * top1 / images, top5=100 * top5 / images, images=int(images))
 
 
-def setup_distributed():
-    """(rank, world size, device) from torchrun's environment; a single process without it."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if device.type == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+def train_one_epoch(epoch, cfg, rank, world, device, parts):
+    """One epoch of optimiser steps. Every random choice in it (order, augmentations, mixing, stochastic depth)
+    follows from (seed, epoch, rank): a resumed run repeats what the interrupted one would have done."""
+    torch.manual_seed(seed_of(cfg.seed, epoch, rank))
+    loader = parts.train_loader
+    loader.sampler.set_epoch(epoch)
+    parts.model.set_drop_path_rate(cfg.drop_path if epoch >= cfg.drop_path_epoch else 0.0)
+    progress = Progress(cfg, rank, world, device, epoch * len(loader), (epoch + 1) * len(loader), cfg.batch_size,
+                        f"epoch {epoch + 1}", cfg.output)
+    for images, targets in progress.batches(loader):
+        loss = train_step(parts, *to_device(images, targets, cfg, device), cfg)
+        parts.scheduler.step()
+        if parts.ema:
+            parts.ema.update_parameters(parts.model)
+        progress.update(dict(loss=loss), parts.scheduler.get_last_lr()[0])
+    seconds = time.perf_counter() - progress.started
+    return dict(epoch=epoch + 1, step=parts.scheduler.last_epoch, train_loss=progress.close()["loss"],
+                lr=parts.scheduler.get_last_lr()[0], images_per_s=len(loader) * cfg.batch_size / seconds)
 
 
-def check(cfg):
-    """Settings that cannot work, named before anything starts."""
-    for name, choices in CHOICES.items():
-        if getattr(cfg, name) not in choices:
-            raise InputError(f"unknown --{name} {getattr(cfg, name)!r}: choose one of {', '.join(choices)}")
-    positive = ["epochs", "batch_size", "img_size", "synthetic_train", "synthetic_val"]
-    for name in [n for n in positive if getattr(cfg, n) < 1] + [n for n in ["workers", "bench"] if getattr(cfg, n) < 0]:
-        raise InputError(f"--{name.replace('_', '-')} must be {'positive' if name in positive else '>= 0'}, "
-                         f"got {getattr(cfg, name)}")
-    if cfg.eval_resize and cfg.eval_resize < cfg.img_size:
-        raise InputError(f"--eval-resize {cfg.eval_resize} is smaller than the --img-size {cfg.img_size} it crops")
-    if cfg.eval_only and not (cfg.resume or cfg.weights):
-        raise InputError("--eval-only needs the weights to evaluate: --resume CKPT or --weights RELEASE_CKPT")
-
-
-def main(cfg):
-    """Train (or evaluate, or benchmark) as cfg says. Returns the last evaluation's metrics (None for --bench)."""
-    check(cfg)
-    rank, world, device = setup_distributed()
-    try:
-        return _run(cfg, rank, world, device)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-
-
-def _run(cfg, rank, world, device):
-    log = print if rank == 0 else lambda *args, **kwargs: None
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    # Rank 0 chooses (--output must be on a filesystem that every node sees: only rank 0 writes there).
-    choice = [find_checkpoint(cfg) if rank == 0 else None]
-    if world > 1:
-        dist.broadcast_object_list(choice, src=0)
-    checkpoint = choice[0]
-    if checkpoint is None and cfg.eval_only and not cfg.weights:
-        raise InputError(f"--eval-only --resume auto: no checkpoint in {cfg.output}")
-    if checkpoint is None and cfg.resume == "auto":
-        log(f"--resume auto: no checkpoint in {cfg.output} yet, starting from scratch.")
-    if checkpoint is None and not cfg.eval_only and not cfg.bench and list(Path(cfg.output).glob("checkpoint-*.pth")):
-        raise InputError(f"{cfg.output} holds another run's checkpoints: continue it with --resume auto, or choose "
-                         "another --output")
-    state = read_checkpoint(checkpoint, cfg) if checkpoint else None
-    if cfg.bench:
-        train_loader, val_loader, num_classes = None, None, 1000
-    else:
-        if not cfg.data:
-            log(f"No --data: training on the built-in synthetic set ({len(Shapes.classes)} shape classes, "
-                f"{cfg.img_size} x {cfg.img_size}, {cfg.synthetic_train} images).")
-        train_loader, val_loader, num_classes = loaders(cfg, rank, world)
-    model = dgmn2.build(cfg.model, num_classes=num_classes, drop_path_rate=cfg.drop_path).to(device)
-    if cfg.weights:
-        try:
-            dgmn2.load_official(model, cfg.weights)
-        except ValueError as error:
-            raise InputError(f"--weights {cfg.weights}: {error}") from None
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    params = sum(p.numel() for p in model.parameters())
-    macs, _ = dgmn2.count_macs(cfg.model, cfg.img_size)
-    log(f"DGMN2-{cfg.model}: {params / 1e6:.2f}M parameters, {macs / 1e9:.3f}G multiply-adds at {cfg.img_size} x "
-        f"{cfg.img_size} (1000 classes); {world} process(es) on {device.type}")
-
-    global_batch = cfg.batch_size * world
-    peak = cfg.lr * global_batch / 1024
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak)
-    steps_per_epoch = len(train_loader) if train_loader else 1
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                  lambda step: lr_at(step, cfg, peak, steps_per_epoch) / peak)
-    dtype = amp_dtype(cfg, device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
-        if cfg.ema_decay else None
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    start_epoch = 0
-    if state:
-        ours = model.state_dict()
-        misfit = [f"{name} {tuple(t.shape)}, ours {tuple(ours[name].shape)}" for name, t in state["model"].items()
-                  if name in ours and torch.is_tensor(t) and t.shape != ours[name].shape]
-        misfit += sorted(set(ours) ^ set(state["model"]))  # missing or unexpected names
-        if misfit:
-            raise InputError(f"{checkpoint}: does not fit this model (first: {misfit[0]})")
-        saved = (state["global_batch"], state["steps_per_epoch"])
-        if not (cfg.eval_only or cfg.bench) and saved != (global_batch, steps_per_epoch):
-            raise InputError(f"{checkpoint}: saved at a global batch of {saved[0]} ({saved[1]} steps an epoch), now "
-                             f"{global_batch} ({steps_per_epoch}): its schedule would not continue")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:  # empty unless the run used fp16
-            scaler.load_state_dict(state["scaler"])
-        if ema and state["ema"]:
-            ema.load_state_dict(state["ema"])
-        start_epoch = state["epoch"]
-        log(f"Resumed from {checkpoint} at epoch {start_epoch}, step {state['step']}.")
-
-    trained = DistributedDataParallel(model) if world > 1 else model
-    if cfg.compile:
-        trained = torch.compile(trained)
-    if cfg.bench:
-        return _bench(cfg, trained, optimizer, scaler, criterion, autocast, dtype, device, world, log)
-    if cfg.eval_only:
-        metrics = evaluate(model, val_loader, device, autocast, cfg, world)
-        log(f"eval: top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% on {metrics['images']} images")
-        return metrics
-
-    output = Path(cfg.output)
+def train(cfg, rank, world, device, parts, start_epoch, log):
+    """Epochs from start_epoch: train, evaluate (the EMA weights too), save the checkpoint and the epoch's line in
+    log.jsonl (rank 0). Returns the last epoch's record."""
+    output, record = Path(cfg.output), None
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
-    if start_epoch >= cfg.epochs:
-        log(f"{checkpoint} has finished all {cfg.epochs} epochs: nothing to train.")
-    metrics = None
     for epoch in range(start_epoch, cfg.epochs):
-        # Every random choice of an epoch (shuffle, augmentation, workers' seeds, stochastic depth) follows from
-        # (seed, epoch, rank): a resumed run repeats exactly what the interrupted one would have done.
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch * world + rank)
-        train_loader.sampler.set_epoch(epoch)
-        model.train()
-        started, total_loss = time.time(), torch.zeros((), device=device)
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=rank != 0, leave=False)
-        for images, targets in bar:
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            if cfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            loss = train_step(trained, optimizer, scaler, criterion, images, targets, cfg, autocast)
-            scheduler.step()
-            if ema:
-                ema.update_parameters(model)
-            if world > 1:
-                dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-            if not torch.isfinite(loss):
-                last = sorted(output.glob("checkpoint-*.pth"))
-                raise TrainingError(f"the loss is {loss.item()} at step {scheduler.last_epoch} (epoch {epoch + 1}); "
-                                    f"stopped, the last good checkpoint is {last[-1] if last else 'none yet'}")
-            total_loss += loss
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                            img_s=f"{(bar.n + 1) * global_batch / (time.time() - started):.0f}")
-        seconds = time.time() - started
+        record = train_one_epoch(epoch, cfg, rank, world, device, parts)
         if world > 1:  # BatchNorm statistics moved on each rank after DDP's last broadcast: evaluate rank 0's
-            for buffer in [*model.buffers(), *(ema.module.buffers() if ema else [])]:
+            for buffer in [*parts.model.buffers(), *(parts.ema.module.buffers() if parts.ema else [])]:
                 dist.broadcast(buffer, src=0)
-        metrics = dict(epoch=epoch + 1, step=scheduler.last_epoch, train_loss=total_loss.item() / len(train_loader),
-                       lr=scheduler.get_last_lr()[0], images_per_s=len(train_loader) * global_batch / seconds,
-                       **evaluate(model, val_loader, device, autocast, cfg, world))
-        if ema:
-            ema_metrics = evaluate(ema.module, val_loader, device, autocast, cfg, world)
-            metrics.update(ema_top1=ema_metrics["top1"], ema_top5=ema_metrics["top5"])
+        record.update(evaluate(parts.model, parts.val_loader, device, parts.autocast, cfg, world))
+        if parts.ema:
+            ema = evaluate(parts.ema.module, parts.val_loader, device, parts.autocast, cfg, world)
+            record.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
         if rank == 0:
-            path = save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                                        ema=ema.state_dict() if ema else None, epoch=epoch + 1,
-                                        step=scheduler.last_epoch, global_batch=global_batch,
-                                        steps_per_epoch=steps_per_epoch, config=dataclasses.asdict(cfg)),
-                                   output, epoch + 1)
+            path = save_checkpoint(dict(model=parts.model.state_dict(), optimizer=parts.optimizer.state_dict(),
+                                        scheduler=parts.scheduler.state_dict(), scaler=parts.scaler.state_dict(),
+                                        ema=parts.ema.state_dict() if parts.ema else None, epoch=epoch + 1,
+                                        step=record["step"], global_batch=cfg.batch_size,
+                                        steps_per_epoch=len(parts.train_loader), config=dataclasses.asdict(cfg)),
+                                   output / f"checkpoint-{epoch + 1:04d}.pth")
             with open(output / "log.jsonl", "a") as file:
-                file.write(json.dumps(metrics) + "\n")
-            log(f"epoch {epoch + 1}/{cfg.epochs}: loss {metrics['train_loss']:.3f}, top-1 {metrics['top1']:.2f}%, "
-                f"top-5 {metrics['top5']:.2f}%, {metrics['images_per_s']:.0f} images/s; saved {path}")
-        if world > 1:
-            dist.barrier()
+                file.write(json.dumps(record) + "\n")
+            log(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.3f}, top-1 {record['top1']:.2f}%, "
+                f"top-5 {record['top5']:.2f}%, {record['images_per_s']:.0f} images/s; saved {path}")
+    return record
+
+
+def run(cfg, rank, world, device):
+    """A run in named steps: data, model, optimiser and schedule, the starting point; then a benchmark, an
+    evaluation or training. Returns the last evaluation's metrics (None for --bench)."""
+    log = logger(rank)
+    if cfg.batch_size % world:
+        raise InputError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
+    train_loader, val_loader, num_classes = (None, None, 1000) if cfg.bench else loaders(cfg, rank, world, log)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = build_model(cfg, num_classes, device, log)
+    steps_per_epoch = len(train_loader) if train_loader else 1
+    optimizer, scheduler = optimiser(cfg, model, steps_per_epoch)
+    dtype, autocast, scaler = precision(cfg, device)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
+        if cfg.ema_decay else None
+    parts = Parts(model, distribute(model, cfg, world), optimizer, scheduler, scaler, autocast,
+                  nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), ema, train_loader, val_loader)
+    start_epoch = starting_point(cfg, rank, world, parts, steps_per_epoch, log)
+    log(f"{world} process(es) on {device.type}, global batch {cfg.batch_size}, autocast {dtype}")
+    if cfg.bench:
+        return bench(cfg, parts, dtype, device, world, log)
+    if not cfg.eval_only:
+        return train(cfg, rank, world, device, parts, start_epoch, log)
+    metrics = evaluate(model, val_loader, device, autocast, cfg, world)
+    log(f"eval: top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% on {metrics['images']} images")
     return metrics
 
 
-def _images_per_s(step, cfg, device, world):
-    """Images/s of step() (one batch on each rank): 2 warm-up calls, then cfg.bench timed ones."""
-    for call in range(2 + cfg.bench):
-        if call == 2:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return cfg.bench * cfg.batch_size * world / (time.perf_counter() - started)
+# ----------------------------------------------------------------------------------------------------------------
+# Benchmark beside torchvision's swin_t
 
 
-def _bench(cfg, model, optimizer, scaler, criterion, autocast, dtype, device, world, log):
+def bench(cfg, parts, dtype, device, world, log):
     """Training and inference images/s on random images, DGMN2 beside torchvision's swin_t (Table 6 compares the two:
     Small 4.3 and Swin-T 4.5 GMACs), on the same device, batch, precision, memory format and compilation."""
-    import torchvision
-    images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, device=device)
-    if cfg.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, 1000, (cfg.batch_size,), device=device)
-    swin = torchvision.models.swin_t(num_classes=1000).to(device)
-    if cfg.channels_last:
-        swin = swin.to(memory_format=torch.channels_last)
-    swin_trained = DistributedDataParallel(swin) if world > 1 else swin
-    if cfg.compile:
-        swin_trained = torch.compile(swin_trained)
-    swin_optimizer = torch.optim.AdamW(param_groups(swin, cfg.weight_decay), lr=cfg.lr)
-    swin_scaler = torch.amp.GradScaler(device.type, enabled=scaler.is_enabled())
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    log(f"Training and inference at {cfg.img_size} x {cfg.img_size}, batch {cfg.batch_size} x {world}, autocast "
-        f"{dtype}, {cfg.bench} timed steps on {where}:\n| model | parameters | train images/s | inference images/s |"
-        "\n|---|---|---|---|")
+    from torch.utils.benchmark import Timer  # here: importing it warns on machines without CUDA
+
+    def images_per_s(step):  # a global batch a call: warm-up calls, then --bench timed ones, CUDA synchronised
+        timer = Timer("step()", globals=dict(step=step), num_threads=torch.get_num_threads())
+        return cfg.batch_size / timer.timeit(cfg.bench).mean
+
+    local = cfg.batch_size // world
+    images, labels = to_device(torch.randn(local, 3, cfg.img_size, cfg.img_size), torch.randint(0, 1000, (local,)),
+                               cfg, device)
+    swin = swin_t().to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    swin_parts = parts._replace(model=swin, trained=distribute(swin, cfg, world),
+                                optimizer=torch.optim.AdamW(param_groups(swin, cfg.weight_decay)),
+                                scaler=torch.amp.GradScaler(device.type, enabled=parts.scaler.is_enabled()))
+    log(f"Training and inference at {cfg.img_size} x {cfg.img_size}, global batch {cfg.batch_size}, autocast {dtype}, "
+        f"{cfg.bench} timed steps on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'} "
+        f"({torch.get_num_threads()} threads):\n| model | parameters | train images/s | inference images/s |\n"
+        "|---|---|---|---|")
     rates = []
-    for name, net, trained, opt, scale in [(f"DGMN2-{cfg.model}", model, model, optimizer, scaler),
-                                           ("torchvision swin_t", swin, swin_trained, swin_optimizer, swin_scaler)]:
-        trained.train()
-        train = _images_per_s(lambda: train_step(trained, opt, scale, criterion, images, labels, cfg, autocast),
-                              cfg, device, world)
-        trained.eval()
-        with torch.no_grad(), autocast:
-            infer = _images_per_s(lambda: trained(images), cfg, device, world)
+    for name, p in [(f"DGMN2-{cfg.model}", parts), ("torchvision swin_t", swin_parts)]:
+        p.trained.train()
+        train = images_per_s(functools.partial(train_step, p, images, labels, cfg))
+        p.trained.eval()
+        with torch.no_grad(), p.autocast:
+            infer = images_per_s(functools.partial(p.trained, images))
         rates.append((train, infer))
-        log(f"| {name} | {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M | {train:.1f} | {infer:.1f} |")
+        log(f"| {name} | {sum(q.numel() for q in p.model.parameters()) / 1e6:.1f}M | {train:.1f} | {infer:.1f} |")
     (train, infer), (swin_train, swin_infer) = rates
     log(f"DGMN2-{cfg.model} / swin_t: {train / swin_train:.2f}x training, {infer / swin_infer:.2f}x inference")
-    return None
 
 
 if __name__ == "__main__":
-    config = parse_args()
-    try:
-        main(config)
-    except (InputError, TrainingError) as error:
-        # An error raised in a DataLoader worker arrives wrapped in that worker's traceback: keep its own line.
-        message = re.sub(r"^[\w.]*(InputError|TrainingError): ", "", str(error).strip().splitlines()[-1])
-        sys.exit(f"train_imagenet.py: error: {message}")
+    command_line()

@@ -9,126 +9,327 @@ FPN 78.09/79.40, 80.65/81.58, 80.60/81.79, 81.75/82.64; dilated FCN ResNet-101 7
     torchrun --nproc_per_node 8 train_cityscapes.py --model fcn-dgmn --data /path/to/cityscapes \\
         --pretrained resnet101.pth                                          # Table 2 (SGD 0.01, 40k iterations)
     torchrun train_cityscapes.py                  # no --data: the built-in synthetic scenes, a few minutes on a CPU
-
-Models (--model): dgmn2-{tiny,small,medium,large} (+ Semantic FPN; --output-stride 8 for Section 6.3's stride-1
-stages 3-4), fcn (the dilated FCN baseline), fcn-da, fcn-da-dw, fcn-dgmn (Table 2's DGMN rows). --pretrained takes
-a torchvision ResNet-101 state dict, an authors' DGMN2 checkpoint or a train_imagenet.py checkpoint; nothing is
-downloaded. Every knob is a flag: python train_cityscapes.py --help.
 """
 
 import argparse
 import dataclasses
+import datetime
+import functools
+import itertools
 import json
 import math
 import os
 import re
 import sys
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from torchvision import tv_tensors
-from torchvision.datasets import Cityscapes
-from torchvision.models import resnet101
-from torchvision.ops import FeaturePyramidNetwork
 from torchvision.transforms import v2
-from torchvision.utils import save_image
 from tqdm import tqdm
 
 import dgmn
 import dgmn2
 
-IGNORE = 255
-IMAGENET_MEAN, IMAGENET_STD = dgmn2.IMAGENET_MEAN, dgmn2.IMAGENET_STD
-FCN_VARIANTS = {  # Table 2's rows: the DGMN module's switches, None for the FCN baseline
-    "fcn": None,
-    "fcn-da": dgmn.TABLE_2["DGMN w/ DA"].options,
-    "fcn-da-dw": dgmn.TABLE_2["DGMN w/ DA+DW"].options,
-    "fcn-dgmn": dgmn.TABLE_2["DGMN w/ DA+DW+DS"].options,
-}
-MODELS = [f"dgmn2-{name}" for name in dgmn2.VARIANTS] + list(FCN_VARIANTS)
 
-# ----------------------------------------------------------------------------------------------------------------
-# Configuration: the paper's recipes by default; SYNTHETIC replaces what no flag set when there is no --data
-
-
-@dataclass
-class Config:
-    model: str = "dgmn2-tiny"
-    data: str = ""                      # Cityscapes root (leftImg8bit/, gtFine/); empty: the built-in synthetic set
-    output: str = "runs/cityscapes"
-    pretrained: str = ""                # backbone weights (see the module docstring)
-    iterations: int = 40_000
-    batch_size: int = 8                 # global, split over the processes
-    optimizer: str = "auto"             # auto: adamw for DGMN2 (lr 1e-4), sgd for the FCNs (lr 0.01, momentum 0.9)
-    lr: float = 0.0                     # 0: the optimizer's paper value
-    weight_decay: float = 1e-4
-    poly_power: float = 0.9
-    output_stride: int = 32             # DGMN2 only: 8 for stride-1 patch embeddings in stages 3-4 (Section 6.3)
-    base_size: int = 1024               # the shorter side that the scale ratio multiplies (Cityscapes: 2048 x 1024)
-    scale_min: float = 0.5
-    scale_max: float = 2.0
-    crop: int = 769
-    eval_stride: int = 513              # sliding-window stride at evaluation
-    eval_every: int = 4000              # iterations between evaluations and checkpoints
-    multi_scale: bool = False           # evaluate at scales 0.5-1.75 with flips as well
-    pictures: int = 4                   # colourised predictions saved at each evaluation
-    amp: str = "auto"
-    workers: int = 4
-    seed: int = 0
-    resume: str = ""                    # a checkpoint, or "auto": the newest in --output
-    eval_only: bool = False
-    synthetic_train: int = 2000
-    synthetic_val: int = 100
-
-
-SYNTHETIC = dict(iterations=400, batch_size=16, lr=1e-3, base_size=64, crop=64, eval_stride=48, eval_every=100,
-                 workers=1, output="runs/synthetic-segmentation")
-CHOICES = dict(model=MODELS, optimizer=["auto", "adamw", "sgd"], amp=["auto", "bf16", "fp16", "off"])
-MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+# ================================================================================================================
+# The shared block: the same text in the three training scripts (test_all.py compares them), so that each stays
+# self-contained. The script around it defines Config, SYNTHETIC (the defaults without --data), CHOICES, check(cfg)
+# and run(cfg, rank, world, device).
 
 
 class InputError(Exception):
-    """Bad input (paths, data, checkpoints): reported in one line, exit status 1."""
+    """Bad input (options, paths, data, checkpoints): reported in one line, exit status 1."""
 
 
 class TrainingError(Exception):
     """A run that cannot go on (a non-finite loss): reported in one line, exit status 1."""
 
 
+def option(default, help):
+    """A Config field: its default and its --help text."""
+    return dataclasses.field(default=default, metadata=dict(help=help))
+
+
 def parse_args(argv=None):
-    """Config from the command line: one flag per field; SYNTHETIC fills the fields no flag set when --data is empty."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """Config from the command line, an option a field. Without --data, SYNTHETIC replaces the defaults it names."""
+    changed = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in SYNTHETIC.items())
+    parser = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__, epilog="Without --data (the "
+                                     f"built-in synthetic set) these defaults change: {changed}.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif f.name in CHOICES:
-            parser.add_argument(flag, choices=CHOICES[f.name], default=None)
+        synthetic = f"; {SYNTHETIC[f.name]!r} without --data" if f.name in SYNTHETIC else ""
+        kwargs = dict(default=None, help=f"{f.metadata['help']} (default {f.default!r}{synthetic})".replace("%", "%%"))
+        if f.type is bool:  # a plain switch, with a --no- twin only where it is on by default
+            on = f.default or SYNTHETIC.get(f.name, False)
+            kwargs.update(action=argparse.BooleanOptionalAction if on else "store_true")
         else:
-            parser.add_argument(flag, type=f.type, default=None, help=f"default {f.default}")
+            kwargs.update(type=f.type, choices=CHOICES.get(f.name))
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    defaults = SYNTHETIC if not given.get("data") else {}
-    return Config(**{**defaults, **given})
+    return Config(**{**(SYNTHETIC if not given.get("data") else {}), **given})
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The built-in synthetic set: scenes to segment
+def seed_of(*keys):
+    """One seed from several integers (seed, epoch, rank, image index, ...): distinct tuples, distinct seeds."""
+    return functools.reduce(lambda seed, key: (seed * 1_000_003 + key) % 2 ** 63, keys, 0)
 
 
+def setup_distributed():
+    """(rank, world size, device, store) from torchrun's environment; (0, 1, device, None) without it."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if "RANK" not in os.environ:
+        return 0, 1, device, None
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    store, rank, world = next(dist.rendezvous("env://"))  # under torchrun, the agent's store: it outlives any rank
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world)
+    return rank, world, device, store
+
+
+def precision(cfg, device):
+    """(dtype, autocast, GradScaler) of --amp. auto: bf16 on GPUs that have it, else fp16 (scaled); off on CPU."""
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(cfg.amp)
+    if cfg.amp == "auto" and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    return dtype, autocast, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def distribute(model, cfg, world):
+    """The model as it trains: DDP over the ranks, then torch.compile where asked."""
+    model = DistributedDataParallel(model) if world > 1 else model
+    return torch.compile(model) if cfg.compile else model
+
+
+def logger(rank):
+    return print if rank == 0 else lambda *args, **kwargs: None
+
+
+class Progress:
+    """A training loop's log without a host sync a step: the loss terms are summed on the device and, every
+    cfg.log_every steps and at the last, averaged over the ranks, checked and shown (a tqdm bar on a terminal, else a
+    line with the ETA, images/s, data wait and GPU memory). A non-finite loss stops every rank at the same step."""
+
+    def __init__(self, cfg, rank, world, device, first, last, images_per_step, where, output):
+        self.cfg, self.rank, self.world, self.device, self.where, self.output = cfg, rank, world, device, where, output
+        self.first = self.synced = self.step = first
+        self.last, self.images_per_step, self.names = last, images_per_step, []
+        self.sums = self.totals = self.wait = 0
+        self.started = self.since = time.perf_counter()
+        self.bar = tqdm(total=last - first, desc=where, leave=False, disable=rank != 0 or not sys.stderr.isatty())
+
+    def batches(self, iterable):
+        """The batches of iterable; the time spent waiting for them is the data wait."""
+        waited = time.perf_counter()
+        for batch in iterable:
+            self.wait += time.perf_counter() - waited
+            yield batch
+            waited = time.perf_counter()
+
+    def update(self, losses, lr):
+        """After a step: its losses (a dict of scalar tensors) and learning rate."""
+        self.names, self.step = list(losses), self.step + 1
+        self.sums = self.sums + torch.stack([loss.detach().float() for loss in losses.values()])
+        if (self.step - self.first) % self.cfg.log_every == 0 or self.step == self.last:
+            self._sync(lr)
+
+    def _sync(self, lr):
+        steps, now = self.step - self.synced, time.perf_counter()
+        if self.world > 1:
+            dist.all_reduce(self.sums)
+        means = (self.sums / (self.world * steps)).tolist()  # the host sync
+        named = f"step {self.step}" if steps == 1 else f"steps {self.synced + 1}-{self.step}"
+        if not all(map(math.isfinite, means)):
+            last = sorted(Path(self.output).glob("checkpoint-*.pth"))
+            raise TrainingError(f"the loss is {sum(means)} at {named} ({self.where}); stopped, the last good "
+                                f"checkpoint is {last[-1] if last else 'none yet'}")
+        self.totals = self.totals + torch.tensor(means, dtype=torch.float64) * steps
+        terms = f" ({', '.join(f'{n} {m:.3f}' for n, m in zip(self.names, means))})" if len(means) > 1 else ""
+        memory = f", {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GB" if self.device.type == "cuda" else ""
+        eta = datetime.timedelta(seconds=round((now - self.started) / (self.step - self.first)
+                                               * (self.last - self.step)))
+        line = (f"loss {sum(means):.3f}{terms}, lr {lr:.2e}, {steps * self.images_per_step / (now - self.since):.1f} "
+                f"images/s, data wait {1000 * self.wait / steps:.0f} ms/step{memory}, ETA {eta}")
+        if self.bar.disable and self.rank == 0:
+            print(f"{self.where}, {named}: {line}", flush=True)
+        self.bar.set_postfix_str(line, refresh=False)
+        self.bar.update(steps)
+        self.sums, self.synced, self.since, self.wait = 0, self.step, now, 0.0
+
+    def close(self):
+        """The bar goes; returns dict(loss=the mean of the summed terms over the steps run, and each term)."""
+        self.bar.close()
+        means = (self.totals / (self.step - self.first)).tolist() if self.step > self.first else []
+        return dict(loss=sum(means), **(dict(zip(self.names, means)) if len(means) > 1 else {}))
+
+
+def save_checkpoint(state, path):
+    """Written to a temporary file, synced, then renamed (a kill never leaves a broken checkpoint); older ones go."""
+    path, temporary = Path(path), Path(path).with_suffix(".tmp")
+    with open(temporary, "wb") as file:
+        torch.save(state, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    for old in path.parent.glob("checkpoint-*.pth"):
+        if old != path:
+            old.unlink()
+    return path
+
+
+def find_checkpoint(cfg):
+    """--resume, or the newest checkpoint in --output for "auto" (None if none); another run's --output is refused."""
+    found = sorted(Path(cfg.output).glob("checkpoint-*.pth"))
+    if cfg.resume and cfg.resume != "auto" and not Path(cfg.resume).is_file():
+        raise InputError(f"{cfg.resume}: no such checkpoint")
+    if found and not cfg.resume and not cfg.eval_only:
+        raise InputError(f"{cfg.output} holds another run's checkpoints: continue it with --resume auto, or choose "
+                         "another --output")
+    return (found[-1] if found else None) if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None
+
+
+def read_checkpoint(path, cfg, weights_depend_on, training_depends_on):
+    """A checkpoint of this script, refused in one line if saved with other values of the options listed."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unpickling failure is one bad file
+        raise InputError(f"{path}: not a readable checkpoint ({str(error).strip().splitlines()[0]})") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "scaler", "config"} <= state.keys():
+        raise InputError(f"{path}: not a checkpoint of {Path(__file__).name} (backbone weights go to --pretrained)")
+    for name in [*weights_depend_on, *([] if cfg.eval_only else training_depends_on)]:
+        if state["config"].get(name) != getattr(cfg, name):
+            raise InputError(f"{path}: saved with --{name.replace('_', '-')} {state['config'].get(name)!r}, not "
+                             f"{getattr(cfg, name)!r}")
+    return state
+
+
+def load_weights(module, weights, source):
+    """module.load_state_dict(weights), refused in one line that names the first tensor that does not fit."""
+    ours = module.state_dict()
+    misfit = [f"{name} {tuple(t.shape)}, ours {tuple(ours[name].shape)}" for name, t in weights.items()
+              if name in ours and torch.is_tensor(t) and t.shape != ours[name].shape]
+    misfit += [f"{name} missing" for name in ours if name not in weights]
+    misfit += [f"{name} unexpected" for name in weights if name not in ours]
+    if misfit:
+        raise InputError(f"{source}: does not fit this model (first: {misfit[0]})")
+    module.load_state_dict(weights)
+
+
+def main(cfg):
+    """Train, evaluate or benchmark as cfg says; returns run()'s result (the last evaluation's metrics)."""
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise InputError(f"unknown --{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {choices}")
+    check(cfg)
+    rank, world, device, store = setup_distributed()
+    try:
+        result = run(cfg, rank, world, device)
+    except BaseException as error:  # the first rank to fail reports it; the others (their peers gone) stay quiet
+        error.reported_elsewhere = world > 1 and store.compare_set("failed", "", str(rank)) != str(rank).encode()
+        raise
+    if world > 1:
+        dist.destroy_process_group()
+    return result
+
+
+def command_line():
+    """The script under python or torchrun: bad input or a failed run ends every rank, one line printed once."""
+    try:
+        main(parse_args())
+    except Exception as error:
+        quiet = getattr(error, "reported_elsewhere", False)
+        if not quiet and not isinstance(error, (InputError, TrainingError)):
+            raise
+        if not quiet:  # a DataLoader worker's error comes with its traceback: its last line is the message
+            message = re.sub(r"^[\w.]*(InputError|TrainingError): ", "", str(error).strip().splitlines()[-1])
+            print(f"{Path(__file__).name}: error: {message}", file=sys.stderr, flush=True)
+        if "RANK" in os.environ:  # now: shutting the process group down would wait for the failed peers
+            os._exit(1)
+        sys.exit(1)
+
+# End of the shared block
+# ================================================================================================================
+# Configuration: the paper's recipes by default; SYNTHETIC replaces what no flag set when there is no --data
+IGNORE = 255
+FCN_VARIANTS = {"fcn": None, "fcn-da": dgmn.TABLE_2["DGMN w/ DA"].options,  # Table 2's rows: the DGMN's switches
+                "fcn-da-dw": dgmn.TABLE_2["DGMN w/ DA+DW"].options,
+                "fcn-dgmn": dgmn.TABLE_2["DGMN w/ DA+DW+DS"].options}
+MODELS = [f"dgmn2-{name}" for name in dgmn2.VARIANTS] + list(FCN_VARIANTS)
+SYNTHETIC = dict(iterations=400, batch_size=16, lr=1e-3, base_size=64, crop=64, eval_stride=48, eval_every=100,
+                 workers=1, log_every=10, output="runs/synthetic-segmentation")
+CHOICES = dict(model=MODELS, optimizer=["auto", "adamw", "sgd"], amp=["auto", "bf16", "fp16", "off"])
+WEIGHTS_DEPEND_ON = ["model", "output_stride"]  # a resume refuses a checkpoint saved with other values of these,
+TRAINING_DEPENDS_ON = ["optimizer", "iterations", "batch_size", "eval_every"]  # and to train on, of these too
+MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+CROP_TRIES, CAT_MAX_RATIO = 10, 0.75  # mmseg's RandomCrop: at most 10 redraws of a window where one class covers 75%
+TRAIN_CLASSES = [c for c in torchvision.datasets.Cityscapes.classes if c.train_id not in (-1, 255)]  # by train id
+PALETTE = torch.tensor([c.color for c in TRAIN_CLASSES] + [[0, 0, 0]] * (256 - 19), dtype=torch.uint8)  # others black
+
+
+@dataclasses.dataclass
+class Config:
+    model: str = option("dgmn2-tiny", "DGMN2 + Semantic FPN (Table 11), or the dilated FCN ResNet-101 (Table 2)")
+    data: str = option("", "the Cityscapes root (leftImg8bit/, gtFine/); empty: the built-in synthetic scenes")
+    output: str = option("runs/cityscapes", "the folder of the checkpoints, log.jsonl and the prediction pictures")
+    pretrained: str = option("", "backbone weights (nothing is downloaded): a torchvision ResNet-101 state dict, an "
+                             "authors' DGMN2 or a train_imagenet.py checkpoint; empty: the backbone from scratch")
+    iterations: int = option(40_000, "training iterations (optimiser steps)")
+    batch_size: int = option(8, "the global batch (as the paper reports it): images a step, over all processes")
+    optimizer: str = option("auto", "auto: AdamW for DGMN2 (lr 1e-4), SGD with momentum 0.9 for the FCNs (lr 0.01)")
+    lr: float = option(0.0, "the initial learning rate; 0: the optimiser's paper value")
+    weight_decay: float = option(1e-4, "the weight decay of either optimiser")
+    poly_power: float = option(0.9, "the power of the polynomial decay of the learning rate to 0")
+    output_stride: int = option(32, "DGMN2 only: 8 for stride-1 patch embeddings in stages 3-4 (Section 6.3)")
+    base_size: int = option(1024, "the shorter side that the random scale multiplies (Cityscapes: 2048 x 1024)")
+    scale_min: float = option(0.5, "the smallest random scale of a training image")
+    scale_max: float = option(2.0, "the largest random scale of a training image")
+    crop: int = option(769, "the side of the square training crop, and of the sliding window at evaluation")
+    eval_stride: int = option(513, "the step of the sliding window at evaluation")
+    eval_batch: int = option(8, "sliding windows that go through the model in one forward at evaluation")
+    eval_every: int = option(4000, "iterations between evaluations and checkpoints")
+    multi_scale: bool = option(False, "evaluate at scales 0.5-1.75 with horizontal flips as well")
+    pictures: int = option(4, "colourised predictions saved beside their labels at each evaluation")
+    amp: str = option("auto", "mixed precision: auto is bf16 on GPUs that have it, else fp16; off on CPU")
+    workers: int = option(4, "data-loading worker processes per training process")
+    log_every: int = option(50, "iterations between log lines (the loss is averaged over them: one host sync each)")
+    channels_last: bool = option(False, "channels-last model and inputs; off until a GPU measurement shows it faster")
+    compile: bool = option(False, "torch.compile the training model; off until a GPU measurement shows it faster")
+    seed: int = option(0, "the seed of the initial weights, the data order and the augmentations")
+    resume: str = option("", "a checkpoint to continue from, or auto: the newest in --output (if any)")
+    eval_only: bool = option(False, "evaluate the --resume checkpoint and stop")
+    synthetic_train: int = option(2000, "training scenes of the built-in synthetic set")
+    synthetic_val: int = option(100, "validation scenes of the built-in synthetic set")
+
+    @property
+    def layout(self):
+        """The memory format of the model and its inputs."""
+        return torch.channels_last if self.channels_last else torch.preserve_format
+
+
+def check(cfg):
+    """Options out of range or that do not go together: InputError."""
+    for name in ["iterations", "batch_size", "crop", "eval_stride", "eval_batch", "eval_every", "base_size",
+                 "log_every", "synthetic_train", "synthetic_val"]:
+        if getattr(cfg, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.eval_stride > cfg.crop:
+        raise InputError(f"--eval-stride {cfg.eval_stride} exceeds the window --crop {cfg.crop}: pixels missed")
+    if cfg.eval_only and not cfg.resume:
+        raise InputError("--eval-only needs the model to evaluate: --resume CKPT")
+
+
+# ---- Data: the built-in synthetic scenes or Cityscapes, uint8 images and labels --------------------------------
 class Scenes(Dataset):
-    """A learnable stand-in for Cityscapes: a sky and a ground region split by a random horizon, and 2-4 shapes
-    (disc, square, triangle, bar) of random size, position and rotation, coloured around a colour of their class,
-    with noise. Each pixel is labelled
-    with what is drawn there. Scene i is a function of (seed, i). Items: (uint8 (3, S, S) image, uint8 (S, S) label)."""
-
+    """A learnable stand-in for Cityscapes, scene i a function of (seed, i): sky, ground and 2-4 random shapes (disc,
+    square, triangle, bar) in their class's colours, with noise, labelled pixel by pixel. -> ((3, S, S), (S, S))."""
     classes = ["sky", "ground", "disc", "square", "triangle", "bar"]
     colours = torch.tensor([[0.9, 0.2, 0.2], [0.2, 0.8, 0.2], [0.9, 0.8, 0.1], [0.8, 0.3, 0.9]])  # of the shapes
 
@@ -141,92 +342,44 @@ class Scenes(Dataset):
     def __getitem__(self, index):
         if not 0 <= index < self.length:
             raise IndexError(index)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        rand = lambda *shape: torch.rand(shape, generator=g)  # noqa: E731
-        S = self.size
+        g, S = torch.Generator().manual_seed(seed_of(self.seed, index)), self.size
+        uniform = functools.partial(torch.rand, generator=g)  # U(0, 1) numbers of a given shape
         y, x = torch.meshgrid(torch.linspace(-1, 1, S), torch.linspace(-1, 1, S), indexing="ij")  # (S, S) each
-        horizon = (rand(1) - 0.5) * 0.8 + (rand(1) - 0.5) * 0.6 * x
-        label = torch.where(y < horizon, 0, 1)
-        sky, ground = rand(3, 1, 1) * 0.5 + torch.tensor([0.2, 0.3, 0.5]).view(3, 1, 1), rand(3, 1, 1) * 0.6
-        image = torch.where(label == 0, sky, ground) + 0.1 * rand(3, 1, 1) * y
-        for _ in range(2 + int(rand(1) * 3)):
-            kind = 2 + int(rand(1) * 4)
-            scale, angle = 0.2 + 0.25 * rand(1), 2 * math.pi * rand(1)
-            cy, cx = (rand(2) - 0.5) * 1.8
+        label = torch.where(y < (uniform(1) - 0.5) * 0.8 + (uniform(1) - 0.5) * 0.6 * x, 0, 1)  # sky above a horizon
+        sky, ground = uniform(3, 1, 1) * 0.5 + torch.tensor([[[0.2]], [[0.3]], [[0.5]]]), uniform(3, 1, 1) * 0.6
+        image = torch.where(label == 0, sky, ground) + 0.1 * uniform(3, 1, 1) * y
+        for _ in range(2 + int(uniform(1) * 3)):
+            kind, scale, angle = 2 + int(uniform(1) * 4), 0.2 + 0.25 * uniform(1), 2 * math.pi * uniform(1)
+            cy, cx = (uniform(2) - 0.5) * 1.8
             cos, sin = angle.cos(), angle.sin()
             u, v = (cos * (x - cx) + sin * (y - cy)) / scale, (-sin * (x - cx) + cos * (y - cy)) / scale
             inside = [u ** 2 + v ** 2 < 0.8, (u.abs() < 0.7) & (v.abs() < 0.7),
                       (v < 0.6) & (v > 1.9 * u.abs() - 0.9), (u.abs() < 0.95) & (v.abs() < 0.25)][kind - 2]
-            hue = self.colours[kind - 2].view(3, 1, 1)  # each class has its own colour family
-            image = torch.where(inside, (0.7 * hue + 0.3 * rand(3, 1, 1)).clamp(0, 1), image)
+            hue = self.colours[kind - 2][:, None, None]  # (3, 1, 1): each class has its own colour family
+            image = torch.where(inside, (0.7 * hue + 0.3 * uniform(3, 1, 1)).clamp(0, 1), image)
             label = torch.where(inside, kind, label)
         image = (image + 0.04 * torch.randn(3, S, S, generator=g)).clamp(0, 1)
         return (image * 255).round().to(torch.uint8), label.to(torch.uint8)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Data
-
-
-class CityscapesTrainIds(Dataset):
-    """torchvision's Cityscapes (fine, semantic) with labelIds mapped to the 19 train ids (others: 255)."""
-
+class CityscapesTrainIds(torchvision.datasets.Cityscapes):
+    """Cityscapes (fine, semantic), labelIds mapped to the 19 train ids, others IGNORE. -> ((3, H, W), (H, W)) uint8."""
     def __init__(self, root, split):
         try:
-            self.dataset = Cityscapes(root, split=split, mode="fine", target_type="semantic")
+            super().__init__(root, split=split, mode="fine", target_type="semantic")
         except (RuntimeError, ValueError) as error:
             raise InputError(f"{root}: not a Cityscapes directory for split {split!r} ({error})") from None
-        if len(self.dataset) == 0:
+        if len(self) == 0:
             raise InputError(f"{root}: no {split} images under leftImg8bit/{split}")
-        self.lut = torch.full((256,), IGNORE, dtype=torch.uint8)
-        for c in Cityscapes.classes:
-            if c.id >= 0:
-                self.lut[c.id] = c.train_id if c.train_id not in (-1, 255) else IGNORE
-        self.classes = [c.name for c in Cityscapes.classes if c.train_id not in (-1, 255)]
-
-    def __len__(self):
-        return len(self.dataset)
+        self.lut = torch.full((256,), IGNORE, dtype=torch.uint8)  # labelId -> train id
+        self.lut[[c.id for c in TRAIN_CLASSES]] = torch.tensor([c.train_id for c in TRAIN_CLASSES], dtype=torch.uint8)
 
     def __getitem__(self, index):
         try:
-            image, target = self.dataset[index]
+            image, target = super().__getitem__(index)
         except OSError as error:
-            raise InputError(f"{self.dataset.images[index]}: unreadable ({error})") from None
-        label_ids = torch.as_tensor(v2.functional.pil_to_tensor(target))[0].long()  # (H, W) labelIds
-        return v2.functional.pil_to_tensor(image), self.lut[label_ids]
-
-
-def train_transform(cfg):
-    """Random resize (shorter side base_size x [scale_min, scale_max]), crop (image padded with 0, label with 255),
-    flip, photometric distortion, normalisation. (uint8 image, label) -> (float (3, crop, crop), long (crop, crop))."""
-    return v2.Compose([
-        v2.RandomResize(int(cfg.base_size * cfg.scale_min), int(cfg.base_size * cfg.scale_max) + 1),
-        v2.RandomCrop(cfg.crop, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE}),
-        v2.RandomHorizontalFlip(),
-        v2.ColorJitter(brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05),
-        v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-
-
-def eval_transform():
-    return v2.Compose([v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
-                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-class Apply(Dataset):
-    """A (image, label) dataset with a joint transform; the label is a tv_tensors.Mask, so it is resized with
-    nearest neighbours and never colour-jittered."""
-
-    def __init__(self, dataset, transform):
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        image, label = self.dataset[index]
-        return self.transform(tv_tensors.Image(image), tv_tensors.Mask(label))
+            raise InputError(f"{self.images[index]}: unreadable ({error})") from None
+        return v2.functional.pil_to_tensor(image), self.lut[v2.functional.pil_to_tensor(target)[0].long()]
 
 
 def datasets(cfg):
@@ -236,54 +389,129 @@ def datasets(cfg):
             Scenes.classes
     if not Path(cfg.data).is_dir():
         raise InputError(f"{cfg.data}: no such data directory")
-    train, val = CityscapesTrainIds(cfg.data, "train"), CityscapesTrainIds(cfg.data, "val")
-    return train, val, train.classes
+    return CityscapesTrainIds(cfg.data, "train"), CityscapesTrainIds(cfg.data, "val"), [c.name for c in TRAIN_CLASSES]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Models
+# ---- Training augmentation as mmsegmentation trains Cityscapes (Augmented), each draw replayable ---------------
+def saturation(image, factor):
+    """HSV saturation S times factor (at most 1), hue and V = max(R, G, B) kept: c -> V - (V - c) * min(factor, 1/S)."""
+    value, least = image.amax(-3, keepdim=True), image.amin(-3, keepdim=True)
+    return value - (value - image) * torch.clamp(value / (value - least).clamp_min(1e-6), max=factor)
 
 
+def hue(image, delta):
+    """The hue turned by delta turns (OpenCV's hue delta out of 180, over 180), by torchvision's adjust_hue."""
+    return v2.functional.adjust_hue(image / 255, delta) * 255
+
+
+DISTORTIONS = dict(brightness=(torch.add, -32, 32), contrast=(torch.mul, 0.5, 1.5),  # op(image, value), value range
+                   saturation=(saturation, 0.5, 1.5), hue=(hue, -18 / 180, 18 / 180))
+
+
+def photometric_distortion(image, g):
+    """mmseg's PhotoMetricDistortion of a float (3, H, W) 0-255 image: each op with p = 0.5 at a value uniform in its
+    DISTORTIONS range, clipped to [0, 255], contrast second or last; unlike mmseg, a continuous hue, no uint8 steps."""
+    coins, values = torch.rand(5, generator=g).tolist(), torch.rand(4, generator=g).tolist()
+    order = ["brightness", "contrast", "saturation", "hue"] if coins[4] < 0.5 else \
+        ["brightness", "saturation", "hue", "contrast"]
+    drawn = {name: (coin < 0.5, low + (high - low) * u)
+             for (name, (_, low, high)), coin, u in zip(DISTORTIONS.items(), coins, values)}
+    for name in order:
+        if drawn[name][0]:
+            image = DISTORTIONS[name][0](image, drawn[name][1]).clamp(0, 255)
+    return image
+
+
+def random_crop(image, label, short, crop, g):
+    """Crop-then-resize with the windows of resize-then-crop: a RandomCrop window of the image at shorter side short
+    (torchvision's rounding), mapped back to whole source pixels, resized (image bilinear antialiased, label nearest);
+    one without two classes, or with one over CAT_MAX_RATIO of its labels, is redrawn. -> ((3, h, w), (h, w))."""
+    H, W = label.shape
+    Hs, Ws = (short, int(short * W / H)) if H <= W else (int(short * H / W), short)
+    h, w = min(crop, Hs), min(crop, Ws)
+    for attempt in range(CROP_TRIES + 1):
+        top, left = (int(torch.randint(side - size + 1, (), generator=g)) for side, size in ((Hs, h), (Ws, w)))
+        y0, x0 = min(int(top * H / Hs + 0.5), H - 1), min(int(left * W / Ws + 0.5), W - 1)  # rounded to the nearest
+        y1, x1 = max(int((top + h) * H / Hs + 0.5), y0 + 1), max(int((left + w) * W / Ws + 0.5), x0 + 1)
+        cut = v2.functional.resize(label[None, y0:y1, x0:x1], [h, w], v2.InterpolationMode.NEAREST)[0]
+        counts = torch.bincount(cut[cut != IGNORE].long())  # labelled pixels a class
+        if attempt == CROP_TRIES or counts.count_nonzero() > 1 and counts.max() < CAT_MAX_RATIO * counts.sum():
+            return v2.functional.resize(image[:, y0:y1, x0:x1], [h, w], antialias=True), cut
+
+
+def normalise(image):
+    """A float image (..., 3, H, W) on the 0-255 scale, less the ImageNet mean, over its deviation: mean colour 0."""
+    mean, std = 255 * torch.tensor([dgmn2.IMAGENET_MEAN, dgmn2.IMAGENET_STD], device=image.device)[..., None, None]
+    return (image - mean) / std  # mean, std: (3, 1, 1)
+
+
+class Augmented(Dataset):
+    """mmseg's Cityscapes training pipeline: a shorter side uniform in range(*shorts), random_crop, a flip (p = 0.5),
+    photometric_distortion, normalise, padding at the bottom and right (image 0, label IGNORE). Item (key, index), its
+    draws from (seed, key, index) alone: a resumed run repeats them. -> (float (3, crop, crop), uint8 (crop, crop))."""
+    def __init__(self, dataset, cfg):
+        self.dataset, self.crop, self.seed = dataset, cfg.crop, cfg.seed
+        self.shorts = int(cfg.base_size * cfg.scale_min), int(cfg.base_size * cfg.scale_max) + 1
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        g = torch.Generator().manual_seed(seed_of(self.seed, *key))
+        short = int(torch.randint(*self.shorts, (), generator=g))
+        image, label = random_crop(*self.dataset[key[1]], short, self.crop, g)
+        if torch.rand((), generator=g) < 0.5:
+            image, label = image.flip(-1), label.flip(-1)
+        image = normalise(photometric_distortion(image.float(), g))
+        pad = (0, self.crop - label.shape[1], 0, self.crop - label.shape[0])  # (left, right, top, bottom)
+        return F.pad(image, pad), F.pad(label, pad, value=IGNORE)
+
+
+class Passes(DistributedSampler):
+    """Pass after pass over this rank's share of the training set, without end: after set_epoch(chunk), pass p is
+    shuffled by seed_of(chunk, p), its key. Items: (key, index), the key seeding the item's augmentation."""
+    def __iter__(self):
+        chunk = self.epoch
+        for p in itertools.count():
+            self.set_epoch(seed_of(chunk, p))  # DistributedSampler shuffles by seed + epoch
+            yield from ((self.epoch, index) for index in super().__iter__())
+
+
+# ---- Models ----------------------------------------------------------------------------------------------------
 class SemanticFPN(nn.Module):
-    """Semantic FPN (Kirillov et al.) on the four DGMN2 maps: an FPN (256 channels), then per level 3x3 Conv-BN-ReLU
-    units of 128 channels, each but the finest followed by a 2x upsampling, until stride 4; the sum, dropout 0.1 and
-    a 1x1 classifier, upsampled to the input. (B, 3, H, W) -> (B, classes, H, W)."""
+    """Semantic FPN (Kirillov et al.) on the four DGMN2 maps: an FPN, per level 3x3 Conv-BN-ReLU units, each but the
+    finest's followed by a 2x upsampling; their sum, a 1x1 classifier, upsampled. (B, 3, H, W) -> (B, classes, H, W)."""
+    align_corners = True  # in every resize, as the release's Cityscapes configs set for mmseg's FPNHead
 
     def __init__(self, backbone, classes, fpn_channels=256, head_channels=128):
         super().__init__()
-        self.backbone = backbone
-        self.fpn = FeaturePyramidNetwork(backbone.channels, fpn_channels)
-        self.scales = nn.ModuleList()
-        for stride in backbone.strides:
-            units = max(int(math.log2(stride // backbone.strides[0])), 1)  # 2x upsamplings to the finest map, >= 1
-            self.scales.append(nn.Sequential(*[
-                nn.Sequential(nn.Conv2d(fpn_channels if u == 0 else head_channels, head_channels, 3, padding=1,
-                                        bias=False), nn.BatchNorm2d(head_channels), nn.ReLU(inplace=True))
-                for u in range(units)]))
+        self.backbone, self.fpn = backbone, torchvision.ops.FeaturePyramidNetwork(backbone.channels, fpn_channels)
+        units = [max(int(math.log2(s // backbone.strides[0])), 1) for s in backbone.strides]  # 2x upsamplings, >= 1
+        self.scales = nn.ModuleList(nn.Sequential(*[nn.Sequential(
+            nn.Conv2d(head_channels if u else fpn_channels, head_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(head_channels), nn.ReLU(inplace=True)) for u in range(n)]) for n in units)
         self.classifier = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(head_channels, classes, 1))
 
     def forward(self, images):
         maps = self.backbone.forward_features(images)
-        pyramid = self.fpn(OrderedDict((str(i), m) for i, m in enumerate(maps)))
-        finest = maps[0].shape[-2:]
-        fused = 0
-        for level, scale in zip(pyramid.values(), self.scales):
+        finest, fused, corners = maps[0].shape[-2:], 0, self.align_corners
+        for level, scale in zip(self.fpn({str(i): m for i, m in enumerate(maps)}).values(), self.scales):
             for unit in scale:
                 level = unit(level)
                 if level.shape[-2:] != finest:
-                    level = F.interpolate(level, scale_factor=2, mode="bilinear", align_corners=False)
-            fused = fused + F.interpolate(level, size=finest, mode="bilinear", align_corners=False)  # exact sizes
-        return F.interpolate(self.classifier(fused), size=images.shape[-2:], mode="bilinear", align_corners=False)
+                    level = F.interpolate(level, scale_factor=2, mode="bilinear", align_corners=corners)
+            fused = fused + F.interpolate(level, size=finest, mode="bilinear", align_corners=corners)  # exact sizes
+        return F.interpolate(self.classifier(fused), size=images.shape[-2:], mode="bilinear", align_corners=corners)
 
 
 class DilatedFCN(nn.Module):
-    """Section 5.1: ResNet-101 at output stride 8 (dilated layer3-4), a 3x3 Conv-BN-ReLU to 512 channels, the DGMN
-    module (or nothing: the FCN baseline), dropout 0.1 and a 1x1 classifier, upsampled to the input.
-    (B, 3, H, W) -> (B, classes, H, W)."""
+    """Section 5.1: ResNet-101 at output stride 8 (dilated layer3-4), a 3x3 Conv-BN-ReLU, the DGMN module (or nothing:
+    the FCN baseline), dropout and a 1x1 classifier, upsampled to the input. (B, 3, H, W) -> (B, classes, H, W)."""
+    align_corners = False  # the DGMN release (lzrobots/dgmn) has COCO code only: nothing says what its FCN used
 
     def __init__(self, classes, dgmn_options=None, channels=512):
         super().__init__()
-        self.backbone = resnet101(replace_stride_with_dilation=[False, True, True])
+        self.backbone = torchvision.models.resnet101(replace_stride_with_dilation=[False, True, True])
         self.backbone.fc = nn.Identity()  # unused: DDP requires every parameter to take part
         self.reduce = nn.Sequential(nn.Conv2d(2048, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
                                     nn.ReLU(inplace=True))
@@ -292,358 +520,230 @@ class DilatedFCN(nn.Module):
 
     def forward(self, images):
         r = self.backbone
-        x = r.maxpool(r.relu(r.bn1(r.conv1(images))))
-        x = r.layer4(r.layer3(r.layer2(r.layer1(x))))  # (B, 2048, H / 8, W / 8)
+        x = r.layer4(r.layer3(r.layer2(r.layer1(r.maxpool(r.relu(r.bn1(r.conv1(images))))))))  # (B, 2048, H / 8, W / 8)
         logits = self.classifier(self.dgmn(self.reduce(x)))
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=self.align_corners)
 
 
-def build_model(cfg, classes):
-    if cfg.model in FCN_VARIANTS:
-        return DilatedFCN(classes, FCN_VARIANTS[cfg.model])
-    backbone = dgmn2.build(cfg.model.removeprefix("dgmn2-"), num_classes=0, output_stride=cfg.output_stride)
-    return SemanticFPN(backbone, classes)
+def build_model(cfg, classes, world, device):
+    """--model with its --pretrained backbone, SyncBatchNorm under DDP on GPUs, on device (channels-last if asked)."""
+    model = DilatedFCN(classes, FCN_VARIANTS[cfg.model]) if cfg.model in FCN_VARIANTS else SemanticFPN(
+        dgmn2.build(cfg.model.removeprefix("dgmn2-"), num_classes=0, output_stride=cfg.output_stride), classes)
+    if cfg.pretrained:
+        load_pretrained(model.backbone, cfg.pretrained)
+    if world > 1 and device.type == "cuda":  # SyncBatchNorm runs on GPUs only
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model.to(device, memory_format=cfg.layout)
 
 
-def load_pretrained(model, path):
-    """Backbone weights from a local file: a torchvision ResNet state dict (for the FCNs), an authors' DGMN2
-    checkpoint (dgmn2.load_official) or a train_imagenet.py checkpoint (for DGMN2). The classifier is left out."""
+def load_pretrained(backbone, path):
+    """Backbone weights, classifiers left out: a torchvision ResNet, authors' DGMN2 or train_imagenet.py checkpoint."""
+    source = f"--pretrained {path}"
     if not Path(path).is_file():
-        raise InputError(f"--pretrained {path}: no such file")
-    backbone = model.backbone
-    if isinstance(backbone, dgmn2.DGMN2):
-        try:
+        raise InputError(f"{source}: no such file")
+    try:  # the release's DGMN2 checkpoints hold the argparse.Namespace of its training script
+        with torch.serialization.safe_globals([argparse.Namespace]):
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # any unpickling failure is one bad file
-            raise InputError(f"--pretrained {path}: not a readable checkpoint ({str(error).splitlines()[0]})") from None
-        if isinstance(state, dict) and "config" in state:  # ours, from train_imagenet.py
-            weights = {k: v for k, v in state["model"].items() if not k.startswith("head.")}
-            missing, unexpected = backbone.load_state_dict(weights, strict=False)
-            if missing or unexpected:
-                raise InputError(f"--pretrained {path}: another DGMN2 variant ({(missing or unexpected)[0]})")
-            return
+    except Exception as error:  # any unpickling failure is one bad file
+        raise InputError(f"{source}: not a readable checkpoint ({str(error).splitlines()[0]})") from None
+    ours = isinstance(state, dict) and "config" in state and "model" in state  # train_imagenet.py's
+    if isinstance(backbone, dgmn2.DGMN2) and not ours:
         try:
             dgmn2.load_official(backbone, state)
         except ValueError as error:
-            raise InputError(f"--pretrained {path}: {error}") from None
+            raise InputError(f"{source}: {error}") from None
         return
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unpickling failure is one bad file
-        raise InputError(f"--pretrained {path}: not a readable checkpoint ({str(error).splitlines()[0]})") from None
-    if not isinstance(state, dict):
-        raise InputError(f"--pretrained {path}: not a state dict")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise InputError(f"--pretrained {path}: not a torchvision ResNet-101 state dict ({(missing or unexpected)[0]})")
+    weights = state["model"] if ours else state
+    if not isinstance(weights, dict):
+        raise InputError(f"{source}: not a state dict")
+    load_weights(backbone, {k: v for k, v in weights.items() if not k.startswith(("head.", "fc."))}, source)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation: sliding windows, scales and flips; mIoU from a confusion matrix
-
-
-def sliding_window(model, image, classes, window, stride):
-    """Logits of a (1, 3, H, W) image from windows of window x window placed every stride pixels (the last flush
-    with the border), averaged where they overlap; an image smaller than the window is padded. -> (1, classes, H, W)."""
+# ---- Evaluation: sliding windows, scales and flips; mIoU from a confusion matrix -------------------------------
+def sliding_window(model, image, classes, window, stride, batch=1, layout=torch.preserve_format):
+    """Logits (1, classes, H, W) of a (1, 3, H, W) image, padded to the window if smaller: windows every stride pixels
+    (the last flush with the border), batch a forward (in memory layout), averaged where they overlap."""
     _, _, H, W = image.shape
     padded = F.pad(image, (0, max(window - W, 0), 0, max(window - H, 0)))
-    PH, PW = padded.shape[-2:]
-    logits = image.new_zeros(1, classes, PH, PW)
-    count = image.new_zeros(1, 1, PH, PW)
-    rows = sorted({min(r, PH - window) for r in range(0, max(PH - window, 0) + stride, stride)})
-    cols = sorted({min(c, PW - window) for c in range(0, max(PW - window, 0) + stride, stride)})
-    for r in rows:
-        for c in cols:
-            logits[..., r:r + window, c:c + window] += model(padded[..., r:r + window, c:c + window]).float()
+    logits, count = image.new_zeros(1, classes, *padded.shape[-2:]), image.new_zeros(1, 1, *padded.shape[-2:])
+    corners = list(itertools.product(*[sorted({min(s, side - window) for s in range(0, side - window + stride, stride)})
+                                       for side in padded.shape[-2:]]))  # (row, column) of each window, row by row
+    for first in range(0, len(corners), batch):
+        group = corners[first:first + batch]
+        windows = torch.cat([padded[..., r:r + window, c:c + window] for r, c in group])  # (n, 3, window, window)
+        for (r, c), scores in zip(group, model(windows.to(memory_format=layout)).float()):
+            logits[0, :, r:r + window, c:c + window] += scores
             count[..., r:r + window, c:c + window] += 1
     return (logits / count)[..., :H, :W]
 
 
 def predict(model, image, classes, cfg):
-    """Class scores of one image: sliding windows at scale 1, or averaged over MULTI_SCALES and flips."""
+    """Class scores (1, classes, H, W): sliding windows at scale 1, or their sum over MULTI_SCALES and flips."""
+    windows = dict(window=cfg.crop, stride=cfg.eval_stride, batch=cfg.eval_batch, layout=cfg.layout)
     if not cfg.multi_scale:
-        return sliding_window(model, image, classes, cfg.crop, cfg.eval_stride).softmax(dim=1)
-    H, W = image.shape[-2:]
+        return sliding_window(model, image, classes, **windows).softmax(dim=1)
     total = 0
     for scale in MULTI_SCALES:
         scaled = F.interpolate(image, scale_factor=scale, mode="bilinear", align_corners=False)
         for flip in (False, True):
-            view = scaled.flip(-1) if flip else scaled
-            scores = sliding_window(model, view, classes, cfg.crop, cfg.eval_stride).softmax(dim=1)
-            scores = scores.flip(-1) if flip else scores
-            total = total + F.interpolate(scores, size=(H, W), mode="bilinear", align_corners=False)
+            scores = sliding_window(model, scaled.flip(-1) if flip else scaled, classes, **windows).softmax(dim=1)
+            total = total + F.interpolate(scores.flip(-1) if flip else scores, size=image.shape[-2:], mode="bilinear",
+                                          align_corners=model.align_corners)  # back as the model's head resizes
     return total
 
 
 def confusion(prediction, label, classes):
     """(classes, classes) counts of (true, predicted) over the pixels whose label is not ignored."""
     keep = label != IGNORE
-    return torch.bincount(label[keep] * classes + prediction[keep], minlength=classes ** 2).view(classes, classes)
+    counts = torch.bincount(label[keep] * classes + prediction[keep], minlength=classes ** 2)
+    return counts.view(classes, classes)  # (classes ** 2,) -> (true, predicted)
 
 
 def iou(matrix):
     """Per-class IoU (%) from a confusion matrix: TP / (TP + FP + FN); NaN for a class absent from both."""
-    matrix = matrix.double()
-    tp = matrix.diag()
+    tp = matrix.diag().double()
     return 100 * tp / (matrix.sum(0) + matrix.sum(1) - tp)
 
 
-PALETTE = torch.tensor([c.color for c in Cityscapes.classes if c.train_id not in (-1, 255)], dtype=torch.uint8)
-
-
 def colourise(label):
-    """(H, W) class ids -> (3, H, W) uint8 in the Cityscapes palette; ignored pixels black."""
-    colours = torch.cat([PALETTE, torch.zeros(256 - len(PALETTE), 3, dtype=torch.uint8)])
-    return colours[label.long()].permute(2, 0, 1)
+    """(H, W) class ids -> (3, H, W) uint8 in the Cityscapes palette."""
+    return PALETTE.to(label.device)[label.long()].permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
 
 
 @torch.no_grad()
 def evaluate(model, val, class_names, cfg, device, autocast, rank, world, pictures_to=None):
-    """Exact mIoU and per-class IoU over the validation set (and the number of labelled pixels counted): rank r takes
-    images r, r + world, ... and the confusion matrices are summed over ranks. Rank 0 saves its first cfg.pictures
-    predictions beside their labels."""
+    """Exact mIoU, per-class IoU, labelled pixels over val (rank r: images r, r + world, ...); rank 0 saves pictures."""
     model.eval()
-    classes = len(class_names)
+    classes, shown = len(class_names), []
     matrix = torch.zeros(classes, classes, dtype=torch.long, device=device)
-    mean, std = (torch.tensor(v, device=device).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
-    shown = []
-    for i in tqdm(range(rank, len(val), world), desc="eval", disable=rank != 0, leave=False):
-        image, label = val[i]
-        image, label = image.to(device)[None], label.to(device)
+    loader = DataLoader(Subset(val, range(rank, len(val), world)), num_workers=cfg.workers,
+                        pin_memory=device.type == "cuda")
+    for image, label in tqdm(loader, desc="eval", disable=rank != 0 or not sys.stderr.isatty(), leave=False):
+        image, label = image.to(device, non_blocking=True), label[0].to(device, non_blocking=True).long()
         with autocast:
-            prediction = predict(model, image, classes, cfg).argmax(dim=1)[0]
+            prediction = predict(model, normalise(image.float()), classes, cfg).argmax(dim=1)[0]
         matrix += confusion(prediction, label, classes)
-        if pictures_to and rank == 0 and len(shown) < 3 * cfg.pictures:  # 3 tiles a picture
-            picture = (image[0] * std + mean).clamp(0, 1)
-            shown += [picture, colourise(label) / 255, colourise(prediction) / 255]
+        if pictures_to and rank == 0 and len(shown) < 3 * cfg.pictures:  # 3 tiles a picture: image, label, prediction
+            shown += [image[0] / 255, colourise(label) / 255, colourise(prediction) / 255]
     if world > 1:
         dist.all_reduce(matrix)
     if shown:
-        save_image(torch.stack(shown), pictures_to, nrow=3)
+        torchvision.utils.save_image(torch.stack(shown), pictures_to, nrow=3)
     model.train()
     per_class = iou(matrix)
     return dict(miou=per_class.nanmean().item(), pixels=int(matrix.sum()),  # absent classes: None (JSON has no NaN)
                 iou={n: None if math.isnan(v) else round(v, 2) for n, v in zip(class_names, per_class.tolist())})
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Training
-
-
-def save_checkpoint(state, output, iteration):
-    """Written to a temporary file, synced, then renamed: a kill never leaves a broken checkpoint."""
-    path = Path(output) / f"checkpoint-{iteration:07d}.pth"
-    temporary = path.with_suffix(".tmp")
-    with open(temporary, "wb") as file:
-        torch.save(state, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-    for old in Path(output).glob("checkpoint-*.pth"):
-        if old != path:
-            old.unlink()
-    return path
-
-
-def find_checkpoint(cfg):
-    if not cfg.resume:
-        return None
-    if cfg.resume == "auto":
-        found = sorted(Path(cfg.output).glob("checkpoint-*.pth"))
-        return found[-1] if found else None
-    if not Path(cfg.resume).is_file():
-        raise InputError(f"{cfg.resume}: no such checkpoint")
-    return Path(cfg.resume)
-
-
-def read_checkpoint(path, cfg):
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unpickling failure is one bad file
-        raise InputError(f"{path}: not a readable checkpoint ({str(error).splitlines()[0]})") from None
-    if not isinstance(state, dict) or "config" not in state:
-        raise InputError(f"{path}: not a checkpoint of this script (use --pretrained for backbone weights)")
-    for name in ("model", "output_stride", "optimizer", "iterations"):  # what the weights and schedule depend on
-        if state["config"][name] != getattr(cfg, name) and not (cfg.eval_only and name in ("optimizer", "iterations")):
-            raise InputError(f"{path}: saved with --{name.replace('_', '-')} {state['config'][name]}, not "
-                             f"{getattr(cfg, name)}")
-    return state
-
-
-def check(cfg):
-    for name, choices in CHOICES.items():
-        if getattr(cfg, name) not in choices:
-            raise InputError(f"unknown --{name} {getattr(cfg, name)!r}: choose one of {', '.join(choices)}")
-    for name in ["iterations", "batch_size", "crop", "eval_stride", "eval_every", "base_size", "synthetic_train",
-                 "synthetic_val"]:
-        if getattr(cfg, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.eval_stride > cfg.crop:
-        raise InputError(f"--eval-stride {cfg.eval_stride} exceeds the window --crop {cfg.crop}: pixels would be "
-                         "missed")
-    if cfg.eval_only and not cfg.resume:
-        raise InputError("--eval-only needs the model to evaluate: --resume CKPT")
-
-
-def amp_dtype(cfg, device):
-    """bf16 on GPUs that have it, else fp16 (with a GradScaler); off on CPU."""
-    if cfg.amp == "auto":
-        if device.type == "cpu":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    return dict(bf16=torch.bfloat16, fp16=torch.float16, off=None)[cfg.amp]
-
-
-def setup_distributed():
-    """(rank, world size, device) from torchrun's environment; a single process without it."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if device.type == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def main(cfg):
-    """Train (or evaluate) as cfg says. Returns the last evaluation's metrics."""
-    check(cfg)
-    rank, world, device = setup_distributed()
-    try:
-        return _run(cfg, rank, world, device)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-
-
-def _run(cfg, rank, world, device):
-    log = print if rank == 0 else lambda *args, **kwargs: None
+# ---- Training --------------------------------------------------------------------------------------------------
+def run(cfg, rank, world, device):
+    """Train (or only evaluate) as cfg says; returns the last evaluation's metrics."""
+    log = logger(rank)
     if cfg.batch_size % world:
-        raise InputError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
+        raise InputError(f"--batch-size {cfg.batch_size} (global) is not divisible by the {world} processes")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    choice = [find_checkpoint(cfg) if rank == 0 else None]  # --output must be seen by every node
-    if world > 1:
-        dist.broadcast_object_list(choice, src=0)
-    checkpoint = choice[0]
-    if checkpoint is None and cfg.eval_only:
-        raise InputError(f"--eval-only --resume auto: no checkpoint in {cfg.output}")
-    if checkpoint is None and not cfg.eval_only and list(Path(cfg.output).glob("checkpoint-*.pth")):
-        raise InputError(f"{cfg.output} holds another run's checkpoints: continue it with --resume auto, or choose "
-                         "another --output")
-    state = read_checkpoint(checkpoint, cfg) if checkpoint else None
-    if not cfg.data:
-        log(f"No --data: training on the built-in synthetic scenes ({len(Scenes.classes)} classes, "
-            f"{cfg.base_size} x {cfg.base_size}, {cfg.synthetic_train} images).")
+    checkpoint, state = resume_state(cfg, rank, world)
     train, val, class_names = datasets(cfg)
-    val = Apply(val, eval_transform())
-
-    model = build_model(cfg, len(class_names))
-    if cfg.pretrained:
-        load_pretrained(model, cfg.pretrained)
-    if world > 1 and device.type == "cuda":  # SyncBatchNorm runs on GPUs only
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
-    log(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {world} process(es) on "
-        f"{device.type}")
-    optimizer_name = cfg.optimizer if cfg.optimizer != "auto" else "sgd" if cfg.model in FCN_VARIANTS else "adamw"
-    lr = cfg.lr or dict(adamw=1e-4, sgd=0.01)[optimizer_name]
-    if optimizer_name == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=cfg.iterations, power=cfg.poly_power)
-    dtype = amp_dtype(cfg, device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    criterion = nn.CrossEntropyLoss(ignore_index=IGNORE)
-    start = 0
+    model = build_model(cfg, len(class_names), world, device)
+    announce(cfg, log, world, device, model, checkpoint)
+    optimizer, scheduler = optimiser_and_schedule(cfg, model)
+    _, autocast, scaler = precision(cfg, device)
+    parts = dict(optimizer=optimizer, scheduler=scheduler, scaler=scaler)  # what a checkpoint holds beside the model
     if state:
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError) as error:
-            raise InputError(f"{checkpoint}: does not fit this model ({str(error).splitlines()[1].strip()})") from None
-        scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:  # empty unless the run used fp16
-            scaler.load_state_dict(state["scaler"])
-        start = state["iteration"]
-        log(f"Resumed from {checkpoint} at iteration {start}.")
-    output = Path(cfg.output)
+        load_weights(model, state["model"], checkpoint)
+        for name, part in parts.items():
+            if state[name] and not cfg.eval_only:  # the scaler's is empty unless the run used fp16
+                part.load_state_dict(state[name])
+    output, start = Path(cfg.output), state["iteration"] if state else 0
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
+    evaluation = functools.partial(evaluate, model, val, class_names, cfg, device, autocast, rank, world)
     if cfg.eval_only:
-        metrics = evaluate(model, val, class_names, cfg, device, autocast, rank, world, output / "eval.png")
+        metrics = evaluation(output / "eval.png")
         log(f"eval: mIoU {metrics['miou']:.2f}% ({'multi-scale + flip' if cfg.multi_scale else 'single scale'})")
         return metrics
-
-    trained = DistributedDataParallel(model) if world > 1 else model
-    sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    loader = DataLoader(Apply(train, train_transform(cfg)), cfg.batch_size // world, sampler=sampler,
-                        drop_last=True, num_workers=cfg.workers, pin_memory=device.type == "cuda")
-    if len(loader) == 0:
-        raise InputError(f"{cfg.data or 'the synthetic set'}: {len(train)} training images are fewer than one batch")
-    metrics = None
-    for chunk_start in range(start, cfg.iterations, cfg.eval_every):
-        # Every random choice between two checkpoints follows from (seed, chunk, rank): a resumed run repeats
-        # exactly what the interrupted one would have done.
-        chunk = chunk_start // cfg.eval_every
-        torch.manual_seed(cfg.seed * 1_000_003 + chunk * world + rank)
-        steps = min(cfg.eval_every, cfg.iterations - chunk_start)
-        batches, passes = iter(()), 0
-        bar = tqdm(range(steps), desc=f"iterations {chunk_start}-{chunk_start + steps}", disable=rank != 0,
-                   leave=False)
-        started, total_loss = time.time(), torch.zeros((), device=device)
-        for _ in bar:
-            batch = next(batches, None)
-            if batch is None:  # a new pass over the training set, shuffled by (chunk, pass)
-                sampler.set_epoch(chunk * 10_000 + passes)
-                batches, passes = iter(loader), passes + 1
-                batch = next(batches)
-            images, labels = (t.to(device, non_blocking=True) for t in batch)
-            with autocast:
-                loss = criterion(trained(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            loss = loss.detach()
-            if world > 1:
-                dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-            if not torch.isfinite(loss):
-                last = sorted(output.glob("checkpoint-*.pth"))
-                raise TrainingError(f"the loss is {loss.item()} at iteration {scheduler.last_epoch}; stopped, the "
-                                    f"last good checkpoint is {last[-1] if last else 'none yet'}")
-            total_loss += loss
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        iteration = chunk_start + steps
+    loader = training_loader(train, cfg, rank, world, device)
+    trained, metrics = distribute(model, cfg, world), None
+    for first in range(start, cfg.iterations, cfg.eval_every):
+        last, started = min(first + cfg.eval_every, cfg.iterations), time.perf_counter()
+        loss = train_chunk(trained, loader, optimizer, scheduler, scaler, autocast, cfg, rank, world, device, first,
+                           last)
+        seconds = time.perf_counter() - started
         if world > 1:  # without SyncBatchNorm (CPU) the ranks' statistics differ: evaluate rank 0's
             for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)
-        metrics = dict(iteration=iteration, loss=total_loss.item() / steps, seconds=time.time() - started,
-                       **evaluate(model, val, class_names, cfg, device, autocast, rank, world,
-                                  output / f"predictions-{iteration:07d}.png"))
+        metrics = dict(iteration=last, loss=loss, seconds=seconds, **evaluation(output / f"predictions-{last:07d}.png"))
         if rank == 0:
-            path = save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                                        iteration=iteration, config=dataclasses.asdict(cfg)), output, iteration)
+            state = {name: part.state_dict() for name, part in dict(model=model, **parts).items()}
+            path = save_checkpoint(dict(state, iteration=last, config=dataclasses.asdict(cfg)),
+                                   output / f"checkpoint-{last:07d}.pth")
             with open(output / "log.jsonl", "a") as file:
                 file.write(json.dumps(metrics) + "\n")
-            log(f"iteration {iteration}/{cfg.iterations}: loss {metrics['loss']:.3f}, mIoU {metrics['miou']:.2f}%; "
-                f"saved {path}")
+            log(f"iteration {last}/{cfg.iterations}: loss {loss:.3f}, mIoU {metrics['miou']:.2f}%; saved {path}")
         if world > 1:
             dist.barrier()
     return metrics
 
 
+def resume_state(cfg, rank, world):
+    """(the checkpoint to start from, its contents), or (None, None): rank 0 chooses, --output must be seen by all."""
+    choice = [find_checkpoint(cfg) if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(choice, src=0)
+    if choice[0] is None and cfg.eval_only:
+        raise InputError(f"--eval-only --resume auto: no checkpoint in {cfg.output}")
+    return choice[0], choice[0] and read_checkpoint(choice[0], cfg, WEIGHTS_DEPEND_ON, TRAINING_DEPENDS_ON)
+
+
+def announce(cfg, log, world, device, model, checkpoint):
+    """What the run trains, on what and from where; a backbone from scratch on real data gets a warning (stderr)."""
+    if not cfg.data:
+        log(f"No --data: training on the built-in synthetic scenes ({len(Scenes.classes)} classes, {cfg.base_size} x "
+            f"{cfg.base_size}, {cfg.synthetic_train} images).")
+    elif not cfg.pretrained and checkpoint is None:
+        log("WARNING: no --pretrained: the backbone starts from scratch (random weights), where the paper starts "
+            "it from ImageNet weights; expect a far lower mIoU than its tables.", file=sys.stderr, flush=True)
+    log(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {world} process(es) on "
+        f"{device.type}" + (f"; resuming {checkpoint}" if checkpoint else ""))
+
+
+def optimiser_and_schedule(cfg, model):
+    """auto: AdamW for DGMN2, SGD (momentum 0.9) for the FCNs, at the paper's rate unless --lr, decaying to 0."""
+    name = cfg.optimizer if cfg.optimizer != "auto" else "sgd" if cfg.model in FCN_VARIANTS else "adamw"
+    optimizer = torch.optim.SGD(model.parameters(), cfg.lr or 0.01, momentum=0.9, weight_decay=cfg.weight_decay) \
+        if name == "sgd" else torch.optim.AdamW(model.parameters(), cfg.lr or 1e-4, weight_decay=cfg.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.PolynomialLR(optimizer, cfg.iterations, power=cfg.poly_power)
+
+
+def training_loader(train, cfg, rank, world, device):
+    """This rank's share of each global batch of augmented crops, from workers that persist over the run."""
+    sampler = Passes(train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = DataLoader(Augmented(train, cfg), cfg.batch_size // world, sampler=sampler, drop_last=True,
+                        num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
+                        generator=torch.Generator().manual_seed(seed_of(cfg.seed, rank)))  # not the global: the model's
+    if len(loader) == 0:
+        raise InputError(f"{cfg.data or 'the synthetic set'}: {len(train)} training images are fewer than one batch")
+    return loader
+
+
+def train_chunk(model, loader, optimizer, scheduler, scaler, autocast, cfg, rank, world, device, first, last):
+    """Iterations first + 1 .. last; returns their mean loss. Draws follow from (seed, chunk, rank) and item keys."""
+    chunk = first // cfg.eval_every
+    torch.manual_seed(seed_of(cfg.seed, chunk, rank))  # dropout's: a run resumed at first repeats it
+    loader.sampler.set_epoch(chunk)
+    progress = Progress(cfg, rank, world, device, first, last, cfg.batch_size, f"train to {last}", cfg.output)
+    for images, labels in progress.batches(itertools.islice(loader, last - first)):
+        images = images.to(device, non_blocking=True, memory_format=cfg.layout)
+        with autocast:
+            loss = F.cross_entropy(model(images), labels.to(device, non_blocking=True).long(), ignore_index=IGNORE)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        progress.update(dict(loss=loss), scheduler.get_last_lr()[0])
+    return progress.close()["loss"]
+
+
 if __name__ == "__main__":
-    config = parse_args()
-    try:
-        main(config)
-    except (InputError, TrainingError) as error:
-        # An error raised in a DataLoader worker arrives wrapped in that worker's traceback: keep its own line.
-        message = re.sub(r"^[\w.]*(InputError|TrainingError): ", "", str(error).strip().splitlines()[-1])
-        sys.exit(f"train_cityscapes.py: error: {message}")
+    command_line()

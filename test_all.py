@@ -7,8 +7,11 @@ without a GPU.
 """
 
 import argparse
+import colorsys
 import contextlib
 import dataclasses
+import io
+import itertools
 import json
 import math
 import os
@@ -16,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -25,7 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from einops import rearrange
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 from torchvision.ops import deform_conv2d
+from torchvision.transforms import v2
 
 import dgmn
 import dgmn2
@@ -1063,11 +1070,17 @@ def test_image_folder_with_the_paper_recipe(tmp_path):
 
 
 def test_learning_rate_schedule():
-    cfg = train_imagenet.Config(epochs=10, warmup_epochs=2, warmup_lr=1e-6, min_lr=1e-5)
-    lrs = [train_imagenet.lr_at(step, cfg, 1e-3, steps_per_epoch=5) for step in range(50)]
-    assert lrs[0] == 1e-6 and lrs[10] == pytest.approx(1e-3) and lrs[-1] > 1e-5
+    cfg = train_imagenet.Config(epochs=10, warmup_epochs=2, warmup_lr=1e-6, min_lr=1e-5)  # batch 1024: peak 1e-3
+    optimizer, scheduler = train_imagenet.optimiser(cfg, nn.Linear(2, 2), steps_per_epoch=5)
+    lrs = []
+    for _ in range(51):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    lrs, last = lrs[:50], lrs[50]
+    assert lrs[0] == pytest.approx(1e-6) and lrs[10] == pytest.approx(1e-3) and lrs[-1] > 1e-5
     assert lrs[:11] == sorted(lrs[:11]) and lrs[10:] == sorted(lrs[10:], reverse=True)
-    assert train_imagenet.lr_at(50, cfg, 1e-3, steps_per_epoch=5) == pytest.approx(1e-5)
+    assert last == pytest.approx(1e-5)
 
 
 def kill_then_resume(script, cfg, monkeypatch):
@@ -1110,7 +1123,7 @@ def test_a_non_finite_loss_stops_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(train_imagenet, "train_step", diverging)
     with pytest.raises(train_imagenet.TrainingError, match=r"the loss is nan at step 3 \(epoch 2\); stopped, the "
                                                            r"last good checkpoint is .*checkpoint-0001.pth"):
-        train_imagenet.main(tiny_run(tmp_path, epochs=2))
+        train_imagenet.main(tiny_run(tmp_path, epochs=2, log_every=1))
     assert (tmp_path / "run" / "checkpoint-0001.pth").is_file()
 
 
@@ -1122,12 +1135,12 @@ def test_bad_input_gives_one_line(tmp_path):
     mismatch = write_image_folder(tmp_path / "mismatch")
     (mismatch / "val" / "fox").rename(mismatch / "val" / "wolf")
     other = tmp_path / "small.pth"
-    torch.save({"model": {}, "config": {"model": "small"}}, other)
+    torch.save(dict(model={}, optimizer={}, scheduler={}, scaler={}, config={"model": "small"}), other)
     cases = [(dict(data=str(tmp_path / "nowhere")), "nowhere: no such data directory"),
              (dict(data=str(tmp_path)), r"no train or val folder \(expected .*/train/CLASS/IMAGE"),
              (dict(data=str(tmp_path / "empty")), "empty/train: Couldn't find any class folder"),
              (dict(data=str(mismatch)), "train has 3 classes and val 3, and they differ \\(first: fox\\)"),
-             (dict(data=str(data), resume=str(other)), "small.pth: a checkpoint of DGMN2-small, not of --model tiny"),
+             (dict(data=str(data), resume=str(other)), "small.pth: saved with --model 'small', not 'tiny'"),
              (dict(data=str(data), resume=str(tmp_path / "none.pth")), "none.pth: no such checkpoint"),
              (dict(data=str(data), weights=str(other)), "--weights .*small.pth: checkpoint does not fit this DGMN2"),
              (dict(model="huge"), "unknown --model 'huge'"),
@@ -1168,12 +1181,100 @@ def test_command_line_errors_exit_with_one_line(tmp_path):
 def test_torchrun_two_processes_count_each_image_once(tmp_path):
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(Path(__file__).with_name("train_imagenet.py")), "--synthetic-train", "32",
-                          "--synthetic-val", "11", "--batch-size", "4", "--epochs", "1", "--workers", "0",
+                          "--synthetic-val", "11", "--batch-size", "8", "--epochs", "1", "--workers", "0",
                           "--output", str(tmp_path / "run")], capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     log = json.loads((tmp_path / "run" / "log.jsonl").read_text())
-    assert log["images"] == 11 and log["step"] == 4  # 32 images, 4 per process, 2 processes
+    assert log["images"] == 11 and log["step"] == 4  # 32 images, a global batch of 8: 4 per process
+
+def test_repeated_augmentation_deals_each_image_three_times_across_ranks():
+    def epoch(e):
+        samplers = [train_imagenet.RepeatedAugmentationSampler(12, 3, rank, 2, seed=0) for rank in range(2)]
+        for sampler in samplers:
+            sampler.set_epoch(e)
+        return [list(sampler) for sampler in samplers]
+
+    ranks = epoch(0)
+    assert epoch(0) == ranks and epoch(1) != ranks  # a function of (seed, epoch) alone
+    assert [len(r) for r in ranks] == [6, 6]  # as many samples as images, split evenly
+    images = [index for r in ranks for index, _ in r]
+    assert sorted(images.count(i) for i in set(images)) == [3, 3, 3, 3]  # 4 images, 3 copies each
+    for image in set(images):  # the copies of an image go to both ranks
+        assert all(any(index == image for index, _ in r) for r in ranks)
+    seeds = [seed for r in ranks for _, seed in r]
+    assert len(set(seeds)) == 12  # each copy its own augmentation
+
+
+def test_randaugment_follows_timms_scale(monkeypatch):
+    calls, rotations = [], torchvision.transforms.v2.RandAugment._AUGMENTATION_SPACE["Rotate"][0]
+
+    class Recorder:
+        def __init__(self, num_ops, magnitude, num_magnitude_bins, **kwargs):
+            calls.append(magnitude / (num_magnitude_bins - 1))
+            self.rotate = rotations(num_magnitude_bins, 8, 8)[magnitude]
+
+        def __call__(self, image):
+            return image
+
+    monkeypatch.setattr(train_imagenet.v2, "RandAugment", Recorder)
+    torch.manual_seed(0)
+    exact = train_imagenet.RandAugment(2, 9.0, std=0.0)
+    for _ in range(1000):
+        exact(torch.zeros(3, 8, 8))
+    assert 0.45 < len(calls) / 2000 < 0.55  # each of the 2 operations with probability 0.5, as timm's
+    assert set(calls) == {0.9}  # m9 is 90% of each operation's range (torchvision's own RandAugment(9): 30%)
+    assert Recorder(1, 90, 101).rotate == 27.0  # degrees
+    calls.clear()
+    noisy = train_imagenet.RandAugment(2, 9.0, std=0.5)
+    for _ in range(1000):
+        noisy(torch.zeros(3, 8, 8))
+    spread = torch.tensor(calls) * 10
+    assert abs(spread.mean() - 9) < 0.1 and abs(spread.std() - 0.5) < 0.1  # mstd0.5
+
+
+def test_imagenet_transforms_follow_the_release():
+    cfg = train_imagenet.Config(img_size=32)
+    steps = [type(t).__name__ for t in train_imagenet.transforms(cfg, train=True).transforms]
+    assert steps == ["RandomResizedCrop", "RandomHorizontalFlip", "RandAugment", "ToImage", "ToDtype", "Normalize",
+                     "RandomErasing"]  # no ColorJitter beside RandAugment; the PIL-side steps before ToImage
+    jitter = [type(t).__name__ for t in train_imagenet.transforms(dataclasses.replace(cfg, randaugment_ops=0),
+                                                                  train=True).transforms]
+    assert "ColorJitter" in jitter
+    from PIL import Image
+    image = train_imagenet.transforms(cfg, train=True)(Image.new("RGB", (40, 48)))
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+
+
+def test_drop_path_starts_at_its_epoch(tmp_path, monkeypatch):
+    rates, set_rate = [], dgmn2.DGMN2.set_drop_path_rate
+
+    def record(model, rate):
+        rates.append(rate)
+        set_rate(model, rate)
+
+    monkeypatch.setattr(dgmn2.DGMN2, "set_drop_path_rate", record)
+    train_imagenet.main(tiny_run(tmp_path, epochs=3, drop_path=0.1, drop_path_epoch=2))
+    assert rates[-3:] == [0.0, 0.0, 0.1]  # set at each epoch (before: at construction)
+    assert train_imagenet.Config().drop_path_epoch == 100  # the release's recipe by default
+
+
+def test_eval_only_evaluates_the_ema_weights(tmp_path, capsys):
+    trained = train_imagenet.main(tiny_run(tmp_path, ema_decay=0.5))
+    evaluated = train_imagenet.main(tiny_run(tmp_path, eval_only=True, resume="auto"))
+    assert "Evaluating the EMA weights of" in capsys.readouterr().out
+    assert evaluated["top1"] == trained["ema_top1"] and evaluated["top5"] == trained["ema_top5"]
+
+
+def test_imagenet_loaders_keep_their_workers(tmp_path):
+    train, val, classes = train_imagenet.loaders(tiny_run(tmp_path, workers=1), 0, 1, print)
+    assert train.persistent_workers and val.persistent_workers and classes == 6
+    assert train.pin_memory == torch.cuda.is_available()
+    first = [images for images, _ in train]
+    assert all(map(torch.equal, first, [images for images, _ in train]))  # the same epoch, the same augmentations
+    train.sampler.set_epoch(1)
+    assert not any(map(torch.equal, first, [images for images, _ in train]))
+
 
 # ====================================================================================================================
 # train_cityscapes.py: Sections 5, 6.3, 8.1.1
@@ -1297,6 +1398,315 @@ def test_segmentation_under_torchrun_counts_each_pixel_once(tmp_path, model):
     assert log["pixels"] == 5 * 32 * 32  # 5 scenes over 2 processes, no ignored pixels
 
 
+cs = train_cityscapes
+MMSEG = dict(brightness=(-32, 32), contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue=(-18 / 180, 18 / 180))  # defaults
+
+
+def rgb_image(seed=0, H=6, W=7):
+    """A float (3, H, W) image on the 0-255 scale with saturated, grey and dark pixels among random ones."""
+    image = torch.rand(3, H, W, generator=torch.Generator().manual_seed(seed)) * 255
+    image[:, 0, 0] = torch.tensor([255.0, 0.0, 0.0])  # fully saturated
+    image[:, 0, 1] = 128.0  # grey: no hue, S = 0
+    image[:, 0, 2] = 0.0  # black
+    return image
+
+
+def hsv(image):
+    """Per-pixel (h, s, v) of a (3, H, W) 0-255 image by the standard library: (H * W, 3)."""
+    pixels = (image / 255).flatten(1).T.tolist()  # (3, H, W) -> (H * W, 3)
+    return torch.tensor([colorsys.rgb_to_hsv(*p) for p in pixels], dtype=torch.float64)
+
+
+def from_hsv(values, shape):
+    rgb = torch.tensor([colorsys.hsv_to_rgb(*p) for p in values.tolist()], dtype=torch.float64)
+    return (rgb.T * 255).reshape(shape)  # (H * W, 3) -> (3, H, W)
+
+
+def seed_where(wanted):
+    """The first seed whose photometric draws (5 coins, then 4 values, as photometric_distortion draws them) apply
+    exactly the ops in wanted; with contrast, wanted["last"] says whether it comes after saturation and hue."""
+    names = list(MMSEG)
+    assert list(cs.DISTORTIONS) == names  # the order of the coins and values drawn
+    for seed in range(10_000):
+        g = torch.Generator().manual_seed(seed)
+        coins, values = torch.rand(5, generator=g).tolist(), torch.rand(4, generator=g).tolist()
+        applied = {name for name, coin in zip(names, coins) if coin < 0.5}
+        if applied == set(wanted["ops"]) and ("last" not in wanted or (coins[4] >= 0.5) == wanted["last"]):
+            return seed, {n: low + (high - low) * u for (n, (low, high)), u in zip(MMSEG.items(), values)}
+    raise AssertionError(f"no seed draws {wanted}")
+
+
+def distort(image, seed):
+    return cs.photometric_distortion(image.clone(), torch.Generator().manual_seed(seed))
+
+
+def test_brightness_and_contrast_are_additive_and_multiplicative_clipped():
+    image = rgb_image()
+    seed, drawn = seed_where(dict(ops=["brightness"]))
+    torch.testing.assert_close(distort(image, seed), (image + drawn["brightness"]).clamp(0, 255))
+    assert -32 <= drawn["brightness"] <= 32
+    seed, drawn = seed_where(dict(ops=["contrast"]))
+    torch.testing.assert_close(distort(image, seed), (image * drawn["contrast"]).clamp(0, 255))
+    seed, _ = seed_where(dict(ops=[]))
+    assert torch.equal(distort(image, seed), image)
+
+
+def test_saturation_scales_s_and_keeps_hue_and_value():
+    image = rgb_image()
+    for factor in (0.5, 0.8, 1.3, 1.5, 4.0):  # 4: S capped at 1 for most pixels
+        expected = hsv(image)
+        expected[:, 1] = (expected[:, 1] * factor).clamp(max=1)
+        out = cs.saturation(image, factor)
+        torch.testing.assert_close(out.double(), from_hsv(expected, image.shape), atol=1e-3, rtol=0)
+        got = hsv(out)
+        torch.testing.assert_close(got[:, 2], hsv(image)[:, 2], atol=1e-5, rtol=0)  # V kept
+        coloured = hsv(image)[:, 1] > 0.05
+        turn = (got[coloured, 0] - hsv(image)[coloured, 0] + 0.5) % 1 - 0.5
+        assert turn.abs().max() < 1e-4  # hue kept
+    seed, drawn = seed_where(dict(ops=["saturation"]))
+    torch.testing.assert_close(distort(image, seed), cs.saturation(image, drawn["saturation"]).clamp(0, 255))
+    assert 0.5 <= drawn["saturation"] <= 1.5
+
+
+def test_hue_turns_by_the_opencv_delta_over_180():
+    image = rgb_image()
+    seed, drawn = seed_where(dict(ops=["hue"]))
+    delta = drawn["hue"]
+    assert abs(delta) <= 18 / 180
+    out = distort(image, seed)
+    torch.testing.assert_close(out, v2.functional.adjust_hue(image / 255, delta) * 255)
+    expected = hsv(image)
+    expected[:, 0] = (expected[:, 0] + delta) % 1  # a turn of delta, S and V kept
+    torch.testing.assert_close(out.double(), from_hsv(expected, image.shape), atol=2e-3 * 255, rtol=0)
+
+
+def test_contrast_comes_before_or_after_saturation_and_hue():
+    image = rgb_image(1)
+    ops = ["brightness", "contrast", "saturation", "hue"]
+    for last in (False, True):
+        seed, d = seed_where(dict(ops=ops, last=last))
+        x = (image + d["brightness"]).clamp(0, 255)
+        if not last:
+            x = (x * d["contrast"]).clamp(0, 255)
+        x = cs.saturation(x, d["saturation"]).clamp(0, 255)
+        x = (v2.functional.adjust_hue(x / 255, d["hue"]) * 255).clamp(0, 255)
+        if last:
+            x = (x * d["contrast"]).clamp(0, 255)
+        torch.testing.assert_close(distort(image, seed), x, atol=1e-3, rtol=0)
+
+
+def test_each_distortion_applies_with_probability_one_half(monkeypatch):
+    calls = []
+
+    def recorder(name):
+        def op(image, value):
+            calls[-1].append((name, value))
+            return image
+        return op
+
+    for name, (_, low, high) in list(cs.DISTORTIONS.items()):
+        monkeypatch.setitem(cs.DISTORTIONS, name, (recorder(name), low, high))
+    draws = 2000
+    for seed in range(draws):
+        calls.append([])
+        cs.photometric_distortion(torch.zeros(3, 1, 1), torch.Generator().manual_seed(seed))
+    for name, (low, high) in MMSEG.items():
+        values = [v for call in calls for n, v in call if n == name]
+        assert abs(len(values) / draws - 0.5) < 0.04  # binomial(2000, 0.5): sd 0.011
+        assert low <= min(values) and max(values) <= high
+        assert abs(sum(values) / len(values) - (low + high) / 2) < 0.05 * (high - low)
+    orders = [[n for n, _ in call] for call in calls]
+    assert all(order[0] == "brightness" for order in orders if "brightness" in order)
+    assert all(order.index("saturation") < order.index("hue") for order in orders if {"saturation", "hue"} <= {*order})
+    full = [order for order in orders if len(order) == 4]
+    assert {tuple(order) for order in full} == {("brightness", "contrast", "saturation", "hue"),
+                                                ("brightness", "saturation", "hue", "contrast")}
+    assert 0.3 < sum(order[1] == "contrast" for order in full) / len(full) < 0.7
+
+
+def coordinates(H, W):
+    """A uint8 image whose channels 0 and 1 hold each pixel's row and column: a crop says where it was taken."""
+    rows, cols = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    return torch.stack([rows, cols, rows * 0]).to(torch.uint8)
+
+
+def replayed_windows(seed, H, W, h, w, tries=11):
+    """The (top, left) windows random_crop draws at scale 1 from generator seed, in order."""
+    g = torch.Generator().manual_seed(seed)
+    return [(int(torch.randint(H - h + 1, (), generator=g)), int(torch.randint(W - w + 1, (), generator=g)))
+            for _ in range(tries)]
+
+
+def acceptable(label):
+    """mmseg's test, written out: two classes or more among the labelled pixels, none covering 75% of them."""
+    values, counts = label[label != 255].unique(return_counts=True)
+    return len(values) >= 2 and counts.max().item() / counts.sum().item() < 0.75
+
+
+def test_crop_rejection_keeps_the_first_acceptable_window_of_ten():
+    H, W, crop = 60, 80, 20
+    label = torch.zeros(H, W, dtype=torch.uint8)
+    label[:25, :30] = 1  # most windows hold class 0 alone or nearly
+    label[50:, 70:] = 255
+    image = coordinates(H, W)
+    accepted, rejected_all, free = 0, 0, 0
+    for seed in range(200):
+        out, cut = cs.random_crop(image, label, H, crop, torch.Generator().manual_seed(seed))  # short = H: scale 1
+        windows = replayed_windows(seed, H, W, crop, crop)
+        goods = [(t, l) for t, l in windows[:10] if acceptable(label[t:t + crop, l:l + crop])]
+        top, left = goods[0] if goods else windows[10]  # after 10 rejections, one more draw (mmseg's loop)
+        assert (int(out[0, 0, 0]), int(out[1, 0, 0])) == (top, left)
+        assert torch.equal(cut, label[top:top + crop, left:left + crop])
+        accepted += acceptable(cut)
+        rejected_all += not goods
+        free += acceptable(label[windows[0][0]:windows[0][0] + crop, windows[0][1]:windows[0][1] + crop])
+    assert free < 40 and accepted > 120 and accepted >= 200 - rejected_all  # 12% of windows pass, 70% of crops
+
+
+def test_crop_smaller_than_the_window_is_the_whole_image_padded_after_normalisation():
+    H, W, crop = 20, 30, 40
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, H, W), dtype=torch.uint8, generator=g)
+    label = torch.randint(0, 3, (H, W), dtype=torch.uint8, generator=g)
+    cfg = cs.Config(crop=crop, base_size=H, scale_min=1.0, scale_max=1.0)  # the shorter side stays H: scale 1
+    padded_image, padded_label = cs.Augmented([(image, label)], cfg)[(7, 0)]
+    assert padded_image.shape == (3, crop, crop) and padded_label.shape == (crop, crop)
+    assert (padded_image[:, H:] == 0).all() and (padded_image[:, :, W:] == 0).all()  # 0: the mean colour
+    assert (padded_label[H:] == 255).all() and (padded_label[:, W:] == 255).all()
+    inside = padded_label[:H, :W]  # the top and left are not padded: the label is there whole, maybe flipped
+    assert torch.equal(inside, label) or torch.equal(inside, label.flip(-1))
+    assert (padded_image[:, :H, :W] != 0).float().mean() > 0.99
+    # normalised before padding: a black image's pixels are -mean / std, the padding 0
+    black, _ = cs.Augmented([(torch.zeros_like(image), label)], cfg)[(3, 0)]
+    assert (black[:, :H, :W] < -0.5).all() and (black[:, H:] == 0).all()
+
+
+def smooth_image(H, W):
+    rows, cols = torch.meshgrid(torch.arange(H) / H, torch.arange(W) / W, indexing="ij")
+    channels = [torch.sin(3 * rows + 2 * cols), torch.cos(2 * rows - 3 * cols), torch.sin(4 * rows * cols + 1)]
+    return (127.5 + 100 * torch.stack(channels)).round().to(torch.uint8)
+
+
+@pytest.mark.parametrize("short", [75, 100, 180, 260])  # scales 0.75 (down) to 2.6 (up) of a 100 x 160 image
+def test_crop_then_resize_equals_resize_then_crop(short):
+    H, W, crop = 100, 160, 64
+    image = smooth_image(H, W)
+    label = (torch.arange(W) // 3 % 2).expand(H, W).to(torch.uint8)  # stripes: every window is acceptable
+    Hs, Ws = v2.functional.resize(image, short).shape[-2:]  # torchvision's own rounding of the scaled size
+    resized = v2.functional.resize(image, [Hs, Ws], antialias=True).float()
+    resized_label = v2.functional.resize(label[None], [Hs, Ws], v2.InterpolationMode.NEAREST)[0]
+    for seed in range(5):
+        out, cut = cs.random_crop(image, label, short, crop, torch.Generator().manual_seed(seed))
+        top, left = replayed_windows(seed, Hs, Ws, crop, crop, tries=1)[0]
+        expected = resized[:, top:top + crop, left:left + crop]
+        assert out.shape == expected.shape == (3, crop, crop)
+        error = (out.float() - expected).abs()
+        assert error.mean() < 1.0 and error.max() <= 6  # a shift of at most half a source pixel
+        assert (cut == resized_label[top:top + crop, left:left + crop]).float().mean() > 0.6  # thin stripes move
+
+
+def test_scales_and_windows_are_drawn_as_resize_then_crop():
+    H, W, crop = 40, 50, 64  # every scaled image fits in the crop: its unpadded size shows the scale drawn
+    label = (torch.arange(W) % 2).expand(H, W).to(torch.uint8)
+    cfg = cs.Config(crop=crop, base_size=H, scale_min=0.5, scale_max=1.0)
+    augmented = cs.Augmented([(coordinates(H, W), label)], cfg)
+    sizes = [tuple((augmented[(key, 0)][1] != 255).sum(dim=d).max().item() for d in (0, 1)) for key in range(300)]
+    shorts = [h for h, _ in sizes]
+    assert set(shorts) == set(range(20, 41)) and min(map(shorts.count, set(shorts))) >= 4  # RandomResize(20, 41)
+    assert all((h, w) == tuple(v2.functional.resize(label[None], h).shape[-2:]) for h, w in sizes)
+    tops = [cs.random_crop(coordinates(H, W), label, H, 16, torch.Generator().manual_seed(s))[0][0, 0, 0].item()
+            for s in range(600)]
+    assert set(tops) == set(range(H - 16 + 1))  # every position, as RandomCrop draws it
+
+
+def test_batched_sliding_windows_equal_one_window_a_forward():
+    torch.manual_seed(0)
+    net = cs.SemanticFPN(dgmn2.dgmn2_tiny(num_classes=0), 5).eval()
+    image = torch.randn(1, 3, 40, 45)  # 2 x 2 windows of 32
+    with torch.no_grad():
+        one = cs.sliding_window(net, image, 5, window=32, stride=20, batch=1)
+        torch.testing.assert_close(cs.sliding_window(net, image, 5, window=32, stride=20, batch=3), one)
+        border = nn.Sequential(nn.Conv2d(3, 5, 5, padding=2), nn.BatchNorm2d(5), nn.Conv2d(5, 5, 3, padding=1)).eval()
+        image = torch.randn(1, 3, 70, 97)  # 4 x 6 windows of 24, each sees its own borders
+        one = cs.sliding_window(border, image, 5, window=24, stride=15, batch=1)
+        for batch in (5, 8, 100):
+            torch.testing.assert_close(cs.sliding_window(border, image, 5, window=24, stride=15, batch=batch), one)
+        channels_last = cs.sliding_window(border, image, 5, window=24, stride=15, batch=7, layout=torch.channels_last)
+        torch.testing.assert_close(channels_last, one, atol=1e-5, rtol=1e-5)
+
+
+def test_release_align_corners_in_the_fpn_head(monkeypatch):
+    calls = []
+    interpolate = cs.F.interpolate
+
+    def spy(*args, **kwargs):
+        if sys._getframe(1).f_code.co_filename == cs.__file__:  # the head's resizes, not the backbone's
+            calls.append(kwargs.get("align_corners"))
+        return interpolate(*args, **kwargs)
+
+    monkeypatch.setattr(cs.F, "interpolate", spy)
+    net = cs.SemanticFPN(dgmn2.dgmn2_tiny(num_classes=0), 5).eval()
+    with torch.no_grad():
+        assert net(torch.randn(1, 3, 40, 40)).shape == (1, 5, 40, 40)
+    assert len(calls) == (1 + 2 + 3) + 4 + 1 and all(corner is True for corner in calls)  # 2x ups, sums, output
+    assert cs.DilatedFCN.align_corners is False
+
+
+def test_real_data_without_pretrained_warns_that_the_backbone_starts_from_scratch(tmp_path, capsys):
+    data = write_cityscapes(tmp_path / "cityscapes")
+    real = dict(data=str(data), base_size=40, crop=32, eval_stride=24, iterations=1, eval_every=1, log_every=1)
+    train_cityscapes.main(segmentation_run(tmp_path / "a", **real))
+    out, err = capsys.readouterr()
+    warnings = [line for line in err.splitlines() if line.startswith("WARNING:")]
+    assert len(warnings) == 1 and "from scratch" in warnings[0] and "--pretrained" in warnings[0]
+    assert re.search(r"^train to 1, step 1: loss [\d.]+, lr [\d.e+-]+, [\d.]+ images/s, data wait \d+ ms/step, ETA ",
+                     out, re.M)  # the log line without a terminal
+    weights = tmp_path / "imagenet.pth"  # a train_imagenet.py checkpoint of the backbone
+    torch.save(dict(model=dgmn2.build("tiny", num_classes=0).state_dict(), config={}), weights)
+    train_cityscapes.main(segmentation_run(tmp_path / "b", pretrained=str(weights), **real))
+    train_cityscapes.main(segmentation_run(tmp_path / "c", iterations=1, eval_every=1, synthetic_val=1))  # no warning
+    assert "WARNING" not in capsys.readouterr().err
+
+
+def test_persistent_workers_resume_exactly_and_draw_as_one_process(tmp_path, monkeypatch):
+    settings = dict(iterations=2, eval_every=1, workers=1, synthetic_val=1, pictures=0)
+    train_cityscapes.main(segmentation_run(tmp_path / "a", **settings))
+    expected = torch.load(tmp_path / "a" / "run" / "checkpoint-0000002.pth", weights_only=True)
+    kill_then_resume(train_cityscapes, segmentation_run(tmp_path / "b", **settings), monkeypatch)
+    resumed = torch.load(tmp_path / "b" / "run" / "checkpoint-0000002.pth", weights_only=True)
+    train_cityscapes.main(segmentation_run(tmp_path / "c", **{**settings, "workers": 0}))
+    in_process = torch.load(tmp_path / "c" / "run" / "checkpoint-0000002.pth", weights_only=True)
+    for other in (resumed, in_process):
+        torch.testing.assert_close(other["model"], expected["model"], rtol=0, atol=0)
+        torch.testing.assert_close(other["optimizer"], expected["optimizer"], rtol=0, atol=0)
+        assert other["scheduler"] == expected["scheduler"]
+
+
+def test_new_options_and_their_help():
+    cfg = train_cityscapes.parse_args(["--eval-batch", "3", "--channels-last", "--compile", "--log-every", "7"])
+    assert (cfg.eval_batch, cfg.channels_last, cfg.compile, cfg.log_every) == (3, True, True, 7)
+    defaults = train_cityscapes.parse_args([])
+    assert (defaults.channels_last, defaults.compile, defaults.log_every) == (False, False, 10)
+    assert train_cityscapes.Config().log_every == 50
+    fields = dataclasses.fields(train_cityscapes.Config)
+    assert all(len(f.metadata["help"].split()) >= 3 for f in fields)
+    for name in ("channels_last", "compile"):
+        assert "off until a GPU measurement" in next(f for f in fields if f.name == name).metadata["help"]
+    assert "global" in next(f for f in fields if f.name == "batch_size").metadata["help"]
+    with pytest.raises(train_cityscapes.InputError, match="--eval-batch must be positive, got 0"):
+        train_cityscapes.main(segmentation_run(Path("/nonexistent"), eval_batch=0))
+
+
+def test_pretrained_takes_the_release_checkpoint_with_its_argparse_namespace(tmp_path):
+    path = tmp_path / "dgmn2_tiny_model.pth"
+    torch.save(dict(model=release_tiny_checkpoint().state_dict(), args=argparse.Namespace(lr=1e-3)), path)
+    with pytest.raises(Exception):  # a plain weights-only load refuses the Namespace
+        torch.load(path, weights_only=True)
+    ours, reference = (dgmn2.build("tiny", num_classes=0) for _ in range(2))
+    cs.load_pretrained(ours, str(path))
+    dgmn2.load_official(reference, str(path))
+    torch.testing.assert_close(ours.state_dict(), reference.state_dict(), rtol=0, atol=0)
+
 # ====================================================================================================================
 # train_coco.py: Sections 5.1-5.3, 6.2, 8.1.2
 
@@ -1343,7 +1753,6 @@ class GroundTruthDetector(nn.Module):
 
     def __init__(self, annotation_file, shift=0.0, keep=True):
         super().__init__()
-        from pycocotools.coco import COCO
         self.coco, self.shift, self.keep = COCO(str(annotation_file)), shift, keep
 
     def forward(self, images):
@@ -1374,7 +1783,6 @@ def test_perfect_detections_score_ap_100(tmp_path):
     for iou_type in ("bbox", "segm"):
         assert metrics[iou_type]["AP"] == metrics[iou_type]["AP50"] == metrics[iou_type]["AP75"] == 100.0
         assert metrics[iou_type]["APl"] is None  # no object over 96 x 96 pixels
-    from pycocotools.coco import COCO
     written = COCO(str(annotation_file)).loadRes(str(tmp_path / "detections-segm.json"))  # valid COCO results
     assert len(written.anns) == 6 and {a["category_id"] for a in written.anns.values()} == {1, 7, 90}
     assert len(list((tmp_path / "pictures-test").glob("*.png"))) == 1
@@ -1474,11 +1882,10 @@ def test_detection_recipes_are_the_papers():
                        warmup_factor=0.3, eval_every=7330)
     shorter = train_coco.recipe(train_coco.Config(model="maskrcnn-r50", iterations=9000), 100)
     assert shorter["steps"] == [6000, 8000]  # the decays keep their place in a shorter run
-    synthetic = train_coco.parse_args(["--iterations", "120"])  # no --data: SYNTHETIC's own steps do not apply
+    synthetic = train_coco.parse_args(["--iterations", "120"])  # no --data: the recipe's step fractions
     assert train_coco.recipe(synthetic, 250)["steps"] == [80, 110]
-    factors = [train_coco.lr_factor(i, r50) for i in (0, 250, 500, 59_999, 60_000, 80_000)]
-    assert factors == pytest.approx([0.3, 0.65, 1, 1, 0.1, 0.01])
-    assert train_coco.lr_factor(0, {**r50, "warmup": 0}) == 1
+    assert lr_factors(r50, (0, 250, 500, 59_999, 60_000, 80_000)) == pytest.approx([0.3, 0.65, 1, 1, 0.1, 0.01])
+    assert lr_factors({**r50, "warmup": 0}, (0, 1)) == [1, 1]
 
 
 def test_detection_resume_continues_exactly(tmp_path, monkeypatch):
@@ -1496,14 +1903,17 @@ def test_detection_resume_continues_exactly(tmp_path, monkeypatch):
 
 
 def test_data_order_survives_an_interruption():
-    train = [(i, {}) for i in range(10)]  # (image, target) pairs
-    sampler = torch.utils.data.DistributedSampler(train, 1, 0, shuffle=True, seed=0, drop_last=True)
-    cfg = train_coco.Config(workers=0)
-    stream = train_coco.batches(train, sampler, 3, 3, 0, cfg, torch.device("cpu"))
-    straight = [next(stream)[0] for _ in range(7)]  # into the third epoch; each epoch's tenth image is left out
-    resumed = train_coco.batches(train, sampler, 3, 3, 4, cfg, torch.device("cpu"))
-    assert [next(resumed)[0] for _ in range(3)] == straight[4:]
-    assert len(set(sum(straight[:3], ()))) == 9 and straight[:3] != straight[3:6]  # each epoch: 9 images, reshuffled
+    groups = [1] * 10  # all landscape: the grouped batches are the plain ones
+    stream = train_coco.batches(groups, 3, 0, 0, 1, 0)
+    straight = [next(stream) for _ in range(7)]  # into the third epoch; each epoch's tenth image is left out
+    resumed = train_coco.batches(groups, 3, 0, 0, 1, 4)
+    assert [next(resumed) for _ in range(3)] == straight[4:]
+    assert len(set(sum(straight[:3], []))) == 9 and straight[:3] != straight[3:6]  # each epoch: 9 images, reshuffled
+    mixed = [int(i % 3 == 0) for i in range(50)]  # grouped, two ranks: resumed mid-epoch on each rank
+    for rank in range(2):
+        stream, resumed = train_coco.batches(mixed, 4, 7, rank, 2, 0), train_coco.batches(mixed, 4, 7, rank, 2, 9)
+        straight = [next(stream) for _ in range(15)]  # 6 an epoch: step 9 is in the middle of the second
+        assert [next(resumed) for _ in range(6)] == straight[9:]
 
 
 def test_detection_bad_input_gives_one_line(tmp_path):
@@ -1519,7 +1929,7 @@ def test_detection_bad_input_gives_one_line(tmp_path):
              (dict(model="detr"), "unknown --model 'detr'"),
              (dict(lr_steps="60k"), "--lr-steps '60k': give increasing iterations separated by commas"),
              (dict(lr_steps="3,3"), "--lr-steps '3,3': give increasing iterations"),
-             (dict(resume=str(foreign)), "foreign.pth: not a checkpoint of this script"),
+             (dict(resume=str(foreign)), "foreign.pth: not a checkpoint of train_coco.py"),
              (dict(min_size=200), "--min-size 200 exceeds --max-size 64"),
              (dict(pretrained=str(tmp_path / "none.pth")), "--pretrained .*none.pth: no such file")]
     for overrides, message in cases:
@@ -1543,3 +1953,349 @@ def test_detection_under_torchrun(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     log = json.loads((tmp_path / "run" / "log.jsonl").read_text())
     assert log["iteration"] == 2 and set(log) >= {"bbox", "segm"}
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bf16 boxes
+
+
+class StandIn(nn.Module):
+    """In place of DGMN2 + FPN's layers: bf16 convolutions take the slow path on CPUs without bf16 instructions (the
+    whole DGMN2-Tiny RetinaNet at 800 x 800 takes over a minute here). The body's stage maps are the image itself; the
+    FPN's levels, named and strided as the real ones, 256 channels each, are a 1x1 convolution of the pooled image."""
+
+    def __init__(self, levels):
+        super().__init__()
+        self.levels, self.conv = levels, nn.Conv2d(3, 256, 1)
+
+    def forward_features(self, images):
+        return [images] * 4
+
+    def forward(self, maps):
+        image = next(iter(maps.values()))
+        return {name: self.conv(F.avg_pool2d(image, stride, ceil_mode=True)) for name, stride in self.levels.items()}
+
+
+def cheap_detector(name):
+    """build_model's detector at 800 x 800 (its hooks, torchvision's anchors, RPN, RoI heads, box coders and
+    post-processing), its heavy convolutions replaced by cheap ones (under autocast, bf16 all the same); every score
+    kept, so that random weights give boxes."""
+    torch.manual_seed(0)
+    model = train_coco.build_model(train_coco.Config(model=name, min_size=800, max_size=800, rois=64), 2)
+    if name.startswith("retinanet"):
+        model.backbone.body = model.backbone.fpn = StandIn(dict(zip(["0", "1", "2", "p6", "p7"], [8, 16, 32, 64, 128])))
+        heads = model.head.classification_head, model.head.regression_head
+        heads[0].conv = heads[1].conv = nn.Identity()
+        heads[0].cls_logits = nn.Conv2d(256, heads[0].cls_logits.out_channels, 1)
+        heads[1].bbox_reg = nn.Conv2d(256, heads[1].bbox_reg.out_channels, 1)
+        model.score_thresh = 0.0
+    else:
+        model.backbone.body = model.backbone.fpn = StandIn(dict(zip(["0", "1", "2", "3", "pool"], [4, 8, 16, 32, 64])))
+        model.rpn.head.conv = model.roi_heads.mask_head = nn.Identity()
+        model.rpn._pre_nms_top_n, model.rpn._post_nms_top_n = dict(training=1000, testing=1000), dict(training=200,
+                                                                                                       testing=200)
+        model.roi_heads.score_thresh, model.roi_heads.detections_per_img = 0.0, 50
+    return model
+
+
+@pytest.mark.parametrize("name", ["retinanet-dgmn2-tiny", "maskrcnn-dgmn2-tiny"])
+def test_bf16_autocast_gives_float32_boxes(name):
+    image, masks = torch.rand(3, 800, 800, generator=torch.Generator().manual_seed(1)), torch.zeros(1, 800, 800)
+    masks[0, 100:300, 200:500] = 1
+    target = dict(boxes=torch.tensor([[200.0, 100, 500, 300]]), labels=torch.tensor([1]), masks=masks.byte())
+    for hooks in (True, False):
+        model = cheap_detector(name)
+        if not hooks:  # the control: without build_model's hooks, the boxes are bf16, on bf16's grid
+            for module in model.modules():
+                module._forward_hooks.clear()
+        with torch.autocast("cpu", torch.bfloat16):
+            losses = model([image], [target]) if hooks else {}
+            with torch.no_grad():
+                detections = model.eval()([image])[0]
+        boxes, left = detections["boxes"], detections["boxes"][:, 0]
+        assert len(boxes) >= 50 and left.max() > 512  # bf16's grid there: 4 px
+        on_grid = (left == left.bfloat16().to(left.dtype)).float().mean()  # 0 and 800 (clipped boxes) lie on it
+        distinct = len(left.unique()) / len(left)
+        if hooks:
+            assert boxes.dtype == detections["scores"].dtype == torch.float32
+            assert on_grid < 0.1 and distinct > 0.9, (on_grid, distinct)  # bf16 boxes: 0.79-0.88 distinct here
+            assert all(loss.dtype == torch.float32 and torch.isfinite(loss) for loss in losses.values())
+            assert "masks" not in detections or detections["masks"].dtype == torch.float32
+        else:
+            assert boxes.dtype == torch.bfloat16 and on_grid == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Batches grouped by aspect ratio
+
+
+def test_grouped_batches_are_of_one_group_deterministic_and_equal_in_number_on_every_rank():
+    groups = [int(torch.rand(1, generator=torch.Generator().manual_seed(i)) < 0.3) for i in range(103)]  # 0: portrait
+    for world, local_batch in [(1, 4), (2, 4), (3, 5), (4, 2)]:
+        ranks = [train_coco.epoch_batches(groups, local_batch, 0, 0, rank, world) for rank in range(world)]
+        per_epoch = len(groups) // world // local_batch
+        assert [len(batches) for batches in ranks] == [per_epoch] * world  # the ranks step together
+        assert all(len(batch) == local_batch and len({groups[i] for i in batch}) == 1 for r in ranks for batch in r)
+        shares = [set(i for batch in batches for i in batch) for batches in ranks]
+        assert all(not a & b for a, b in itertools.combinations(shares, 2))  # each image on one rank at most
+        for batches in ranks:  # a batch completed with images of its group counts them twice, at most one batch does
+            indices = [i for batch in batches for i in batch]
+            assert len(indices) - len(set(indices)) < local_batch
+        assert ranks == [train_coco.epoch_batches(groups, local_batch, 0, 0, rank, world) for rank in range(world)]
+        assert ranks != [train_coco.epoch_batches(groups, local_batch, 0, 1, rank, world) for rank in range(world)]
+        assert ranks != [train_coco.epoch_batches(groups, local_batch, 1, 0, rank, world) for rank in range(world)]
+
+
+def test_grouped_batches_complete_the_leftovers_from_the_start_of_the_share():
+    groups = [1, 0, 1, 1, 0, 1, 0]  # world 1, batch 3: 4 landscape, 3 portrait: two full batches, nothing to complete
+    batches = train_coco.epoch_batches(groups, 3, 0, 0, 0, 1)
+    order = torch.randperm(7, generator=torch.Generator().manual_seed(train_coco.seed_of(0, 0))).tolist()
+    landscape, portrait = [i for i in order if groups[i]], [i for i in order if not groups[i]]
+    assert sorted(batches) == sorted([landscape[:3], portrait])  # each filled in the epoch's order
+    groups = [1, 1, 1, 0, 0]  # batch 4: no group fills one; the larger leftover (3 landscape) is completed
+    batches = train_coco.epoch_batches(groups, 4, 0, 0, 0, 1)
+    order = torch.randperm(5, generator=torch.Generator().manual_seed(train_coco.seed_of(0, 0))).tolist()
+    landscape = [i for i in order if groups[i]]
+    assert batches == [landscape + landscape[:1]]  # with the first landscape image of the epoch
+
+
+def test_training_data_loaders_pin_memory_and_keep_evaluation_workers(tmp_path):
+    data = write_coco(tmp_path / "coco")
+    cfg = detection_run(tmp_path, data=str(data), workers=1)
+    _, val, _, ground_truth = train_coco.datasets(cfg, masks=True)
+    loader = train_coco.evaluation_loader(val, cfg, 1, 2, torch.device("cpu"))
+    assert loader.persistent_workers and not loader.pin_memory and list(loader.dataset.indices) == [1, 3]
+    assert ground_truth is val.dataset.coco  # evaluation matches against the dataset's own COCO object
+    assert [len(images) for images, _ in loader] == [1, 1]  # batch 2 over 2 processes: 1 image each
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The recipes: SGD's biases, the schedule
+
+
+def test_sgd_biases_train_at_twice_the_lr_without_weight_decay():
+    cfg = train_coco.Config(model="maskrcnn-r50-dgmn-c5", min_size=64, max_size=64)
+    model = train_coco.build_model(cfg, 5, pretrained=True)  # frozen stem and res2
+    plan = train_coco.recipe(cfg, 100)
+    optimizer, scheduler = train_coco.optimizer_and_schedule(model, plan, cfg.weight_decay)
+    weights, biases = optimizer.param_groups
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert {id(p) for p in biases["params"]} == {id(p) for n, p in trainable.items() if n.endswith(".bias")}
+    assert len(weights["params"]) + len(biases["params"]) == len(trainable) and biases["params"]
+    assert biases["weight_decay"] == 0 and weights["weight_decay"] == cfg.weight_decay == 1e-4
+    for _ in range(600):  # the schedule scales both groups alike: biases at twice the lr throughout
+        assert biases["lr"] == pytest.approx(2 * weights["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert weights["lr"] == pytest.approx(0.02) and biases["lr"] == pytest.approx(0.04)
+    tiny = train_coco.Config(model="maskrcnn-dgmn2-tiny", min_size=64, max_size=64)
+    adamw, _ = train_coco.optimizer_and_schedule(train_coco.build_model(tiny, 5), train_coco.recipe(tiny, 100), 1e-4)
+    assert len(adamw.param_groups) == 1 and adamw.param_groups[0]["weight_decay"] == 1e-4  # the release's AdamW
+
+
+def lr_factors(plan, iterations):
+    """The scheduler's lr factor at each of the given iterations (one parameter at lr 1)."""
+    optimizer, scheduler = train_coco.optimizer_and_schedule(nn.Linear(1, 1), {**plan, "optimizer": "adamw", "lr": 1.0},
+                                                             0.0)
+    factors = {}
+    for iteration in range(max(iterations) + 1):
+        factors[iteration] = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+    return [factors[i] for i in iterations]
+
+
+def test_the_schedule_resumes_exactly():
+    plan = dict(train_coco.recipe(train_coco.Config(model="maskrcnn-r50"), 10), iterations=40, steps=[20, 30],
+                warmup=10, optimizer="adamw", lr=1.0)
+    optimizer, scheduler = train_coco.optimizer_and_schedule(nn.Linear(1, 1), plan, 0.0)
+    for _ in range(15):
+        optimizer.step()
+        scheduler.step()
+    state = scheduler.state_dict(), optimizer.state_dict()
+    again, resumed = train_coco.optimizer_and_schedule(nn.Linear(1, 1), plan, 0.0)
+    resumed.load_state_dict(state[0])
+    again.load_state_dict(state[1])
+    for _ in range(20):
+        assert again.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+        for o, s in ((optimizer, scheduler), (again, resumed)):
+            o.step()
+            s.step()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation per rank, merged
+
+
+def random_coco(images=14, seed=0):
+    """A ground truth of boxes of 3 categories (COCO's ids 1, 7, 90) in all sizes, some crowd regions, images without
+    objects; and imperfect detections: the objects moved and rescored, some missed, some false ones."""
+    g = torch.Generator().manual_seed(seed)
+    gt, detections, size = COCO(), [], 400
+    annotations = []
+    for image in range(1, images + 1):
+        for _ in range(int(torch.randint(0, 6, (1,), generator=g))):
+            w, h = (torch.rand(2, generator=g) * torch.tensor([150.0, 150.0]) + 4).tolist()
+            x, y = (torch.rand(2, generator=g) * (size - 160)).tolist()
+            category = [1, 7, 90][int(torch.randint(0, 3, (1,), generator=g))]
+            crowd = int(torch.rand(1, generator=g) < 0.1)
+            annotations.append(dict(id=len(annotations) + 1, image_id=image, category_id=category, bbox=[x, y, w, h],
+                                    area=w * h, iscrowd=crowd, segmentation=[[x, y, x + w, y, x + w, y + h, x, y + h]]))
+            if torch.rand(1, generator=g) < 0.8:  # found, moved and rescaled a little
+                dx, dy, sw, sh = (torch.randn(4, generator=g) * torch.tensor([3, 3, 0.1, 0.1])).tolist()
+                detections.append(dict(image_id=image, category_id=category, bbox=[x + dx, y + dy, w * (1 + sw),
+                                                                                   h * (1 + sh)],
+                                       score=float(torch.rand(1, generator=g))))
+        for _ in range(int(torch.randint(0, 3, (1,), generator=g))):  # false detections
+            x, y, w, h = (torch.rand(4, generator=g) * torch.tensor([300.0, 300, 90, 90]) + 1).tolist()
+            detections.append(dict(image_id=image, category_id=[1, 7, 90][int(torch.randint(0, 3, (1,), generator=g))],
+                                   bbox=[x, y, w, h], score=float(torch.rand(1, generator=g))))
+    gt.dataset = dict(images=[dict(id=i, height=size, width=size) for i in range(1, images + 1)],
+                      annotations=annotations, categories=[dict(id=i, name=str(i)) for i in (1, 7, 90)])
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    return gt, detections
+
+
+def rectangle(x, y, w, h, size=400):
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    mask[round(y):round(y + h), round(x):round(x + w)] = True
+    return mask
+
+
+def test_per_rank_evaluation_merged_equals_one_evaluation_of_all_images(capsys):
+    ground_truth, detections = random_coco()
+    for iou_type in ("bbox", "segm"):
+        if iou_type == "segm":  # the detections' boxes as masks, RLE-encoded as the script does
+            detections = [dict(image_id=d["image_id"], category_id=d["category_id"], score=d["score"],
+                               segmentation=train_coco.mask_to_rle(rectangle(*d["bbox"]))) for d in detections]
+        with contextlib.redirect_stdout(io.StringIO()):
+            single = COCOeval(ground_truth, ground_truth.loadRes([dict(d) for d in detections]), iou_type)
+            single.evaluate()
+            single.accumulate()
+            single.summarize()
+        expected = {m: None if v < 0 else round(100 * v, 2) for m, v in zip(train_coco.METRICS, single.stats[:6])}
+        assert 5 < expected["AP"] < 95  # imperfect
+        for world in (1, 2, 3):
+            parts = []
+            for rank in range(world):  # each rank's images, r, r + world, ...: its detections only
+                mine = list(range(1 + rank, 15, world))
+                parts.append(train_coco.match(ground_truth, [d for d in detections if d["image_id"] in mine], mine,
+                                              iou_type))
+            assert train_coco.score(ground_truth, parts[::-1], iou_type) == expected, (iou_type, world)
+    assert "Average Precision" in capsys.readouterr().out  # COCO's summary, printed
+
+
+def test_a_rank_without_detections_still_counts_its_objects():
+    ground_truth, detections = random_coco()
+    found = [d for d in detections if d["image_id"] % 2]  # rank 1 (the even images) finds nothing
+    parts = [train_coco.match(ground_truth, found, list(range(1, 15, 2)), "bbox"),
+             train_coco.match(ground_truth, [], list(range(2, 15, 2)), "bbox")]
+    with contextlib.redirect_stdout(io.StringIO()):
+        single = COCOeval(ground_truth, ground_truth.loadRes([dict(d) for d in found]), "bbox")
+        single.evaluate()
+        single.accumulate()
+        single.summarize()
+        merged = train_coco.score(ground_truth, parts, "bbox")
+    assert merged["AP"] == round(100 * single.stats[0], 2) and 0 < merged["AP"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input (the shared block's message), the options off by default
+
+
+def test_channels_last_and_compile_are_off_by_default_and_say_why():
+    for name in ("channels_last", "compile"):
+        field = train_coco.Config.__dataclass_fields__[name]
+        assert field.default is False and "off until a GPU measurement shows" in field.metadata["help"]
+    cfg = train_coco.parse_args(["--channels-last", "--compile"])
+    assert cfg.channels_last and cfg.compile
+
+
+def test_channels_last_trains(tmp_path):
+    metrics = train_coco.main(detection_run(tmp_path, channels_last=True, eval_every=2))
+    assert 0 <= metrics["bbox"]["AP"] <= 100
+
+
+# ====================================================================================================================
+# The block the three training scripts share
+
+
+SCRIPTS = [train_imagenet, train_cityscapes, train_coco]
+
+
+def shared_block(script):
+    text = Path(script.__file__).read_text()
+    return text[text.index("# The shared block"):text.index("# End of the shared block")]
+
+
+def test_the_shared_block_is_the_same_text_in_every_script():
+    blocks = [shared_block(script) for script in SCRIPTS]
+    assert len(blocks[0].splitlines()) > 100 and blocks[1:] == blocks[:1] * 2
+    for script in SCRIPTS:  # what the scripts repeat is in the block, not beside it
+        text = Path(script.__file__).read_text().replace(shared_block(script), "")
+        for repeated in ("class InputError", "def parse_args", "def save_checkpoint", "def setup_distributed",
+                         "1_000_003", "noqa", "def main"):
+            assert repeated not in text, (script.__name__, repeated)
+
+
+def test_help_explains_every_option(capsys):
+    for script in SCRIPTS:
+        for field in dataclasses.fields(script.Config):
+            assert len(field.metadata["help"].split()) >= 3, (script.__name__, field.name)
+        with pytest.raises(SystemExit):
+            script.parse_args(["--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert " ".join(script.__doc__.splitlines()[0].split()) in out  # the usage lines
+        assert "Without --data (the built-in synthetic set) these defaults change" in out
+        for field in dataclasses.fields(script.Config):
+            assert "--" + field.name.replace("_", "-") in out
+        assert "global batch" in script.Config.__dataclass_fields__["batch_size"].metadata["help"]
+        assert "--no-eval-only" not in out and "--eval-only" in out  # a plain switch
+    assert train_imagenet.parse_args(["--eval-only", "--weights", "x"]).eval_only
+
+
+def test_progress_syncs_logs_and_stops_every_log_every_steps(capsys, tmp_path):
+    cfg = argparse.Namespace(log_every=3)
+    progress = train_imagenet.Progress(cfg, 0, 1, torch.device("cpu"), 10, 17, 4, "epoch 2", tmp_path)
+    for step, _ in enumerate(progress.batches(range(7))):
+        progress.update(dict(box=torch.tensor(1.0 * step), mask=torch.tensor(2.0)), lr=0.1)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["epoch 2, steps 11-13", "epoch 2, steps 14-16",
+                                                      "epoch 2, step 17"]
+    assert lines[0].startswith("epoch 2, steps 11-13: loss 3.000 (box 1.000, mask 2.000), lr 1.00e-01, ")
+    assert re.search(r"images/s, data wait \d+ ms/step, ETA 0:00:0\d$", lines[0])
+    assert progress.close() == dict(loss=5.0, box=3.0, mask=2.0)
+    progress = train_imagenet.Progress(cfg, 0, 1, torch.device("cpu"), 0, 6, 4, "epoch 1", tmp_path)
+    progress.update(dict(loss=torch.tensor(float("nan"))), lr=0.1)
+    progress.update(dict(loss=torch.tensor(1.0)), lr=0.1)  # no sync yet: the NaN is seen at the third step
+    with pytest.raises(train_imagenet.TrainingError, match=r"the loss is nan at steps 1-3 \(epoch 1\); stopped, "
+                                                           "the last good checkpoint is none yet"):
+        progress.update(dict(loss=torch.tensor(1.0)), lr=0.1)
+
+
+def torchrun(script, *args, processes=2):
+    started = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                          str(processes), str(Path(__file__).with_name(script)), *map(str, args)], capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    return run, time.perf_counter() - started
+
+
+def test_bad_input_under_torchrun_ends_every_rank_with_one_line(tmp_path):
+    run, seconds = torchrun("train_imagenet.py", "--resume", tmp_path / "missing.pth", "--output", tmp_path / "run")
+    errors = [line for line in run.stderr.splitlines() if "error:" in line]
+    assert run.returncode != 0
+    assert errors == [f"train_imagenet.py: error: {tmp_path / 'missing.pth'}: no such checkpoint"]
+    # torchrun's own report of the failed worker is a traceback of the launcher; none comes from the ranks
+    assert run.stderr.count("Traceback") == run.stderr.count("ChildFailedError:") <= 1, run.stderr[-3000:]
+    assert seconds < 60
+    data = write_image_folder(tmp_path / "data")  # one rank alone meets the unreadable image, mid-epoch
+    (data / "train" / "dog" / "1.png").write_bytes(b"not an image")
+    run, seconds = torchrun("train_imagenet.py", "--data", data, "--img-size", "32", "--batch-size", "4",
+                            "--repeated-aug", "1", "--workers", "0", "--output", tmp_path / "bad")
+    errors = [line for line in run.stderr.splitlines() if "error:" in line]
+    bad = data / "train" / "dog" / "1.png"
+    assert run.returncode != 0 and len(errors) == 1
+    assert errors[0].endswith(f"1.png: unreadable image (cannot identify image file '{bad}')")
+    assert run.stderr.count("Traceback") == run.stderr.count("ChildFailedError:") <= 1, run.stderr[-3000:]
+    assert seconds < 60

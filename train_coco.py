@@ -849,8 +849,9 @@ def run(cfg, rank, world, device):
                              scaler, autocast)
         record = dict(iteration=last, **losses, seconds=round(time.time() - started, 1))
         if last % plan["eval_every"] == 0 or last == total:
-            for buffer in model.buffers() if world > 1 else []:  # BN statistics differ by rank: evaluate rank 0's
-                dist.broadcast(buffer, src=0)
+            if world > 1:  # BN statistics differ by rank: evaluate rank 0's
+                for buffer in model.buffers():
+                    dist.broadcast(buffer, src=0)
             metrics = evaluation(f"{last:07d}")
             record.update(metrics or {})
         if rank == 0:  # the record first: a kill between the two loses none

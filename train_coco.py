@@ -275,11 +275,7 @@ def command_line():
 
 # End of the shared block
 # ================================================================================================================
-
-# ----------------------------------------------------------------------------------------------------------------
 # The models beside the paper's numbers, the options, the recipes
-
-
 @dataclasses.dataclass(frozen=True)
 class Detector:
     detector: str            # "retinanet" | "maskrcnn"
@@ -395,9 +391,7 @@ def optimizer_and_schedule(model, plan, weight_decay):
     return optimizer, ChainedScheduler([warmup, MultiStepLR(optimizer, plan["steps"], gamma=0.1)])  # factors multiply
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The built-in synthetic set, written in COCO's format
-
+# ---- The built-in synthetic set, written in COCO's format ------------------------------------------------------
 SHAPES = ("disc", "square", "triangle", "bar")  # category ids 1-4
 SHAPE_COLOURS = torch.tensor([[0.9, 0.2, 0.2], [0.2, 0.8, 0.2], [0.9, 0.8, 0.1], [0.8, 0.3, 0.9]])
 
@@ -464,10 +458,7 @@ def write_synthetic(root, size, lengths, seed=1):
         os.replace(annotation_file.with_suffix(".tmp"), annotation_file)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Data: torchvision's CocoDetection, targets as the detectors take them, batches grouped by aspect ratio
-
-
+# ---- Data: torchvision's CocoDetection, targets as the detectors take them, batches grouped by aspect ratio ----
 def load_coco(root, split, target_keys, train):
     """CocoDetection of a split as tv_tensors; to train, crowds, 1 px boxes and then unannotated images dropped."""
     images, annotations = Path(root) / f"{split}2017", Path(root) / "annotations" / f"instances_{split}2017.json"
@@ -553,10 +544,7 @@ def batches(groups, local_batch, seed, rank, world, first):
         epoch, skip = epoch + 1, 0
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Backbones and detectors
-
-
+# ---- Backbones and detectors -----------------------------------------------------------------------------------
 class DGMN2FPN(nn.Module):
     """DGMN2's stage maps at levels (0-3: strides 4-32) into the release's FPN necks: RetinaNet's levels 1-3 with P6, P7
     from C5, Mask R-CNN's 0-3 with a max-pooled P6. (B, 3, H, W) -> dict of (B, 256, H / s, W / s), finest first."""
@@ -643,10 +631,7 @@ def print_table():
               f"{spec.mask_ap or '-'} | {spec.table} |")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation: each rank detects and matches its own images; rank 0 merges the matches and scores them once
-
-
+# ---- Evaluation: each rank detects and matches its own images; rank 0 merges the matches and scores them once --
 def to_coco_results(output, image_id):
     """One image's detections as COCO results: (bbox results with xywh boxes, segm results with RLE masks at 0.5)."""
     boxes = box_convert(output["boxes"], "xyxy", "xywh").tolist()
@@ -746,10 +731,7 @@ def evaluate(model, val, names, ground_truth, cfg, device, autocast, rank, world
     return {t: score(ground_truth, [part["matches"][t] for part in gathered], t) for t in types}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Training: run() in named steps
-
-
+# ---- Training: run() in named steps ----------------------------------------------------------------------------
 def make_model(cfg, state, train, names, device, log):
     """(the detector on the device, with --pretrained's weights, and its number of classes)."""
     weights = read_weights(cfg.pretrained) if cfg.pretrained and not state else None  # a checkpoint has them

@@ -261,11 +261,7 @@ def command_line():
 
 # End of the shared block
 # ================================================================================================================
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Configuration: the paper's recipe by default; SYNTHETIC replaces what no option set when there is no --data
-
 REFERENCE_BATCH = 1024  # the global batch at which --lr is given (8 GPUs x 128)
 
 
@@ -332,10 +328,7 @@ def check(cfg):
         raise InputError(f"--warmup-lr {cfg.warmup_lr} must be positive and at most the peak learning rate")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The built-in synthetic set: shapes to tell apart
-
-
+# ---- The built-in synthetic set: shapes to tell apart ----------------------------------------------------------
 class Shapes(Dataset):
     """A learnable stand-in for ImageNet: each image holds one shape of its class, of random colour, size, position
     and rotation, on a two-colour background with distractor blobs and noise. Image i is a function of (seed, i): no
@@ -374,10 +367,7 @@ class Shapes(Dataset):
         return v2.functional.to_pil_image((image * 255).round().to(torch.uint8)), label
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Data: the release's augmentations, repeated augmentation, every validation image once
-
-
+# ---- Data: the release's augmentations, repeated augmentation, every validation image once ---------------------
 def load_rgb(path):
     """ImageFolder's loader, with an unreadable file reported by its path."""
     try:
@@ -521,9 +511,7 @@ def loaders(cfg, rank, world, log):
     return train_loader, val_loader, num_classes
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The run: model, optimiser and schedule, starting point, training, evaluation
-
+# ---- The run: model, optimiser and schedule, starting point, training, evaluation ------------------------------
 # What a run holds: the model (trained: it under DDP / compile), optimiser, schedule, precision, loss, EMA, data
 Parts = namedtuple("Parts", "model trained optimizer scheduler scaler autocast criterion ema train_loader val_loader")
 
@@ -705,10 +693,7 @@ def run(cfg, rank, world, device):
     return metrics
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Benchmark beside torchvision's swin_t
-
-
+# ---- Benchmark beside torchvision's swin_t ---------------------------------------------------------------------
 def bench(cfg, parts, dtype, device, world, log):
     """Training and inference images/s on random images, DGMN2 beside torchvision's swin_t (Table 6 compares the two:
     Small 4.3 and Swin-T 4.5 GMACs), on the same device, batch, precision, memory format and compilation."""

@@ -12,14 +12,21 @@ Symbols, used throughout: B batch, C channels, H x W the map, K nodes per rate, 
 
     python dgmn.py      Table 2: the parameters and multiply-adds that DGMN adds at the Cityscapes setting
 
-Parameter layout. The authors' release (lzrobots/dgmn) predicts filters and affinities with a deformable 3x3 conv
-per rate and has no C x C transforms; its counts do not match Table 2. This file uses the layout that reproduces all
-three rows of Table 2 exactly (../shared/reference/official-dgmn.md): per rate a C x C transform (Eq. 1's w^q) and a
-ks x ks predictor of G K + K channels, plus one shared C x C transform of the summed message. Table 2 counts these
-convolutions only; the walk predictors and the few scalars are reported beside them.
+Two parameter layouts, one switch (channel_transforms), each where the paper used it:
+- True, Table 2's: per rate a C x C transform (Eq. 1's w^q) and a ks x ks predictor of G K + K channels, plus one
+  shared C x C update U. It reproduces all three rows of Table 2 exactly (../shared/reference/official-dgmn.md);
+  the Cityscapes models use it.
+- False, the authors' release (lzrobots/dgmn): no C x C maps; per rate the walk conv and the deformable ks x ks
+  predictor, and h = f + sum_q beta_q m_q. 2268 C parameters per module at four rates (plus the walks' biases and
+  the scalars), which is what gives Section 5.3's 51.1M for Mask R-CNN R-50 + DGMN (C4, C5); the COCO models use it.
+Table 2 counts the transforms and predictors only; the walk predictors and the few scalars are reported beside them.
+
+Also here: the modules DGMN is compared with (Tables 2, 3): the non-local block, GCNet's global context block and
+criss-cross attention, and where Table 3 puts them in a ResNet.
 """
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -69,13 +76,15 @@ class RateMessage(nn.Module):
     """The message of one sampling rate (Eq. 3-7): walks (Eq. 4), filters and affinities from the walked nodes
     (Eq. 6-7), their weighted sum of the nodes (Eq. 5), and the rate's C x C transform w^q (Eq. 1, 3).
 
-    Switches (Table 2): dynamic_sampling off: the uniform grid (no walks); dynamic_weights off: one static filter per
-    group and node, shared by all pixels (with w^q, a factorised deformable convolution); dynamic_affinity off: no
-    affinity (the filter alone weighs the nodes).
+    Switches (Table 2): dynamic_sampling off: the uniform grid (no walks); dynamic_weights off: no filters, the
+    affinity alone weighs the nodes (Eq. 1's static w is then w^q); dynamic_affinity off: the filters alone. With both
+    off (deformable message passing), static filters per group and node, randomly initialised and shared by all
+    pixels, weigh the walked nodes: with w^q, a deformable convolution factorised into taps and a C x C map.
+    channel_transforms off (the release's layout): no w^q.
     h (B, C, H, W) -> (B, C, H, W)."""
 
     def __init__(self, channels, rate, groups=4, kernel_size=3, dynamic_affinity=True, dynamic_weights=True,
-                 dynamic_sampling=True):
+                 dynamic_sampling=True, channel_transforms=True):
         super().__init__()
         K = kernel_size ** 2
         self.rate, self.groups, self.nodes = rate, groups, K
@@ -83,8 +92,9 @@ class RateMessage(nn.Module):
         outputs = groups * K * dynamic_weights + K * dynamic_affinity  # Eq. 6: filters, then affinity logits
         self.predict = NodeConv(channels, outputs, rate, kernel_size) if outputs else None
         self.dynamic_weights, self.dynamic_affinity = dynamic_weights, dynamic_affinity
-        self.static_filters = None if dynamic_weights else nn.Parameter(torch.full((groups, K), 1 / K))
-        self.transform = nn.Conv2d(channels, channels, 1, bias=False)  # w^q
+        static = not (dynamic_weights or dynamic_affinity)
+        self.static_filters = nn.Parameter(torch.empty(groups, K).uniform_(-1, 1) / math.sqrt(K)) if static else None
+        self.transform = nn.Conv2d(channels, channels, 1, bias=False) if channel_transforms else nn.Identity()  # w^q
 
     def graph(self, h):
         """The sampled graph: walks (B, 2K, H, W) and the node weights filters x affinity (B, G, K, H, W), and the
@@ -93,15 +103,16 @@ class RateMessage(nn.Module):
         G, K = self.groups, self.nodes
         offsets = self.walk(h) if self.walk is not None else h.new_zeros(B, 2 * K, H, W)
         predicted = self.predict(h, offsets) if self.predict is not None else None  # (B, G K + K, H, W) at most
+        filters = affinity = None
         if self.dynamic_weights:
             filters = rearrange(predicted[:, :G * K], "b (g k) h w -> b g k h w", g=G)
-        else:
+        elif self.static_filters is not None:
             filters = self.static_filters[None, :, :, None, None].expand(B, G, K, H, W)  # (B, G, K, H, W)
-        affinity = None
         if self.dynamic_affinity:
             affinity = predicted[:, None, -K:].softmax(dim=2)  # Eq. 7: (B, 1, K, H, W), normalised over the nodes
-            filters = filters * affinity
-        return offsets, filters, affinity
+        if filters is None:  # DA alone: the affinity weighs every group alike
+            return offsets, affinity.expand(B, G, K, H, W), affinity
+        return offsets, filters if affinity is None else filters * affinity, affinity
 
     def forward(self, h):
         offsets, weights, _ = self.graph(h)
@@ -117,10 +128,11 @@ class DGMN(nn.Module):
 
     U is a C x C transform shared by the rates; alpha (Eq. 2) and beta_q (Eq. 3) are learnable scalars starting at 1.
     Eq. 2's non-linearity sigma is left out, as in the release: the module sits before a BN-ReLU. The T iterations
-    share their parameters. f (B, C, H, W) -> (B, C, H, W)."""
+    share their parameters. channel_transforms off (the release's layout): no U, no w^q, no alpha (beta_q alone
+    scales each message, as the release's gamma_q). f (B, C, H, W) -> (B, C, H, W)."""
 
     def __init__(self, channels, rates=CITYSCAPES_RATES, groups=4, kernel_size=3, iterations=1,
-                 dynamic_affinity=True, dynamic_weights=True, dynamic_sampling=True):
+                 dynamic_affinity=True, dynamic_weights=True, dynamic_sampling=True, channel_transforms=True):
         super().__init__()
         if not rates or not all(type(r) is int and r > 0 for r in rates):
             raise ValueError(f"rates must be positive ints, got {rates!r}")
@@ -128,66 +140,162 @@ class DGMN(nn.Module):
             raise ValueError(f"groups = {groups} must be positive and divide channels = {channels}")
         if kernel_size < 1 or kernel_size % 2 == 0 or iterations < 1:
             raise ValueError(f"kernel_size must be odd and positive, iterations >= 1, got {kernel_size}, {iterations}")
-        self.iterations = iterations
+        self.channels, self.iterations = channels, iterations
         self.messages = nn.ModuleList(
-            RateMessage(channels, rate, groups, kernel_size, dynamic_affinity, dynamic_weights, dynamic_sampling)
-            for rate in rates)
+            RateMessage(channels, rate, groups, kernel_size, dynamic_affinity, dynamic_weights, dynamic_sampling,
+                        channel_transforms) for rate in rates)
         self.beta = nn.Parameter(torch.ones(len(rates)))
-        self.update = nn.Conv2d(channels, channels, 1, bias=False)
-        self.alpha = nn.Parameter(torch.ones(()))
+        self.update = nn.Conv2d(channels, channels, 1, bias=False) if channel_transforms else None
+        self.alpha = nn.Parameter(torch.ones(())) if channel_transforms else None
 
     def forward(self, f):
-        if f.dim() != 4 or f.shape[1] != self.update.in_channels:
-            raise ValueError(f"DGMN takes (B, {self.update.in_channels}, H, W) maps, got {tuple(f.shape)}")
+        if f.dim() != 4 or f.shape[1] != self.channels:
+            raise ValueError(f"DGMN takes (B, {self.channels}, H, W) maps, got {tuple(f.shape)}")
         h = f
         for _ in range(self.iterations):
             message = sum(beta * message(h) for beta, message in zip(self.beta, self.messages))
-            h = f + self.alpha * self.update(message)
+            h = f + (message if self.update is None else self.alpha * self.update(message))
         return h
 
 
 def deformable_message_passing(channels, rates=COCO_RATES, groups=4, kernel_size=3):
-    """Table 3's baseline: walks, but static filters shared by all pixels and no affinity; each rate's message is then
-    a factorised deformable convolution (G x K static taps, then the C x C transform w^q)."""
+    """Table 3's baseline, "randomly initialised deformable convolutions for message calculation" without DGMN's dynamic
+    weights and affinities. Our reading: each rate's message is a deformable convolution (offsets predicted from the
+    features, as Dai et al.'s, which are the walk convs here), factorised into G x K static taps and the C x C w^q; no
+    filter or affinity is predicted from the walked nodes. Table 2's layout: the release has no such baseline."""
     return DGMN(channels, rates, groups, kernel_size, dynamic_affinity=False, dynamic_weights=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Plugging DGMN into ResNets (Section 5.1)
+# The modules DGMN is compared with (Tables 2, 3): each returns x + its context, so each drops in where DGMN does
+
+
+class NonLocal(nn.Module):
+    """The non-local block (Wang et al., CVPR 2018), embedded Gaussian: y = softmax(theta(x)^T phi(x)) g(x) over all
+    N = H W positions, z = x + BN(W_z y), BN's weight starting at 0 so that a new block is the identity. theta, phi and
+    g are 1x1 convs to inner_channels (C / 2 by default); no sub-sampling. x (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, channels, inner_channels=None):
+        super().__init__()
+        inner = inner_channels or channels // 2
+        self.theta, self.phi, self.g = (nn.Conv2d(channels, inner, 1) for _ in range(3))
+        self.out = nn.Sequential(nn.Conv2d(inner, channels, 1), nn.BatchNorm2d(channels))
+        nn.init.zeros_(self.out[1].weight)
+
+    def forward(self, x):
+        H = x.shape[-2]
+        theta, phi, g = (rearrange(f(x), "b c h w -> b 1 (h w) c") for f in (self.theta, self.phi, self.g))
+        # scale 1: the embedded Gaussian has no 1 / sqrt(C); the N x N affinities are never stored (B, 1, N, inner)
+        y = nn.functional.scaled_dot_product_attention(theta, phi, g, scale=1.0)
+        return x + self.out(rearrange(y, "b 1 (h w) c -> b c h w", h=H))
+
+
+class GlobalContext(nn.Module):
+    """GCNet's global context block (Cao et al., ICCVW 2019): one attention map over the H W positions (a 1x1 conv to 1,
+    softmax) pools a (C, 1, 1) context, transformed by a bottleneck (1x1 conv C -> C / ratio, LayerNorm, ReLU, 1x1 conv
+    back, zero-initialised) and added at every position. x (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, channels, ratio=16):
+        super().__init__()
+        inner = channels // ratio
+        self.attention = nn.Conv2d(channels, 1, 1)
+        self.transform = nn.Sequential(nn.Conv2d(channels, inner, 1), nn.LayerNorm([inner, 1, 1]),
+                                       nn.ReLU(inplace=True), nn.Conv2d(inner, channels, 1))
+        nn.init.zeros_(self.transform[-1].weight)
+        nn.init.zeros_(self.transform[-1].bias)
+
+    def forward(self, x):
+        weights = rearrange(self.attention(x), "b 1 h w -> b (h w) 1").softmax(dim=1)  # (B, N, 1)
+        context = torch.einsum("bcn,bno->bco", rearrange(x, "b c h w -> b c (h w)"), weights)  # (B, C, 1)
+        return x + self.transform(context[..., None])  # (B, C, 1, 1), broadcast over H x W
+
+
+class CrissCrossAttention(nn.Module):
+    """CCNet's recurrent criss-cross attention (Huang et al., ICCV 2019): each pixel attends to the H + W - 1 pixels
+    of its row and column (itself once) with 1x1 conv queries and keys of C / 8 channels, the softmax over all of
+    them weighs 1x1 conv values of C channels; x <- x + gamma * that, gamma starting at 0. `recurrence` passes share
+    the weights, so that with 2 every pixel reaches every other. x (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, channels, recurrence=2):
+        super().__init__()
+        self.recurrence = recurrence
+        self.query, self.key = nn.Conv2d(channels, channels // 8, 1), nn.Conv2d(channels, channels // 8, 1)
+        self.value = nn.Conv2d(channels, channels, 1)
+        self.gamma = nn.Parameter(torch.zeros(()))
+
+    def attend(self, x):
+        H = x.shape[-2]
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        column = torch.einsum("bchw,bcgw->bhwg", q, k)  # (B, H, W, H): pixel (h, w) with (g, w)
+        itself = torch.eye(H, dtype=torch.bool, device=x.device)[:, None, :]  # (H, 1, H): g == h, counted in the row
+        row = torch.einsum("bchw,bchg->bhwg", q, k)  # (B, H, W, W): pixel (h, w) with (h, g)
+        attention = torch.cat([column.masked_fill(itself, float("-inf")), row], dim=-1).softmax(dim=-1)
+        out = (torch.einsum("bhwg,bcgw->bchw", attention[..., :H], v)  # (B, C, H, W) from the columns
+               + torch.einsum("bhwg,bchg->bchw", attention[..., H:], v))  # and from the rows
+        return x + self.gamma * out
+
+    def forward(self, x):
+        for _ in range(self.recurrence):
+            x = self.attend(x)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Where the modules go in a ResNet (Sections 5.1, 5.2): after every 3x3 conv of a stage, or once before its last block
 
 RESNET_STAGES = dict(C2="layer1", C3="layer2", C4="layer3", C5="layer4")
 
 
-class ConvThenDGMN(nn.Conv2d):
-    """A convolution followed by a DGMN module. It is the convolution itself (same parameter names), so a pretrained
-    state dict still loads into it. (B, C_in, H, W) -> (B, C_out, H / stride, W / stride)."""
+def resnet_stage(resnet, stage):
+    if stage not in RESNET_STAGES or not hasattr(resnet, RESNET_STAGES[stage]):
+        raise ValueError(f"stage {stage!r}: a ResNet has stages {', '.join(RESNET_STAGES)}")
+    return getattr(resnet, RESNET_STAGES[stage])
 
-    def __init__(self, conv, **dgmn):
+
+class ConvThen(nn.Conv2d):
+    """A convolution followed by a module (its attribute `context`). It is the convolution itself (same parameter
+    names), so a pretrained state dict still loads into it. (B, C_in, H, W) -> (B, C_out, H / stride, W / stride)."""
+
+    def __init__(self, conv, module):
         super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                          conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
                          device=conv.weight.device, dtype=conv.weight.dtype)
         self.load_state_dict(conv.state_dict())
         for name, p in conv.named_parameters():  # a frozen conv stays frozen
             getattr(self, name).requires_grad_(p.requires_grad)
-        self.dgmn = DGMN(conv.out_channels, **dgmn).to(conv.weight.device, conv.weight.dtype)
+        self.context = module.to(conv.weight.device, conv.weight.dtype)
 
     def forward(self, x):
-        return self.dgmn(super().forward(x))
+        return self.context(super().forward(x))
+
+
+def after_every_3x3(resnet, stages, make):
+    """Every 3x3 convolution of the chosen stages of a torchvision ResNet (or ResNeXt) followed by make(its output
+    channels), in place ("C5": layer4, "C4": layer3). Every other parameter keeps its name, so torchvision's ImageNet
+    weights load with strict=False, missing only the new modules. Returns the ResNet."""
+    for stage in stages:
+        for block in resnet_stage(resnet, stage):
+            for name, conv in list(block.named_children()):
+                if isinstance(conv, ConvThen):
+                    raise ValueError(f"stage {stage!r} already has modules after its 3x3 convolutions")
+                if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):
+                    setattr(block, name, ConvThen(conv, make(conv.out_channels)))
+    return resnet
 
 
 def insert_into_resnet(resnet, stages=("C5",), rates=COCO_RATES, **dgmn):
-    """Put a DGMN module after every 3x3 convolution of the chosen stages of a torchvision ResNet, in place ("C5":
-    layer4, "C4": layer3; Section 5.1, COCO's rates by default). Every other parameter keeps its name, so torchvision's
-    ImageNet weights load with strict=False, missing only the new modules. Returns the ResNet."""
-    for stage in stages:
-        if stage not in RESNET_STAGES or not hasattr(resnet, RESNET_STAGES[stage]):
-            raise ValueError(f"stage {stage!r}: a ResNet has stages {', '.join(RESNET_STAGES)}")
-        for block in getattr(resnet, RESNET_STAGES[stage]):
-            for name, conv in list(block.named_children()):
-                if isinstance(conv, ConvThenDGMN):
-                    raise ValueError(f"stage {stage!r} already has DGMN modules")
-                if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):
-                    setattr(block, name, ConvThenDGMN(conv, rates=rates, **dgmn))
+    """A DGMN module after every 3x3 convolution of the chosen stages (Section 5.1; COCO's rates by default)."""
+    return after_every_3x3(resnet, stages, lambda channels: DGMN(channels, rates=rates, **dgmn))
+
+
+def before_last_block(resnet, stage, module):
+    """module right before the last residual block of a stage, in place (Table 3's single module: "C4", as Wang et al.
+    place the non-local block). The blocks keep their names (layer3.0 ... layer3.5); the module is layer3.context.
+    Returns the ResNet."""
+    blocks = list(resnet_stage(resnet, stage).named_children())
+    if any(name == "context" for name, _ in blocks):
+        raise ValueError(f"stage {stage!r} already has a module before its last block")
+    setattr(resnet, RESNET_STAGES[stage], nn.Sequential(OrderedDict([*blocks[:-1], ("context", module), blocks[-1]])))
     return resnet
 
 

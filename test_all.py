@@ -885,6 +885,8 @@ DGMN_VARIANTS = {  # every switch of the module, at small sizes
     "DW+DS": lambda: dgmn.DGMN(8, rates=(1, 3), dynamic_affinity=False),
     "deformable message passing": lambda: dgmn.deformable_message_passing(8, rates=(2,)),
     "two groups, 5x5, T = 2": lambda: dgmn.DGMN(8, rates=(1, 2), groups=2, kernel_size=5, iterations=2),
+    "release layout": lambda: dgmn.DGMN(8, rates=(1, 2), channel_transforms=False),
+    "release layout, DA+DS": lambda: dgmn.DGMN(8, rates=(1, 2), dynamic_weights=False, channel_transforms=False),
 }
 
 
@@ -971,6 +973,122 @@ def test_dgmn_table_2_counts():
     assert full["walk_params"] == 5 * (18 * 512 * 9 + 18)  # Eq. 4's ks x ks convs with bias, one per rate
 
 
+def test_dgmn_affinity_alone_weighs_every_group_and_adds_no_filters():
+    """Table 2's DA row: the affinities are the only node weights (Eq. 1's w is w^q); nothing else is learnt."""
+    torch.manual_seed(0)
+    message = dgmn.RateMessage(8, 2, groups=4, dynamic_weights=False, dynamic_sampling=False)
+    offsets, weights, affinity = message.graph(torch.randn(2, 8, 5, 6))
+    assert message.static_filters is None and weights.shape == (2, 4, 9, 5, 6)
+    torch.testing.assert_close(weights, affinity.expand_as(weights))
+    assert dgmn.added_cost(dgmn.TABLE_2["DGMN w/ DA"].options)["other_params"] == 2  # alpha and the one beta
+
+
+def test_dgmn_release_layout_counts_and_update():
+    """The release's layout: 2268 C parameters per module at four rates (walks 2K ks^2 C, predictors (G K + K) ks^2 C
+    per rate), plus the walks' biases and the betas; no C x C map; h = f + sum_q beta_q m_q."""
+    C, rates = 512, dgmn.COCO_RATES
+    with torch.device("meta"):
+        module = dgmn.DGMN(C, rates=rates, channel_transforms=False)
+    assert sum(p.numel() for p in module.parameters()) == 2268 * C + len(rates) * (18 + 1)
+    assert module.update is None and module.alpha is None
+    torch.manual_seed(0)
+    module = dgmn.DGMN(8, rates=(1, 3), channel_transforms=False)
+    with torch.no_grad():
+        module.beta.copy_(torch.tensor([0.5, 2.0]))
+        for message in module.messages:
+            message.walk.weight.normal_(0, 0.3)
+    f = torch.randn(2, 8, 5, 6)
+    messages = [sampler.aggregate(f, *message.graph(f)[:2], message.rate) for message in module.messages]
+    torch.testing.assert_close(module(f), f + 0.5 * messages[0] + 2.0 * messages[1])
+
+
+BASELINES = {  # the modules of Tables 2 and 3, at small sizes
+    "non-local": lambda: dgmn.NonLocal(16),
+    "global context": lambda: dgmn.GlobalContext(16, ratio=4),
+    "criss-cross": lambda: dgmn.CrissCrossAttention(16),
+    "deformable message passing": lambda: dgmn.deformable_message_passing(16, rates=(1, 2)),
+}
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_every_baseline_parameter_learns_in_two_steps(name):
+    """Each starts as the identity or close to it (a zero-initialised last layer or scale), so some parameters get their
+    first gradient at the second step; after two, every parameter has had one."""
+    torch.manual_seed(0)
+    module = BASELINES[name]()
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    seen = set()
+    for _ in range(2):
+        x = torch.randn(2, 16, 7, 5)
+        out = module(x)
+        assert out.shape == x.shape
+        optimizer.zero_grad()
+        (out - x.flip(-1)).square().mean().backward()
+        seen |= {n for n, p in module.named_parameters() if p.grad is not None and p.grad.abs().max() > 0}
+        optimizer.step()
+    assert seen == {n for n, _ in module.named_parameters()}
+
+
+def randomised(module):
+    """module with every parameter and buffer random (the zero-initialised ones too), in eval mode, float64."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if name.endswith("running_var"):
+                tensor.uniform_(0.5, 1.5)
+            elif tensor.is_floating_point():
+                tensor.normal_(0, 0.5)
+    return module.double().eval()
+
+
+def test_non_local_block_is_softmax_of_theta_phi_times_g():
+    module = randomised(dgmn.NonLocal(8, inner_channels=3))
+    x = torch.randn(2, 8, 4, 5, dtype=torch.float64)
+    theta, phi, g = (f(x).flatten(2) for f in (module.theta, module.phi, module.g))  # (B, 3, N)
+    y = torch.softmax(theta.transpose(1, 2) @ phi, dim=-1) @ g.transpose(1, 2)  # (B, N, 3)
+    torch.testing.assert_close(module(x), x + module.out(y.transpose(1, 2).reshape(2, 3, 4, 5)))
+
+
+def test_criss_cross_attention_is_a_loop_over_each_pixels_row_and_column():
+    module = randomised(dgmn.CrissCrossAttention(16, recurrence=1))
+    x = torch.randn(2, 16, 4, 5, dtype=torch.float64)
+    q, k, v = module.query(x), module.key(x), module.value(x)
+    expected = x.clone()
+    for h in range(4):
+        for w in range(5):
+            others = [(h, j) for j in range(5)] + [(i, w) for i in range(4) if i != h]  # itself once
+            logits = torch.stack([(q[:, :, h, w] * k[:, :, i, j]).sum(1) for i, j in others], dim=1)  # (B, H + W - 1)
+            values = torch.stack([v[:, :, i, j] for i, j in others], dim=2)  # (B, C, H + W - 1)
+            expected[:, :, h, w] += module.gamma * (values * logits.softmax(dim=1)[:, None]).sum(2)
+    torch.testing.assert_close(module(x), expected)
+    twice = dgmn.CrissCrossAttention(16, recurrence=2).double().eval()
+    twice.load_state_dict(module.state_dict())
+    torch.testing.assert_close(twice(x), module(module(x)))  # the recurrence shares the weights
+
+
+def test_global_context_block_adds_one_pooled_context_everywhere():
+    module = randomised(dgmn.GlobalContext(16, ratio=4))
+    x = torch.randn(2, 16, 3, 4, dtype=torch.float64)
+    weights = module.attention(x).flatten(2).softmax(dim=-1)  # (B, 1, N)
+    context = (x.flatten(2) * weights).sum(-1)[..., None, None]  # (B, C, 1, 1)
+    torch.testing.assert_close(module(x), x + module.transform(context))
+
+
+def test_a_module_before_the_last_block_of_res4():
+    from torchvision.models import resnet50
+    torch.manual_seed(0)
+    plain = resnet50().eval()
+    model = dgmn.before_last_block(resnet50(), "C4", dgmn.NonLocal(1024)).eval()
+    assert [name for name, _ in model.layer3.named_children()] == ["0", "1", "2", "3", "4", "context", "5"]
+    result = model.load_state_dict(plain.state_dict(), strict=False)
+    assert not result.unexpected_keys and all(key.startswith("layer3.context.") for key in result.missing_keys)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():  # a new non-local block is the identity (BN weight 0)
+        torch.testing.assert_close(model(x), plain(x))
+    with pytest.raises(ValueError, match="stage 'C4' already has a module before its last block"):
+        dgmn.before_last_block(model, "C4", nn.Identity())
+
+
 @pytest.mark.parametrize("shape", [(2, 8, 7, 6), (1, 8, 1, 1), (2, 8, 3, 2)])
 def test_kernel_and_reference_paths_agree_on_dgmn(shape):
     """Rates up to 36 on maps far smaller, channels-last input."""
@@ -990,7 +1108,7 @@ def test_resnet50_with_dgmn_in_c5():
     model = dgmn.insert_into_resnet(resnet50(), stages=("C5",)).eval()
     result = model.load_state_dict(plain.state_dict(), strict=False)
     assert not result.unexpected_keys and result.missing_keys
-    assert all(".conv2.dgmn." in key and key.startswith("layer4.") for key in result.missing_keys)
+    assert all(".conv2.context." in key and key.startswith("layer4.") for key in result.missing_keys)
     assert sum(isinstance(m, dgmn.DGMN) for m in model.modules()) == 3  # one per bottleneck of layer4
     torch.testing.assert_close(model.layer4[0].conv2.weight, plain.layer4[0].conv2.weight, rtol=0, atol=0)
     body = nn.Sequential(*list(model.children())[:-2])  # up to layer4
@@ -998,7 +1116,7 @@ def test_resnet50_with_dgmn_in_c5():
         assert body(torch.randn(2, 3, 96, 160)).shape == (2, 2048, 3, 5)
     with pytest.raises(ValueError, match="stage 'C6': a ResNet has stages C2, C3, C4, C5"):
         dgmn.insert_into_resnet(resnet50(), stages=("C6",))
-    with pytest.raises(ValueError, match="stage 'C5' already has DGMN modules"):
+    with pytest.raises(ValueError, match="stage .C5. already has modules after its 3x3 convolutions"):
         dgmn.insert_into_resnet(model, stages=("C5",))
     frozen = resnet50()
     frozen.layer3.requires_grad_(False)

@@ -1826,6 +1826,184 @@ def test_pretrained_takes_the_release_checkpoint_with_its_argparse_namespace(tmp
     torch.testing.assert_close(ours.state_dict(), reference.state_dict(), rtol=0, atol=0)
 
 # ====================================================================================================================
+# train_cityscapes.py: Table 2's baselines, --table, --dgmn-rates / --dgmn-groups, --ohem, --multi-grid (issue 14)
+
+FCN_BASELINES = ["fcn-deformable", "fcn-aspp", "fcn-nonlocal"]
+SIDE = 97 * 97  # positions of the 512-channel map of a 769 crop at stride 8
+
+
+def test_table_2_baselines_are_offered_by_model():
+    for model in FCN_BASELINES:
+        assert model in cs.CHOICES["model"] and cs.parse_args(["--model", model]).model == model
+
+
+@pytest.mark.parametrize("model", FCN_BASELINES)
+def test_each_table_2_baseline_trains_two_steps_with_a_gradient_for_every_parameter(model):
+    torch.manual_seed(0)
+    net = cs.DilatedFCN(5, model)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    images, labels = torch.randn(2, 3, 17, 17), torch.randint(0, 5, (2, 17, 17))  # a 3 x 3 map at stride 8
+    silent = []
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(net(images), labels)
+        loss.backward()
+        optimizer.step()
+        silent.append({name for name, p in net.named_parameters() if p.grad is None or not p.grad.any()})
+    # Zero-initialised parts: the non-local block's last BN weight is 0, so theta, phi, g and W_z get their gradient
+    # from the second step only; DCNv2's offset-and-mask conv starts at 0 but has a gradient from the first step.
+    zero_first = {f"context.0.{conv}.{p}" for conv in ("theta", "phi", "g", "out.0") for p in ("weight", "bias")}
+    assert silent == [zero_first if model == "fcn-nonlocal" else set(), set()] and math.isfinite(loss.item())
+    assert net(images).shape == (2, 5, 17, 17)
+
+
+def test_new_modules_start_as_the_papers_describe():
+    torch.manual_seed(0)
+    dcn = cs.ModulatedDeformConv(8, 4)
+    x = torch.randn(2, 8, 7, 9)
+    regular = F.conv2d(x, dcn.weight, padding=1)  # zero offsets, masks sigmoid(0) = 0.5: half a regular 3x3 conv
+    torch.testing.assert_close(dcn(x), 0.5 * regular)
+    aspp = cs.ASPP(16)
+    assert [c[0].dilation for c in aspp.convs[1:4]] == [(r, r) for r in cs.ASPP_RATES]
+    assert aspp(torch.randn(2, 16, 9, 9)).shape == (2, 16, 9, 9)
+
+
+def parameter_count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_table_2_baselines_added_counts_within_3_percent_or_the_stated_gap():
+    classes, C = len(cs.TRAIN_CLASSES), cs.FCN_CHANNELS
+    K, D = 9, cs.DCN_CHANNELS
+    expected_macs = {  # by hand: convolutions and matrix products on the 97 x 97 map, the classifier's change
+        "fcn-deformable": SIDE * (C * D * K + C * 3 * K * K + (D - C) * classes),
+        "fcn-aspp": SIDE * (C * 256 + 3 * C * 256 * K + 5 * 256 * C) + C * 256,  # pooling's conv on one position
+        "fcn-nonlocal": SIDE * (3 * C * (C // 2) + (C // 2) * C + C * C * K) + 2 * SIDE ** 2 * (C // 2),
+    }
+    with torch.device("meta"):
+        plain = parameter_count(cs.DilatedFCN(classes, "fcn"))
+    gaps = {"fcn-aspp": (0.03, 0.06)}  # ASPP's FLOPs: +5.8%, stated in FCN_VARIANTS (no standard layout fits both)
+    for model in FCN_BASELINES:
+        params, macs = cs.fcn_added_cost(model)
+        with torch.device("meta"):
+            assert params == parameter_count(cs.DilatedFCN(classes, model)) - plain  # the whole model's difference
+        assert macs == expected_macs[model]
+        row = cs.FCN_VARIANTS[model]
+        params_gap, flops_gap = gaps.get(model, (0.03, 0.03))
+        assert abs(params / (row.params_m * 1e6) - 1) < params_gap, model
+        assert abs(macs / (row.gflops * 1e9) - 1) < flops_gap, model
+
+
+def test_the_deformable_row_counts_its_deform_conv_by_the_registered_formula():
+    params, macs = cs.fcn_added_cost("fcn-deformable")
+    assert params == 512 * 256 * 9 + 512 * 27 * 9 + 27 + 2 * 256 - 256 * 19  # convs, offset bias, BN, classifier
+    assert macs - SIDE * 512 * 27 * 9 > 11e9  # the deformable conv itself, not only its offset conv
+
+
+def ohem_by_hand(logits, labels, threshold, min_kept):
+    """A loop over the labelled pixels: under threshold, or the min_kept hardest if fewer are."""
+    probabilities = logits.softmax(dim=1)
+    pixels = [(probabilities[b, labels[b, i, j], i, j].item(), b, i, j) for b in range(labels.shape[0])
+              for i in range(labels.shape[1]) for j in range(labels.shape[2]) if labels[b, i, j] != cs.IGNORE]
+    kept = [p for p in pixels if p[0] < threshold]
+    if len(kept) < min_kept:
+        kept = sorted(pixels)[:min_kept]
+    return sum(-math.log(p) for p, *_ in kept) / len(kept), {pixel[1:] for pixel in kept}
+
+
+def test_ohem_equals_an_explicit_computation_in_each_branch():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 4, 5, generator=g) * 3
+    labels = torch.randint(0, 3, (2, 4, 5), generator=g)
+    labels[0, 0, :3] = labels[1, 2, 1] = cs.IGNORE
+    labelled = int((labels != cs.IGNORE).sum())
+    assert labelled == 36  # of which 27 are under 0.7 and 20 under 0.2: the three cases take the three branches
+    for threshold, min_kept, kept_count in [(0.7, 5, 27), (0.2, 25, 25), (0.2, 100, labelled)]:
+        expected, kept = ohem_by_hand(logits, labels, threshold, min_kept)
+        assert len(kept) == kept_count
+        x = logits.clone().requires_grad_()
+        loss = cs.ohem_cross_entropy(x, labels, threshold, min_kept)
+        torch.testing.assert_close(loss.item(), expected, rtol=1e-5, atol=1e-6)
+        loss.backward()
+        with_gradient = {tuple(p) for p in x.grad.abs().sum(dim=1).nonzero().tolist()}
+        assert with_gradient == kept  # no other pixel, ignored ones least of all, takes part
+
+
+def test_multi_grid_dilates_res5_by_1_2_4():
+    cfg = cs.Config(model="fcn", multi_grid=True)
+    with torch.device("meta"):
+        grid = cs.build_model(cfg, 5, 1, torch.device("meta")).backbone.layer4
+        plain = cs.build_model(dataclasses.replace(cfg, multi_grid=False), 5, 1, torch.device("meta")).backbone.layer4
+    assert [b.conv2.dilation for b in plain] == [(2, 2), (4, 4), (4, 4)]  # torchvision's: the first block at half
+    assert [b.conv2.dilation for b in grid] == [(4, 4), (8, 8), (16, 16)]  # the stage's 4 times (1, 2, 4)
+    assert [b.conv2.padding for b in grid] == [b.conv2.dilation for b in grid]
+    assert grid(torch.empty(1, 1024, 9, 9, device="meta")).shape == (1, 2048, 9, 9)  # the map's size kept
+
+
+def dgmn_module(**overrides):
+    cfg = cs.Config(**overrides)
+    cs.check(cfg)
+    with torch.device("meta"):
+        return cs.build_model(cfg, 5, 1, torch.device("meta")).context
+
+
+def test_dgmn_rates_and_groups_reach_the_module():
+    for text, rates in [("1", (1,)), ("1,1,1,1", (1, 1, 1, 1)), ("1,6,12", (1, 6, 12)), ("", (1, 6, 12, 24, 36))]:
+        module = dgmn_module(model="fcn-dgmn", dgmn_rates=text)
+        assert tuple(m.rate for m in module.messages) == rates
+        assert all(m.groups == 4 and m.dynamic_weights for m in module.messages)
+    module = dgmn_module(model="fcn-da-dw", dgmn_rates="1,6", dgmn_groups=8)
+    assert [(m.rate, m.groups, m.dynamic_weights) for m in module.messages] == [(1, 8, True), (6, 8, True)]
+    module = dgmn_module(model="fcn-dgmn", dgmn_groups=0)
+    assert not any(m.dynamic_weights for m in module.messages)
+    assert all(m.predict.per_node.out_channels == 9 * 9 for m in module.messages)  # K affinities of K nodes, no filters
+    assert not any(m.dynamic_weights for m in dgmn_module(model="fcn-da", dgmn_rates="1,6").messages)
+
+
+def test_fcn_options_are_refused_elsewhere_and_bad_values_in_one_line(tmp_path):
+    cases = [(dict(model="dgmn2-tiny", dgmn_rates="1,6"), "--dgmn-rates applies to fcn-da, fcn-da-dw, fcn-dgmn, not"),
+             (dict(model="fcn-aspp", dgmn_groups=8), "--dgmn-groups applies to fcn-da, fcn-da-dw, fcn-dgmn, not"),
+             (dict(model="dgmn2-tiny", ohem=True), "--ohem applies to fcn, fcn-deformable, .* not to --model dgmn2"),
+             (dict(model="dgmn2-small", multi_grid=True), "--multi-grid applies to fcn, .*, not to --model dgmn2"),
+             (dict(model="fcn-dgmn", dgmn_rates="1,x"), "--dgmn-rates '1,x': give positive integers"),
+             (dict(model="fcn-dgmn", dgmn_rates="0,6"), "--dgmn-rates '0,6': give positive integers"),
+             (dict(model="fcn-dgmn", dgmn_rates="1,,6"), "--dgmn-rates '1,,6': give positive integers"),
+             (dict(model="fcn-dgmn", dgmn_groups=-1), "--dgmn-groups -1: 0 .* or a divisor of 512"),
+             (dict(model="fcn-dgmn", dgmn_groups=3), "--dgmn-groups 3: 0 .* or a divisor of 512"),
+             (dict(model="fcn-da", dgmn_groups=8), "--dgmn-groups 8: fcn-da has no dynamic weights")]
+    for overrides, message in cases:
+        with pytest.raises(cs.InputError, match=message) as error:
+            cs.main(cs.Config(output=str(tmp_path / "run"), **overrides))
+        assert "\n" not in str(error.value)
+
+
+def test_a_resume_refuses_other_fcn_options(tmp_path):
+    saved = cs.Config(model="fcn-dgmn", dgmn_rates="1,6,12", ohem=True)
+    path = tmp_path / "checkpoint-0000002.pth"
+    torch.save(dict(model={}, optimizer={}, scheduler={}, scaler={}, config=dataclasses.asdict(saved)), path)
+    for changed, message in [(dict(dgmn_rates=""), "saved with --dgmn-rates '1,6,12', not ''"),
+                             (dict(dgmn_groups=0), "saved with --dgmn-groups 4, not 0"),
+                             (dict(multi_grid=True), "saved with --multi-grid False, not True"),
+                             (dict(ohem=False), "saved with --ohem True, not False")]:
+        with pytest.raises(cs.InputError, match=message):
+            cs.read_checkpoint(path, dataclasses.replace(saved, **changed), cs.WEIGHTS_DEPEND_ON,
+                               cs.TRAINING_DEPENDS_ON)
+    evaluation = dataclasses.replace(saved, ohem=False, eval_only=True)  # OHEM changes the training only
+    assert cs.read_checkpoint(path, evaluation, cs.WEIGHTS_DEPEND_ON, cs.TRAINING_DEPENDS_ON)["config"]["ohem"]
+
+
+def test_table_prints_table_2s_rows(capsys):
+    cs.main(cs.parse_args(["--table"]))
+    out = capsys.readouterr().out
+    assert "FlopCounterMode's count / 2" in out and "deform_conv2d" in out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| fcn")]
+    assert [row[0][2:] for row in rows] == list(cs.FCN_VARIANTS)
+    dgmn_rows = {row[0][2:]: row for row in rows if row[0][2:] in cs.DGMN_FCNS}
+    assert [row[1] for row in dgmn_rows.values()] == ["+0.566M", "+0.732M", "+2.610M"]  # Table 2's layout, exact
+    assert "not its walk convs" in dgmn_rows["fcn-dgmn"][-1]
+
+
+# ====================================================================================================================
 # train_coco.py: Sections 5.1-5.3, 6.2, 8.1.2
 
 

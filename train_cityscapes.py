@@ -1,5 +1,6 @@
 """Semantic segmentation on Cityscapes: DGMN2 + Semantic FPN (Section 6.3, Table 11) and the dilated FCN with the DGMN
-module (Section 5, Tables 2 and 4); training, sliding-window evaluation, DDP through torchrun.
+module or a module it is compared with (Section 5, Tables 2, 4, 13, 14); training, sliding-window evaluation, DDP
+through torchrun.
 
 Paper targets, mIoU on Cityscapes val (single scale / multi-scale + flip): DGMN2-Tiny/Small/Medium/Large + Semantic
 FPN 78.09/79.40, 80.65/81.58, 80.60/81.79, 81.75/82.64; dilated FCN ResNet-101 75.0, + DGMN (DA+DW+DS) 80.4.
@@ -9,6 +10,7 @@ FPN 78.09/79.40, 80.65/81.58, 80.60/81.79, 81.75/82.64; dilated FCN ResNet-101 7
     torchrun --nproc_per_node 8 train_cityscapes.py --model fcn-dgmn --data /path/to/cityscapes \\
         --pretrained resnet101.pth                                          # Table 2 (SGD 0.01, 40k iterations)
     torchrun train_cityscapes.py                  # no --data: the built-in synthetic scenes, a few minutes on a CPU
+    python train_cityscapes.py --table            # Table 2: each module's added parameters and FLOPs beside the paper's
 """
 
 import argparse
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 import torchvision
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import v2
 from tqdm import tqdm
 
@@ -257,17 +260,99 @@ def command_line():
 
 # End of the shared block
 # ================================================================================================================
-# Configuration: the paper's recipes by default; SYNTHETIC replaces what no flag set when there is no --data
+# ---- Table 2's modules on the dilated FCN's 512-channel map: those from torchvision here, the rest in dgmn.py ----
+FCN_CHANNELS = 512  # Section 5.1: the 3x3 Conv-BN-ReLU after the backbone gives 512 channels
+DCN_CHANNELS = 256  # "+ Deformable": DCNv2 512 -> 256 is the standard width that gives Table 2's +1.31M
+ASPP_RATES, ASPP_CHANNELS = (12, 24, 36), 256  # DeepLab v3 at output stride 8: its rates, its branches' width
+
+
+def conv_bn_relu(in_channels, out_channels):
+    """A 3x3 Conv-BN-ReLU, the width changed. (B, C_in, H, W) -> (B, C_out, H, W)."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
+                         nn.ReLU(inplace=True))
+
+
+class ModulatedDeformConv(torchvision.ops.DeformConv2d):
+    """DCNv2 (Zhu et al., CVPR 2019): a ks x ks convolution (no bias) whose K reads move by predicted offsets and are
+    scaled by predicted masks (a sigmoid), both from a ks x ks conv of the input to 3K channels with bias (as mmcv's
+    ModulatedDeformConv2dPack). That conv starts at zero: a new layer reads the regular grid at masks 0.5.
+    x (B, C_in, H, W) -> (B, C_out, H, W)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=3):
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+        self.reads = kernel_size ** 2
+        self.offset_mask = nn.Conv2d(in_channels, 3 * self.reads, kernel_size, padding=kernel_size // 2)
+        nn.init.zeros_(self.offset_mask.weight)
+        nn.init.zeros_(self.offset_mask.bias)
+
+    def forward(self, x):
+        offsets, masks = self.offset_mask(x).split([2 * self.reads, self.reads], dim=1)  # (B, 2K, H, W), (B, K, H, W)
+        return super().forward(x, offsets, masks.sigmoid())
+
+
+def deformable(channels):
+    """Table 2's "+ Deformable": a DCNv2 3x3 conv to DCN_CHANNELS, BN, ReLU; the classifier reads DCN_CHANNELS.
+    (B, C, H, W) -> (B, DCN_CHANNELS, H, W)."""
+    return nn.Sequential(ModulatedDeformConv(channels, DCN_CHANNELS), nn.BatchNorm2d(DCN_CHANNELS),
+                         nn.ReLU(inplace=True))
+
+
+class ASPP(torchvision.models.segmentation.deeplabv3.ASPP):
+    """Table 2's "+ ASPP": DeepLab v3's atrous spatial pyramid pooling (Chen et al., 2017), torchvision's: a 1x1 conv,
+    3x3 convs at ASPP_RATES and image pooling, ASPP_CHANNELS each with BN-ReLU, concatenated and projected by a 1x1
+    Conv-BN-ReLU (and dropout 0.5). The projection goes back to C, as the ASPP module of the CCNet / OCNet code base
+    (5 x 256 -> 512), not to 256 as torchvision's: the nearer of the two to Table 2 (FCN_VARIANTS gives both gaps).
+    (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, channels):
+        super().__init__(channels, ASPP_RATES, ASPP_CHANNELS)
+        self.project[0] = nn.Conv2d(len(self.convs) * ASPP_CHANNELS, channels, 1, bias=False)
+        self.project[1] = nn.BatchNorm2d(channels)
+
+
+def non_local(channels):
+    """Table 2's "+ Non-local": the embedded-Gaussian block (dgmn.NonLocal, C / 2 inner channels) then a 3x3
+    Conv-BN-ReLU C -> C, as DANet's head follows its attention module (conv5a, the module, conv51, the classifier).
+    (B, C, H, W) -> (B, C, H, W)."""
+    return nn.Sequential(dgmn.NonLocal(channels), conv_bn_relu(channels, channels))
+
+
+@dataclasses.dataclass(frozen=True)
+class FCNRow:
+    """A dilated FCN of Table 2: make(channels, **DGMN switches) builds the module on its 512-channel map."""
+    make: object                     # the module's builder (nn.Identity ignores its arguments)
+    params_m: float | None           # Table 2: the parameters it adds (M)
+    gflops: float | None             # Table 2: the FLOPs it adds (G)
+    miou: float                      # Table 2: Cityscapes val mIoU (%), single scale
+    layout: str                      # what the module is, after which paper or code base
+    dgmn: dict | None = None         # DGMN's switches: the rows that --dgmn-rates and --dgmn-groups change
+    out_channels: int | None = None  # the width the classifier reads; None: the map's
+
+
+# ---- Configuration: the paper's recipes by default; SYNTHETIC replaces what no flag set without --data ----------
 IGNORE = 255
-FCN_VARIANTS = {"fcn": None, "fcn-da": dgmn.TABLE_2["DGMN w/ DA"].options,  # Table 2's rows: the DGMN's switches
-                "fcn-da-dw": dgmn.TABLE_2["DGMN w/ DA+DW"].options,
-                "fcn-dgmn": dgmn.TABLE_2["DGMN w/ DA+DW+DS"].options}
+FCN_VARIANTS = {  # Table 2's rows, in its order
+    "fcn": FCNRow(nn.Identity, None, None, 75.0, "nothing: the Conv-BN-ReLU feeds the classifier"),
+    "fcn-deformable": FCNRow(deformable, 1.31, 12.34, 78.2, "DCNv2 3x3 512 -> 256, BN, ReLU (Zhu et al.); "
+                             "the classifier reads 256 channels", out_channels=DCN_CHANNELS),
+    "fcn-aspp": FCNRow(ASPP, 4.42, 38.45, 78.9, "DeepLab v3's ASPP (torchvision's), rates 12, 24, 36, 5 x 256 "
+                       "projected to 512 as in the CCNet / OCNet code base; no standard layout is within 3% of both "
+                       "numbers: torchvision's projection to 256 gives -6.6% / -2.3%"),
+    "fcn-nonlocal": FCNRow(non_local, 2.88, 73.33, 79.0, "non-local block (Wang et al.), 256 inner channels, then "
+                           "a 3x3 Conv-BN-ReLU 512 -> 512 (DANet's head)"),
+    **{name: FCNRow(dgmn.DGMN, row.params_m, row.gflops, row.miou, "dgmn.DGMN, Table 2's layout", dgmn=row.options)
+       for name, row in zip(["fcn-da", "fcn-da-dw", "fcn-dgmn"], dgmn.TABLE_2.values())},
+}
+DGMN_FCNS = [name for name, row in FCN_VARIANTS.items() if row.dgmn]  # what --dgmn-rates, --dgmn-groups change
 MODELS = [f"dgmn2-{name}" for name in dgmn2.VARIANTS] + list(FCN_VARIANTS)
 SYNTHETIC = dict(iterations=400, batch_size=16, lr=1e-3, base_size=64, crop=64, eval_stride=48, eval_every=100,
                  workers=1, log_every=10, output="runs/synthetic-segmentation")
 CHOICES = dict(model=MODELS, optimizer=["auto", "adamw", "sgd"], amp=["auto", "bf16", "fp16", "off"])
-WEIGHTS_DEPEND_ON = ["model", "output_stride"]  # a resume refuses a checkpoint saved with other values of these,
-TRAINING_DEPENDS_ON = ["optimizer", "iterations", "batch_size", "eval_every"]  # and to train on, of these too
+# A resume refuses a checkpoint saved with other values of WEIGHTS_DEPEND_ON and, to train on, of TRAINING_DEPENDS_ON
+WEIGHTS_DEPEND_ON = ["model", "output_stride", "dgmn_rates", "dgmn_groups", "multi_grid"]
+TRAINING_DEPENDS_ON = ["optimizer", "iterations", "batch_size", "eval_every", "ohem"]
+OHEM_THRESHOLD, OHEM_MIN_KEPT = 0.7, 100_000  # pixel OHEM as the CCNet and DANet code bases train Cityscapes
+MULTI_GRID = (1, 2, 4)  # DeepLab v3: res5's three blocks at the stage's dilation times these
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 CROP_TRIES, CAT_MAX_RATIO = 10, 0.75  # mmseg's RandomCrop: at most 10 redraws of a window where one class covers 75%
 TRAIN_CLASSES = [c for c in torchvision.datasets.Cityscapes.classes if c.train_id not in (-1, 255)]  # by train id
@@ -276,7 +361,8 @@ PALETTE = torch.tensor([c.color for c in TRAIN_CLASSES] + [[0, 0, 0]] * (256 - 1
 
 @dataclasses.dataclass
 class Config:
-    model: str = option("dgmn2-tiny", "DGMN2 + Semantic FPN (Table 11), or the dilated FCN ResNet-101 (Table 2)")
+    model: str = option("dgmn2-tiny", "DGMN2 + Semantic FPN (Table 11), or the dilated FCN ResNet-101 with a module "
+                        "of Table 2 (--table lists them)")
     data: str = option("", "the Cityscapes root (leftImg8bit/, gtFine/); empty: the built-in synthetic scenes")
     output: str = option("runs/cityscapes", "the folder of the checkpoints, log.jsonl and the prediction pictures")
     pretrained: str = option("", "backbone weights (nothing is downloaded): a torchvision ResNet-101 state dict, an "
@@ -288,6 +374,14 @@ class Config:
     weight_decay: float = option(1e-4, "the weight decay of either optimiser")
     poly_power: float = option(0.9, "the power of the polynomial decay of the learning rate to 0")
     output_stride: int = option(32, "DGMN2 only: 8 for stride-1 patch embeddings in stages 3-4 (Section 6.3)")
+    dgmn_rates: str = option("", "the DGMN FCNs (fcn-da, fcn-da-dw, fcn-dgmn): their sampling rates, comma-separated, "
+                             "e.g. 1,6,12 (Table 14); empty: the model's")
+    dgmn_groups: int = option(4, "the DGMN FCNs: G, the channel groups of the dynamic filters; 0: no dynamic weights "
+                              "(Table 15's G = 0)")
+    ohem: bool = option(False, "the FCNs: pixel OHEM (Table 13), the loss over the pixels whose class probability is "
+                        f"under {OHEM_THRESHOLD}, or over the {OHEM_MIN_KEPT:,} hardest if fewer (per process)")
+    multi_grid: bool = option(False, "the FCNs: res5's three blocks at its dilation times "
+                              f"{MULTI_GRID} (DeepLab v3's multi-grid, Table 13)")
     base_size: int = option(1024, "the shorter side that the random scale multiplies (Cityscapes: 2048 x 1024)")
     scale_min: float = option(0.5, "the smallest random scale of a training image")
     scale_max: float = option(2.0, "the largest random scale of a training image")
@@ -307,6 +401,7 @@ class Config:
     eval_only: bool = option(False, "evaluate the --resume checkpoint and stop")
     synthetic_train: int = option(2000, "training scenes of the built-in synthetic set")
     synthetic_val: int = option(100, "validation scenes of the built-in synthetic set")
+    table: bool = option(False, "print the models' parameters and FLOPs beside the paper's (Table 2), then exit")
 
     @property
     def layout(self):
@@ -324,6 +419,27 @@ def check(cfg):
         raise InputError(f"--eval-stride {cfg.eval_stride} exceeds the window --crop {cfg.crop}: pixels missed")
     if cfg.eval_only and not cfg.resume:
         raise InputError("--eval-only needs the model to evaluate: --resume CKPT")
+    for name, models in [("dgmn_rates", DGMN_FCNS), ("dgmn_groups", DGMN_FCNS), ("ohem", list(FCN_VARIANTS)),
+                         ("multi_grid", list(FCN_VARIANTS))]:
+        if getattr(cfg, name) != getattr(Config, name) and cfg.model not in models:
+            raise InputError(f"--{name.replace('_', '-')} applies to {', '.join(models)}, not to --model {cfg.model}")
+    if cfg.dgmn_rates:
+        rates_of(cfg.dgmn_rates)
+    if cfg.dgmn_groups < 0 or cfg.dgmn_groups and FCN_CHANNELS % cfg.dgmn_groups:
+        raise InputError(f"--dgmn-groups {cfg.dgmn_groups}: 0 (no dynamic weights) or a divisor of {FCN_CHANNELS}")
+    if cfg.dgmn_groups not in (0, Config.dgmn_groups) and FCN_VARIANTS[cfg.model].dgmn.get("dynamic_weights") is False:
+        raise InputError(f"--dgmn-groups {cfg.dgmn_groups}: {cfg.model} has no dynamic weights (fcn-da-dw has)")
+
+
+def rates_of(text):
+    """--dgmn-rates "1,6,12" -> (1, 6, 12); InputError unless positive integers."""
+    try:
+        rates = tuple(int(rate) for rate in text.split(","))
+    except ValueError:
+        rates = ()
+    if not rates or min(rates) < 1:
+        raise InputError(f"--dgmn-rates {text!r}: give positive integers separated by commas, e.g. 1,6,12")
+    return rates
 
 
 # ---- Data: the built-in synthetic scenes or Cityscapes, uint8 images and labels --------------------------------
@@ -505,30 +621,55 @@ class SemanticFPN(nn.Module):
 
 
 class DilatedFCN(nn.Module):
-    """Section 5.1: ResNet-101 at output stride 8 (dilated layer3-4), a 3x3 Conv-BN-ReLU, the DGMN module (or nothing:
-    the FCN baseline), dropout and a 1x1 classifier, upsampled to the input. (B, 3, H, W) -> (B, classes, H, W)."""
+    """Section 5.1: ResNet-101 at output stride 8 (dilated layer3-4), a 3x3 Conv-BN-ReLU to 512 channels, the model's
+    module on that map (`context`: nothing for the FCN baseline, a baseline of Table 2 or DGMN, with dgmn_options
+    for the DGMN rows, their own by default), dropout and a 1x1 classifier, upsampled to the input. multi_grid: res5
+    (layer4) with DeepLab v3's multi-grid. (B, 3, H, W) -> (B, classes, H, W)."""
     align_corners = False  # the DGMN release (lzrobots/dgmn) has COCO code only: nothing says what its FCN used
 
-    def __init__(self, classes, dgmn_options=None, channels=512):
+    def __init__(self, classes, model="fcn", dgmn_options=None, multi_grid=False, channels=FCN_CHANNELS):
         super().__init__()
+        row = FCN_VARIANTS[model]
         self.backbone = torchvision.models.resnet101(replace_stride_with_dilation=[False, True, True])
         self.backbone.fc = nn.Identity()  # unused: DDP requires every parameter to take part
-        self.reduce = nn.Sequential(nn.Conv2d(2048, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
-                                    nn.ReLU(inplace=True))
-        self.dgmn = dgmn.DGMN(channels, **dgmn_options) if dgmn_options else nn.Identity()
-        self.classifier = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(channels, classes, 1))
+        if multi_grid:
+            multi_grid_dilations(self.backbone.layer4)
+        self.reduce = conv_bn_relu(2048, channels)
+        self.context = row.make(channels, **(dgmn_options or row.dgmn or {}))
+        self.classifier = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(row.out_channels or channels, classes, 1))
 
     def forward(self, images):
         r = self.backbone
         x = r.layer4(r.layer3(r.layer2(r.layer1(r.maxpool(r.relu(r.bn1(r.conv1(images))))))))  # (B, 2048, H / 8, W / 8)
-        logits = self.classifier(self.dgmn(self.reduce(x)))
+        logits = self.classifier(self.context(self.reduce(x)))
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=self.align_corners)
+
+
+def multi_grid_dilations(stage):
+    """DeepLab v3's multi-grid, in place: the 3x3 conv of block i of a torchvision ResNet stage at the stage's dilation
+    (its last block's; torchvision gives the first block half of it) times MULTI_GRID[i]. Returns the stage."""
+    dilation = stage[-1].conv2.dilation[0]
+    for block, unit in zip(stage, MULTI_GRID, strict=True):
+        block.conv2.dilation = block.conv2.padding = (dilation * unit,) * 2  # padding = dilation: the size kept
+    return stage
+
+
+def dgmn_options(cfg):
+    """The DGMN switches of a DGMN FCN, with --dgmn-rates and --dgmn-groups (Tables 14, 15); None for other models."""
+    row = FCN_VARIANTS.get(cfg.model)
+    if row is None or row.dgmn is None:
+        return None
+    options = {**row.dgmn, **(dict(rates=rates_of(cfg.dgmn_rates)) if cfg.dgmn_rates else {})}
+    return {**options, **(dict(groups=cfg.dgmn_groups) if cfg.dgmn_groups else dict(dynamic_weights=False))}
 
 
 def build_model(cfg, classes, world, device):
     """--model with its --pretrained backbone, SyncBatchNorm under DDP on GPUs, on device (channels-last if asked)."""
-    model = DilatedFCN(classes, FCN_VARIANTS[cfg.model]) if cfg.model in FCN_VARIANTS else SemanticFPN(
-        dgmn2.build(cfg.model.removeprefix("dgmn2-"), num_classes=0, output_stride=cfg.output_stride), classes)
+    if cfg.model in FCN_VARIANTS:
+        model = DilatedFCN(classes, cfg.model, dgmn_options(cfg), cfg.multi_grid)
+    else:
+        model = SemanticFPN(dgmn2.build(cfg.model.removeprefix("dgmn2-"), num_classes=0,
+                                        output_stride=cfg.output_stride), classes)
     if cfg.pretrained:
         load_pretrained(model.backbone, cfg.pretrained)
     if world > 1 and device.type == "cuda":  # SyncBatchNorm runs on GPUs only
@@ -638,6 +779,8 @@ def evaluate(model, val, class_names, cfg, device, autocast, rank, world, pictur
 # ---- Training --------------------------------------------------------------------------------------------------
 def run(cfg, rank, world, device):
     """Train (or only evaluate) as cfg says; returns the last evaluation's metrics."""
+    if cfg.table:
+        return print_table() if rank == 0 else None
     log = logger(rank)
     if cfg.batch_size % world:
         raise InputError(f"--batch-size {cfg.batch_size} (global) is not divisible by the {world} processes")
@@ -732,10 +875,11 @@ def train_chunk(model, loader, optimizer, scheduler, scaler, autocast, cfg, rank
     torch.manual_seed(seed_of(cfg.seed, chunk, rank))  # dropout's: a run resumed at first repeats it
     loader.sampler.set_epoch(chunk)
     progress = Progress(cfg, rank, world, device, first, last, cfg.batch_size, f"train to {last}", cfg.output)
+    criterion = ohem_cross_entropy if cfg.ohem else functools.partial(F.cross_entropy, ignore_index=IGNORE)
     for images, labels in progress.batches(itertools.islice(loader, last - first)):
         images = images.to(device, non_blocking=True, memory_format=cfg.layout)
         with autocast:
-            loss = F.cross_entropy(model(images), labels.to(device, non_blocking=True).long(), ignore_index=IGNORE)
+            loss = criterion(model(images), labels.to(device, non_blocking=True).long())
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -743,6 +887,85 @@ def train_chunk(model, loader, optimizer, scheduler, scaler, autocast, cfg, rank
         scheduler.step()
         progress.update(dict(loss=loss), scheduler.get_last_lr()[0])
     return progress.close()["loss"]
+
+
+def ohem_cross_entropy(logits, labels, threshold=OHEM_THRESHOLD, min_kept=OHEM_MIN_KEPT):
+    """Pixel OHEM (the CCNet and DANet code bases): the mean cross-entropy over the labelled pixels whose probability of
+    their class is under threshold or, when fewer than min_kept are, over the min_kept hardest (all the labelled ones
+    if fewer; ties with the last one kept too). Over this process's batch, without a host sync.
+    logits (B, classes, H, W), labels (B, H, W) -> a scalar."""
+    losses = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")  # (B, H, W), 0 where ignored
+    labelled = labels != IGNORE
+    probability = torch.exp(-losses).masked_fill(~labelled, math.inf)  # an ignored pixel is never among the hardest
+    kth = probability.flatten().kthvalue(min(min_kept, probability.numel())).values  # inf: fewer labelled than that
+    kept = labelled & torch.where(kth < threshold, probability < threshold, probability <= kth)
+    return (losses * kept).sum() / kept.sum().clamp_min(1)
+
+
+# ---- python train_cityscapes.py --table: the models' parameters and FLOPs beside the paper's --------------------
+TABLE_SIDE = 97  # the side of the 512-channel map of a 769 crop at stride 8
+COUNTING = ("Multiply-adds (G): torch.utils.flop_counter.FlopCounterMode's count / 2 on the meta device, batch 1: "
+            "convolutions and matrix products only (norms, activations, softmax, pooling and resizes are not "
+            "counted); torchvision's deform_conv2d, which FlopCounterMode does not know, is counted as the "
+            "convolution it generalises (deform_conv_flops, passed as its custom_mapping): the bilinear reads and "
+            "the masks' products are not counted. The paper's FLOPs are multiply-adds (its DGMN rows are their "
+            f"parameters x {TABLE_SIDE} x {TABLE_SIDE}).")
+
+
+def deform_conv_flops(input_shape, weight_shape, *_, out_shape, **__):
+    """FlopCounterMode's formula for torchvision::deform_conv2d (shapes in, FLOPs out, 2 a multiply-add): that of the
+    convolution it generalises, out elements x (C_in / groups) x ks x ks."""
+    return 2 * math.prod(out_shape) * math.prod(weight_shape[1:])
+
+
+def fcn_added_cost(model, classes=len(TRAIN_CLASSES)):
+    """(parameters, multiply-adds) that an FCN's module adds to the dilated FCN on one (1, 512, 97, 97) map, the
+    classifier's change of width included (the COUNTING rules), from the models built on the meta device."""
+    counts = []
+    for name in (model, "fcn"):
+        with torch.device("meta"):
+            fcn = DilatedFCN(classes, name).eval()
+        head = nn.Sequential(fcn.context, fcn.classifier)
+        with FlopCounterMode(display=False, custom_mapping={torch.ops.torchvision.deform_conv2d: deform_conv_flops}) \
+                as counter:
+            head(torch.empty(1, FCN_CHANNELS, TABLE_SIDE, TABLE_SIDE, device="meta"))
+        counts.append((sum(p.numel() for p in head.parameters()), counter.get_total_flops() // 2))
+    return counts[0][0] - counts[1][0], counts[0][1] - counts[1][1]
+
+
+def table_2():
+    """Table 2 (Section 5.2): what each dilated FCN's module adds, beside the paper. -> (title, rows)."""
+    rows = []
+    for name, row in FCN_VARIANTS.items():
+        if row.dgmn is None:
+            (params, macs), counted = fcn_added_cost(name), row.layout
+        else:
+            cost = dgmn.added_cost(row.dgmn, FCN_CHANNELS, TABLE_SIDE)
+            params, macs = cost["params"], cost["macs"]
+            walks = f"; not its walk convs, +{cost['walk_params'] / 1e6:.3f}M / +{cost['walk_macs'] / 1e9:.2f}G" \
+                if cost["walk_params"] else ""
+            counted = f"{row.layout}: its transforms and predictors, as Table 2 counts them (dgmn.added_cost){walks}"
+        gaps = [f"{100 * (ours / (paper * scale) - 1):+.1f}%" if paper else "-"
+                for ours, paper, scale in ((params, row.params_m, 1e6), (macs, row.gflops, 1e9))]
+        rows.append([name, f"+{params / 1e6:.3f}M", f"+{row.params_m}M" if row.params_m else "-",
+                     f"+{macs / 1e9:.2f}G", f"+{row.gflops}G" if row.gflops else "-", " / ".join(gaps), row.miou,
+                     counted])
+    return (f"Table 2: added to the dilated FCN ResNet-101 on its {TABLE_SIDE} x {TABLE_SIDE} x {FCN_CHANNELS} map "
+            f"(a 769 crop at stride 8), {len(TRAIN_CLASSES)} classes; mIoU: the paper's, Cityscapes val"), rows
+
+
+TABLES = [table_2]  # each: () -> (title, rows of TABLE_COLUMNS)
+TABLE_COLUMNS = ["model", "params", "paper", "multiply-adds", "paper", "ours vs paper (params / FLOPs)",
+                 "mIoU paper", "module, and what is counted"]
+
+
+def print_table():
+    """python train_cityscapes.py --table: the counting rules, then each of TABLES as a Markdown table."""
+    print(COUNTING)
+    for title, rows in (table() for table in TABLES):
+        print(f"\n{title}\n\n| {' | '.join(TABLE_COLUMNS)} |\n|{'---|' * len(TABLE_COLUMNS)}")
+        for row in rows:
+            print(f"| {' | '.join(map(str, row))} |")
 
 
 if __name__ == "__main__":

@@ -198,7 +198,7 @@ class GlobalContext(nn.Module):
     def __init__(self, channels, ratio=16):
         super().__init__()
         inner = channels // ratio
-        self.attention = nn.Conv2d(channels, 1, 1)
+        self.attention = nn.Conv2d(channels, 1, 1, bias=False)  # GCNet's has one: a softmax ignores it, it never learns
         self.transform = nn.Sequential(nn.Conv2d(channels, inner, 1), nn.LayerNorm([inner, 1, 1]),
                                        nn.ReLU(inplace=True), nn.Conv2d(inner, channels, 1))
         nn.init.zeros_(self.transform[-1].weight)

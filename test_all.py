@@ -1992,7 +1992,7 @@ def test_a_resume_refuses_other_fcn_options(tmp_path):
     assert cs.read_checkpoint(path, evaluation, cs.WEIGHTS_DEPEND_ON, cs.TRAINING_DEPENDS_ON)["config"]["ohem"]
 
 
-def test_table_prints_table_2s_rows(capsys):
+def test_table_prints_table_2s_and_table_11s_rows(capsys):
     cs.main(cs.parse_args(["--table"]))
     out = capsys.readouterr().out
     assert "FlopCounterMode's count / 2" in out and "deform_conv2d" in out
@@ -2001,6 +2001,216 @@ def test_table_prints_table_2s_rows(capsys):
     dgmn_rows = {row[0][2:]: row for row in rows if row[0][2:] in cs.DGMN_FCNS}
     assert [row[1] for row in dgmn_rows.values()] == ["+0.566M", "+0.732M", "+2.610M"]  # Table 2's layout, exact
     assert "not its walk convs" in dgmn_rows["fcn-dgmn"][-1]
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| dgmn2")]  # Table 11
+    assert [row[0][2:] for row in rows] == list(cs.DGMN2_MODELS) and "769 x 769" in out
+    assert all(abs(float(gap.strip("%"))) < 1 for row in rows for gap in row[5].split(" / "))  # params and FLOPs
+
+
+# ====================================================================================================================
+# train_cityscapes.py: SETR's heads on DGMN2 (Table 11), --predict, --mode coarse, --trainval, --finetune (issue 15)
+
+SETR_MODELS = [f"dgmn2-{variant}-{head}" for head in ("naive", "pup", "mla") for variant in dgmn2.VARIANTS]
+
+
+def test_setr_models_are_offered_by_model():
+    for model in SETR_MODELS:
+        assert model in cs.CHOICES["model"] and cs.parse_args(["--model", model]).model == model
+    assert set(cs.DGMN2_MODELS) == {f"dgmn2-{v}" for v in dgmn2.VARIANTS} | set(SETR_MODELS)
+
+
+def test_table_11_parameters_within_1_percent_and_the_backbone_at_output_stride_8():
+    for name, row in cs.DGMN2_MODELS.items():
+        with torch.device("meta"):
+            model = cs.build_model(cs.Config(model=name), len(cs.TRAIN_CLASSES), 1, torch.device("meta"))
+        params = sum(p.numel() for p in model.parameters())
+        assert abs(params / (row.params_m * 1e6) - 1) < 0.01, (name, params)
+        assert model.backbone.strides == ([4, 8, 16, 32] if row.head == "fpn" else [4, 8, 8, 8])
+    tiny = sum(p.numel() for p in dgmn2.build("tiny", num_classes=0).parameters())
+    classes, C = len(cs.TRAIN_CLASSES), (64, 128, 320, 512)
+    by_hand = dict(naive=512 * classes + classes,  # the 1x1 classifier
+                   pup=(512 * 256 * 9 + 256 + 2 * 256) + 2 * (256 * 256 * 9 + 256 + 2 * 256) + 256 * classes + classes,
+                   mla=sum(c * 128 * 9 + 2 * 128 + 128 * 128 * 9 + 2 * 128 for c in C) + 512 * classes + classes)
+    for head, count in by_hand.items():
+        with torch.device("meta"):
+            model = cs.build_model(cs.Config(model=f"dgmn2-tiny-{head}"), classes, 1, torch.device("meta"))
+        assert sum(p.numel() for p in model.parameters()) == tiny + count
+
+
+@pytest.mark.parametrize("head", ["naive", "pup", "mla"])
+def test_each_setr_head_trains_two_steps_with_a_gradient_for_every_parameter(head):
+    torch.manual_seed(0)
+    net = cs.SETR(dgmn2.build("tiny", num_classes=0, output_stride=8), head, 5)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2, 32, 32))
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(net(images), labels)
+        loss.backward()
+        optimizer.step()
+        silent = [name for name, p in net.named_parameters() if p.grad is None or not p.grad.any()]
+        assert silent == [] and math.isfinite(loss.item())
+    assert net(images).shape == (2, 5, 32, 32)
+
+
+def test_setr_heads_resize_as_the_release(monkeypatch):
+    calls = []
+    interpolate = cs.F.interpolate
+
+    def spy(x, size=None, **kwargs):
+        if sys._getframe(1).f_code.co_filename == cs.__file__:  # the heads' resizes, not the backbone's
+            calls.append((tuple(x.shape[-2:]), tuple(size), kwargs.get("align_corners")))
+        return interpolate(x, size=size, **kwargs)
+
+    monkeypatch.setattr(cs.F, "interpolate", spy)
+    maps = [torch.randn(1, c, *side) for c, side in zip((64, 128, 320, 512), [(10, 12), (5, 6), (5, 6), (5, 6)])]
+    expected = dict(naive=[], pup=[((5, 6), (10, 12)), ((10, 12), (20, 24)), ((20, 24), (40, 48)), ((40, 48), (80, 96))],
+                    mla=[((10, 12), (20, 24))] + [((5, 6), (20, 24))] * 3)  # all to 4 x the stride-8 map
+    out_sides = dict(naive=(5, 6), pup=(80, 96), mla=(20, 24))
+    for head, resizes in expected.items():
+        calls.clear()
+        with torch.no_grad():
+            out = cs.SETR_HEADS[head]([m.shape[1] for m in maps], 7).eval()(maps)
+        assert out.shape == (1, 7, *out_sides[head])
+        assert calls == [(before, after, True) for before, after in resizes]
+    calls.clear()
+    net = cs.SETR(dgmn2.build("tiny", num_classes=0, output_stride=8), "naive", 7).eval()
+    with torch.no_grad():
+        assert net(torch.randn(1, 3, 33, 40)).shape == (1, 7, 33, 40)
+    assert calls == [((5, 5), (33, 40), True)] and cs.SETR.align_corners is True
+
+
+def test_naive_head_is_a_pointwise_classifier_of_the_last_map():
+    torch.manual_seed(0)
+    net = cs.SETR(dgmn2.build("tiny", num_classes=0, output_stride=8), "naive", 4).eval()
+    image = torch.randn(1, 3, 24, 24)
+    with torch.no_grad():
+        last = net.backbone.forward_features(image)[-1]  # (1, 512, 3, 3)
+        by_hand = torch.einsum("bchw,kc->bkhw", last, net.head.classifier.weight[:, :, 0, 0]) \
+            + net.head.classifier.bias[:, None, None]
+        torch.testing.assert_close(net(image), F.interpolate(by_hand, size=(24, 24), mode="bilinear",
+                                                             align_corners=True))
+
+
+def extend_cityscapes(root, size=(40, 72)):
+    """write_cityscapes plus a test split without labels and coarse train_extra labels (all "car", labelId 26)."""
+    from PIL import Image
+    write_cityscapes(root, size)
+    g = torch.Generator().manual_seed(1)
+    for split, city, count, coarse in (("test", "berlin", 3, False), ("train_extra", "bochum", 2, True)):
+        (root / "leftImg8bit" / split / city).mkdir(parents=True)
+        for i in range(count):
+            stem = f"{city}_{i:06d}_000019"
+            pixels = torch.randint(0, 256, (*size, 3), dtype=torch.uint8, generator=g).numpy()
+            Image.fromarray(pixels).save(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
+            if coarse:
+                (root / "gtCoarse" / split / city).mkdir(parents=True, exist_ok=True)
+                labels = torch.full(size, 26, dtype=torch.uint8).numpy()
+                labels[:, :8] = 0  # unlabelled, as coarse polygons leave most borders
+                Image.fromarray(labels).save(root / "gtCoarse" / split / city / f"{stem}_gtCoarse_labelIds.png")
+    return root
+
+
+def real_run(tmp_path, data, **overrides):
+    settings = dict(data=str(data), base_size=40, crop=32, eval_stride=24, iterations=1, eval_every=1)
+    return segmentation_run(tmp_path, **{**settings, **overrides})
+
+
+def test_predict_writes_label_ids_that_map_back_to_the_models_prediction(tmp_path):
+    data = extend_cityscapes(tmp_path / "cityscapes")
+    saved = real_run(tmp_path, data, model="dgmn2-tiny")
+    torch.manual_seed(0)
+    model = cs.build_model(saved, len(cs.TRAIN_CLASSES), 1, torch.device("cpu")).eval()
+    checkpoint = tmp_path / "checkpoint-0000001.pth"
+    torch.save(dict(model=model.state_dict(), optimizer={}, scheduler={}, scaler={}, iteration=1,
+                    config=dataclasses.asdict(saved)), checkpoint)
+    lut = cs.CityscapesTrainIds(str(data), "val").lut  # labelId -> train id
+    for split, multi_scale in (("val", False), ("test", True)):
+        out, folder = tmp_path / f"submission-{split}", data / "leftImg8bit" / split
+        cfg = dataclasses.replace(saved, eval_only=True, resume=str(checkpoint), predict=str(out), eval_split=split,
+                                  multi_scale=multi_scale)
+        inputs = sorted(p.relative_to(folder) for p in folder.glob("*/*_leftImg8bit.png"))
+        assert cs.main(cfg) == dict(written=len(inputs))
+        assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == inputs  # mirrored, one an image
+        for name in inputs:
+            image = cs.torchvision.io.read_image(str(folder / name))[None]
+            written = cs.torchvision.io.read_image(str(out / name))[0]
+            assert written.shape == image.shape[-2:]
+            assert set(written.unique().tolist()) <= {c.id for c in cs.TRAIN_CLASSES}
+            with torch.no_grad():
+                ours = cs.predict(model, cs.normalise(image.float()), len(cs.TRAIN_CLASSES), cfg).argmax(dim=1)[0]
+            assert torch.equal(lut[written.long()].long(), ours)
+
+
+def test_predictions_visit_each_image_once_over_the_ranks(tmp_path):
+    data = extend_cityscapes(tmp_path / "cityscapes")
+    images = cs.CityscapesImages(str(data), "test")
+    net = torch.nn.Conv2d(3, 19, 1).eval()
+    cfg = cs.Config(crop=32, eval_stride=24, workers=0)
+    off = torch.autocast("cpu", enabled=False)
+    seen = [index.item() for rank in range(2)
+            for _, index, _ in cs.predictions(net, images, 19, cfg, torch.device("cpu"), off, rank, 2)]
+    assert sorted(seen) == list(range(len(images))) == [0, 1, 2]  # 3 images over 2 ranks: none twice, none padded
+
+
+def test_coarse_mode_reads_gtcoarse_and_trainval_adds_val(tmp_path):
+    data = extend_cityscapes(tmp_path / "cityscapes")
+    train, val, _ = cs.datasets(real_run(tmp_path, data, mode="coarse"))
+    assert len(train) == 2 and len(val) == 2
+    _, label = train[0]
+    assert (label[:, 8:] == 13).all() and (label[:, :8] == cs.IGNORE).all()  # car's train id; unlabelled ignored
+    train, _, _ = cs.datasets(real_run(tmp_path, data, trainval=True))
+    assert len(train) == 3 + 2
+    metrics = cs.main(real_run(tmp_path, data, mode="coarse", model="dgmn2-tiny-mla"))
+    assert metrics["iteration"] == 1 and math.isfinite(metrics["loss"])
+
+
+def test_finetune_starts_a_new_run_from_another_runs_weights(tmp_path):
+    first = segmentation_run(tmp_path / "a", model="dgmn2-tiny-naive", iterations=1, eval_every=1)
+    cs.main(first)
+    saved = torch.load(tmp_path / "a" / "run" / "checkpoint-0000001.pth", weights_only=True)
+    torch.manual_seed(first.seed)
+    initial = cs.build_model(first, len(cs.Scenes.classes), 1, torch.device("cpu")).state_dict()
+    moved = max((saved["model"][k] - t).abs().max().item() for k, t in initial.items()
+                if torch.is_tensor(t) and t.is_floating_point())
+    assert moved > 1e-4  # the first run's step moved the weights
+    path = str(tmp_path / "a" / "run" / "checkpoint-0000001.pth")
+    second = segmentation_run(tmp_path / "b", model="dgmn2-tiny-naive", finetune=path, lr=1e-30, iterations=2,
+                              eval_every=2)
+    cs.main(second)
+    tuned = torch.load(tmp_path / "b" / "run" / "checkpoint-0000002.pth", weights_only=True)
+    names = [name for name, _ in cs.build_model(second, 6, 1, torch.device("cpu")).named_parameters()]
+    for name in names:  # a learning rate of 1e-30: the parameters stay the first run's
+        torch.testing.assert_close(tuned["model"][name], saved["model"][name], rtol=0, atol=1e-6)
+    assert tuned["scheduler"]["last_epoch"] == 2 and tuned["optimizer"]["param_groups"][0]["initial_lr"] == 1e-30
+    assert all(state["step"].item() == 2 for state in tuned["optimizer"]["state"].values())  # a new optimiser
+    other = dataclasses.replace(second, model="dgmn2-tiny-mla", output=str(tmp_path / "c"))
+    with pytest.raises(cs.InputError, match="saved with --model 'dgmn2-tiny-naive', not 'dgmn2-tiny-mla'"):
+        cs.main(other)
+
+
+def test_new_options_are_refused_in_one_line_where_they_do_not_apply(tmp_path):
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    cases = [(dict(model="dgmn2-tiny-pup", output_stride=16), "--output-stride 16: the SETR heads take DGMN2 at "
+              "output stride 8"),
+             (dict(model="dgmn2-large-mla", output_stride=32), "--output-stride 32: the SETR heads"),
+             (dict(model="fcn", output_stride=8), "--output-stride applies to the DGMN2 models, not to --model fcn"),
+             (dict(output_stride=4), "unknown --output-stride 4"),
+             (dict(mode="coarse"), "--mode coarse needs --data"),
+             (dict(mode="coarse", trainval=True, data=str(tmp_path)), "--trainval applies to --mode fine"),
+             (dict(finetune=str(weights), eval_only=True, resume=str(weights)), "--finetune starts a training run"),
+             (dict(finetune=str(weights), pretrained=str(weights)), "leave out --pretrained"),
+             (dict(finetune=str(tmp_path / "none.pth")), "--finetune .*none.pth: no such checkpoint"),
+             (dict(predict=str(tmp_path)), "--predict needs --eval-only --resume CKPT"),
+             (dict(predict=str(tmp_path), eval_only=True, resume=str(weights)), "--predict needs --data"),
+             (dict(eval_split="test", eval_only=True, resume=str(weights)), "--eval-split test: its labels are "
+              "withheld"),
+             (dict(eval_split="train"), "unknown --eval-split 'train'"),
+             (dict(mode="extra"), "unknown --mode 'extra'")]
+    for overrides, message in cases:
+        with pytest.raises(cs.InputError, match=message) as error:
+            cs.main(segmentation_run(tmp_path, **overrides))
+        assert "\n" not in str(error.value)
 
 
 # ====================================================================================================================
@@ -2510,6 +2720,135 @@ def test_channels_last_and_compile_are_off_by_default_and_say_why():
 def test_channels_last_trains(tmp_path):
     metrics = train_coco.main(detection_run(tmp_path, channels_last=True, eval_every=2))
     assert 0 <= metrics["bbox"]["AP"] <= 100
+
+
+# ====================================================================================================================
+# train_coco.py: the baselines of Tables 3, 5, 16 and the DGMN options of Table 15
+
+NEW_MODELS = ["maskrcnn-r50-gcnet", "maskrcnn-r50-dmp", "maskrcnn-r50-nonlocal", "maskrcnn-r50-ccnet",
+              "maskrcnn-r50-dgmn", "maskrcnn-r50-gcnet-c5", "maskrcnn-r50-dcn-c5"]
+DEEPER = ["maskrcnn-r101", "maskrcnn-r101-dgmn-c5", "maskrcnn-x101", "maskrcnn-x101-dgmn-c5", "maskrcnn-x101-64x4d"]
+
+
+def test_the_baselines_are_offered_by_model():
+    for name in NEW_MODELS + DEEPER:
+        assert train_coco.parse_args(["--model", name]).model == name
+    with pytest.raises(SystemExit):  # argparse refuses a model it does not offer
+        train_coco.parse_args(["--model", "maskrcnn-r50-aspp"])
+
+
+@pytest.mark.parametrize("model", NEW_MODELS)
+def test_every_baseline_backbone_parameter_learns_in_two_steps(model):
+    """Two SGD steps of the backbone (the ResNet-50 with its module, the FPN) on a loss over every FPN level: by the
+    second every parameter has had a gradient (zero-initialised parts, such as GCNet's last conv or the non-local
+    block's BN, pass one on only once the first step has moved them). The heads are maskrcnn-r50's, trained elsewhere."""
+    torch.manual_seed(0)  # BN trains: with random weights, frozen BN would pass unnormalised activations on
+    backbone = train_coco.build_model(train_coco.Config(model=model, min_size=64, max_size=64), 5).backbone
+    optimizer = torch.optim.SGD(backbone.parameters(), lr=1e-4)  # small: walks that leave a 2 x 2 map read zeros
+    images, learnt = torch.rand(2, 3, 64, 64), set()
+    for _ in range(2):
+        optimizer.zero_grad()
+        sum(level.square().mean() for level in backbone(images).values()).backward()
+        learnt |= {n for n, p in backbone.named_parameters() if p.grad is not None and p.grad.any()}
+        optimizer.step()
+    assert learnt == {n for n, p in backbone.named_parameters() if p.requires_grad}
+
+
+def count_on_meta(name):
+    """(the parameters that train with --pretrained, the inserted modules' weights) at the paper's 80 classes."""
+    with torch.device("meta"):
+        detector = train_coco.build_model(train_coco.Config(model=name), 81, pretrained=True)
+    parameters = dict(detector.named_parameters())
+    trainable = sum(p.numel() for p in parameters.values() if p.requires_grad)
+    return trainable, sum(p.numel() for n, p in parameters.items() if ".context." in n and n.endswith("weight"))
+
+
+def test_r50_dgmn_c4c5_has_section_5_3s_51_1m_parameters_in_the_release_layout():
+    plain, _ = count_on_meta("maskrcnn-r50")
+    trainable, module_weights = count_on_meta("maskrcnn-r50-dgmn-c4c5")
+    # the release's layout: 2268 C weights a module at four rates (C -> 2K walks and G K + K predictors, 3x3 each)
+    assert module_weights == 2268 * (3 * 512 + 6 * 256)  # res5's three 512-channel 3x3 convs, res4's six 256
+    assert abs(trainable / 1e6 - 51.1) < 0.01 * 51.1
+    assert trainable - plain - module_weights == 9 * 4 * (18 + 1)  # and per module and rate: walk biases, a scale
+
+
+def test_deeper_backbones_count_as_the_paper_and_run():
+    for name, paper in [("maskrcnn-r101", 63.1), ("maskrcnn-x101-64x4d", 101.9)]:  # Section 5.3, Table 8
+        assert abs(count_on_meta(name)[0] / 1e6 - paper) < 0.01 * paper
+    for name, channels in [("maskrcnn-r101-dgmn-c5", 512), ("maskrcnn-x101-dgmn-c5", 2048)]:  # res5's 3x3 convs
+        assert count_on_meta(name)[1] == 3 * 2268 * channels
+    for name in DEEPER:  # backbone and FPN on the meta device: the levels at strides 4-64
+        with torch.device("meta"):
+            detector = train_coco.build_model(train_coco.Config(model=name), 81)
+            levels = detector.backbone(torch.empty(1, 3, 96, 128))
+        assert [tuple(f.shape[-2:]) for f in levels.values()] == [(24, 32), (12, 16), (6, 8), (3, 4), (2, 2)]
+
+
+def test_dcn_counts_as_a_plain_conv_plus_its_offset_conv():
+    _, plain = train_coco.cost(train_coco.Config(model="maskrcnn-r50"))
+    _, deformable = train_coco.cost(train_coco.Config(model="maskrcnn-r50-dcn-c5"))
+    H, W = 25, 42  # res5 of 800 x 1333
+    assert deformable - plain == 3 * (3 * 9) * (512 * 3 * 3) * H * W  # res5's offset-and-mask convs, 3K outputs
+
+
+def test_dgmn_rates_and_groups_reach_the_modules():
+    for options, rates, groups, dynamic_weights in [(dict(), (1, 4, 8, 12), 4, True),
+                                                    (dict(dgmn_rates="1,4,8", dgmn_groups=2), (1, 4, 8), 2, True),
+                                                    (dict(dgmn_groups=0), (1, 4, 8, 12), 1, False)]:
+        cfg = train_coco.Config(model="maskrcnn-r50-dgmn-c4c5", **options)
+        train_coco.check(cfg)
+        with torch.device("meta"):
+            detector = train_coco.build_model(cfg, 81)
+        modules = [m for m in detector.modules() if isinstance(m, dgmn.DGMN)]
+        assert len(modules) == 9 and all(m.update is None for m in modules)  # the release's layout
+        for message in (message for m in modules for message in m.messages):
+            outputs = message.predict.per_node.out_channels // message.nodes  # G K + K filters and affinities
+            assert message.groups == groups and outputs == (groups * dynamic_weights + 1) * message.nodes
+        assert [[message.rate for message in m.messages] for m in modules] == [list(rates)] * 9
+
+
+def test_dgmn_rates_and_groups_are_refused_elsewhere_and_when_bad(tmp_path):
+    for overrides, message in [(dict(model="maskrcnn-r50", dgmn_rates="1,4"), "maskrcnn-r50 has none"),
+                               (dict(model="maskrcnn-r50-dmp", dgmn_groups=2), "maskrcnn-r50-dmp has none"),
+                               (dict(model="retinanet-dgmn2-tiny", dgmn_groups=0), "retinanet-dgmn2-tiny has none"),
+                               (dict(dgmn_rates="1,,4"), "--dgmn-rates '1,,4'"), (dict(dgmn_rates="0,4"), "'0,4'"),
+                               (dict(dgmn_rates="1 4"), "'1 4'"), (dict(dgmn_groups=-1), "at least 0")]:
+        with pytest.raises(train_coco.InputError, match=message):
+            train_coco.main(train_coco.Config(**dict(model="maskrcnn-r50-dgmn-c5", output=str(tmp_path)) | overrides))
+    with pytest.raises(train_coco.InputError, match="--dgmn-groups 3 does not divide the 512 channels"):
+        with torch.device("meta"):
+            train_coco.build_model(train_coco.Config(model="maskrcnn-r50-dgmn-c5", dgmn_groups=3), 81)
+
+
+def test_a_resume_with_other_dgmn_options_is_refused(tmp_path):
+    saved = train_coco.Config(model="maskrcnn-r50-dgmn-c5", dgmn_rates="1,4,8", output=str(tmp_path))
+    torch.save(dict(model={}, optimizer={}, scheduler={}, scaler={}, config=dataclasses.asdict(saved)),
+               tmp_path / "checkpoint-0000002.pth")
+    for changed, message in [(dict(dgmn_rates=""), "saved with --dgmn-rates '1,4,8', not ''"),
+                             (dict(dgmn_groups=2), "saved with --dgmn-groups 4, not 2")]:
+        with pytest.raises(train_coco.InputError, match=message):
+            train_coco.main(dataclasses.replace(saved, resume="auto", **{"dgmn_rates": "1,4,8", **changed}))
+
+
+def test_torchvision_resnets_load_missing_only_the_inserted_modules():
+    for name, make, called in [("maskrcnn-r101-dgmn-c5", torchvision.models.resnet101, "ResNet-101"),
+                               ("maskrcnn-x101-dgmn-c5", torchvision.models.resnext101_32x8d, "ResNeXt-101 32x8d")]:
+        with torch.device("meta"):  # keys and shapes only
+            detector, state = train_coco.build_model(train_coco.Config(model=name), 81, pretrained=True), \
+                make().state_dict()
+        train_coco.load_pretrained(detector, state, f"{name}.pth")
+        missing = detector.backbone.body.state_dict().keys() - state.keys()
+        assert missing and all(".conv2.context." in key and key.startswith("layer4.") for key in missing)
+        with torch.device("meta"):
+            other = torchvision.models.resnet50().state_dict()
+        with pytest.raises(train_coco.InputError, match=f"not a torchvision {called} state"):
+            train_coco.load_pretrained(detector, other, "resnet50.pth")
+    torch.manual_seed(0)
+    dcn = train_coco.build_model(train_coco.Config(model="maskrcnn-r50-dcn-c5"), 81, pretrained=True)
+    weights = torchvision.models.resnet50().state_dict()
+    train_coco.load_pretrained(dcn, weights, "resnet50.pth")  # the DCN keeps the replaced conv's weight by name
+    torch.testing.assert_close(dcn.backbone.body.layer4[1].conv2.weight, weights["layer4.1.conv2.weight"])
+    assert isinstance(dcn.backbone.body.layer4[1].conv2, train_coco.ModulatedDeformConv)
 
 
 # ====================================================================================================================

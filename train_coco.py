@@ -1,16 +1,17 @@
 """COCO detection and instance segmentation with torchvision's RetinaNet and Mask R-CNN: DGMN2 + FPN backbones
-(Section 6.2, Tables 7, 8) and R-50-FPN with DGMN modules (Sections 5.1-5.3, 8.1.2, Tables 3, 5); training,
-pycocotools evaluation, DDP through torchrun. Paper targets on COCO val2017 (box AP / mask AP), 1x schedule:
+(Section 6.2, Tables 7, 8) and ResNet / ResNeXt-FPN with DGMN modules or the modules DGMN is compared with
+(Sections 5.1-5.3, 8.1.2, Tables 3, 5, 15, 16); training, pycocotools evaluation, DDP through torchrun. Paper
+targets on COCO val2017 (box AP / mask AP), 1x schedule:
     RetinaNet DGMN2-Tiny/Small/Medium/Large         39.7, 42.5, 43.7, 44.7                      (Table 7)
     Mask R-CNN DGMN2-Tiny/Small/Medium/Large        40.1 / 37.2, 43.4 / 39.7, 44.4 / 40.2, 46.2 / 41.6  (Table 8)
-    Mask R-CNN R-50-FPN 37.8 / 34.4, + DGMN (C5) 40.2 / 36.0                                      (Table 3)
+    Mask R-CNN R-50-FPN 37.8 / 34.4, + DGMN (C5) 40.2 / 36.0; R-101, X-101 (--table lists all)  (Tables 3, 16)
 
     torchrun --nproc_per_node 8 train_coco.py --model maskrcnn-dgmn2-tiny --data /path/to/coco \\
         --pretrained dgmn2_tiny.pth                     # Table 8: AdamW 1e-4, 12 epochs, lr / 10 after epochs 8 and 11
     torchrun --nproc_per_node 8 train_coco.py --model maskrcnn-r50-dgmn-c5 --data /path/to/coco \\
         --pretrained resnet50.pth                       # Table 3: SGD 0.02, 90k iterations, lr / 10 at 60k and 80k
     torchrun train_coco.py                  # no --data: the built-in synthetic shapes, a few minutes on a CPU
-    python train_coco.py --table            # the parameter counts of every model beside Tables 5, 7 and 8
+    python train_coco.py --table            # every model's parameters and FLOPs beside the paper's
 
 "After epochs 8 and 11" is the release's mmdetection step=[8, 11], which Section 6.2 calls "at epochs 9 and 11".
 Nothing is downloaded: --pretrained takes local files.
@@ -41,12 +42,13 @@ from pycocotools.cocoeval import COCOeval
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import ChainedScheduler, LinearLR, MultiStepLR
 from torch.utils._pytree import tree_map_only
+from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.models.detection import MaskRCNN, RetinaNet
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d, box_convert
+from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d, box_convert, deform_conv2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 from torchvision.transforms import v2
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
@@ -278,25 +280,51 @@ def command_line():
 # The models beside the paper's numbers, the options, the recipes
 @dataclasses.dataclass(frozen=True)
 class Detector:
-    detector: str            # "retinanet" | "maskrcnn"
-    backbone: str            # a DGMN2 variant, or "r50"
-    dgmn_stages: tuple       # R-50 stages given a DGMN module after every 3x3 conv (Section 5.1)
-    params_m: float | None   # the paper's parameter count (M)
-    box_ap: float            # the paper's COCO val box AP
-    mask_ap: float | None    # the paper's COCO val mask AP
-    table: str
+    """A detector, its backbone and the modules in it, beside the paper's numbers (None where the paper gives none)."""
+    detector: str                    # "retinanet" | "maskrcnn"
+    backbone: str                    # a DGMN2 variant, or a torchvision ResNet / ResNeXt of RESNETS
+    box_ap: float                    # the paper's COCO box AP (val unless the table says test-dev)
+    mask_ap: float | None            # the paper's COCO mask AP
+    table: str                       # where the paper gives these numbers
+    module: str | None = None        # MODULES' module that the ResNet takes
+    stages: tuple = ()               # the ResNet stages that take it ("C4": res4, "C5": res5)
+    placement: str = "after every 3x3"  # PLACEMENTS' way of putting it there
+    params_m: float | None = None    # the paper's parameter count (M, 80 classes)
+    gflops: float | None = None      # the paper's FLOPs (G, multiply-adds at 800 x 1333)
 
 
+RESNETS = {"resnet50": "ResNet-50", "resnet101": "ResNet-101", "resnext101_32x8d": "ResNeXt-101 32x8d",
+           "resnext101_64x4d": "ResNeXt-101 64x4d"}  # torchvision's names, and how the error messages name them
+R50, R101, X101 = (functools.partial(Detector, "maskrcnn", name) for name in ("resnet50", "resnet101",
+                                                                                "resnext101_32x8d"))
+DGMN_GROUPS = 4  # Section 5.1: G = 4 filter groups
+C4_ONCE = dict(stages=("C4",), placement="before the last block")  # Table 3's single module, where Wang et al. put it
 MODELS = {
-    **{f"retinanet-dgmn2-{v}": Detector("retinanet", v, (), p, ap, None, "Table 7") for v, p, ap in [
-        ("tiny", 21.8, 39.7), ("small", 30.7, 42.5), ("medium", 45.6, 43.7), ("large", 57.9, 44.7)]},
-    **{f"maskrcnn-dgmn2-{v}": Detector("maskrcnn", v, (), p, box, mask, "Table 8") for v, p, box, mask in [
-        ("tiny", 31.8, 40.1, 37.2), ("small", 40.6, 43.4, 39.7), ("medium", 55.5, 44.4, 40.2),
-        ("large", 67.9, 46.2, 41.6)]},
-    "maskrcnn-r50": Detector("maskrcnn", "r50", (), 44.2, 37.8, 34.4, "Tables 3, 8"),
-    "maskrcnn-r50-dgmn-c5": Detector("maskrcnn", "r50", ("C5",), None, 40.2, 36.0, "Table 3"),
-    # Table 5: C4 + C5 on test-dev only, 51.1M in Section 5.3's text; 57.3M here (dgmn.py has Table 2's layout)
-    "maskrcnn-r50-dgmn-c4c5": Detector("maskrcnn", "r50", ("C4", "C5"), 51.1, 41.0, 36.8, "Table 5, test-dev"),
+    **{f"retinanet-dgmn2-{v}": Detector("retinanet", v, ap, None, "Table 7", params_m=p, gflops=g) for v, p, g, ap in [
+        ("tiny", 21.8, 206.8, 39.7), ("small", 30.7, 248.2, 42.5), ("medium", 45.6, 312.0, 43.7),
+        ("large", 57.9, 382.1, 44.7)]},
+    **{f"maskrcnn-dgmn2-{v}": Detector("maskrcnn", v, box, mask, "Table 8", params_m=p, gflops=g)
+       for v, p, g, box, mask in [("tiny", 31.8, 223.0, 40.1, 37.2), ("small", 40.6, 264.5, 43.4, 39.7),
+                                  ("medium", 55.5, 328.2, 44.4, 40.2), ("large", 67.9, 398.4, 46.2, 41.6)]},
+    "maskrcnn-r50": R50(37.8, 34.4, "Table 3; Table 8's count", params_m=44.2, gflops=269.8),
+    "maskrcnn-r50-gcnet": R50(38.1, 34.9, "Table 3", "gcnet", **C4_ONCE),
+    "maskrcnn-r50-dmp": R50(38.7, 35.0, "Table 3", "dmp", **C4_ONCE),
+    "maskrcnn-r50-nonlocal": R50(39.0, 35.5, "Table 3", "nonlocal", **C4_ONCE),
+    "maskrcnn-r50-ccnet": R50(39.3, 36.1, "Table 3", "ccnet", **C4_ONCE),
+    "maskrcnn-r50-dgmn": R50(39.5, 35.7, "Table 3", "dgmn", **C4_ONCE),
+    "maskrcnn-r50-gcnet-c5": R50(38.7, 35.2, "Table 3", "gcnet", ("C5",)),
+    "maskrcnn-r50-dcn-c5": R50(39.9, 34.9, "Table 3", "dcn", ("C5",), "instead of every 3x3"),
+    "maskrcnn-r50-dgmn-c5": R50(40.2, 36.0, "Tables 3, 15", "dgmn", ("C5",)),
+    "maskrcnn-r50-dgmn-c4c5": R50(41.0, 36.8, "Table 5 (test-dev); Section 5.3's count", "dgmn", ("C4", "C5"),
+                                  params_m=51.1, gflops=297.1),
+    "maskrcnn-r101": R101(40.1, 36.2, "Table 16; Section 5.3's count (Table 8's: 63.2M, 349.7G)", params_m=63.1,
+                          gflops=354.0),
+    "maskrcnn-r101-dgmn-c5": R101(41.7, 37.4, "Table 16", "dgmn", ("C5",)),
+    # Tables 5, 16: the release's X-101-32x8d (its config; the baseline's 42.2 / 37.8 are maskrcnn-benchmark's)
+    "maskrcnn-x101": X101(42.2, 37.8, "Table 16"),
+    "maskrcnn-x101-dgmn-c5": X101(43.7, 38.7, "Table 16", "dgmn", ("C5",)),
+    "maskrcnn-x101-64x4d": Detector("maskrcnn", "resnext101_64x4d", 42.8, 38.4, "Table 8", params_m=101.9,
+                                    gflops=514.7),  # the DGMN2 comparison's ResNeXt (mmdetection's)
 }
 
 
@@ -305,15 +333,17 @@ class Config:
     model: str = option("retinanet-dgmn2-tiny", "the detector and its backbone (--table lists them all)")
     data: str = option("", "the COCO root (train2017/, val2017/, annotations/); empty: the synthetic shapes")
     output: str = option("runs/coco", "the run's folder: checkpoints, log.jsonl, detections-*.json, pictures")
-    pretrained: str = option("", "backbone weights: the release's or train_imagenet.py's DGMN2, torchvision's R-50")
-    iterations: int = option(0, "training steps; 0: the recipe's, 12 epochs (DGMN2) or 90,000 (R-50)")
+    pretrained: str = option("", "backbone weights: the release's or train_imagenet.py's DGMN2, torchvision's ResNet")
+    dgmn_rates: str = option("", "DGMN's sampling rates, e.g. 1,4,8 (Table 15); empty: COCO's 1,4,8,12 (Section 5.1)")
+    dgmn_groups: int = option(DGMN_GROUPS, "DGMN's filter groups G (Table 15); 0: no dynamic weights, its G = 0")
+    iterations: int = option(0, "training steps; 0: the recipe's, 12 epochs (DGMN2) or 90,000 (ResNets)")
     lr_steps: str = option("", "the steps after which the lr is multiplied by 0.1 (60000,80000); empty: the recipe's")
     batch_size: int = option(16, "the global batch: images a step over all processes together, as the paper counts")
-    optimizer: str = option("auto", "auto: the paper's, AdamW for DGMN2, SGD (biases: 2 x lr, no decay) for R-50")
+    optimizer: str = option("auto", "auto: the paper's, AdamW for DGMN2, SGD (biases: 2 x lr, no decay) for ResNets")
     lr: float = option(0.0, "the peak learning rate; 0: the optimizer's paper value, 1e-4 (AdamW) or 0.02 (SGD)")
     weight_decay: float = option(1e-4, "the weight decay (of every parameter but SGD's biases)")
     warmup: int = option(500, "steps of linear learning-rate warm-up")
-    warmup_factor: float = option(0.0, "the lr's fraction at step 0 of the warm-up; 0: 0.001 (DGMN2), 0.3 (R-50)")
+    warmup_factor: float = option(0.0, "the lr's fraction at step 0 of the warm-up; 0: 0.001 (DGMN2), 0.3 (ResNets)")
     min_size: int = option(800, "the shorter image side the detector resizes to (synthetic images are this size)")
     max_size: int = option(1333, "the longer image side at most after that resize")
     rois: int = option(512, "Mask R-CNN: regions sampled per image for the box and mask heads' losses")
@@ -328,7 +358,7 @@ class Config:
     seed: int = option(0, "the seed of the initial weights, the data order and the augmentations")
     resume: str = option("", "the checkpoint to continue from, or auto: the newest in --output")
     eval_only: bool = option(False, "evaluate the --resume checkpoint, then exit")
-    table: bool = option(False, "print every model's parameters beside the paper's, then exit")
+    table: bool = option(False, "print every model's parameters and FLOPs beside the paper's, then exit")
     synthetic_train: int = option(1000, "training images of the synthetic set")
     synthetic_val: int = option(100, "validation images of the synthetic set")
 
@@ -358,13 +388,19 @@ def check(cfg):
         raise InputError(f"--min-size {cfg.min_size} exceeds --max-size {cfg.max_size}")
     if cfg.eval_only and not cfg.resume:
         raise InputError("--eval-only needs the model to evaluate: --resume CKPT")
+    if not re.fullmatch(r"([1-9]\d*(,[1-9]\d*)*)?", cfg.dgmn_rates):
+        raise InputError(f"--dgmn-rates {cfg.dgmn_rates!r}: give positive rates separated by commas, e.g. 1,4,8")
+    if cfg.dgmn_groups < 0:
+        raise InputError(f"--dgmn-groups must be at least 0, got {cfg.dgmn_groups}")
+    if (cfg.dgmn_rates or cfg.dgmn_groups != DGMN_GROUPS) and MODELS[cfg.model].module != "dgmn":
+        raise InputError(f"--dgmn-rates and --dgmn-groups set DGMN modules: {cfg.model} has none")
 
 
 def recipe(cfg, iterations_per_epoch):
     """The optimizer and schedule: what cfg sets, else the paper's recipe for the model's backbone. A dict."""
-    r50 = MODELS[cfg.model].backbone == "r50"
-    optimizer = cfg.optimizer if cfg.optimizer != "auto" else "sgd" if r50 else "adamw"
-    if r50:  # Section 8.1.2: Detectron's 1x, 90k iterations at batch 16, lr / 10 at 60k and 80k
+    resnet = MODELS[cfg.model].backbone in RESNETS
+    optimizer = cfg.optimizer if cfg.optimizer != "auto" else "sgd" if resnet else "adamw"
+    if resnet:  # Section 8.1.2: Detectron's 1x, 90k iterations at batch 16, lr / 10 at 60k and 80k
         iterations, step_fractions, warmup_factor = 90_000, (2 / 3, 8 / 9), 0.3
     else:  # Section 6.2 and the release's configs: 12 epochs, lr / 10 after epochs 8 and 11
         iterations, step_fractions, warmup_factor = 12 * iterations_per_epoch, (8 / 12, 11 / 12), 0.001
@@ -379,7 +415,7 @@ def recipe(cfg, iterations_per_epoch):
 def optimizer_and_schedule(model, plan, weight_decay):
     """The plan's optimizer (SGD as Detectron's 1x, AdamW in one group) and schedule: a linear warm-up from
     plan["warmup_factor"] (Section 8.1.2's "0.02 x 0.3"), times 0.1 after each of plan["steps"]."""
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # R-50's frozen stem, res2 stay out
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # ResNets' frozen stem, res2 stay out
     if plan["optimizer"] == "sgd":
         groups = [dict(params=[p for n, p in trainable if not n.endswith(".bias")]),
                   dict(params=[p for n, p in trainable if n.endswith(".bias")], lr=BIAS_LR_FACTOR * plan["lr"],
@@ -565,15 +601,85 @@ def float32_output(module, inputs, output):
     return tree_map_only(torch.Tensor, torch.Tensor.float, output)
 
 
+class ModulatedDeformConv(nn.Module):
+    """DCNv2 (Zhu et al., CVPR 2019) in place of a convolution: a conv of the same geometry, zero-initialised (no walk,
+    masks sigmoid(0) = 0.5, as DCNv2 starts), predicts 2K offsets and K modulation masks per output pixel; the
+    replaced conv's weight keeps its name, so torchvision's ImageNet weights load into it.
+    (B, C_in, H, W) -> (B, C_out, H / stride, W / stride)."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias  # the same tensors: frozen stays frozen
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.nodes = math.prod(conv.kernel_size)  # K
+        self.offset_mask = nn.Conv2d(conv.in_channels, 3 * self.nodes, conv.kernel_size, conv.stride, conv.padding,
+                                     conv.dilation)
+        nn.init.zeros_(self.offset_mask.weight)
+        nn.init.zeros_(self.offset_mask.bias)
+
+    def forward(self, x):
+        offsets, masks = self.offset_mask(x).split([2 * self.nodes, self.nodes], dim=1)  # (B, 2K | K, H', W')
+        return deform_conv2d(x, offsets, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                             masks.sigmoid())
+
+
+def dgmn_module(channels, rates, groups):
+    """Section 5.1's DGMN in the release's layout. groups 0 (Table 15's G = 0): no dynamic weights, the affinities
+    alone weigh the nodes, alike in every channel (one group)."""
+    if groups and channels % groups:
+        raise InputError(f"--dgmn-groups {groups} does not divide the {channels} channels of a DGMN module")
+    return dgmn.DGMN(channels, rates, groups or 1, dynamic_weights=groups > 0, channel_transforms=False)
+
+
+# The modules of Table 3: make(channels, rates, groups) -> a module x -> x + context; "dcn": make(the replaced conv)
+MODULES = {"dgmn": dgmn_module, "dmp": lambda channels, *_: dgmn.deformable_message_passing(channels),
+           "gcnet": lambda channels, *_: dgmn.GlobalContext(channels),
+           "nonlocal": lambda channels, *_: dgmn.NonLocal(channels),
+           "ccnet": lambda channels, *_: dgmn.CrissCrossAttention(channels, recurrence=2),
+           "dcn": lambda conv, *_: ModulatedDeformConv(conv)}
+
+
+def before_the_last_block(resnet, stages, make):
+    """make(the stage's output channels) right before each stage's last residual block. Returns the ResNet."""
+    for stage in stages:
+        dgmn.before_last_block(resnet, stage, make(dgmn.resnet_stage(resnet, stage)[-1].conv3.out_channels))
+    return resnet
+
+
+def instead_of_every_3x3(resnet, stages, make):
+    """Every 3x3 convolution of the stages replaced by make(that convolution). Returns the ResNet."""
+    for stage in stages:
+        for block in dgmn.resnet_stage(resnet, stage):
+            for name, conv in list(block.named_children()):
+                if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):
+                    setattr(block, name, make(conv))
+    return resnet
+
+
+PLACEMENTS = {"after every 3x3": dgmn.after_every_3x3, "before the last block": before_the_last_block,
+              "instead of every 3x3": instead_of_every_3x3}
+INSERTED = (".context.", ".offset_mask.")  # the state-dict keys that the modules add to a torchvision ResNet
+
+
+def resnet_backbone(cfg, pretrained):
+    """cfg.model's torchvision ResNet / ResNeXt + FPN with its modules (COCO's rates unless --dgmn-rates). Pretrained:
+    frozen BN, stem, res2 as Detectron's 1x (else all trains, with BN)."""
+    spec = MODELS[cfg.model]
+    backbone = resnet_fpn_backbone(backbone_name=spec.backbone, weights=None, trainable_layers=3 if pretrained else 5,
+                                   norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d)
+    rates = tuple(int(r) for r in cfg.dgmn_rates.split(",")) if cfg.dgmn_rates else dgmn.COCO_RATES
+    if spec.module:  # the placement gives the maker the channels (DCN: the conv), cfg the options
+        make = MODULES[spec.module]
+        PLACEMENTS[spec.placement](backbone.body, spec.stages, lambda where: make(where, rates, cfg.dgmn_groups))
+    backbone.body.name = RESNETS[spec.backbone]  # for load_pretrained's errors
+    return backbone
+
+
 def build_model(cfg, num_classes, pretrained=False):
-    """cfg.model's detector (COCO: 91 ids, 0 the background). R-50 pretrained: frozen BN, stem, res2 as Detectron's 1x
-    (else all trains, with BN); DGMN modules after the chosen stages' 3x3 convs at COCO's rates."""
+    """cfg.model's detector (COCO: 91 ids, 0 the background); a ResNet backbone as resnet_backbone() builds it."""
     spec, sizes = MODELS[cfg.model], dict(min_size=cfg.min_size, max_size=cfg.max_size)
-    if spec.backbone == "r50":
-        backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=3 if pretrained else 5,
-                                       norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d)
-        if spec.dgmn_stages:
-            dgmn.insert_into_resnet(backbone.body, stages=spec.dgmn_stages, rates=dgmn.COCO_RATES)
+    if spec.backbone in RESNETS:
+        backbone = resnet_backbone(cfg, pretrained)
     else:
         backbone = DGMN2FPN(spec.backbone, *[((1, 2, 3), "p6p7"), ((0, 1, 2, 3), "pool")][spec.detector == "maskrcnn"])
     if spec.detector == "retinanet":
@@ -600,7 +706,8 @@ def read_weights(path):
 
 
 def load_pretrained(model, state, path):
-    """Backbone weights without the classifier: the release's or train_imagenet.py's DGMN2, torchvision's ResNet-50."""
+    """Backbone weights without the classifier: the release's or train_imagenet.py's DGMN2, torchvision's ResNet or
+    ResNeXt (all but the inserted modules: INSERTED)."""
     body, ours = model.backbone.body, isinstance(state, dict) and "config" in state
     if isinstance(body, dgmn2.DGMN2) and not ours:
         try:
@@ -613,22 +720,61 @@ def load_pretrained(model, state, path):
             "head", "fc")}, strict=False)
     except RuntimeError as error:  # a tensor of another shape
         missing, unexpected = [str(error).splitlines()[-1].strip()], []
-    misfit = [k for k in missing if ".dgmn." not in k] + unexpected
+    misfit = [k for k in missing if not any(key in k for key in INSERTED)] + unexpected
     if misfit:
-        raise InputError(f"--pretrained {path}: " + (f"another DGMN2 variant ({misfit[0]})" if ours else
-                                                     f"not a torchvision ResNet-50 state dict ({misfit[0]})"))
+        raise InputError(f"--pretrained {path}: " + (f"another DGMN2 variant ({misfit[0]})" if isinstance(
+            body, dgmn2.DGMN2) else f"not a torchvision {body.name} state dict ({misfit[0]})"))
+
+
+# ---- Parameters and FLOPs as the paper counts them: --table ----------------------------------------------------
+FLOPS_IMAGE = (800, 1333)  # Section 6.2: FLOPs at an 800 x 1333 input
+BOX_ROIS, MASK_ROIS = 1000, 100  # mmdetection's dummy forward: the box head on 1000 proposals, the mask head on 100
+COUNTING = f"""Counted on the meta device (nothing is computed), as mmcv's get_model_complexity_info counts mmdetection:
+- parameters: those that train with --pretrained (frozen BN holds buffers; the frozen stem and res2 are left out),
+  the heads at the paper's 80 classes (Mask R-CNN: + the background);
+- FLOPs: multiply-adds (FlopCounterMode's FLOPs / 2), an {FLOPS_IMAGE[0]} x {FLOPS_IMAGE[1]} image through the backbone,
+  the FPN and the RPN or RetinaNet head on every level, and for Mask R-CNN the box head on {BOX_ROIS} RoIs and the
+  mask head on {MASK_ROIS} (mmdetection's forward_dummy; RoIAlign, NMS and post-processing are not run): convolutions
+  (DCN's as a plain conv's), linear layers, matmuls and attention, DGMN's sampler products; not BN, activations,
+  softmax, pooling or the bilinear reads. Gaps: ours / the paper's - 1."""
+
+
+def deform_conv_flops(input_shape, weight_shape, *args, out_shape, **kwargs):
+    """FlopCounterMode's formula for torchvision::deform_conv2d: the products of a convolution of its shapes (2 FLOPs a
+    multiply-add), as FlopCounterMode counts one; the offsets' bilinear reads and mask products not counted."""
+    return 2 * math.prod(out_shape) * math.prod(weight_shape[1:])
+
+
+def cost(cfg):
+    """(parameters, multiply-adds) of cfg.model as COUNTING says."""
+    spec = MODELS[cfg.model]
+    with torch.device("meta"):
+        model = build_model(cfg, 80 + (spec.detector == "maskrcnn"), pretrained=True)
+        image = torch.empty(1, 3, *FLOPS_IMAGE)
+        with FlopCounterMode(display=False, custom_mapping={torch.ops.torchvision.deform_conv2d: deform_conv_flops}) \
+                as counter:
+            features = list(model.backbone(image).values())
+            if spec.detector == "retinanet":
+                model.head(features)
+            else:
+                heads, channels = model.roi_heads, model.backbone.out_channels
+                model.rpn.head(features)
+                heads.box_predictor(heads.box_head(torch.empty(BOX_ROIS, channels, *heads.box_roi_pool.output_size)))
+                heads.mask_predictor(heads.mask_head(torch.empty(MASK_ROIS, channels,
+                                                                 *heads.mask_roi_pool.output_size)))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), counter.get_total_flops() // 2
 
 
 def print_table():
-    """Each model's parameters at COCO's 91 ids and at the paper's 80 classes (+ background), beside the paper's."""
-    print("| model | params, 91 ids (M) | params, 80 classes (M) | paper (M) | box AP paper | mask AP paper | source |")
-    print("|---|---|---|---|---|---|---|")
+    """Every model's parameters and FLOPs beside the paper's (Tables 3, 5, 7, 8, 16, Section 5.3)."""
+    print(COUNTING + "\n")
+    print("| model | params (M) | paper | gap | GFLOPs | paper | gap | box AP paper | mask AP paper | source |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, spec in MODELS.items():
-        with torch.device("meta"):
-            counts = [sum(p.numel() for p in build_model(Config(model=name), classes).parameters())
-                      for classes in (91, 80 if spec.detector == "retinanet" else 81)]
-        print(f"| {name} | {counts[0] / 1e6:.2f} | {counts[1] / 1e6:.2f} | {spec.params_m or '-'} | {spec.box_ap} | "
-              f"{spec.mask_ap or '-'} | {spec.table} |")
+        params, macs = cost(Config(model=name))
+        columns = [f"{ours:.1f} | {paper or '-'} | {f'{100 * (ours / paper - 1):+.1f}%' if paper else '-'}"
+                   for ours, paper in [(params / 1e6, spec.params_m), (macs / 1e9, spec.gflops)]]
+        print(f"| {name} | {' | '.join(columns)} | {spec.box_ap} | {spec.mask_ap or '-'} | {spec.table} |", flush=True)
 
 
 # ---- Evaluation: each rank detects and matches its own images; rank 0 merges the matches and scores them once --
@@ -737,7 +883,7 @@ def make_model(cfg, state, train, names, device, log):
     weights = read_weights(cfg.pretrained) if cfg.pretrained and not state else None  # a checkpoint has them
     num_classes = state["num_classes"] if state else 1 + max(names.keys() | train.dataset.coco.cats.keys())
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    pretrained = bool(state["config"]["pretrained"]) if state else weights is not None  # R-50: frozen BN or not
+    pretrained = bool(state["config"]["pretrained"]) if state else weights is not None  # ResNets: frozen BN or not
     model = build_model(cfg, num_classes, pretrained)
     if weights is not None:
         load_pretrained(model, weights, cfg.pretrained)
@@ -799,8 +945,8 @@ def run(cfg, rank, world, device):
     log, checkpoint = logger(rank), find_checkpoint(cfg)  # every rank reads --output: it holds the checkpoints
     if checkpoint is None and cfg.eval_only:
         raise InputError(f"--eval-only --resume auto: no checkpoint in {cfg.output}")
-    state = checkpoint and read_checkpoint(checkpoint, cfg, ["model"], ["batch_size", "seed", "save_every",
-                                                                        "weight_decay"])
+    state = checkpoint and read_checkpoint(checkpoint, cfg, ["model", "dgmn_rates", "dgmn_groups"],
+                                           ["batch_size", "seed", "save_every", "weight_decay"])
     train, val, names, ground_truth = datasets(cfg, MODELS[cfg.model].detector == "maskrcnn", rank, world)
     model, num_classes = make_model(cfg, state, train, names, device, log)
     sizes = None if cfg.eval_only else [train.dataset.coco.imgs[i] for i in train.dataset.ids]  # no image read

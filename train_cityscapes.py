@@ -1,16 +1,21 @@
-"""Semantic segmentation on Cityscapes: DGMN2 + Semantic FPN (Section 6.3, Table 11) and the dilated FCN with the DGMN
-module or a module it is compared with (Section 5, Tables 2, 4, 13, 14); training, sliding-window evaluation, DDP
-through torchrun.
+"""Semantic segmentation on Cityscapes: DGMN2 + Semantic FPN or one of SETR's heads (Section 6.3, Tables 11, 12) and
+the dilated FCN with the DGMN module or a module it is compared with (Section 5, Tables 2, 4, 13, 14); training,
+sliding-window evaluation, the test server's label images, DDP through torchrun.
 
 Paper targets, mIoU on Cityscapes val (single scale / multi-scale + flip): DGMN2-Tiny/Small/Medium/Large + Semantic
-FPN 78.09/79.40, 80.65/81.58, 80.60/81.79, 81.75/82.64; dilated FCN ResNet-101 75.0, + DGMN (DA+DW+DS) 80.4.
+FPN 78.09/79.40, 80.65/81.58, 80.60/81.79, 81.75/82.64 (the SETR heads: TABLE_11); dilated FCN ResNet-101 75.0, + DGMN
+(DA+DW+DS) 80.4.
 
     torchrun --nproc_per_node 8 train_cityscapes.py --model dgmn2-tiny --data /path/to/cityscapes \\
         --pretrained dgmn2_tiny.pth                                         # Table 11 (AdamW 1e-4, 40k iterations)
+    torchrun --nproc_per_node 8 train_cityscapes.py --model dgmn2-tiny-mla --data /path/to/cityscapes \\
+        --pretrained dgmn2_tiny.pth                                         # Table 11, SETR-MLA at output stride 8
     torchrun --nproc_per_node 8 train_cityscapes.py --model fcn-dgmn --data /path/to/cityscapes \\
         --pretrained resnet101.pth                                          # Table 2 (SGD 0.01, 40k iterations)
+    torchrun --nproc_per_node 8 train_cityscapes.py --model dgmn2-large-mla --data /path/to/cityscapes \\
+        --eval-only --resume CKPT --multi-scale --eval-split test --predict DIR     # Table 12: the server's files
     torchrun train_cityscapes.py                  # no --data: the built-in synthetic scenes, a few minutes on a CPU
-    python train_cityscapes.py --table            # Table 2: each module's added parameters and FLOPs beside the paper's
+    python train_cityscapes.py --table            # Tables 2 and 11: parameters and FLOPs beside the paper's
 """
 
 import argparse
@@ -32,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import v2
 from tqdm import tqdm
@@ -266,9 +271,10 @@ DCN_CHANNELS = 256  # "+ Deformable": DCNv2 512 -> 256 is the standard width tha
 ASPP_RATES, ASPP_CHANNELS = (12, 24, 36), 256  # DeepLab v3 at output stride 8: its rates, its branches' width
 
 
-def conv_bn_relu(in_channels, out_channels):
-    """A 3x3 Conv-BN-ReLU, the width changed. (B, C_in, H, W) -> (B, C_out, H, W)."""
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
+def conv_bn_relu(in_channels, out_channels, bias=False):
+    """A 3x3 Conv-BN-ReLU, the width changed (bias: the conv's own, redundant before BN; the DGMN2 release's PUP head
+    has it). (B, C_in, H, W) -> (B, C_out, H, W)."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias), nn.BatchNorm2d(out_channels),
                          nn.ReLU(inplace=True))
 
 
@@ -329,6 +335,111 @@ class FCNRow:
     out_channels: int | None = None  # the width the classifier reads; None: the map's
 
 
+# ---- SETR's decoder heads (Zheng et al., CVPR 2021) on DGMN2 at output stride 8 (Section 6.3, Table 11) --------
+SETR_OUTPUT_STRIDE = 8  # Section 6.3: stride-1 patch embeddings in stages 3 and 4
+PUP_CHANNELS, PUP_ROUNDS = 256, 3  # the release's PUP: three 3x3 convs to 256 channels, each before a 2x upsampling
+MLA_CHANNELS, MLA_SCALE = 128, 4  # the release's MLA: 128 channels a stage, resized to 4 x the stride-8 map
+
+
+def resize(x, size):
+    """Bilinear resize of (B, C, h, w) to size (H, W), corners aligned as in every resize of the DGMN2 release's SETR
+    heads: its configs set align_corners=True (SETR's own set False) and its MLA head hard-codes True for the four
+    maps. -> (B, C, H, W)."""
+    return F.interpolate(x, size=list(size), mode="bilinear", align_corners=True)
+
+
+def doubled(x):
+    """(B, C, h, w) -> (B, C, 2h, 2w), resized."""
+    return resize(x, [2 * side for side in x.shape[-2:]])
+
+
+class NaiveHead(nn.Module):
+    """SETR-Naive as the DGMN2 release has it: a 1x1 classifier on the last stage map.
+    The four stage maps [(B, C_s, H_s, W_s)] -> (B, classes, H_4, W_4)."""
+
+    def __init__(self, channels, classes):
+        super().__init__()
+        self.classifier = nn.Conv2d(channels[-1], classes, 1)
+
+    def forward(self, maps):
+        return self.classifier(maps[-1])
+
+
+class PUPHead(nn.Module):
+    """SETR-PUP (progressive upsampling) as the release has it: PUP_ROUNDS rounds of a 3x3 Conv-BN-ReLU to
+    PUP_CHANNELS (the conv with a bias) and a 2x upsampling on the last map, then a 1x1 classifier and a last 2x
+    upsampling; at output stride 8 its logits have twice the input's side, which SETR resizes down.
+    [(B, C_s, H_s, W_s)] -> (B, classes, 16 H_4, 16 W_4)."""
+
+    def __init__(self, channels, classes):
+        super().__init__()
+        widths = [channels[-1]] + [PUP_CHANNELS] * PUP_ROUNDS
+        self.rounds = nn.ModuleList(conv_bn_relu(i, o, bias=True) for i, o in zip(widths, widths[1:]))
+        self.classifier = nn.Conv2d(PUP_CHANNELS, classes, 1)
+
+    def forward(self, maps):
+        x = maps[-1]
+        for unit in self.rounds:
+            x = doubled(unit(x))
+        return doubled(self.classifier(x))
+
+
+class MLAHead(nn.Module):
+    """SETR-MLA (multi-level feature aggregation) as the release has it, on DGMN2's four stage maps where SETR takes
+    four ViT layers: two 3x3 Conv-BN-ReLU to MLA_CHANNELS on each map, each resized to MLA_SCALE times the last
+    (stride-8) map, concatenated and classified by a 1x1 conv. [(B, C_s, H_s, W_s)] -> (B, classes, 4 H_4, 4 W_4)."""
+
+    def __init__(self, channels, classes):
+        super().__init__()
+        self.levels = nn.ModuleList(nn.Sequential(conv_bn_relu(width, MLA_CHANNELS),
+                                                  conv_bn_relu(MLA_CHANNELS, MLA_CHANNELS)) for width in channels)
+        self.classifier = nn.Conv2d(len(channels) * MLA_CHANNELS, classes, 1)
+
+    def forward(self, maps):
+        size = [MLA_SCALE * side for side in maps[-1].shape[-2:]]
+        return self.classifier(torch.cat([resize(level(x), size) for level, x in zip(self.levels, maps)], dim=1))
+
+
+SETR_HEADS = dict(naive=NaiveHead, pup=PUPHead, mla=MLAHead)  # --model dgmn2-VARIANT-HEAD
+
+
+class SETR(nn.Module):
+    """Section 6.3: DGMN2 at output stride 8 and one of SETR_HEADS, its logits resized to the input (the release resizes
+    Naive's and MLA's to the 769 crop first: the same at the training crop and evaluation window); no auxiliary heads,
+    no dropout (the release's configs). (B, 3, H, W) -> (B, classes, H, W)."""
+    align_corners = True  # as resize(): multi-scale evaluation resizes the scores back the same way
+
+    def __init__(self, backbone, head, classes):
+        super().__init__()
+        self.backbone, self.head = backbone, SETR_HEADS[head](backbone.channels, classes)
+
+    def forward(self, images):
+        return resize(self.head(self.backbone.forward_features(images)), images.shape[-2:])
+
+
+@dataclasses.dataclass(frozen=True)
+class DGMN2Row:
+    """A DGMN2 row of Table 11 (Cityscapes val): the backbone, its decoder head and the paper's numbers."""
+    variant: str     # of dgmn2.VARIANTS
+    head: str        # "fpn" (Semantic FPN, output stride 32) or one of SETR_HEADS (output stride 8)
+    params_m: float  # parameters (M)
+    gflops: float    # FLOPs (G)
+    miou: float      # mIoU (%), single scale
+    miou_ms: float   # mIoU (%), multi-scale and flips
+
+
+TABLE_11 = {  # the DGMN2 rows, a head's for Tiny, Small, Medium, Large: (params M, FLOPs G, mIoU SS, mIoU MS)
+    "fpn": [(15.84, 76.35, 78.09, 79.4), (24.71, 99.57, 80.65, 81.58), (39.55, 136.01, 80.60, 81.79),
+            (52.02, 175.94, 81.75, 82.64)],
+    "naive": [(11.60, 117.52, 77.23, 78.23), (20.47, 204.97, 80.31, 81.04), (35.31, 347.76, 80.83, 81.39),
+              (47.78, 467.46, 81.80, 82.61)],
+    "pup": [(13.95, 242.51, 78.25, 79.26), (22.82, 329.96, 79.78, 80.73), (37.67, 472.75, 80.97, 81.80),
+            (50.14, 592.45, 81.58, 82.27)],
+    "mla": [(13.37, 141.72, 78.25, 79.32), (22.24, 229.17, 80.79, 81.62), (37.08, 371.96, 81.09, 82.00),
+            (49.56, 491.66, 81.55, 81.98)],
+}
+
+
 # ---- Configuration: the paper's recipes by default; SYNTHETIC replaces what no flag set without --data ----------
 IGNORE = 255
 FCN_VARIANTS = {  # Table 2's rows, in its order
@@ -344,13 +455,16 @@ FCN_VARIANTS = {  # Table 2's rows, in its order
        for name, row in zip(["fcn-da", "fcn-da-dw", "fcn-dgmn"], dgmn.TABLE_2.values())},
 }
 DGMN_FCNS = [name for name, row in FCN_VARIANTS.items() if row.dgmn]  # what --dgmn-rates, --dgmn-groups change
-MODELS = [f"dgmn2-{name}" for name in dgmn2.VARIANTS] + list(FCN_VARIANTS)
+DGMN2_MODELS = {f"dgmn2-{variant}" + ("" if head == "fpn" else f"-{head}"): DGMN2Row(variant, head, *numbers)
+                for head, rows in TABLE_11.items() for variant, numbers in zip(dgmn2.VARIANTS, rows, strict=True)}
+MODELS = list(DGMN2_MODELS) + list(FCN_VARIANTS)
 SYNTHETIC = dict(iterations=400, batch_size=16, lr=1e-3, base_size=64, crop=64, eval_stride=48, eval_every=100,
                  workers=1, log_every=10, output="runs/synthetic-segmentation")
-CHOICES = dict(model=MODELS, optimizer=["auto", "adamw", "sgd"], amp=["auto", "bf16", "fp16", "off"])
+CHOICES = dict(model=MODELS, mode=["fine", "coarse"], output_stride=[0, 8, 16, 32], eval_split=["val", "test"],
+               optimizer=["auto", "adamw", "sgd"], amp=["auto", "bf16", "fp16", "off"])
 # A resume refuses a checkpoint saved with other values of WEIGHTS_DEPEND_ON and, to train on, of TRAINING_DEPENDS_ON
 WEIGHTS_DEPEND_ON = ["model", "output_stride", "dgmn_rates", "dgmn_groups", "multi_grid"]
-TRAINING_DEPENDS_ON = ["optimizer", "iterations", "batch_size", "eval_every", "ohem"]
+TRAINING_DEPENDS_ON = ["optimizer", "iterations", "batch_size", "eval_every", "ohem", "mode", "trainval"]
 OHEM_THRESHOLD, OHEM_MIN_KEPT = 0.7, 100_000  # pixel OHEM as the CCNet and DANet code bases train Cityscapes
 MULTI_GRID = (1, 2, 4)  # DeepLab v3: res5's three blocks at the stage's dilation times these
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -361,9 +475,16 @@ PALETTE = torch.tensor([c.color for c in TRAIN_CLASSES] + [[0, 0, 0]] * (256 - 1
 
 @dataclasses.dataclass
 class Config:
-    model: str = option("dgmn2-tiny", "DGMN2 + Semantic FPN (Table 11), or the dilated FCN ResNet-101 with a module "
-                        "of Table 2 (--table lists them)")
-    data: str = option("", "the Cityscapes root (leftImg8bit/, gtFine/); empty: the built-in synthetic scenes")
+    model: str = option("dgmn2-tiny", "DGMN2 + Semantic FPN or, as dgmn2-VARIANT-HEAD, a SETR head (naive, pup, "
+                        "mla) (Table 11), or the dilated FCN ResNet-101 with a module of Table 2 (--table lists them)")
+    data: str = option("", "the Cityscapes root (leftImg8bit/, gtFine/, gtCoarse/); empty: the built-in synthetic "
+                       "scenes")
+    mode: str = option("fine", "the training annotations: fine (gtFine/train) or coarse (gtCoarse/train_extra, as "
+                       "Table 12's second step); evaluation is on the fine ones")
+    trainval: bool = option(False, "--mode fine: train on train and val together (Table 12's first and third steps); "
+                            "the evaluations during training then see training images")
+    finetune: str = option("", "a checkpoint of this script whose model weights start this run, with a new schedule "
+                           "and optimiser (Table 12's second and third steps); a --resume found replaces it")
     output: str = option("runs/cityscapes", "the folder of the checkpoints, log.jsonl and the prediction pictures")
     pretrained: str = option("", "backbone weights (nothing is downloaded): a torchvision ResNet-101 state dict, an "
                              "authors' DGMN2 or a train_imagenet.py checkpoint; empty: the backbone from scratch")
@@ -373,7 +494,8 @@ class Config:
     lr: float = option(0.0, "the initial learning rate; 0: the optimiser's paper value")
     weight_decay: float = option(1e-4, "the weight decay of either optimiser")
     poly_power: float = option(0.9, "the power of the polynomial decay of the learning rate to 0")
-    output_stride: int = option(32, "DGMN2 only: 8 for stride-1 patch embeddings in stages 3-4 (Section 6.3)")
+    output_stride: int = option(0, "DGMN2 + Semantic FPN: 8 for stride-1 patch embeddings in stages 3-4 (Section "
+                                "6.3), 16 or 32; 0: the model's, 32, and 8 for the SETR heads, which take no other")
     dgmn_rates: str = option("", "the DGMN FCNs (fcn-da, fcn-da-dw, fcn-dgmn): their sampling rates, comma-separated, "
                              "e.g. 1,6,12 (Table 14); empty: the model's")
     dgmn_groups: int = option(4, "the DGMN FCNs: G, the channel groups of the dynamic filters; 0: no dynamic weights "
@@ -399,9 +521,14 @@ class Config:
     seed: int = option(0, "the seed of the initial weights, the data order and the augmentations")
     resume: str = option("", "a checkpoint to continue from, or auto: the newest in --output (if any)")
     eval_only: bool = option(False, "evaluate the --resume checkpoint and stop")
+    eval_split: str = option("val", "the split that --eval-only evaluates or --predict writes: val, or test (its "
+                             "labels are withheld: with --predict only)")
+    predict: str = option("", "with --eval-only: instead of evaluating, write each image's predicted labelIds to "
+                          "DIR/CITY/*_leftImg8bit.png, the format of the Cityscapes test server (Table 12)")
     synthetic_train: int = option(2000, "training scenes of the built-in synthetic set")
     synthetic_val: int = option(100, "validation scenes of the built-in synthetic set")
-    table: bool = option(False, "print the models' parameters and FLOPs beside the paper's (Table 2), then exit")
+    table: bool = option(False, "print the models' parameters and FLOPs beside the paper's (Tables 2, 11), then "
+                         "exit")
 
     @property
     def layout(self):
@@ -423,12 +550,37 @@ def check(cfg):
                          ("multi_grid", list(FCN_VARIANTS))]:
         if getattr(cfg, name) != getattr(Config, name) and cfg.model not in models:
             raise InputError(f"--{name.replace('_', '-')} applies to {', '.join(models)}, not to --model {cfg.model}")
+    if cfg.output_stride and cfg.model in FCN_VARIANTS:
+        raise InputError(f"--output-stride applies to the DGMN2 models, not to --model {cfg.model}")
+    if cfg.output_stride not in (0, SETR_OUTPUT_STRIDE) and DGMN2_MODELS[cfg.model].head != "fpn":
+        raise InputError(f"--output-stride {cfg.output_stride}: the SETR heads take DGMN2 at output stride "
+                         f"{SETR_OUTPUT_STRIDE} (Section 6.3)")
+    check_data_options(cfg)
     if cfg.dgmn_rates:
         rates_of(cfg.dgmn_rates)
     if cfg.dgmn_groups < 0 or cfg.dgmn_groups and FCN_CHANNELS % cfg.dgmn_groups:
         raise InputError(f"--dgmn-groups {cfg.dgmn_groups}: 0 (no dynamic weights) or a divisor of {FCN_CHANNELS}")
     if cfg.dgmn_groups not in (0, Config.dgmn_groups) and FCN_VARIANTS[cfg.model].dgmn.get("dynamic_weights") is False:
         raise InputError(f"--dgmn-groups {cfg.dgmn_groups}: {cfg.model} has no dynamic weights (fcn-da-dw has)")
+
+
+def check_data_options(cfg):
+    """--mode, --trainval, --finetune, --eval-split and --predict that do not go together: InputError."""
+    refusals = [(cfg.mode == "coarse" and not cfg.data, "--mode coarse needs --data: the synthetic scenes have no "
+                 "coarse labels"),
+                (cfg.trainval and cfg.mode == "coarse", "--trainval applies to --mode fine: the coarse labels are "
+                 "train_extra's"),
+                (cfg.finetune and cfg.eval_only, "--finetune starts a training run: evaluate a checkpoint with "
+                 "--eval-only --resume CKPT"),
+                (cfg.finetune and cfg.pretrained, "--finetune gives the whole model's weights: leave out --pretrained"),
+                (cfg.finetune and not Path(cfg.finetune).is_file(), f"--finetune {cfg.finetune}: no such checkpoint"),
+                (cfg.predict and not cfg.eval_only, "--predict needs --eval-only --resume CKPT"),
+                (cfg.predict and not cfg.data, "--predict needs --data: it writes Cityscapes' file names"),
+                (cfg.eval_split == "test" and not cfg.predict, "--eval-split test: its labels are withheld; write the "
+                 "test server's label images with --predict DIR")]
+    for refused, message in refusals:
+        if refused:
+            raise InputError(message)
 
 
 def rates_of(text):
@@ -479,12 +631,13 @@ class Scenes(Dataset):
 
 
 class CityscapesTrainIds(torchvision.datasets.Cityscapes):
-    """Cityscapes (fine, semantic), labelIds mapped to the 19 train ids, others IGNORE. -> ((3, H, W), (H, W)) uint8."""
-    def __init__(self, root, split):
+    """Cityscapes (semantic; mode "fine": gtFine, "coarse": gtCoarse), labelIds mapped to the 19 train ids, others
+    IGNORE. -> ((3, H, W), (H, W)) uint8."""
+    def __init__(self, root, split, mode="fine"):
         try:
-            super().__init__(root, split=split, mode="fine", target_type="semantic")
+            super().__init__(root, split=split, mode=mode, target_type="semantic")
         except (RuntimeError, ValueError) as error:
-            raise InputError(f"{root}: not a Cityscapes directory for split {split!r} ({error})") from None
+            raise InputError(f"{root}: not a Cityscapes directory for split {split!r} ({mode}: {error})") from None
         if len(self) == 0:
             raise InputError(f"{root}: no {split} images under leftImg8bit/{split}")
         self.lut = torch.full((256,), IGNORE, dtype=torch.uint8)  # labelId -> train id
@@ -498,14 +651,40 @@ class CityscapesTrainIds(torchvision.datasets.Cityscapes):
         return v2.functional.pil_to_tensor(image), self.lut[v2.functional.pil_to_tensor(target)[0].long()]
 
 
+class CityscapesImages(Dataset):
+    """The images of a Cityscapes split without labels (the test split's are withheld), for --predict:
+    leftImg8bit/SPLIT/CITY/*_leftImg8bit.png, names[i] the path under SPLIT (CITY/NAME). -> (uint8 (3, H, W), i)."""
+    def __init__(self, root, split):
+        folder = Path(root, "leftImg8bit", split)
+        self.files = sorted(folder.glob("*/*_leftImg8bit.png"))
+        if not self.files:
+            raise InputError(f"{root}: no {split} images under leftImg8bit/{split}/CITY/")
+        self.names = [file.relative_to(folder) for file in self.files]
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        try:
+            return torchvision.io.read_image(str(self.files[index]), torchvision.io.ImageReadMode.RGB), index
+        except RuntimeError as error:
+            raise InputError(f"{self.files[index]}: unreadable ({error})") from None
+
+
 def datasets(cfg):
-    """(train, val, class names)."""
+    """(the training set, None under --eval-only; the evaluated set; class names). Training: --mode's annotations
+    (coarse: train_extra; fine: train, and val under --trainval); evaluated: --eval-split, or its images alone for
+    --predict."""
     if not cfg.data:
-        return Scenes(cfg.base_size, cfg.synthetic_train, 1), Scenes(cfg.base_size, cfg.synthetic_val, 2), \
-            Scenes.classes
+        train, val = Scenes(cfg.base_size, cfg.synthetic_train, 1), Scenes(cfg.base_size, cfg.synthetic_val, 2)
+        return ConcatDataset([train, val]) if cfg.trainval else train, val, Scenes.classes
     if not Path(cfg.data).is_dir():
         raise InputError(f"{cfg.data}: no such data directory")
-    return CityscapesTrainIds(cfg.data, "train"), CityscapesTrainIds(cfg.data, "val"), [c.name for c in TRAIN_CLASSES]
+    evaluated = (CityscapesImages if cfg.predict else CityscapesTrainIds)(cfg.data, cfg.eval_split)
+    splits = ["train_extra"] if cfg.mode == "coarse" else ["train", "val"] if cfg.trainval else ["train"]
+    train = None if cfg.eval_only else \
+        ConcatDataset([CityscapesTrainIds(cfg.data, split, cfg.mode) for split in splits])
+    return train, evaluated, [c.name for c in TRAIN_CLASSES]
 
 
 # ---- Training augmentation as mmsegmentation trains Cityscapes (Augmented), each draw replayable ---------------
@@ -663,13 +842,19 @@ def dgmn_options(cfg):
     return {**options, **(dict(groups=cfg.dgmn_groups) if cfg.dgmn_groups else dict(dynamic_weights=False))}
 
 
+def output_stride(cfg):
+    """DGMN2's output stride: --output-stride, or the model's (the Semantic FPN's 32, the SETR heads' 8)."""
+    return cfg.output_stride or (32 if DGMN2_MODELS[cfg.model].head == "fpn" else SETR_OUTPUT_STRIDE)
+
+
 def build_model(cfg, classes, world, device):
     """--model with its --pretrained backbone, SyncBatchNorm under DDP on GPUs, on device (channels-last if asked)."""
     if cfg.model in FCN_VARIANTS:
         model = DilatedFCN(classes, cfg.model, dgmn_options(cfg), cfg.multi_grid)
     else:
-        model = SemanticFPN(dgmn2.build(cfg.model.removeprefix("dgmn2-"), num_classes=0,
-                                        output_stride=cfg.output_stride), classes)
+        row = DGMN2_MODELS[cfg.model]
+        backbone = dgmn2.build(row.variant, num_classes=0, output_stride=output_stride(cfg))
+        model = SemanticFPN(backbone, classes) if row.head == "fpn" else SETR(backbone, row.head, classes)
     if cfg.pretrained:
         load_pretrained(model.backbone, cfg.pretrained)
     if world > 1 and device.type == "cuda":  # SyncBatchNorm runs on GPUs only
@@ -752,17 +937,26 @@ def colourise(label):
 
 
 @torch.no_grad()
-def evaluate(model, val, class_names, cfg, device, autocast, rank, world, pictures_to=None):
-    """Exact mIoU, per-class IoU, labelled pixels over val (rank r: images r, r + world, ...); rank 0 saves pictures."""
+def predictions(model, dataset, classes, cfg, device, autocast, rank, world):
+    """This rank's share of dataset, items rank, rank + world, ... (each item once over the ranks, none padded), and
+    the model's classes: yields (image (1, 3, H, W) uint8 on device, the item's second part, prediction (H, W))."""
     model.eval()
-    classes, shown = len(class_names), []
-    matrix = torch.zeros(classes, classes, dtype=torch.long, device=device)
-    loader = DataLoader(Subset(val, range(rank, len(val), world)), num_workers=cfg.workers,
+    loader = DataLoader(Subset(dataset, range(rank, len(dataset), world)), num_workers=cfg.workers,
                         pin_memory=device.type == "cuda")
-    for image, label in tqdm(loader, desc="eval", disable=rank != 0 or not sys.stderr.isatty(), leave=False):
-        image, label = image.to(device, non_blocking=True), label[0].to(device, non_blocking=True).long()
+    for image, other in tqdm(loader, desc="eval", disable=rank != 0 or not sys.stderr.isatty(), leave=False):
+        image = image.to(device, non_blocking=True)
         with autocast:
             prediction = predict(model, normalise(image.float()), classes, cfg).argmax(dim=1)[0]
+        yield image, other[0], prediction
+    model.train()
+
+
+def evaluate(model, val, class_names, cfg, device, autocast, rank, world, pictures_to=None):
+    """Exact mIoU, per-class IoU, labelled pixels over val (rank r: images r, r + world, ...); rank 0 saves pictures."""
+    classes, shown = len(class_names), []
+    matrix = torch.zeros(classes, classes, dtype=torch.long, device=device)
+    for image, label, prediction in predictions(model, val, classes, cfg, device, autocast, rank, world):
+        label = label.to(device, non_blocking=True).long()
         matrix += confusion(prediction, label, classes)
         if pictures_to and rank == 0 and len(shown) < 3 * cfg.pictures:  # 3 tiles a picture: image, label, prediction
             shown += [image[0] / 255, colourise(label) / 255, colourise(prediction) / 255]
@@ -770,10 +964,24 @@ def evaluate(model, val, class_names, cfg, device, autocast, rank, world, pictur
         dist.all_reduce(matrix)
     if shown:
         torchvision.utils.save_image(torch.stack(shown), pictures_to, nrow=3)
-    model.train()
     per_class = iou(matrix)
     return dict(miou=per_class.nanmean().item(), pixels=int(matrix.sum()),  # absent classes: None (JSON has no NaN)
                 iou={n: None if math.isnan(v) else round(v, 2) for n, v in zip(class_names, per_class.tolist())})
+
+
+def write_predictions(model, images, cfg, device, autocast, rank, world):
+    """--predict DIR: the predicted classes of each of images (a CityscapesImages) as labelIds, Cityscapes' submission
+    format, in DIR/CITY/NAME_leftImg8bit.png; each image by one rank. Returns dict(written=images written)."""
+    label_ids = torch.tensor([c.id for c in TRAIN_CLASSES], dtype=torch.uint8, device=device)  # by train id
+    written = torch.zeros((), dtype=torch.long, device=device)
+    for _, index, prediction in predictions(model, images, len(TRAIN_CLASSES), cfg, device, autocast, rank, world):
+        path = Path(cfg.predict) / images.names[index]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torchvision.io.write_png(label_ids[prediction][None].cpu(), str(path))  # (1, H, W): one grey channel
+        written += 1
+    if world > 1:
+        dist.all_reduce(written)
+    return dict(written=int(written))
 
 
 # ---- Training --------------------------------------------------------------------------------------------------
@@ -797,10 +1005,16 @@ def run(cfg, rank, world, device):
         for name, part in parts.items():
             if state[name] and not cfg.eval_only:  # the scaler's is empty unless the run used fp16
                 part.load_state_dict(state[name])
+    elif cfg.finetune:  # the weights alone: this run's schedule and optimiser start afresh
+        load_weights(model, read_checkpoint(cfg.finetune, cfg, WEIGHTS_DEPEND_ON, [])["model"], cfg.finetune)
     output, start = Path(cfg.output), state["iteration"] if state else 0
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
     evaluation = functools.partial(evaluate, model, val, class_names, cfg, device, autocast, rank, world)
+    if cfg.eval_only and cfg.predict:
+        result = write_predictions(model, val, cfg, device, autocast, rank, world)
+        log(f"wrote the labelIds of {result['written']} {cfg.eval_split} images to {cfg.predict}")
+        return result
     if cfg.eval_only:
         metrics = evaluation(output / "eval.png")
         log(f"eval: mIoU {metrics['miou']:.2f}% ({'multi-scale + flip' if cfg.multi_scale else 'single scale'})")
@@ -843,11 +1057,12 @@ def announce(cfg, log, world, device, model, checkpoint):
     if not cfg.data:
         log(f"No --data: training on the built-in synthetic scenes ({len(Scenes.classes)} classes, {cfg.base_size} x "
             f"{cfg.base_size}, {cfg.synthetic_train} images).")
-    elif not cfg.pretrained and checkpoint is None:
+    elif not cfg.pretrained and not cfg.finetune and checkpoint is None:
         log("WARNING: no --pretrained: the backbone starts from scratch (random weights), where the paper starts "
             "it from ImageNet weights; expect a far lower mIoU than its tables.", file=sys.stderr, flush=True)
     log(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {world} process(es) on "
-        f"{device.type}" + (f"; resuming {checkpoint}" if checkpoint else ""))
+        f"{device.type}" + (f"; resuming {checkpoint}" if checkpoint else
+                            f"; starting from the weights of {cfg.finetune}" if cfg.finetune else ""))
 
 
 def optimiser_and_schedule(cfg, model):
@@ -904,6 +1119,13 @@ def ohem_cross_entropy(logits, labels, threshold=OHEM_THRESHOLD, min_kept=OHEM_M
 
 # ---- python train_cityscapes.py --table: the models' parameters and FLOPs beside the paper's --------------------
 TABLE_SIDE = 97  # the side of the 512-channel map of a 769 crop at stride 8
+TABLE_11_SIDE = 769  # the training crop: the input side at which Table 11's FLOPs are reproduced
+HEAD_LAYOUTS = dict(fpn="Semantic FPN (FPN 256, head 128 channels), DGMN2 at output stride 32",
+                    naive="SETR-Naive: a 1x1 classifier on the stride-8 map, DGMN2 at output stride 8",
+                    pup=f"SETR-PUP: {PUP_ROUNDS} x [3x3 conv {PUP_CHANNELS}, BN, ReLU, 2x up], a 1x1 classifier, "
+                    "2x up; DGMN2 at output stride 8",
+                    mla=f"SETR-MLA: 2 x [3x3 conv {MLA_CHANNELS}, BN, ReLU] on each stage's map, resized to "
+                    f"{MLA_SCALE}x the stride-8 map, concatenated, a 1x1 classifier; DGMN2 at output stride 8")
 COUNTING = ("Multiply-adds (G): torch.utils.flop_counter.FlopCounterMode's count / 2 on the meta device, batch 1: "
             "convolutions and matrix products only (norms, activations, softmax, pooling and resizes are not "
             "counted); torchvision's deform_conv2d, which FlopCounterMode does not know, is counted as the "
@@ -933,6 +1155,12 @@ def fcn_added_cost(model, classes=len(TRAIN_CLASSES)):
     return counts[0][0] - counts[1][0], counts[0][1] - counts[1][1]
 
 
+def gaps(params, macs, row):
+    """Ours vs the paper's row (its params_m and gflops, None where it gives none): "+0.1% / -0.2%"."""
+    return " / ".join(f"{100 * (ours / (paper * scale) - 1):+.1f}%" if paper else "-"
+                      for ours, paper, scale in ((params, row.params_m, 1e6), (macs, row.gflops, 1e9)))
+
+
 def table_2():
     """Table 2 (Section 5.2): what each dilated FCN's module adds, beside the paper. -> (title, rows)."""
     rows = []
@@ -945,18 +1173,46 @@ def table_2():
             walks = f"; not its walk convs, +{cost['walk_params'] / 1e6:.3f}M / +{cost['walk_macs'] / 1e9:.2f}G" \
                 if cost["walk_params"] else ""
             counted = f"{row.layout}: its transforms and predictors, as Table 2 counts them (dgmn.added_cost){walks}"
-        gaps = [f"{100 * (ours / (paper * scale) - 1):+.1f}%" if paper else "-"
-                for ours, paper, scale in ((params, row.params_m, 1e6), (macs, row.gflops, 1e9))]
         rows.append([name, f"+{params / 1e6:.3f}M", f"+{row.params_m}M" if row.params_m else "-",
-                     f"+{macs / 1e9:.2f}G", f"+{row.gflops}G" if row.gflops else "-", " / ".join(gaps), row.miou,
-                     counted])
+                     f"+{macs / 1e9:.2f}G", f"+{row.gflops}G" if row.gflops else "-", gaps(params, macs, row),
+                     row.miou, counted])
     return (f"Table 2: added to the dilated FCN ResNet-101 on its {TABLE_SIDE} x {TABLE_SIDE} x {FCN_CHANNELS} map "
             f"(a 769 crop at stride 8), {len(TRAIN_CLASSES)} classes; mIoU: the paper's, Cityscapes val"), rows
 
 
-TABLES = [table_2]  # each: () -> (title, rows of TABLE_COLUMNS)
+def dgmn2_cost(model, side=TABLE_11_SIDE, classes=len(TRAIN_CLASSES)):
+    """(parameters, multiply-adds) of a DGMN2 model of Table 11 on one (1, 3, side, side) image, built on the meta
+    device: the COUNTING rules plus the sampler's bilinear reads, 4 multiply-adds per sampled element and channel, as
+    dgmn2.count_macs counts them (the sampler's kernel ops, which run their shape functions on the meta device, are
+    told apart by name; FlopCounterMode counts their products by the formulas sampler.py registers)."""
+    with torch.device("meta"):
+        net = build_model(Config(model=model), classes, 1, torch.device("meta")).eval()  # batch 1: BN's running stats
+    with dgmn2.sampler.backend("kernel"), FlopCounterMode(display=False) as counter:
+        net(torch.empty(1, 3, side, side, device="meta"))
+    products = sum(flops for op, flops in counter.get_flop_counts()["Global"].items()
+                   if str(op).startswith("dgmn_sampler")) // 2
+    return sum(p.numel() for p in net.parameters()), counter.get_total_flops() // 2 + 4 * products
+
+
+def table_11():
+    """Table 11 (Section 6.3): the DGMN2 models, parameters and FLOPs beside the paper's, with its mIoU. -> (title,
+    rows)."""
+    rows = []
+    for name, row in DGMN2_MODELS.items():
+        params, macs = dgmn2_cost(name)
+        rows.append([name, f"{params / 1e6:.3f}M", f"{row.params_m}M", f"{macs / 1e9:.2f}G", f"{row.gflops}G",
+                     gaps(params, macs, row), f"{row.miou:.2f} / {row.miou_ms:.2f}", HEAD_LAYOUTS[row.head]])
+    return (f"Table 11: DGMN2 on Cityscapes, whole models on one {TABLE_11_SIDE} x {TABLE_11_SIDE} image (the "
+            "training crop and evaluation window: the input side that reproduces the paper's FLOPs; 768 x 768 gives "
+            "about 2% fewer, 512 x 1024 14% fewer, 1024 x 1024 70% more), 19 classes; counted as above plus DGMN2's "
+            "bilinear reads of the sampled keys and values, 4 multiply-adds per sampled element and channel "
+            "(dgmn2.count_macs' rule; without them every row is 0.3-1.4% under the paper's); mIoU: the paper's, "
+            "Cityscapes val, single scale / multi-scale"), rows
+
+
+TABLES = [table_2, table_11]  # each: () -> (title, rows of TABLE_COLUMNS)
 TABLE_COLUMNS = ["model", "params", "paper", "multiply-adds", "paper", "ours vs paper (params / FLOPs)",
-                 "mIoU paper", "module, and what is counted"]
+                 "mIoU paper", "layout, and what is counted"]
 
 
 def print_table():

@@ -44,7 +44,6 @@ from torch.optim.lr_scheduler import ChainedScheduler, LinearLR, MultiStepLR
 from torch.utils._pytree import tree_map_only
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.models.detection import MaskRCNN, RetinaNet
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone

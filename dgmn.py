@@ -159,10 +159,13 @@ class DGMN(nn.Module):
 
 
 def deformable_message_passing(channels, rates=COCO_RATES, groups=4, kernel_size=3):
-    """Table 3's baseline, "randomly initialised deformable convolutions for message calculation" without DGMN's dynamic
-    weights and affinities. Our reading: each rate's message is a deformable convolution (offsets predicted from the
-    features, as Dai et al.'s, which are the walk convs here), factorised into G x K static taps and the C x C w^q; no
-    filter or affinity is predicted from the walked nodes. Table 2's layout: the release has no such baseline."""
+    """Table 3's baseline: "randomly initialised deformable convolutions for message calculation, but without using the
+    proposed dynamic sampling and dynamic weights/affinities strategies" (Section 5.1). Our reading: each rate's
+    message is a deformable convolution, whose offsets are predicted from the features as Dai et al.'s are (the walk
+    convs here: a deformable convolution without them would be a dilated one), factorised into G x K static,
+    randomly initialised taps and the C x C w^q; no filter or affinity is predicted from the walked nodes. So it
+    departs from the quoted "without dynamic sampling" in keeping the offsets. Table 2's layout (it needs w^q to mix
+    channels): the release has no such baseline."""
     return DGMN(channels, rates, groups, kernel_size, dynamic_affinity=False, dynamic_weights=False)
 
 
@@ -247,6 +250,7 @@ RESNET_STAGES = dict(C2="layer1", C3="layer2", C4="layer3", C5="layer4")
 
 
 def resnet_stage(resnet, stage):
+    """The stage ("C2"-"C5") of a torchvision ResNet: its nn.Sequential of residual blocks."""
     if stage not in RESNET_STAGES or not hasattr(resnet, RESNET_STAGES[stage]):
         raise ValueError(f"stage {stage!r}: a ResNet has stages {', '.join(RESNET_STAGES)}")
     return getattr(resnet, RESNET_STAGES[stage])

@@ -213,9 +213,9 @@ def read_checkpoint(path, cfg, weights_depend_on, training_depends_on):
     if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "scaler", "config"} <= state.keys():
         raise InputError(f"{path}: not a checkpoint of {Path(__file__).name} (backbone weights go to --pretrained)")
     for name in [*weights_depend_on, *([] if cfg.eval_only else training_depends_on)]:
-        if state["config"].get(name) != getattr(cfg, name):
-            raise InputError(f"{path}: saved with --{name.replace('_', '-')} {state['config'].get(name)!r}, not "
-                             f"{getattr(cfg, name)!r}")
+        saved = state["config"].get(name, getattr(type(cfg), name))  # an option added since: its default
+        if saved != getattr(cfg, name):
+            raise InputError(f"{path}: saved with --{name.replace('_', '-')} {saved!r}, not {getattr(cfg, name)!r}")
     return state
 
 
@@ -266,7 +266,7 @@ def command_line():
 # End of the shared block
 # ================================================================================================================
 # ---- Table 2's modules on the dilated FCN's 512-channel map: those from torchvision here, the rest in dgmn.py ----
-FCN_CHANNELS = 512  # Section 5.1: the 3x3 Conv-BN-ReLU after the backbone gives 512 channels
+FCN_CHANNELS = dgmn.CITYSCAPES_CHANNELS  # Section 5.1: the 3x3 Conv-BN-ReLU after the backbone gives 512
 DCN_CHANNELS = 256  # "+ Deformable": DCNv2 512 -> 256 is the standard width that gives Table 2's +1.31M
 ASPP_RATES, ASPP_CHANNELS = (12, 24, 36), 256  # DeepLab v3 at output stride 8: its rates, its branches' width
 
@@ -337,6 +337,7 @@ class FCNRow:
 
 # ---- SETR's decoder heads (Zheng et al., CVPR 2021) on DGMN2 at output stride 8 (Section 6.3, Table 11) --------
 SETR_OUTPUT_STRIDE = 8  # Section 6.3: stride-1 patch embeddings in stages 3 and 4
+FPN_OUTPUT_STRIDE = 32  # DGMN2 as it classifies ImageNet, under the Semantic FPN (Table 11)
 PUP_CHANNELS, PUP_ROUNDS = 256, 3  # the release's PUP: three 3x3 convs to 256 channels, each before a 2x upsampling
 MLA_CHANNELS, MLA_SCALE = 128, 4  # the release's MLA: 128 channels a stage, resized to 4 x the stride-8 map
 
@@ -576,6 +577,8 @@ def check_data_options(cfg):
                 (cfg.finetune and not Path(cfg.finetune).is_file(), f"--finetune {cfg.finetune}: no such checkpoint"),
                 (cfg.predict and not cfg.eval_only, "--predict needs --eval-only --resume CKPT"),
                 (cfg.predict and not cfg.data, "--predict needs --data: it writes Cityscapes' file names"),
+                (cfg.predict and Path(cfg.predict).exists() and not Path(cfg.predict).is_dir(),
+                 f"--predict {cfg.predict}: a file, not a directory"),
                 (cfg.eval_split == "test" and not cfg.predict, "--eval-split test: its labels are withheld; write the "
                  "test server's label images with --predict DIR")]
     for refused, message in refusals:
@@ -844,7 +847,8 @@ def dgmn_options(cfg):
 
 def output_stride(cfg):
     """DGMN2's output stride: --output-stride, or the model's (the Semantic FPN's 32, the SETR heads' 8)."""
-    return cfg.output_stride or (32 if DGMN2_MODELS[cfg.model].head == "fpn" else SETR_OUTPUT_STRIDE)
+    return cfg.output_stride or (FPN_OUTPUT_STRIDE if DGMN2_MODELS[cfg.model].head == "fpn" else
+                                 SETR_OUTPUT_STRIDE)
 
 
 def build_model(cfg, classes, world, device):
@@ -1118,7 +1122,7 @@ def ohem_cross_entropy(logits, labels, threshold=OHEM_THRESHOLD, min_kept=OHEM_M
 
 
 # ---- python train_cityscapes.py --table: the models' parameters and FLOPs beside the paper's --------------------
-TABLE_SIDE = 97  # the side of the 512-channel map of a 769 crop at stride 8
+TABLE_SIDE = dgmn.CITYSCAPES_SIDE  # 97: the side of the 512-channel map of a 769 crop at stride 8
 TABLE_11_SIDE = 769  # the training crop: the input side at which Table 11's FLOPs are reproduced
 HEAD_LAYOUTS = dict(fpn="Semantic FPN (FPN 256, head 128 channels), DGMN2 at output stride 32",
                     naive="SETR-Naive: a 1x1 classifier on the stride-8 map, DGMN2 at output stride 8",

@@ -224,9 +224,9 @@ def read_checkpoint(path, cfg, weights_depend_on, training_depends_on):
     if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "scaler", "config"} <= state.keys():
         raise InputError(f"{path}: not a checkpoint of {Path(__file__).name} (backbone weights go to --pretrained)")
     for name in [*weights_depend_on, *([] if cfg.eval_only else training_depends_on)]:
-        if state["config"].get(name) != getattr(cfg, name):
-            raise InputError(f"{path}: saved with --{name.replace('_', '-')} {state['config'].get(name)!r}, not "
-                             f"{getattr(cfg, name)!r}")
+        saved = state["config"].get(name, getattr(type(cfg), name))  # an option added since: its default
+        if saved != getattr(cfg, name):
+            raise InputError(f"{path}: saved with --{name.replace('_', '-')} {saved!r}, not {getattr(cfg, name)!r}")
     return state
 
 
@@ -367,6 +367,7 @@ SYNTHETIC = dict(iterations=500, batch_size=4, optimizer="adamw", lr=2e-4, warmu
 CHOICES = dict(model=list(MODELS), optimizer=["auto", "adamw", "sgd"], amp=["auto", "bf16", "fp16", "off"])
 POSITIVE = ["batch_size", "min_size", "max_size", "rois", "save_every", "log_every", "synthetic_train", "synthetic_val"]
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[:6]
+PAPER_CLASSES = 80  # the paper's heads score COCO's 80 classes (Mask R-CNN's also the background); ours its 91 ids
 BIAS_LR_FACTOR = 2  # Detectron's and maskrcnn-benchmark's SGD: biases at twice the lr, without weight decay
 DRAW_SCORE = 0.5  # detections drawn in the pictures
 
@@ -748,7 +749,7 @@ def cost(cfg):
     """(parameters, multiply-adds) of cfg.model as COUNTING says."""
     spec = MODELS[cfg.model]
     with torch.device("meta"):
-        model = build_model(cfg, 80 + (spec.detector == "maskrcnn"), pretrained=True)
+        model = build_model(cfg, PAPER_CLASSES + (spec.detector == "maskrcnn"), pretrained=True)
         image = torch.empty(1, 3, *FLOPS_IMAGE)
         with FlopCounterMode(display=False, custom_mapping={torch.ops.torchvision.deform_conv2d: deform_conv_flops}) \
                 as counter:

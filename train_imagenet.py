@@ -209,9 +209,9 @@ def read_checkpoint(path, cfg, weights_depend_on, training_depends_on):
     if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "scaler", "config"} <= state.keys():
         raise InputError(f"{path}: not a checkpoint of {Path(__file__).name} (backbone weights go to --pretrained)")
     for name in [*weights_depend_on, *([] if cfg.eval_only else training_depends_on)]:
-        if state["config"].get(name) != getattr(cfg, name):
-            raise InputError(f"{path}: saved with --{name.replace('_', '-')} {state['config'].get(name)!r}, not "
-                             f"{getattr(cfg, name)!r}")
+        saved = state["config"].get(name, getattr(type(cfg), name))  # an option added since: its default
+        if saved != getattr(cfg, name):
+            raise InputError(f"{path}: saved with --{name.replace('_', '-')} {saved!r}, not {getattr(cfg, name)!r}")
     return state
 
 

@@ -2830,6 +2830,16 @@ def test_a_resume_with_other_dgmn_options_is_refused(tmp_path):
             train_coco.main(dataclasses.replace(saved, resume="auto", **{"dgmn_rates": "1,4,8", **changed}))
 
 
+def test_a_checkpoint_saved_before_an_option_existed_reads_it_as_its_default(tmp_path):
+    cfg = train_coco.Config(model="maskrcnn-r50-dgmn-c5")
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("dgmn_rates", "dgmn_groups")}
+    torch.save(dict(model={}, optimizer={}, scheduler={}, scaler={}, config=config), tmp_path / "old.pth")
+    state = train_coco.read_checkpoint(tmp_path / "old.pth", cfg, ["model", "dgmn_rates", "dgmn_groups"], [])
+    assert state["config"] == config
+    with pytest.raises(train_coco.InputError, match=r"saved with --dgmn-groups 4, not 2"):
+        train_coco.read_checkpoint(tmp_path / "old.pth", dataclasses.replace(cfg, dgmn_groups=2), ["dgmn_groups"], [])
+
+
 def test_torchvision_resnets_load_missing_only_the_inserted_modules():
     for name, make, called in [("maskrcnn-r101-dgmn-c5", torchvision.models.resnet101, "ResNet-101"),
                                ("maskrcnn-x101-dgmn-c5", torchvision.models.resnext101_32x8d, "ResNeXt-101 32x8d")]:

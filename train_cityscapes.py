@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 import dgmn
 import dgmn2
+import sampler
 
 
 # ================================================================================================================
@@ -1079,8 +1080,8 @@ def optimiser_and_schedule(cfg, model):
 
 def training_loader(train, cfg, rank, world, device):
     """This rank's share of each global batch of augmented crops, from workers that persist over the run."""
-    sampler = Passes(train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    loader = DataLoader(Augmented(train, cfg), cfg.batch_size // world, sampler=sampler, drop_last=True,
+    passes = Passes(train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = DataLoader(Augmented(train, cfg), cfg.batch_size // world, sampler=passes, drop_last=True,
                         num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
                         generator=torch.Generator().manual_seed(seed_of(cfg.seed, rank)))  # not the global: the model's
     if len(loader) == 0:
@@ -1191,7 +1192,7 @@ def dgmn2_cost(model, side=TABLE_11_SIDE, classes=len(TRAIN_CLASSES)):
     told apart by name; FlopCounterMode counts their products by the formulas sampler.py registers)."""
     with torch.device("meta"):
         net = build_model(Config(model=model), classes, 1, torch.device("meta")).eval()  # batch 1: BN's running stats
-    with dgmn2.sampler.backend("kernel"), FlopCounterMode(display=False) as counter:
+    with sampler.backend("kernel"), FlopCounterMode(display=False) as counter:
         net(torch.empty(1, 3, side, side, device="meta"))
     products = sum(flops for op, flops in counter.get_flop_counts()["Global"].items()
                    if str(op).startswith("dgmn_sampler")) // 2

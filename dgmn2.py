@@ -11,6 +11,7 @@ G heads, D = C / G head dim, K sampled nodes per query.
 
     python dgmn2.py                      Table 6: parameters and multiply-adds beside the paper's
     python dgmn2.py --show-walks IMG     the nodes sampled for one pixel, drawn on the image (Fig. 5 and 11)
+    python dgmn2.py --profile --model small      the top kernels of a training step and the launches per layer
 
 The authors' ImageNet checkpoints (fudan-zvg/DGMN2) load with `load_official`.
 """
@@ -367,7 +368,7 @@ def load_official(model, checkpoint):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# python dgmn2.py: Table 6; --show-walks IMAGE: the sampled nodes of one pixel
+# python dgmn2.py: Table 6; --profile: where a step's time goes; --show-walks IMAGE: the sampled nodes of one pixel
 
 
 def count_macs(variant, size=224):
@@ -399,6 +400,58 @@ def _table_6():
         macs, bilinear = count_macs(name)
         print(f"| DGMN2-{name.capitalize()} | {params / 1e6:.3f} | {variant.params_m} | {macs / 1e9:.3f} | "
               f"{variant.gflops} | {bilinear / 1e9:.3f} | {variant.top1} |")
+
+
+def _profile(variant="small", batch=64, img_size=224, top=10):
+    """torch.profiler over one forward and backward under bf16 autocast, of stage 1's first layer and of the whole
+    model: the top kernels by time with their share, and the kernel launches per layer. Returns the report's lines.
+    Without a GPU the same tables list the CPU's ops by self time (no kernels are launched)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = torch.cuda.is_available()
+    device, unit, what, calls = ("cuda", "kernel launches", "kernel", "launches") if cuda else \
+        ("cpu", "ops", "op", "calls")
+    model = build(variant, img_size=img_size).to(device)  # training mode, as a training step runs it
+    side, C, G = math.ceil(img_size / 4), model.channels[0], model.stages[0].layers[0].attn.heads
+    tokens = torch.randn(batch, side * side, C, device=device, requires_grad=True)  # (B, N, C) stage 1's tokens
+    images = torch.randn(batch, 3, img_size, img_size, device=device)
+    layers = sum(len(stage.layers) for stage in model.stages)
+    where = torch.cuda.get_device_name() if cuda else "CPU"
+    lines = [f"DGMN2-{variant.capitalize()} on {where}, batch {batch}, {img_size} x {img_size}, bf16 autocast, "
+             f"the sampler's {sampler.which_path(device)} path; one forward and backward after one warm-up"]
+    runs = [(f"stage 1's first layer ({side}x{side}x{C}, {G} head{'s' * (G > 1)})", 1,
+             lambda: model.stages[0].layers[0](tokens, side, side)), (f"the whole model ({layers} layers)", layers,
+                                                                      lambda: model(images))]
+    for name, count, forward in runs:
+        def step():
+            with torch.autocast(device, dtype=torch.bfloat16):
+                out = forward()
+            out.float().square().mean().backward()
+
+        step()  # builds the kernels, picks cuDNN's algorithms, fills the allocator's cache
+        activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
+        with profile(activities=activities) as prof:
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+        if cuda:
+            timed = [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
+        else:
+            timed = [(e.name, e.self_cpu_time_total) for e in prof.events() if e.device_type == DeviceType.CPU]
+        if not timed:
+            raise RuntimeError(f"the profiler recorded no {unit} for {name}")
+        per_name = {}
+        for kernel, us in timed:
+            launches, total = per_name.get(kernel, (0, 0.0))
+            per_name[kernel] = launches + 1, total + us
+        total_us = sum(us for _, us in timed)
+        lines += ["", f"{name}: {len(timed)} {unit} ({len(timed) / count:.0f} a layer), {total_us / 1e3:.2f} ms "
+                      f"of {'kernel' if cuda else 'op self'} time", "",
+                  f"| {what} | {calls} | ms | share |", "|---|---|---|---|"]
+        for kernel, (launches, us) in sorted(per_name.items(), key=lambda item: -item[1][1])[:top]:
+            short = kernel if len(kernel) <= 100 else kernel[:97] + "..."
+            lines.append(f"| {short.replace('|', '/')} | {launches} | {us / 1e3:.3f} | {us / total_us:.1%} |")
+    return lines
 
 
 def _show_walks(image_path, variant="tiny", weights=None, point=None, out_path="walks.png"):
@@ -437,14 +490,23 @@ def _show_walks(image_path, variant="tiny", weights=None, point=None, out_path="
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Table 6 for DGMN2, or a picture of the walks for one pixel.")
+    parser = argparse.ArgumentParser(description="Table 6 for DGMN2, a picture of the walks for one pixel, or a "
+                                                 "profile of where a training step's time goes.")
     parser.add_argument("--show-walks", metavar="IMAGE", help="draw the nodes sampled for one pixel of IMAGE")
-    parser.add_argument("--model", default="tiny", choices=list(VARIANTS), help="the variant for --show-walks")
+    parser.add_argument("--profile", action="store_true", help="the top kernels of one forward and backward (bf16 "
+                        "autocast) of stage 1's first layer and of the whole model, and the launches per layer")
+    parser.add_argument("--batch", type=int, default=64, help="images for --profile")
+    parser.add_argument("--model", default="tiny", choices=list(VARIANTS), help="the variant for --show-walks and "
+                        "--profile")
     parser.add_argument("--weights", help="a release checkpoint for --show-walks (without one the walks are untrained)")
     parser.add_argument("--point", type=int, nargs=2, metavar=("ROW", "COL"), help="the pixel (default: the centre)")
     parser.add_argument("--out", default="walks.png", help="where --show-walks writes its picture")
     args = parser.parse_args()
-    if args.show_walks:
+    if args.batch < 1:
+        parser.error(f"--batch must be at least 1, got {args.batch}")
+    if args.profile:
+        print("\n".join(_profile(args.model, args.batch)))
+    elif args.show_walks:
         try:
             _show_walks(args.show_walks, args.model, args.weights, args.point, args.out)
         except (OSError, ValueError) as error:

@@ -23,13 +23,15 @@ Two paths compute the same functions:
   - sampler_cuda.cu, the default wherever it builds (nvcc for CUDA tensors, the host C++ compiler for CPU tensors;
     built on first use and cached): aggregate and dot are fused and never write the (B, C, K, H, W) nodes, and feature
     maps are read channels-last with any pixel strides, so DGMN2's q, k and v are read in place from its Linear.
-`with backend("torch" | "kernel" | "auto")` chooses; `python sampler.py` benchmarks the paths at DGMN2-Tiny's and
-DGMN's shapes.
+`with backend("torch" | "kernel" | "auto")` chooses, and the environment variable DGMN_SAMPLER sets the same choice
+for a whole run ("kernel" makes a failed build an error instead of a fallback); `which_path(device_type)` says which
+path runs. `python sampler.py` benchmarks the paths at DGMN2-Tiny's and DGMN's shapes.
 """
 
 import contextlib
 import functools
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -313,7 +315,9 @@ def _dot_flops(q_shape, x_shape, offsets_shape, groups, offset_groups, dilation,
 # Choosing the path
 
 _BACKENDS = ("auto", "torch", "kernel")
-_backend = "auto"
+_backend = os.environ.get("DGMN_SAMPLER", "auto")  # the run's default; `backend` changes it inside a block
+if _backend not in _BACKENDS:
+    raise ValueError(f"the environment variable DGMN_SAMPLER must be one of {_BACKENDS}, got {_backend!r}")
 
 
 @contextlib.contextmanager
@@ -330,10 +334,16 @@ def backend(name):
         _backend = previous
 
 
-def _use_kernel(x):
+def which_path(device_type):
+    """"kernel" or "torch": the path the sampler's functions take now for tensors of this device type ("cpu",
+    "cuda", "meta"); under "auto" this builds the kernels if they are not built yet."""
     if _backend == "auto":
-        return _kernel_builds(x.device.type)
-    return _backend == "kernel"
+        return "kernel" if _kernel_builds(device_type) else "torch"
+    return _backend
+
+
+def _use_kernel(x):
+    return which_path(x.device.type) == "kernel"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -405,26 +415,43 @@ def _dgmn_batch(batch):
 
 def _grid_sample_nodes(x, offsets, dilation, offset_groups):
     """The nodes as the peers sample them (DAT; the pure-PyTorch MSDeformAttn of HF transformers): one F.grid_sample of
-    all K nodes, walk groups folded into the batch. (B, C, H, W), (B, 2K Go, H, W) -> (B Go, C / Go, K, H, W)."""
+    all K nodes, walk groups folded into the batch, in float32 as autocast runs it (coordinates in a half type would
+    be off by a fraction of a pixel). (B, C, H, W), (B, 2K Go, H, W) -> (B Go, C / Go, K, H, W) in float32."""
     _, _, H, W = x.shape
-    walks = rearrange(offsets, "b (o k) h w -> (b o) k h w", o=offset_groups)       # (B Go, 2K, H, W)
+    walks = rearrange(offsets.float(), "b (o k) h w -> (b o) k h w", o=offset_groups)  # (B Go, 2K, H, W)
     rows, cols = _node_positions(walks, dilation)                                    # each (B Go, K, H, W)
     grid = torch.stack([(2 * cols + 1) / W - 1, (2 * rows + 1) / H - 1], dim=-1)   # (B Go, K, H, W, 2), x first
-    nodes = F.grid_sample(rearrange(x, "b (o c) h w -> (b o) c h w", o=offset_groups),
-                          rearrange(grid, "n k h w xy -> n (k h) w xy").to(x.dtype), mode="bilinear",
+    nodes = F.grid_sample(rearrange(x.float(), "b (o c) h w -> (b o) c h w", o=offset_groups),
+                          rearrange(grid, "n k h w xy -> n (k h) w xy"), mode="bilinear",
                           padding_mode="zeros", align_corners=False)                 # (B Go, C / Go, K H, W)
     return rearrange(nodes, "n c (k h) w -> n c k h w", h=H)
 
 
-def _attention(path, q, k, v, offsets, heads):
-    """DGMN2's sampled attention (Eq. 8-9, relative positions left out), a walk per head: (B, C, H, W) -> same."""
+def _relative_logits(q, width, height):
+    """Fig. 4b's relative-position logits as DGMN2 adds them (dgmn2.RelativePosition, its symmetric rule, with tables
+    already at the map's size): q (B, G, D, H, W), width (W + K - 1, D), height (H + K - 1, D) -> (B, G, K, H, W)."""
+    H, W = q.shape[-2:]
+    slots = torch.arange(K_NODES, device=q.device)
+
+    def by_slot(table, length):  # (length + K - 1, D) -> (length, K, D): entry [p, s] is row s + length - 1 - p
+        return table[slots[None, :] + length - 1 - torch.arange(length, device=q.device)[:, None]]
+
+    return torch.einsum("bgdhw,wkd->bgkhw", q, by_slot(width, W)) + \
+        torch.einsum("bgdhw,hkd->bgkhw", q, by_slot(height, H))
+
+
+def _attention(path, q, k, v, offsets, width, height, heads):
+    """DGMN2's sampled attention as its layer computes it (Eq. 8-9 with Fig. 4b's relative positions), a walk per
+    head: q, k, v (B, C, H, W), offsets (B, 2K G, H, W), tables (side + K - 1, D) -> (B, C, H, W)."""
+    queries = rearrange(q, "b (g d) h w -> b g d h w", g=heads)                        # (B, G, D, H, W)
+    rel = _relative_logits(queries, width, height)                                     # (B, G, K, H, W)
     if path == "grid_sample":
-        keys, values = (_grid_sample_nodes(t, offsets, 1, heads) for t in (k, v))    # each (B G, D, K, H, W)
-        queries = rearrange(q, "b (g d) h w -> (b g) d h w", g=heads)                 # (B G, D, H, W)
-        attn = (torch.einsum("ndhw,ndkhw->nkhw", queries, keys) * HEAD_DIM ** -0.5).softmax(dim=1)
-        return rearrange(torch.einsum("nkhw,ndkhw->ndhw", attn, values), "(b g) d h w -> b (g d) h w", g=heads)
+        keys, values = (rearrange(_grid_sample_nodes(t, offsets, 1, heads), "(b g) d k h w -> b g d k h w", g=heads)
+                        for t in (k, v))                                                # each (B, G, D, K, H, W)
+        attn = (torch.einsum("bgdhw,bgdkhw->bgkhw", queries, keys) * HEAD_DIM ** -0.5 + rel).softmax(dim=2)
+        return rearrange(torch.einsum("bgkhw,bgdkhw->bgdhw", attn, values), "b g d h w -> b (g d) h w")
     with backend(path):
-        attn = (dot(q, k, offsets, heads, offset_groups=heads) * HEAD_DIM ** -0.5).softmax(dim=2)  # (B, G, K, H, W)
+        attn = (dot(q, k, offsets, heads, offset_groups=heads) * HEAD_DIM ** -0.5 + rel).softmax(dim=2)
         return aggregate(v, offsets, attn, offset_groups=heads)
 
 
@@ -433,36 +460,47 @@ def _message(path, x, offsets, weights, dilation):
     if path == "grid_sample":
         nodes = rearrange(_grid_sample_nodes(x, offsets, dilation, 1), "b (g c) k h w -> b g c k h w",
                           g=weights.shape[1])
-        return rearrange(torch.einsum("bgckhw,bgkhw->bgchw", nodes, weights.to(x.dtype)), "b g c h w -> b (g c) h w")
+        return rearrange(torch.einsum("bgckhw,bgkhw->bgchw", nodes, weights), "b g c h w -> b (g c) h w")
     with backend(path):
         return aggregate(x, offsets, weights, dilation)
 
 
 def _cases(batch, dtype, device):
-    """(name, function of (path, *inputs), leaf inputs, bytes of the feature maps and walks that a fused forward and
-    backward must read and write at least)."""
+    """(name, function of (path, *inputs), leaf inputs, bytes of the feature maps, walks and tables that a fused
+    forward and backward must read and write at least). Half types run as the models run them: under autocast, the
+    Linears' outputs (q, k, v, walks) in that type, the tables and the softmax's attention weights in float32."""
     size = torch.finfo(dtype).bits // 8
+    autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
     for stage, (side, heads) in enumerate(TINY_STAGES, 1):
         C = heads * HEAD_DIM
         qkv = torch.randn(batch, side, side, 3 * C, dtype=dtype, device=device, requires_grad=True)  # the Linear's
         walks = torch.randn(batch, side, side, heads, 2 * K_NODES, dtype=dtype, device=device, requires_grad=True)
+        tables = [(torch.randn(side + K_NODES - 1, HEAD_DIM, device=device) * HEAD_DIM ** -0.5).requires_grad_()
+                  for _ in ("width", "height")]
 
-        def attention(path, qkv, walks, heads=heads):
+        def attention(path, qkv, walks, width, height, heads=heads):
             q, k, v = rearrange(qkv, "b h w (three c) -> three b c h w", three=3)     # views, each (B, C, H, W)
-            return _attention(path, q, k, v, rearrange(walks, "b h w g o -> b (g o) h w"), heads)
+            with autocast:
+                return _attention(path, q, k, v, rearrange(walks, "b h w g o -> b (g o) h w"), width, height, heads)
 
         features, walk_bytes = batch * side * side * C * size, walks.numel() * size
-        # forward: q, k, v, walks in, out; backward: those and grad out in, their four grads out
-        moved = (4 * features + walk_bytes) + (4 * features + walk_bytes) + (3 * features + walk_bytes)
-        yield f"DGMN2-T stage {stage}: {side}x{side}x({heads}x{HEAD_DIM})", attention, (qkv, walks), moved
+        table_bytes = sum(t.numel() * t.element_size() for t in tables)
+        # forward: q, k, v, walks, tables in, out; backward: those and grad out in, their five grads out
+        moved = (4 * features + walk_bytes + table_bytes) + (4 * features + walk_bytes + table_bytes) + \
+            (3 * features + walk_bytes + table_bytes)
+        yield f"DGMN2-T stage {stage}: {side}x{side}x({heads}x{HEAD_DIM})", attention, (qkv, walks, *tables), moved
     B, (C, side, G, dilation) = _dgmn_batch(batch), DGMN_SETTING.values()
     x = torch.randn(B, C, side, side, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
     offsets = DGMN_WALK_SCALE * torch.randn(B, 2 * K_NODES, side, side, dtype=dtype, device=device)
     weights = torch.randn(B, G, K_NODES, side, side, device=device).softmax(dim=2)  # float32, as under autocast
     features = x.numel() * size
     moved = (2 * features + offsets.numel() * size) + (2 * features + offsets.numel() * size) + features
-    yield (f"DGMN: {side}x{side}x{C}, G = {G}, dilation {dilation}",
-           lambda path, x, offsets, weights: _message(path, x, offsets, weights, dilation),
+
+    def message(path, x, offsets, weights):
+        with autocast:
+            return _message(path, x, offsets, weights, dilation)
+
+    yield (f"DGMN: {side}x{side}x{C}, G = {G}, dilation {dilation}", message,
            tuple(t.requires_grad_() for t in (x, offsets, weights)), moved)
 
 
@@ -537,12 +575,13 @@ def _benchmark():
     dtype = getattr(torch, args.dtype)
     where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     bandwidth = _copy_bandwidth(device) if cuda else None
-    print(f"{where}, {args.dtype}, batch {args.batch} (DGMN row: {_dgmn_batch(args.batch)}); median of "
-          f"{args.repeats}; peak memory above the inputs" +
-          (f"; device-to-device copy {bandwidth / 1e12:.2f} TB/s" if cuda else "") + "\n")
+    print(f"{where}, {args.dtype}{' under autocast' if dtype != torch.float32 else ''}, batch {args.batch} (DGMN "
+          f"row: {_dgmn_batch(args.batch)}); median of {args.repeats}; peak memory above the inputs" +
+          (f"; bandwidth bound: the least bytes of a fused forward and backward over the measured device-to-device "
+           f"copy, {bandwidth / 1e12:.2f} TB/s" if cuda else "") + "\n")
     print("| shape | path | forward ms | fwd+bwd ms | fwd peak MB | fwd+bwd peak MB |" +
-          (" fwd+bwd / bandwidth bound |" if cuda else ""))
-    print("|---|---|---|---|---|---|" + ("---|" if cuda else ""))
+          (" least MB moved | bound ms | fwd+bwd / bound |" if cuda else ""))
+    print("|---|---|---|---|---|---|" + ("---|---|---|" if cuda else ""))
     summary = []
     for name, fn, inputs, moved in _cases(args.batch, dtype, device):
         grad = torch.randn_like(fn("torch", *inputs))
@@ -553,12 +592,16 @@ def _benchmark():
             both, both_mem = _measure(lambda: torch.autograd.grad(fn(path, *inputs), inputs, grad), device,
                                       args.repeats)
             measured[path] = both, both_mem
-            row = f"| {name} | {path} | {fwd * 1e3:.1f} | {both * 1e3:.1f} | {fwd_mem / 2**20:.0f} | " \
+            row = f"| {name} | {path} | {fwd * 1e3:.2f} | {both * 1e3:.2f} | {fwd_mem / 2**20:.0f} | " \
                   f"{both_mem / 2**20:.0f} |"
-            print(row + (f" {both * bandwidth / moved:.1f}x |" if cuda else ""), flush=True)
+            if cuda:
+                row += f" {moved / 2**20:.0f} | {moved / bandwidth * 1e3:.3f} | {both * bandwidth / moved:.1f}x |"
+            print(row, flush=True)
         (ref_t, _), (peer_t, peer_m), (ker_t, ker_m) = (measured[p] for p in PATHS)
-        summary.append(f"{name}: kernel fwd+bwd {ref_t / ker_t:.1f}x faster than the reference, {peer_t / ker_t:.1f}x "
-                       f"faster than grid_sample with {peer_m / max(ker_m, 1):.1f}x less memory")
+        bound = f" ({ker_t * bandwidth / moved:.1f}x the bandwidth bound)" if cuda else ""
+        summary.append(f"{name}: kernel path fwd+bwd {ker_t * 1e3:.2f} ms{bound}, {ref_t / ker_t:.1f}x faster than the "
+                       f"torch reference, {peer_t / ker_t:.1f}x faster than grid_sample with "
+                       f"{peer_m / max(ker_m, 1):.1f}x less memory")
     print("\n" + "\n".join(summary))
 
 

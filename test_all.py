@@ -466,6 +466,65 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
         sampler._build.cache_clear()
 
 
+def test_asking_for_the_kernel_makes_a_failed_build_an_error(monkeypatch):
+    """DGMN_SAMPLER=kernel (what .ci/gpu exports) and backend("kernel") never fall back: the build's error is raised,
+    with no warning and no reference result."""
+    def no_compiler(device_type):
+        raise RuntimeError("nvcc: simulated compiler error")
+
+    monkeypatch.setattr(sampler, "_extension", no_compiler)
+    sampler._build.cache_clear()
+    try:
+        x, offsets, weights = torch.randn(1, 2, 3, 4), walks(1, 9, 3, 4, dtype=torch.float32), torch.rand(1, 1, 9, 3, 4)
+        with sampler.backend("kernel"), warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert sampler.which_path("cpu") == "kernel"
+            with pytest.raises(RuntimeError, match="simulated compiler error"):
+                sampler.aggregate(x, offsets, weights)
+        assert sampler.which_path("meta") == "torch"
+    finally:
+        sampler._build.cache_clear()
+
+
+def test_the_environment_chooses_the_path():
+    def path_in(value):
+        run = subprocess.run([sys.executable, "-c", "import sampler; print(sampler.which_path('cpu'))"],
+                             capture_output=True, text=True, cwd=Path(__file__).parent,
+                             env={**os.environ, "DGMN_SAMPLER": value})
+        return run.stdout.strip() or run.stderr.strip().splitlines()[-1]
+
+    assert [path_in(value) for value in ("torch", "kernel")] == ["torch", "kernel"]
+    assert path_in("fast") == ("ValueError: the environment variable DGMN_SAMPLER must be one of ('auto', 'torch', "
+                               "'kernel'), got 'fast'")
+
+
+def test_the_benchmark_relative_logits_are_the_models():
+    """The sampler benchmark adds Fig. 4b's term as dgmn2.RelativePosition does (symmetric rule)."""
+    rel = dgmn2.RelativePosition((5, 7), 4, 9)
+    q = torch.randn(2, 3, 4, 5, 7)  # (B, G, D, H, W)
+    torch.testing.assert_close(sampler._relative_logits(q, rel.width, rel.height), rel(q))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_benchmark_paths_compute_the_same_function(dtype):
+    """Each row of python sampler.py times one function three ways: the reference, grid_sample and the kernel agree
+    on outputs and gradients (under autocast for bf16, as the models run), at DGMN2-Tiny's stage 4 and DGMN's shape."""
+    cases = list(sampler._cases(1, dtype, "cpu"))
+    for name, fn, inputs, moved in cases[3:]:
+        results = []
+        for path in sampler.PATHS:
+            out = fn(path, *inputs)
+            results.append([out] + list(torch.autograd.grad(out, inputs, torch.ones_like(out))))
+        assert moved > sum(t.numel() * t.element_size() for t in inputs), name
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # relative to the norm: bf16 rounds q, k, v and out
+        for path, other in zip(sampler.PATHS[1:], results[1:]):
+            for i, (a, b) in enumerate(zip(other, results[0])):
+                # Under autocast grid_sample's nodes meet the weights in bf16 products, and the walks' gradient, a
+                # sum over channels that mostly cancels, keeps little of it: only the kernel is held to it there.
+                if not (dtype == torch.bfloat16 and path == "grid_sample" and i == 2):
+                    assert (a.float() - b.float()).norm() <= tolerance * b.float().norm(), (name, path, i)
+
+
 def _cuda_home():
     """A CUDA toolkit (bin/nvcc and its headers) of torch's CUDA major version, or None and the reason."""
     from torch.utils.cpp_extension import CUDA_HOME
@@ -847,13 +906,13 @@ def test_model_errors_are_one_line():
 
 @CUDA
 def test_model_on_cuda_matches_the_cpu_reference(exact_cuda):
-    """The default path on the GPU (the CUDA kernels) against the torch reference on the CPU: logits and every
-    parameter's gradient in float32, then logits under bf16 autocast."""
+    """The CUDA kernels (asked for, so that a failed build fails the test instead of falling back) against the torch
+    reference on the CPU: logits and every parameter's gradient in float32, then logits under bf16 autocast."""
     torch.manual_seed(0)
     model = dgmn2.load_official(dgmn2.dgmn2_tiny(), release_tiny_checkpoint().state_dict()).eval()
     images = torch.randn(2, 3, 64, 96)
     results = []
-    for device, choice in (("cpu", "torch"), ("cuda", "auto")):
+    for device, choice in (("cpu", "torch"), ("cuda", "kernel")):
         with sampler.backend(choice):
             model.to(device).zero_grad()
             logits = model(images.to(device))
@@ -861,9 +920,28 @@ def test_model_on_cuda_matches_the_cpu_reference(exact_cuda):
             results.append([logits.cpu()] + [p.grad.cpu() for p in model.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    with sampler.backend("kernel"), torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         half = model(images.cuda()).float().cpu()
     assert F.cosine_similarity(half.flatten(), results[0][0].flatten(), dim=0) > 0.99
+
+
+def test_profile_lists_where_a_step_goes():
+    """python dgmn2.py --profile (on the GPU: kernels and launches; here the CPU's ops): a table per run whose rows
+    are the most expensive, their shares of the run's total, and the count per layer."""
+    lines = dgmn2._profile("tiny", batch=1, img_size=64, top=5)
+    assert lines[0].startswith("DGMN2-Tiny on CPU, batch 1, 64 x 64, bf16 autocast, the sampler's kernel path")
+    heads = [(i, re.fullmatch(r"(.+): (\d+) ops \((\d+) a layer\), ([\d.]+) ms of op self time", line))
+             for i, line in enumerate(lines)]
+    heads = [(i, m) for i, m in heads if m]
+    assert [m[1] for _, m in heads] == ["stage 1's first layer (16x16x64, 1 head)", "the whole model (8 layers)"]
+    for (i, m), layers in zip(heads, (1, 8)):
+        assert round(int(m[2]) / layers) == int(m[3])
+        rows = [re.fullmatch(r"\| (.+) \| (\d+) \| ([\d.]+) \| ([\d.]+)% \|", line) for line in lines[i + 4:i + 9]]
+        times = [float(row[3]) for row in rows]
+        assert times == sorted(times, reverse=True) and sum(int(row[2]) for row in rows) <= int(m[2])
+        for row in rows:  # each share is its time over the run's total
+            assert float(row[4]) == pytest.approx(100 * float(row[3]) / float(m[4]), abs=0.1)
+    assert any("dgmn_sampler" in line for line in lines)
 
 
 def test_show_walks_draws_a_picture(tmp_path):
@@ -1171,8 +1249,10 @@ def test_synthetic_default_trains_two_steps(tmp_path):
 def test_bench_times_dgmn2_beside_swin_t(tmp_path, capsys):
     assert train_imagenet.main(tiny_run(tmp_path, bench=1, batch_size=2)) is None
     out = capsys.readouterr().out
-    rows = re.findall(r"^\| (DGMN2-tiny|torchvision swin_t) \| ([\d.]+)M \| ([\d.]+) \| ([\d.]+) \|$", out, re.M)
-    assert [row[0] for row in rows] == ["DGMN2-tiny", "torchvision swin_t"] and rows[1][1] == "28.3"
+    rows = re.findall(r"^\| (DGMN2-tiny \(sampler: kernel path\)|torchvision swin_t) \| ([\d.]+)M \| ([\d.]+) \| "
+                      r"([\d.]+) \|$", out, re.M)
+    assert [row[0] for row in rows] == ["DGMN2-tiny (sampler: kernel path)", "torchvision swin_t"]
+    assert rows[1][1] == "28.3"
     assert all(float(rate) > 0 for row in rows for rate in row[2:])
     assert re.search(r"DGMN2-tiny / swin_t: [\d.]+x training, [\d.]+x inference", out)
     assert not (tmp_path / "run").exists()  # a benchmark writes nothing
@@ -2944,3 +3024,91 @@ def test_bad_input_under_torchrun_ends_every_rank_with_one_line(tmp_path):
     assert errors[0].endswith(f"1.png: unreadable image (cannot identify image file '{bad}')")
     assert run.stderr.count("Traceback") == run.stderr.count("ChildFailedError:") <= 1, run.stderr[-3000:]
     assert seconds < 60
+
+
+# ====================================================================================================================
+# .ci/gpu: its refusal without a GPU, its prerequisites and its strict kernel path, on a simulated GPU
+
+
+def ci_gpu(tmp_path, fake_cuda=None, nvcc_release="13.0", ninja=True):
+    """Run .ci/gpu where torch reports a GPU (a sitecustomize patches torch.cuda) and CUDA_HOME holds a stand-in nvcc
+    of the given release that fails every compilation, or no nvcc at all (nvcc_release None); ninja=False puts a
+    failing ninja first on PATH. Returns the finished process and the output folder."""
+    site, cuda, tools = tmp_path / "site", tmp_path / "cuda", tmp_path / "bin"
+    for folder in (site, cuda / "bin", tools):
+        folder.mkdir(parents=True)
+    (site / "sitecustomize.py").write_text(
+        "import torch\n"
+        "torch.cuda.is_available = lambda: True\n"
+        "torch.cuda.get_device_name = lambda device=None: 'Simulated GPU'\n"
+        "torch.cuda.get_device_capability = lambda device=None: (9, 0)\n")
+    if nvcc_release:
+        (cuda / "bin" / "nvcc").write_text(
+            '#!/bin/sh\n'
+            f'if [ "$1" = --version ]; then echo "Cuda compilation tools, release {nvcc_release}, V{nvcc_release}.1"; '
+            'exit 0; fi\n'
+            'echo "nvcc: simulated compiler error" >&2; exit 1\n')
+        (cuda / "bin" / "nvcc").chmod(0o755)
+    if not ninja:
+        (tools / "ninja").write_text("#!/bin/sh\nexit 1\n")
+        (tools / "ninja").chmod(0o755)
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(site), "CUDA_HOME": str(cuda),
+           "PATH": f"{tools}:{os.environ['PATH']}", "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"),
+           "OUT": str(tmp_path / "out"), "COMMIT": "abc1234"}
+    env.pop("DGMN_SAMPLER", None)
+    run = subprocess.run(["bash", str(Path(__file__).with_name(".ci") / "gpu")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    return run, tmp_path / "out"
+
+
+def test_ci_gpu_refuses_in_one_line_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    run = subprocess.run(["bash", str(Path(__file__).with_name(".ci") / "gpu")], capture_output=True, text=True,
+                         env={**os.environ, "PYTHON": sys.executable}, timeout=120)
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr == (".ci/gpu: no CUDA GPU on this machine (torch.cuda.is_available() is False): run it where "
+                          "there is one\n")
+
+
+def test_ci_gpu_names_each_missing_prerequisite(tmp_path):
+    major = torch.version.cuda.split(".")[0] if torch.version.cuda else None
+    if major is None:
+        pytest.skip("needs a CUDA build of torch")
+    run, out = ci_gpu(tmp_path / "a", nvcc_release=None, ninja=False)
+    assert run.returncode == 1 and not out.exists()
+    assert run.stderr.splitlines() == [
+        ".ci/gpu: missing prerequisite: ninja (torch.utils.cpp_extension builds with it): pip install ninja, or put "
+        "ninja on PATH",
+        f".ci/gpu: missing prerequisite: nvcc (looked for {tmp_path / 'a' / 'cuda' / 'bin' / 'nvcc'}): install a "
+        f"CUDA {major}.x toolkit, or set CUDA_HOME to one"]
+    run, out = ci_gpu(tmp_path / "b", nvcc_release=f"{int(major) - 1}.4")
+    assert run.returncode == 1 and not out.exists()
+    assert run.stderr.splitlines() == [
+        f".ci/gpu: missing prerequisite: nvcc of torch's CUDA major version: {tmp_path / 'b' / 'cuda' / 'bin' / 'nvcc'} "
+        f"is CUDA {int(major) - 1}.4, torch {torch.__version__} is built with CUDA {torch.version.cuda}; install a "
+        f"CUDA {major}.x toolkit, or set CUDA_HOME to one"]
+
+
+def test_ci_gpu_fails_a_failed_build_and_runs_nothing_after_it(tmp_path):
+    """A kernel that does not build is a failed step with the compiler's error in gpu.log; no step runs the reference
+    in its place, and the summary names the GPU, the versions and the commit."""
+    if torch.version.cuda is None:
+        pytest.skip("needs a CUDA build of torch")
+    run, out = ci_gpu(tmp_path, nvcc_release=torch.version.cuda)
+    assert run.returncode == 1
+    log, summary = (out / "gpu.log").read_text(), (out / "summary.md").read_text()
+    assert "nvcc: simulated compiler error" in log and "-gencode=arch=compute_90,code=sm_90" in log
+    assert summary.startswith("# .ci/gpu on Simulated GPU\n\n"
+                              f"torch {torch.__version__} built with CUDA {torch.version.cuda}, nvcc release "
+                              f"{torch.version.cuda}, V{torch.version.cuda}.1, driver ")
+    assert ", commit abc1234, " in summary and "DGMN_SAMPLER=kernel" in summary
+    rows = re.findall(r"^\| (.+) \| (.+) \| (\d+) \|$", summary, re.M)
+    assert rows[0][:2] == ("CUDA build", "FAILED (exit 1)")
+    assert [row[0] for row in rows[1:]] == ["CUDA tests", "sampler benchmark", "profile DGMN2-Small",
+                                            "bench DGMN2-tiny vs swin_t", "bench DGMN2-small vs swin_t",
+                                            "bench DGMN2-tiny vs swin_t, channels-last", "torch.compile DGMN2-Tiny"]
+    assert all(row[1] == "NOT RUN: the CUDA build failed (its error is in gpu.log)" for row in rows[1:])
+    assert "none: no step that measures ran to its end" in summary
+    assert "torch reference path" not in log and run.stdout.endswith(summary)
+

@@ -40,6 +40,7 @@ from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
 
 import dgmn2
+import sampler
 
 
 # ================================================================================================================
@@ -715,7 +716,8 @@ def bench(cfg, parts, dtype, device, world, log):
         f"({torch.get_num_threads()} threads):\n| model | parameters | train images/s | inference images/s |\n"
         "|---|---|---|---|")
     rates = []
-    for name, p in [(f"DGMN2-{cfg.model}", parts), ("torchvision swin_t", swin_parts)]:
+    for name, p in [(f"DGMN2-{cfg.model} (sampler: {sampler.which_path(device.type)} path)", parts),
+                    ("torchvision swin_t", swin_parts)]:
         p.trained.train()
         train = images_per_s(functools.partial(train_step, p, images, labels, cfg))
         p.trained.eval()

@@ -917,7 +917,8 @@ def test_model_on_cuda_matches_the_cpu_reference(exact_cuda):
             model.to(device).zero_grad()
             logits = model(images.to(device))
             logits.square().sum().backward()
-            results.append([logits.cpu()] + [p.grad.cpu() for p in model.parameters()])
+            # copies: on the CPU .cpu() is the gradient itself, which model.to("cuda") moves in place
+            results.append([t.to("cpu", copy=True) for t in [logits] + [p.grad for p in model.parameters()]])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     with sampler.backend("kernel"), torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):

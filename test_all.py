@@ -906,23 +906,27 @@ def test_model_errors_are_one_line():
 
 @CUDA
 def test_model_on_cuda_matches_the_cpu_reference(exact_cuda):
-    """The CUDA kernels (asked for, so that a failed build fails the test instead of falling back) against the torch
-    reference on the CPU: logits and every parameter's gradient in float32, then logits under bf16 autocast."""
+    """The CUDA kernels (asked for, so that a failed build fails the test instead of falling back) in float32 against
+    the torch reference on the CPU in float64: logits and every parameter's gradient to 1e-3 of their norm (float32
+    lands near 1e-4: the stem's gradients sum over every pixel, too many roundings for an elementwise 1e-3), then
+    logits under bf16 autocast."""
     torch.manual_seed(0)
     model = dgmn2.load_official(dgmn2.dgmn2_tiny(), release_tiny_checkpoint().state_dict()).eval()
+    names = ["logits"] + [name for name, _ in model.named_parameters()]
     images = torch.randn(2, 3, 64, 96)
     results = []
-    for device, choice in (("cpu", "torch"), ("cuda", "kernel")):
+    for device, choice, dtype in (("cpu", "torch", torch.float64), ("cuda", "kernel", torch.float32)):
         with sampler.backend(choice):
-            model.to(device).zero_grad()
-            logits = model(images.to(device))
+            model.to(device, dtype).zero_grad()
+            logits = model(images.to(device, dtype))
             logits.square().sum().backward()
-            # copies: on the CPU .cpu() is the gradient itself, which model.to("cuda") moves in place
-            results.append([t.to("cpu", copy=True) for t in [logits] + [p.grad for p in model.parameters()]])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+            # copies: on the CPU .to("cpu") alone would be the gradient itself, which model.to("cuda") moves in place
+            results.append([t.to("cpu", torch.float64, copy=True)
+                            for t in [logits] + [p.grad for p in model.parameters()]])
+    for name, kernel, reference in zip(names, *results):
+        assert (kernel - reference).norm() <= 1e-3 * reference.norm(), name
     with sampler.backend("kernel"), torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        half = model(images.cuda()).float().cpu()
+        half = model(images.cuda()).double().cpu()
     assert F.cosine_similarity(half.flatten(), results[0][0].flatten(), dim=0) > 0.99
 
 

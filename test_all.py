@@ -447,43 +447,37 @@ def test_the_kernel_is_the_default_where_it_builds():
         assert not sampler._use_kernel(x)
 
 
-def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
+@pytest.fixture
+def failed_build(monkeypatch):
+    """The kernels' build fails, as without a compiler; yields aggregate's inputs (x, offsets, weights)."""
     def no_compiler(device_type):
-        raise RuntimeError("c++ not found")
+        raise RuntimeError("simulated compiler error")
 
     monkeypatch.setattr(sampler, "_extension", no_compiler)
     sampler._build.cache_clear()
-    try:
-        x, offsets, weights = torch.randn(1, 2, 3, 4), walks(1, 9, 3, 4, dtype=torch.float32), torch.rand(1, 1, 9, 3, 4)
-        with pytest.warns(UserWarning, match="could not build sampler_cuda.cu for cpu .*using the torch reference"):
-            out = sampler.aggregate(x, offsets, weights)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # once: the second call is silent
-            torch.testing.assert_close(sampler.aggregate(x, offsets, weights), out)
-        with sampler.backend("torch"):
-            torch.testing.assert_close(sampler.aggregate(x, offsets, weights), out)
-    finally:
-        sampler._build.cache_clear()
+    yield torch.randn(1, 2, 3, 4), walks(1, 9, 3, 4, dtype=torch.float32), torch.rand(1, 1, 9, 3, 4)
+    sampler._build.cache_clear()
 
 
-def test_asking_for_the_kernel_makes_a_failed_build_an_error(monkeypatch):
+def test_a_failed_build_warns_once_and_falls_back(failed_build):
+    with pytest.warns(UserWarning, match="could not build sampler_cuda.cu for cpu .*using the torch reference"):
+        out = sampler.aggregate(*failed_build)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the second call is silent
+        torch.testing.assert_close(sampler.aggregate(*failed_build), out)
+    with sampler.backend("torch"):
+        torch.testing.assert_close(sampler.aggregate(*failed_build), out)
+
+
+def test_asking_for_the_kernel_makes_a_failed_build_an_error(failed_build):
     """DGMN_SAMPLER=kernel (what .ci/gpu exports) and backend("kernel") never fall back: the build's error is raised,
     with no warning and no reference result."""
-    def no_compiler(device_type):
-        raise RuntimeError("nvcc: simulated compiler error")
-
-    monkeypatch.setattr(sampler, "_extension", no_compiler)
-    sampler._build.cache_clear()
-    try:
-        x, offsets, weights = torch.randn(1, 2, 3, 4), walks(1, 9, 3, 4, dtype=torch.float32), torch.rand(1, 1, 9, 3, 4)
-        with sampler.backend("kernel"), warnings.catch_warnings():
-            warnings.simplefilter("error")
-            assert sampler.which_path("cpu") == "kernel"
-            with pytest.raises(RuntimeError, match="simulated compiler error"):
-                sampler.aggregate(x, offsets, weights)
-        assert sampler.which_path("meta") == "torch"
-    finally:
-        sampler._build.cache_clear()
+    with sampler.backend("kernel"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sampler.which_path("cpu") == "kernel"
+        with pytest.raises(RuntimeError, match="simulated compiler error"):
+            sampler.aggregate(*failed_build)
+    assert sampler.which_path("meta") == "torch"
 
 
 def test_the_environment_chooses_the_path():
@@ -3088,11 +3082,12 @@ def test_ci_gpu_names_each_missing_prerequisite(tmp_path):
         f".ci/gpu: missing prerequisite: nvcc (looked for {tmp_path / 'a' / 'cuda' / 'bin' / 'nvcc'}): install a "
         f"CUDA {major}.x toolkit, or set CUDA_HOME to one"]
     run, out = ci_gpu(tmp_path / "b", nvcc_release=f"{int(major) - 1}.4")
+    nvcc = tmp_path / "b" / "cuda" / "bin" / "nvcc"
     assert run.returncode == 1 and not out.exists()
     assert run.stderr.splitlines() == [
-        f".ci/gpu: missing prerequisite: nvcc of torch's CUDA major version: {tmp_path / 'b' / 'cuda' / 'bin' / 'nvcc'} "
-        f"is CUDA {int(major) - 1}.4, torch {torch.__version__} is built with CUDA {torch.version.cuda}; install a "
-        f"CUDA {major}.x toolkit, or set CUDA_HOME to one"]
+        f".ci/gpu: missing prerequisite: nvcc of torch's CUDA major version: {nvcc} is CUDA {int(major) - 1}.4, torch "
+        f"{torch.__version__} is built with CUDA {torch.version.cuda}; install a CUDA {major}.x toolkit, or set "
+        "CUDA_HOME to one"]
 
 
 def test_ci_gpu_fails_a_failed_build_and_runs_nothing_after_it(tmp_path):

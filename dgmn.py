@@ -14,8 +14,9 @@ Symbols, used throughout: B batch, C channels, H x W the map, K nodes per rate, 
 
 Two parameter layouts, one switch (channel_transforms), each where the paper used it:
 - True, Table 2's: per rate a C x C transform (Eq. 1's w^q) and a ks x ks predictor of G K + K channels, plus one
-  shared C x C update U. It reproduces all three rows of Table 2 exactly (../shared/reference/official-dgmn.md);
-  the Cityscapes models use it.
+  shared C x C update U. It reproduces all three rows of Table 2 exactly (`python dgmn.py`), which the release's
+  layout does not (its convolutions, channel_transforms=False below, have 1,451,520 weights at C = 512 and five
+  rates against Table 2's +2.61M); the Cityscapes models use it.
 - False, the authors' release (lzrobots/dgmn): no C x C maps; per rate the walk conv and the deformable ks x ks
   predictor, and h = f + sum_q beta_q m_q. 2268 C parameters per module at four rates (plus the walks' biases and
   the scalars), which is what gives Section 5.3's 51.1M for Mask R-CNN R-50 + DGMN (C4, C5); the COCO models use it.
@@ -33,7 +34,10 @@ import torch
 import torch.nn as nn
 from einops import rearrange, reduce
 
-import sampler
+try:  # inside a package: the model files copied into a project
+    from . import sampler
+except ImportError:  # at the top level of this repository
+    import sampler
 
 CITYSCAPES_RATES = (1, 6, 12, 24, 36)  # Section 5.1: the network's stride is 8
 COCO_RATES = (1, 4, 8, 12)             # Section 5.1: C4 / C5 at strides 16 / 32

@@ -29,7 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-import sampler
+try:  # inside a package: the model files copied into a project
+    from . import sampler
+except ImportError:  # at the top level of this repository
+    import sampler
 
 KERNEL_SIZE = 3                      # the 3 x 3 grid of sampled nodes around each query (K = 9), one rate
 LAYER_NORM_EPS = 1e-6                # the release's LayerNorm
@@ -50,7 +53,8 @@ class RelativePosition(nn.Module):
     The release computes the height term on the transposed map and never transposes it back: its height logits are
     the symmetric ones transposed, which for an H x W map lie on a W x H grid that its detection code resizes
     (bilinearly) to H x W. Its weights were trained with that rule; `load_official` turns it on. The rule is stored
-    in the state dict, so a model fine-tuned from those weights keeps it.
+    in the state dict as a bool tensor (`release_rule`), so a model fine-tuned from those weights keeps it, and every
+    state-dict value is a tensor (safetensors, dtype loops).
 
     The tables are built for one map size (the 224 x 224 ImageNet input) and resized bilinearly along their rows for
     any other, as the paper does for detection and segmentation (Section 4.1).
@@ -62,13 +66,25 @@ class RelativePosition(nn.Module):
         self.nodes = nodes
         self.height = nn.Parameter(torch.randn(height + nodes - 1, head_dim) * head_dim ** -0.5)
         self.width = nn.Parameter(torch.randn(width + nodes - 1, head_dim) * head_dim ** -0.5)
-        self.transposed = False
+        self.register_buffer("release_rule", torch.tensor(False))
+        self._transposed = False  # the buffer's value as a Python bool: forward branches on it (torch.compile too)
 
-    def get_extra_state(self):
-        return {"transposed": self.transposed}
+    @property
+    def transposed(self):
+        return self._transposed
 
-    def set_extra_state(self, state):
-        self.transposed = state["transposed"]
+    @transposed.setter
+    def transposed(self, value):
+        self._transposed = bool(value)
+        self.release_rule.fill_(self._transposed)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.pop(prefix + "_extra_state", None)  # our checkpoints from before the rule was a tensor
+        if saved is not None:
+            state_dict[prefix + "release_rule"] = torch.tensor(saved["transposed"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "release_rule" in state_dict:
+            self._transposed = bool(state_dict[prefix + "release_rule"])
 
     def _by_slot(self, table, length):
         """(length + K - 1, D) rows along one axis -> (length, K, D): entry [p, s] is row s + length - 1 - p."""
@@ -116,7 +132,9 @@ class DGMN2Attention(nn.Module):
         self.rel_pos = RelativePosition(size, head_dim, nodes)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, H, W):
+    def walks_and_weights(self, x, H, W):
+        """Every query's walks and attention over its K nodes, and the values they weigh: x (B, N, C) ->
+        v (B, C, H, W), offsets (B, 2K G, H, W), attn (B, G, K, H, W)."""
         G = self.heads
         # The sampler reads q, k, v and the walks where the Linears wrote them: channels-last views, a walk per head.
         q, k, v = rearrange(self.qkv(x), "b (h w) (three c) -> three b c h w", three=3, h=H)  # each (B, C, H, W)
@@ -125,8 +143,11 @@ class DGMN2Attention(nn.Module):
         # Eq. 9 has no 1 / sqrt(D); the release scales q . k by it, and adds the relative-position term unscaled.
         logits = sampler.dot(q, k, offsets, groups=G, offset_groups=G) * self.scale \
             + self.rel_pos(rearrange(q, "b (g d) h w -> b g d h w", g=G))  # (B, G, K, H, W)
-        attn = logits.softmax(dim=2)
-        out = sampler.aggregate(v, offsets, attn, offset_groups=G)  # (B, C, H, W), channels-last
+        return v, offsets, logits.softmax(dim=2)
+
+    def forward(self, x, H, W):
+        v, offsets, attn = self.walks_and_weights(x, H, W)
+        out = sampler.aggregate(v, offsets, attn, offset_groups=self.heads)  # (B, C, H, W), channels-last
         return self.proj(rearrange(out, "b c h w -> b (h w) c"))
 
 
@@ -322,6 +343,25 @@ def _our_name(name):
     return name
 
 
+def _read(checkpoint):
+    """A checkpoint's dict of weights: from a path (the file named in every error) or an already loaded dict; the
+    weights under "model" (as the release's and train_imagenet.py's training scripts save them) or bare."""
+    if isinstance(checkpoint, (str, Path)):
+        if not Path(checkpoint).is_file():
+            raise ValueError(f"{checkpoint}: no such checkpoint file")
+        try:  # the release's training script saves its argparse.Namespace beside the weights
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                loaded = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except (RuntimeError, pickle.UnpicklingError) as error:
+            raise ValueError(f"{checkpoint}: not a readable checkpoint ({str(error).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{checkpoint}: not a checkpoint (a {type(loaded).__name__}, not a dict of tensors)")
+        checkpoint = loaded
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"checkpoint must be a path or a dict of tensors, got {type(checkpoint).__name__}")
+    return checkpoint.get("model", checkpoint)
+
+
 def load_official(model, checkpoint):
     """Load a checkpoint of the authors' release (fudan-zvg/DGMN2, classification/) into a DGMN2 of the same variant
     and switch its relative positions to the release's (transposed) rule, so that it gives the released model's
@@ -329,17 +369,7 @@ def load_official(model, checkpoint):
     script saves them) or bare, under the release's names. Strict: every tensor must be there with its shape, except
     the relative-position tables, which are resized (bilinearly, as at run time) for a model built with another
     img_size, and the classifier, which a backbone (num_classes=0) leaves out. Returns the model."""
-    if isinstance(checkpoint, (str, Path)):
-        if not Path(checkpoint).is_file():
-            raise ValueError(f"{checkpoint}: no such checkpoint file")
-        try:  # the release's training script saves its argparse.Namespace beside the weights
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except (RuntimeError, pickle.UnpicklingError) as error:
-            raise ValueError(f"{checkpoint}: not a readable checkpoint ({str(error).splitlines()[0]})") from None
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"checkpoint must be a path or a dict of tensors, got {type(checkpoint).__name__}")
-    release = checkpoint.get("model", checkpoint)
+    release = _read(checkpoint)
     foreign = [name for name in release if not re.match(r"(patch_embed[1-4]|block[1-4]|head)\.", name)]
     if foreign:
         raise ValueError(f"not the release's format: {len(foreign)} names such as {foreign[0]!r} are not its names "
@@ -352,8 +382,8 @@ def load_official(model, checkpoint):
         if name.split(".")[-2] == "rel_pos" and name in ours and tensor.shape[1:] == ours[name].shape[1:]:
             state[name] = F.interpolate(tensor[None, None].float(), size=ours[name].shape, mode="bilinear",
                                         align_corners=False)[0, 0].to(tensor.dtype)  # (rows, D) -> (our rows, D)
-    rules = [name for name in ours if name.endswith("rel_pos._extra_state")]
-    state.update({name: {"transposed": True} for name in rules})
+    rules = [name for name in ours if name.endswith("rel_pos.release_rule")]
+    state.update({name: torch.tensor(True) for name in rules})
     missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
     wrong = [f"{name} {tuple(state[name].shape)} (ours {tuple(ours[name].shape)})" for name in ours
              if name in state and name not in rules and state[name].shape != ours[name].shape]
@@ -364,6 +394,40 @@ def load_official(model, checkpoint):
         raise ValueError("checkpoint does not fit this DGMN2 (another variant or number of classes?): "
                          + "; ".join(p for p in problems if p))
     model.load_state_dict(state)
+    return model
+
+
+def from_checkpoint(checkpoint):
+    """The DGMN2 that a checkpoint holds, built and loaded: the release's (through load_official) or this project's
+    (train_imagenet.py's, or a bare state dict), whatever its variant (read off its layers), number of classes (off
+    its classifier; 0 without one) and, for ours, the img_size its relative-position tables were built for."""
+    weights = _read(checkpoint)
+    where = f"{checkpoint}: " if isinstance(checkpoint, (str, Path)) else ""
+    release = any(name.startswith("block1.") for name in weights)
+    layer = r"block(\d)\.(\d+)\." if release else r"stages\.(\d)\.layers\.(\d+)\."
+    found = {}  # stage -> layers
+    for name in weights:
+        if match := re.match(layer, name):
+            stage = int(match[1]) - release  # the release counts stages from 1
+            found[stage] = max(found.get(stage, 0), int(match[2]) + 1)
+    depths = tuple(found.get(stage, 0) for stage in range(4))
+    variant = next((name for name, v in VARIANTS.items() if v.depths == depths), None)
+    if variant is None:
+        raise ValueError(f"{where}no DGMN2 variant has {depths} layers per stage (Table 1: "
+                         f"{', '.join(f'{n} {v.depths}' for n, v in VARIANTS.items())})")
+    head = weights.get("head.weight")
+    num_classes = head.shape[0] if head is not None else 0
+    if release:
+        return load_official(build(variant, num_classes=num_classes), weights)
+    rows = [weights["stages.0.layers.0.attn.rel_pos.height"].shape[0],
+            weights["stages.0.layers.0.attn.rel_pos.width"].shape[0]]
+    img_size = tuple(4 * (n - KERNEL_SIZE ** 2 + 1) for n in rows)  # stage 1's map is a quarter of the image
+    model = build(variant, num_classes=num_classes, img_size=img_size)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        raise ValueError(f"{where}does not load into DGMN2-{variant.capitalize()}: "
+                         f"{' '.join(str(error).split())[:300]}") from None
     return model
 
 
@@ -454,39 +518,80 @@ def _profile(variant="small", batch=64, img_size=224, top=10):
     return lines
 
 
-def _show_walks(image_path, variant="tiny", weights=None, point=None, out_path="walks.png"):
-    """Draw the K nodes that each head of the last layer of every stage samples for one pixel (Fig. 5 and 11).
-    point: (row, column) in image pixels, the centre by default."""
-    from PIL import Image
-    from torchvision.transforms.functional import pil_to_tensor
-    from torchvision.utils import draw_keypoints, save_image
-    image = pil_to_tensor(Image.open(image_path).convert("RGB"))  # (3, H, W) uint8
-    model = build(variant).eval()
-    if weights:
-        load_official(model, weights)
-    walks = {}  # stage -> (1, N, G, 2K) walks of its last layer
+STAGE_COLOURS = ["red", "orange", "yellow", "cyan"]  # --show-walks: the ring around a node of stage 1, 2, 3, 4
+VIRIDIS = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]  # attention 0 ... 1
+NODE_RADIUS, PANEL_WIDTH, PANEL_HEIGHT = 3, 110, 150  # pixels of a drawn node; the legend's panel beside the image
+
+
+def _shade(weight):
+    """The colour of an attention weight in [0, 1]: linear between VIRIDIS's anchors, as Fig. 11 shades its nodes."""
+    position = min(max(weight, 0.0), 1.0) * (len(VIRIDIS) - 1)
+    i = min(int(position), len(VIRIDIS) - 2)
+    return tuple(round(a + (b - a) * (position - i)) for a, b in zip(VIRIDIS[i], VIRIDIS[i + 1]))
+
+
+def _sampled_nodes(model, image, point):
+    """The K nodes that each head of the last layer of every stage samples for one pixel, and their attention:
+    image (3, H, W) uint8, point (row, column) -> [(stage, head, row, column, weight)], positions in image pixels."""
+    seen = {}  # stage -> offsets (1, 2K G, h, w), attn (1, G, K, h, w) of its last layer
     for s, stage in enumerate(model.stages):
-        stage.layers[-1].attn.walk.register_forward_hook(lambda module, args, out, s=s: walks.__setitem__(s, out))
+        stage.layers[-1].attn.register_forward_hook(
+            lambda module, args, out, s=s: seen.__setitem__(s, module.walks_and_weights(*args)[1:]))
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
     with torch.no_grad():
         model(((image / 255 - mean) / std)[None])
-    y, x = point or (image.shape[1] // 2, image.shape[2] // 2)
-    if not (0 <= y < image.shape[1] and 0 <= x < image.shape[2]):
-        raise ValueError(f"point (row {y}, column {x}) lies outside the {image.shape[1]} x {image.shape[2]} image")
-    colours = ["red", "orange", "yellow", "cyan"]
     steps = torch.arange(KERNEL_SIZE) - KERNEL_SIZE // 2
     grid = torch.cartesian_prod(steps, steps)  # (K, 2) the uniform grid, node k = KERNEL_SIZE * i + j
+    nodes = []
     for s, stride in enumerate(model.strides):
+        offsets, attn = seen[s]
+        h, w = attn.shape[-2:]
         # Stride-2, padding-1 3x3 convs centre feature p on image pixel stride * p.
-        h, w = math.ceil(image.shape[1] / stride), math.ceil(image.shape[2] / stride)
-        qy, qx = min(round(y / stride), h - 1), min(round(x / stride), w - 1)
-        offsets = rearrange(walks[s][0, qy * w + qx], "g (k yx) -> g k yx", yx=2)  # (G, K, 2) walks, (dy, dx)
-        nodes = (torch.tensor([qy, qx]) + grid + offsets) * stride  # (G, K, 2) in image pixels, (row, column)
-        image = draw_keypoints(image, nodes.flip(-1), colors=colours[s], radius=3)  # takes (x, y)
-    image = draw_keypoints(image, torch.tensor([[[x, y]]], dtype=torch.float), colors="blue", radius=5)
-    save_image(image / 255, out_path)
-    print(f"{out_path}: the nodes sampled for pixel (row {y}, column {x}) by the last layer of stages 1-4 "
-          f"({', '.join(colours)}){'' if weights else ', untrained'}")
+        qy, qx = min(round(point[0] / stride), h - 1), min(round(point[1] / stride), w - 1)
+        walks = rearrange(offsets[0, :, qy, qx], "(g k yx) -> g k yx", k=KERNEL_SIZE ** 2, yx=2)  # (G, K, 2)
+        where = (torch.tensor([qy, qx]) + grid + walks) * stride  # (G, K, 2) in image pixels, (row, column)
+        nodes += [(s, g, *where[g, k].tolist(), attn[0, g, k, qy, qx].item())
+                  for g in range(walks.shape[0]) for k in range(walks.shape[1])]
+    return nodes
+
+
+def _show_walks(image_path, variant="tiny", weights=None, point=None, out_path="walks.png"):
+    """Draw the nodes that each head of the last layer of every stage samples for one pixel (Fig. 5 and 11): each
+    node filled with the shade of its attention weight and ringed in its stage's colour, a legend and a colour bar
+    in a panel beside the image. weights: a checkpoint of ours or the release's (from_checkpoint), else an untrained
+    `variant`. point: (row, column) in image pixels, the centre by default. Returns the nodes drawn."""
+    from PIL import Image, ImageDraw
+    from torchvision.transforms.functional import pil_to_tensor
+    try:
+        picture = Image.open(image_path).convert("RGB")
+    except OSError as error:
+        raise ValueError(f"{image_path}: not a readable image ({error})") from None
+    y, x = point or (picture.height // 2, picture.width // 2)
+    if not (0 <= y < picture.height and 0 <= x < picture.width):
+        raise ValueError(f"point (row {y}, column {x}) lies outside the {picture.height} x {picture.width} image "
+                         f"{image_path}")
+    model = (from_checkpoint(weights) if weights else build(variant)).eval()
+    nodes = _sampled_nodes(model, pil_to_tensor(picture), (y, x))
+    canvas = Image.new("RGB", (picture.width + PANEL_WIDTH, max(picture.height, PANEL_HEIGHT)), (32, 32, 32))
+    canvas.paste(picture)
+    draw = ImageDraw.Draw(canvas)
+    draw.ellipse([x - 5, y - 5, x + 5, y + 5], outline="blue", width=2)  # the query, under its nodes
+    for stage, _, row, column, weight in nodes:
+        draw.ellipse([column - NODE_RADIUS, row - NODE_RADIUS, column + NODE_RADIUS, row + NODE_RADIUS],
+                     fill=_shade(weight), outline=STAGE_COLOURS[stage])
+    left = picture.width + 8
+    for stage, colour in enumerate(STAGE_COLOURS):
+        draw.text((left, 6 + 14 * stage), f"stage {stage + 1}", fill=colour)
+    top, bottom = 86, PANEL_HEIGHT - 10  # the colour bar: attention 1 at the top, 0 at the bottom
+    for row in range(top, bottom + 1):
+        draw.line([left, row, left + 12, row], fill=_shade((bottom - row) / (bottom - top)))
+    draw.text((left + 18, top - 5), "1", fill="white")
+    draw.text((left + 18, bottom - 8), "0", fill="white")
+    draw.text((left, top - 18), "attention", fill="white")
+    canvas.save(out_path)
+    print(f"{out_path}: the nodes sampled for pixel (row {y}, column {x}) by the last layer of every stage, shaded by "
+          f"their attention weight{'' if weights else ' (untrained)'}")
+    return nodes
 
 
 if __name__ == "__main__":
@@ -498,7 +603,8 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=64, help="images for --profile")
     parser.add_argument("--model", default="tiny", choices=list(VARIANTS), help="the variant for --show-walks and "
                         "--profile")
-    parser.add_argument("--weights", help="a release checkpoint for --show-walks (without one the walks are untrained)")
+    parser.add_argument("--weights", help="a checkpoint for --show-walks, the release's or train_imagenet.py's (its "
+                        "variant and classes are read off it; without one the walks are untrained)")
     parser.add_argument("--point", type=int, nargs=2, metavar=("ROW", "COL"), help="the pixel (default: the centre)")
     parser.add_argument("--out", default="walks.png", help="where --show-walks writes its picture")
     args = parser.parse_args()
@@ -509,7 +615,7 @@ if __name__ == "__main__":
     elif args.show_walks:
         try:
             _show_walks(args.show_walks, args.model, args.weights, args.point, args.out)
-        except (OSError, ValueError) as error:
-            parser.error(f"{args.show_walks}: {error}")
+        except ValueError as error:  # each names the file at fault
+            parser.error(str(error))
     else:
         _table_6()

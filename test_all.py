@@ -42,6 +42,7 @@ import train_coco
 import train_imagenet
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+MODEL_FILES = ["sampler.py", "sampler_cuda.cu", "dgmn.py", "dgmn2.py"]  # what a project copies to use the models
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 # ====================================================================================================================
@@ -709,6 +710,60 @@ def test_checkpoint_round_trip_reproduces_the_release(tmp_path):
         assert (reloaded.eval()(images) - expected).abs().max() <= 1e-4
 
 
+def test_every_state_dict_value_is_a_tensor_and_older_checkpoints_load():
+    """The release rule is a bool buffer: safetensors and dtype loops take the state dict; a state dict saved when the
+    rule was a Python bool under _extra_state still loads and keeps its rule."""
+    model = dgmn2.load_official(dgmn2.dgmn2_tiny(), release_tiny_checkpoint().state_dict())
+    state = model.state_dict()
+    assert all(isinstance(value, torch.Tensor) for value in state.values())
+    halved = {name: value.half() if value.is_floating_point() else value for name, value in state.items()}
+    fresh = dgmn2.dgmn2_tiny()
+    fresh.load_state_dict(halved)
+    assert all(m.transposed for m in fresh.modules() if isinstance(m, dgmn2.RelativePosition))
+    older = {name.replace("release_rule", "_extra_state"): {"transposed": True} if name.endswith("release_rule")
+             else value for name, value in state.items()}
+    fresh = dgmn2.dgmn2_tiny()
+    fresh.load_state_dict(older)
+    rules = [m for m in fresh.modules() if isinstance(m, dgmn2.RelativePosition)]
+    assert len(rules) == 8 and all(m.transposed and m.release_rule.item() for m in rules)
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(images), model.eval()(images))
+
+
+def test_the_model_files_work_copied_into_a_package(tmp_path):
+    """A researcher copies the model files into myproject/models/: they import each other from there, and beside the
+    repository's own copies in one process (the custom ops registered twice, and once more on reload)."""
+    package = tmp_path / "myproject" / "models"
+    package.mkdir(parents=True)
+    for init in (tmp_path / "myproject" / "__init__.py", package / "__init__.py"):
+        init.write_text("")
+    for name in MODEL_FILES:
+        shutil.copy(Path(__file__).with_name(name), package / name)
+    code = f"""
+import importlib, sys
+import torch
+import dgmn2, sampler
+sys.path.insert(0, {str(tmp_path)!r})
+from myproject.models import dgmn, dgmn2 as copied, sampler as copied_sampler
+assert copied.sampler is copied_sampler is dgmn.sampler and copied_sampler is not sampler
+importlib.reload(copied_sampler)
+images = torch.randn(1, 3, 64, 64)
+for module in (dgmn2, copied):
+    torch.manual_seed(0)
+    model = module.dgmn2_tiny(num_classes=10).eval()
+    with torch.no_grad():
+        logits = model(images)
+    print(module.__name__, tuple(logits.shape), "%.4f" % logits.sum().item(), sep="|")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    top, copy = (line.split("|") for line in run.stdout.splitlines())
+    assert (top[0], copy[0]) == ("dgmn2", "myproject.models.dgmn2") and top[1] == copy[1] == "(1, 10)"
+    assert top[2] == copy[2]  # the same model from the same seed: the same logits
+
+
 def test_load_official_refuses_what_does_not_fit(tmp_path):
     release = ReleaseDGMN2(dgmn2.VARIANTS["tiny"].depths).state_dict()
     with pytest.raises(ValueError, match="missing") as error:
@@ -943,14 +998,64 @@ def test_profile_lists_where_a_step_goes():
     assert any("dgmn_sampler" in line for line in lines)
 
 
+def test_from_checkpoint_builds_what_a_checkpoint_holds(tmp_path):
+    """Ours (train_imagenet.py's format or a bare state dict, any variant, classes and img_size) and the release's,
+    each giving the saved model's logits; a file that is no DGMN2 is named in a one-line error."""
+    images = torch.randn(1, 3, 64, 64)
+    torch.manual_seed(0)
+    small = dgmn2.dgmn2_small(num_classes=7, img_size=(192, 256)).eval()
+    small.stages[0].layers[0].attn.rel_pos.transposed = True
+    path = tmp_path / "checkpoint-0001.pth"
+    torch.save({"model": small.state_dict(), "optimizer": {}, "config": {"model": "small"}, "epoch": 1}, path)
+    release = release_tiny_checkpoint()
+    expected = dgmn2.load_official(dgmn2.dgmn2_tiny(), release.state_dict()).eval()
+    for checkpoint, model in ((path, small), (small.state_dict(), small), (release.state_dict(), expected)):
+        built = dgmn2.from_checkpoint(checkpoint).eval()
+        assert built.state_dict().keys() == model.state_dict().keys()
+        with torch.no_grad():
+            torch.testing.assert_close(built(images), model(images))
+    assert dgmn2.from_checkpoint(path).stages[0].layers[0].attn.rel_pos.transposed
+    backbone = dgmn2.dgmn2_medium(num_classes=0)
+    assert isinstance(dgmn2.from_checkpoint(backbone.state_dict()).head, nn.Identity)
+    torch.save({"model": {"stages.0.layers.0.attn.qkv.weight": torch.zeros(3)}}, tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match=r"odd.pth: no DGMN2 variant has \(1, 0, 0, 0\) layers per stage") as error:
+        dgmn2.from_checkpoint(tmp_path / "odd.pth")
+    assert "\n" not in str(error.value)
+
+
 def test_show_walks_draws_a_picture(tmp_path):
+    """Fig. 11's picture: every head's K nodes of the last layer of every stage, each filled with the shade of its
+    attention weight (the weights of a head summing to one), beside a legend and a colour bar."""
     from PIL import Image
     image, out = tmp_path / "image.png", tmp_path / "walks.png"
-    Image.fromarray(torch.randint(0, 256, (48, 64, 3), dtype=torch.uint8).numpy()).save(image)
-    dgmn2._show_walks(image, point=(20, 30), out_path=out)
-    assert Image.open(out).size == (64, 48)
-    with pytest.raises(ValueError, match=r"point \(row 48, column 0\) lies outside the 48 x 64 image"):
-        dgmn2._show_walks(image, point=(48, 0), out_path=out)
+    Image.fromarray(torch.randint(0, 256, (256, 288, 3), dtype=torch.uint8).numpy()).save(image)
+    torch.manual_seed(0)
+    small = dgmn2.dgmn2_small(num_classes=3)
+    torch.save({"model": small.state_dict(), "config": {"model": "small"}}, tmp_path / "ours.pth")
+    nodes = dgmn2._show_walks(image, weights=tmp_path / "ours.pth", point=(120, 150), out_path=out)
+    picture = Image.open(out)
+    assert picture.size == (288 + dgmn2.PANEL_WIDTH, 256)
+    heads = small.stages[0].layers[0].attn.heads, *(stage.layers[0].attn.heads for stage in small.stages[1:])
+    assert len(nodes) == 9 * sum(heads)
+    for stage, head in {(n[0], n[1]) for n in nodes}:
+        assert sum(n[4] for n in nodes if n[:2] == (stage, head)) == pytest.approx(1, abs=1e-5)
+    # A node with no other near it shows its own shade at its centre.
+    alone = [n for n in nodes if 8 <= n[2] < 248 and 8 <= n[3] < 280 and
+             all(max(abs(n[2] - m[2]), abs(n[3] - m[3])) > 2 * dgmn2.NODE_RADIUS + 2 for m in nodes if m is not n)]
+    assert alone
+    for _, _, row, column, weight in alone:
+        assert picture.getpixel((round(column), round(row))) == dgmn2._shade(weight)
+    assert picture.getpixel((288 + 14, 86)) == dgmn2._shade(1) == dgmn2.VIRIDIS[-1]  # the colour bar's top
+    assert dgmn2._shade(0) == dgmn2.VIRIDIS[0] and dgmn2._shade(0.5) == dgmn2.VIRIDIS[2]
+    with pytest.raises(ValueError, match=r"point \(row 256, column 0\) lies outside the 256 x 288 image"):
+        dgmn2._show_walks(image, point=(256, 0), out_path=out)
+    (tmp_path / "bad.pth").write_text("not a checkpoint")
+    for call, culprit in ((lambda: dgmn2._show_walks(image, weights=tmp_path / "bad.pth", out_path=out), "bad.pth"),
+                          (lambda: dgmn2._show_walks(tmp_path / "ours.pth", out_path=out), "ours.pth")):
+        with pytest.raises(ValueError, match=f"{culprit}: not a readable") as error:
+            call()
+        assert "\n" not in str(error.value)
+
 
 # ====================================================================================================================
 # dgmn.py: Eq. 1-7, Table 2, Section 5.1

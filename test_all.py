@@ -34,6 +34,7 @@ from pycocotools.cocoeval import COCOeval
 from torchvision.ops import deform_conv2d
 from torchvision.transforms import v2
 
+import detection
 import dgmn
 import dgmn2
 import sampler
@@ -2527,7 +2528,7 @@ def test_each_detector_trains_two_iterations(tmp_path, model):
 @pytest.mark.parametrize("model", ["retinanet-dgmn2-tiny", "maskrcnn-dgmn2-tiny", "maskrcnn-r50-dgmn-c5"])
 def test_every_detector_parameter_gets_a_gradient(model):
     torch.manual_seed(0)
-    detector = train_coco.build_model(train_coco.Config(model=model, min_size=64, max_size=64), 5)
+    detector = detection.build(model, 5, min_size=64, max_size=64)
     masks = torch.zeros(2, 64, 64, dtype=torch.uint8)
     masks[0, 8:40, 4:30], masks[1, 30:60, 36:62] = 1, 1
     target = dict(boxes=torch.tensor([[4.0, 8, 30, 40], [36, 30, 62, 60]]), labels=torch.tensor([1, 4]), masks=masks)
@@ -2537,30 +2538,29 @@ def test_every_detector_parameter_gets_a_gradient(model):
 
 
 def test_detector_parameter_counts_equal_tables_7_and_8():
-    for name, spec in train_coco.MODELS.items():
+    for name, spec in detection.MODELS.items():
         if spec.backbone in dgmn2.VARIANTS:  # the paper's heads score 80 classes (Mask R-CNN: and the background)
             with torch.device("meta"):
-                detector = train_coco.build_model(train_coco.Config(model=name), 80 + (spec.detector == "maskrcnn"))
+                detector = detection.build(name, 80 + (spec.detector == "maskrcnn"))
             assert abs(sum(p.numel() for p in detector.parameters()) / 1e6 - spec.params_m) < 0.15, name
 
 
 def test_pretrained_backbones_load_from_local_files(tmp_path):
     from torchvision.models import resnet50
     torch.save(resnet50().state_dict(), tmp_path / "resnet50.pth")
-    cfg = detection_run(tmp_path, model="maskrcnn-r50-dgmn-c5")
-    detector = train_coco.build_model(cfg, 5, pretrained=True)
-    state = train_coco.read_weights(str(tmp_path / "resnet50.pth"))
-    train_coco.load_pretrained(detector, state, "resnet50.pth")
+    detector = detection.build("maskrcnn-r50-dgmn-c5", 5, min_size=64, max_size=64, pretrained=True)
+    state = train_coco.read_weights(str(tmp_path / "resnet50.pth"))  # reading the file is the script's
+    detection.load_pretrained(detector, state)
     torch.testing.assert_close(detector.backbone.body.layer4[0].conv2.weight, state["layer4.0.conv2.weight"])
     assert not detector.backbone.body.layer1[0].conv1.weight.requires_grad  # Detectron's 1x: stem and res2 frozen
     assert isinstance(detector.backbone.body.bn1, torchvision.ops.FrozenBatchNorm2d)
-    tiny = train_coco.build_model(dataclasses.replace(cfg, model="maskrcnn-dgmn2-tiny"), 5, pretrained=True)
+    tiny = detection.build("maskrcnn-dgmn2-tiny", 5, min_size=64, max_size=64, pretrained=True)
     release = dict(model=release_tiny_checkpoint().state_dict(), epoch=299, args=argparse.Namespace(model="tiny"))
     torch.save(release, tmp_path / "dgmn2_tiny.pth")  # as the release's script saves it
-    train_coco.load_pretrained(tiny, train_coco.read_weights(str(tmp_path / "dgmn2_tiny.pth")), "dgmn2_tiny.pth")
+    detection.load_pretrained(tiny, train_coco.read_weights(str(tmp_path / "dgmn2_tiny.pth")))
     assert tiny.backbone.body.stages[0].layers[0].attn.rel_pos.transposed  # the release's rule came with its weights
-    with pytest.raises(train_coco.InputError, match="not a torchvision ResNet-50 state dict"):
-        train_coco.load_pretrained(detector, {"conv1.weight": torch.zeros(1)}, "x.pth")
+    with pytest.raises(ValueError, match="not a torchvision ResNet-50 state dict"):
+        detection.load_pretrained(detector, {"conv1.weight": torch.zeros(1)})
 
 
 def test_detection_recipes_are_the_papers():
@@ -2611,8 +2611,9 @@ def test_detection_bad_input_gives_one_line(tmp_path):
     (data / "annotations" / "instances_train2017.json").unlink()
     broken = write_coco(tmp_path / "broken")
     (broken / "annotations" / "instances_val2017.json").write_text("{not json")
-    foreign = tmp_path / "foreign.pth"
+    foreign, misfit = tmp_path / "foreign.pth", tmp_path / "misfit.pth"
     torch.save(dict(config={}, model={}), foreign)
+    torch.save({"conv1.weight": torch.zeros(1)}, misfit)  # readable, but no backbone's weights
     cases = [(dict(data=str(tmp_path / "nowhere")), "nowhere: no such data directory"),
              (dict(data=str(data)), "instances_train2017.json: no such annotation file"),
              (dict(data=str(broken)), "instances_val2017.json: not a COCO annotation file"),
@@ -2621,7 +2622,9 @@ def test_detection_bad_input_gives_one_line(tmp_path):
              (dict(lr_steps="3,3"), "--lr-steps '3,3': give increasing iterations"),
              (dict(resume=str(foreign)), "foreign.pth: not a checkpoint of train_coco.py"),
              (dict(min_size=200), "--min-size 200 exceeds --max-size 64"),
-             (dict(pretrained=str(tmp_path / "none.pth")), "--pretrained .*none.pth: no such file")]
+             (dict(pretrained=str(tmp_path / "none.pth")), "--pretrained .*none.pth: no such file"),
+             (dict(pretrained=str(misfit)), "--pretrained .*misfit.pth: not the release's format"),  # detection.py's
+             (dict(pretrained=str(misfit), model="maskrcnn-r50"), "misfit.pth: not a torchvision ResNet-50 state")]
     for overrides, message in cases:
         with pytest.raises(train_coco.InputError, match=message) as error:
             train_coco.main(detection_run(tmp_path, **overrides))
@@ -2666,11 +2669,11 @@ class StandIn(nn.Module):
 
 
 def cheap_detector(name):
-    """build_model's detector at 800 x 800 (its hooks, torchvision's anchors, RPN, RoI heads, box coders and
+    """detection.build's detector at 800 x 800 (its hooks, torchvision's anchors, RPN, RoI heads, box coders and
     post-processing), its heavy convolutions replaced by cheap ones (under autocast, bf16 all the same); every score
     kept, so that random weights give boxes."""
     torch.manual_seed(0)
-    model = train_coco.build_model(train_coco.Config(model=name, min_size=800, max_size=800, rois=64), 2)
+    model = detection.build(name, 2, min_size=800, max_size=800, rois=64)
     if name.startswith("retinanet"):
         model.backbone.body = model.backbone.fpn = StandIn(dict(zip(["0", "1", "2", "p6", "p7"], [8, 16, 32, 64, 128])))
         heads = model.head.classification_head, model.head.regression_head
@@ -2694,7 +2697,7 @@ def test_bf16_autocast_gives_float32_boxes(name):
     target = dict(boxes=torch.tensor([[200.0, 100, 500, 300]]), labels=torch.tensor([1]), masks=masks.byte())
     for hooks in (True, False):
         model = cheap_detector(name)
-        if not hooks:  # the control: without build_model's hooks, the boxes are bf16, on bf16's grid
+        if not hooks:  # the control: without detection.build's hooks, the boxes are bf16, on bf16's grid
             for module in model.modules():
                 module._forward_hooks.clear()
         with torch.autocast("cpu", torch.bfloat16):
@@ -2907,7 +2910,7 @@ def test_channels_last_trains(tmp_path):
 
 
 # ====================================================================================================================
-# train_coco.py: the baselines of Tables 3, 5, 16 and the DGMN options of Table 15
+# detection.py and train_coco.py: the baselines of Tables 3, 5, 16 and the DGMN options of Table 15
 
 NEW_MODELS = ["maskrcnn-r50-gcnet", "maskrcnn-r50-dmp", "maskrcnn-r50-nonlocal", "maskrcnn-r50-ccnet",
               "maskrcnn-r50-dgmn", "maskrcnn-r50-gcnet-c5", "maskrcnn-r50-dcn-c5"]
@@ -2927,7 +2930,7 @@ def test_every_baseline_backbone_parameter_learns_in_two_steps(model):
     second every parameter has had a gradient (zero-initialised parts, such as GCNet's last conv or the non-local
     block's BN, pass one on only once the first step has moved them). The heads are maskrcnn-r50's, trained elsewhere."""
     torch.manual_seed(0)  # BN trains: with random weights, frozen BN would pass unnormalised activations on
-    backbone = train_coco.build_model(train_coco.Config(model=model, min_size=64, max_size=64), 5).backbone
+    backbone = detection.build(model, 5, min_size=64, max_size=64).backbone
     optimizer = torch.optim.SGD(backbone.parameters(), lr=1e-4)  # small: walks that leave a 2 x 2 map read zeros
     images, learnt = torch.rand(2, 3, 64, 64), set()
     for _ in range(2):
@@ -2941,7 +2944,7 @@ def test_every_baseline_backbone_parameter_learns_in_two_steps(model):
 def count_on_meta(name):
     """(the parameters that train with --pretrained, the inserted modules' weights) at the paper's 80 classes."""
     with torch.device("meta"):
-        detector = train_coco.build_model(train_coco.Config(model=name), 81, pretrained=True)
+        detector = detection.build(name, 81, pretrained=True)
     parameters = dict(detector.named_parameters())
     trainable = sum(p.numel() for p in parameters.values() if p.requires_grad)
     return trainable, sum(p.numel() for n, p in parameters.items() if ".context." in n and n.endswith("weight"))
@@ -2963,14 +2966,14 @@ def test_deeper_backbones_count_as_the_paper_and_run():
         assert count_on_meta(name)[1] == 3 * 2268 * channels
     for name in DEEPER:  # backbone and FPN on the meta device: the levels at strides 4-64
         with torch.device("meta"):
-            detector = train_coco.build_model(train_coco.Config(model=name), 81)
+            detector = detection.build(name, 81)
             levels = detector.backbone(torch.empty(1, 3, 96, 128))
         assert [tuple(f.shape[-2:]) for f in levels.values()] == [(24, 32), (12, 16), (6, 8), (3, 4), (2, 2)]
 
 
 def test_dcn_counts_as_a_plain_conv_plus_its_offset_conv():
-    _, plain = train_coco.cost(train_coco.Config(model="maskrcnn-r50"))
-    _, deformable = train_coco.cost(train_coco.Config(model="maskrcnn-r50-dcn-c5"))
+    _, plain = detection.cost("maskrcnn-r50")
+    _, deformable = detection.cost("maskrcnn-r50-dcn-c5")
     H, W = 25, 42  # res5 of 800 x 1333
     assert deformable - plain == 3 * (3 * 9) * (512 * 3 * 3) * H * W  # res5's offset-and-mask convs, 3K outputs
 
@@ -2999,7 +3002,8 @@ def test_dgmn_rates_and_groups_are_refused_elsewhere_and_when_bad(tmp_path):
                                (dict(dgmn_rates="1 4"), "'1 4'"), (dict(dgmn_groups=-1), "at least 0")]:
         with pytest.raises(train_coco.InputError, match=message):
             train_coco.main(train_coco.Config(**dict(model="maskrcnn-r50-dgmn-c5", output=str(tmp_path)) | overrides))
-    with pytest.raises(train_coco.InputError, match="--dgmn-groups 3 does not divide the 512 channels"):
+    with pytest.raises(train_coco.InputError, match="--model maskrcnn-r50-dgmn-c5: dgmn_groups 3 must be 0 .* or "
+                       "divide the 512 channels"):  # detection.build's ValueError, in the script's words
         with torch.device("meta"):
             train_coco.build_model(train_coco.Config(model="maskrcnn-r50-dgmn-c5", dgmn_groups=3), 81)
 
@@ -3028,21 +3032,69 @@ def test_torchvision_resnets_load_missing_only_the_inserted_modules():
     for name, make, called in [("maskrcnn-r101-dgmn-c5", torchvision.models.resnet101, "ResNet-101"),
                                ("maskrcnn-x101-dgmn-c5", torchvision.models.resnext101_32x8d, "ResNeXt-101 32x8d")]:
         with torch.device("meta"):  # keys and shapes only
-            detector, state = train_coco.build_model(train_coco.Config(model=name), 81, pretrained=True), \
-                make().state_dict()
-        train_coco.load_pretrained(detector, state, f"{name}.pth")
+            detector, state = detection.build(name, 81, pretrained=True), make().state_dict()
+        detection.load_pretrained(detector, state)
         missing = detector.backbone.body.state_dict().keys() - state.keys()
         assert missing and all(".conv2.context." in key and key.startswith("layer4.") for key in missing)
         with torch.device("meta"):
             other = torchvision.models.resnet50().state_dict()
-        with pytest.raises(train_coco.InputError, match=f"not a torchvision {called} state"):
-            train_coco.load_pretrained(detector, other, "resnet50.pth")
+        with pytest.raises(ValueError, match=f"not a torchvision {called} state"):
+            detection.load_pretrained(detector, other)
     torch.manual_seed(0)
-    dcn = train_coco.build_model(train_coco.Config(model="maskrcnn-r50-dcn-c5"), 81, pretrained=True)
+    dcn = detection.build("maskrcnn-r50-dcn-c5", 81, pretrained=True)
     weights = torchvision.models.resnet50().state_dict()
-    train_coco.load_pretrained(dcn, weights, "resnet50.pth")  # the DCN keeps the replaced conv's weight by name
+    detection.load_pretrained(dcn, weights)  # the DCN keeps the replaced conv's weight by name
     torch.testing.assert_close(dcn.backbone.body.layer4[1].conv2.weight, weights["layer4.1.conv2.weight"])
-    assert isinstance(dcn.backbone.body.layer4[1].conv2, train_coco.ModulatedDeformConv)
+    assert isinstance(dcn.backbone.body.layer4[1].conv2, detection.ModulatedDeformConv)
+
+
+# ====================================================================================================================
+# detection.py: every COCO model, in a file of its own
+
+
+def test_the_scripts_table_is_detection_pys(capsys, monkeypatch):
+    counted = {}  # each model counted once (half a minute for all): the second table reuses the first's counts
+    monkeypatch.setattr(detection, "cost", lambda name, cost=detection.cost: counted.get(name) or counted.setdefault(
+        name, cost(name)))
+    detection.print_table()
+    table = capsys.readouterr().out
+    assert train_coco.main(train_coco.parse_args(["--table"])) is None
+    assert capsys.readouterr().out == table
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "| paper |" not in line]
+    assert [row[0][2:] for row in rows] == list(detection.MODELS) == list(counted)
+    for row, (name, spec) in zip(rows, detection.MODELS.items()):  # ours beside the paper's, as counted
+        params, macs = counted[name]
+        assert row[1:3] == [f"{params / 1e6:.1f}", str(spec.params_m or "-")]
+        assert row[4:6] == [f"{macs / 1e9:.1f}", str(spec.gflops or "-")]
+
+
+def test_detection_imports_neither_a_training_script_nor_pycocotools():
+    loaded = "import sys; print(sorted(m for m in sys.modules if m.startswith(('train_', 'pycocotools'))))"
+    run = subprocess.run([sys.executable, "-c", f"import detection; {loaded}; import train_coco; {loaded}"],
+                         cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    alone, with_the_script = run.stdout.splitlines()
+    assert alone == "[]"
+    assert "'train_coco'" in with_the_script and "'pycocotools'" in with_the_script  # the control: it would show
+
+
+def test_a_model_files_bad_argument_raises_a_one_line_value_error():
+    with torch.device("meta"):
+        r50 = detection.build("maskrcnn-r50", 81)
+    for call, message in [(lambda: detection.build("detr", 81), "unknown COCO model 'detr': choose one of retinanet"),
+                          (lambda: detection.build("maskrcnn-r50-dgmn-c5", 81, dgmn_groups=3),
+                           "dgmn_groups 3 must be 0 .* or divide the 512 channels of a DGMN module"),
+                          (lambda: detection.build("maskrcnn-r50-dgmn-c5", 81, dgmn_groups=-1), "dgmn_groups -1"),
+                          (lambda: detection.load_pretrained(r50, {"fc.weight": torch.zeros(1), "x": torch.zeros(1)}),
+                           "not a torchvision ResNet-50 state dict"),
+                          (lambda: detection.load_pretrained(detection.build("retinanet-dgmn2-tiny", 91), {}),
+                           "checkpoint does not fit this DGMN2")]:
+        with torch.device("meta"), pytest.raises(ValueError, match=message) as error:
+            call()
+        assert type(error.value) is ValueError and "\n" not in str(error.value)
+    with pytest.raises(train_coco.InputError, match="--model maskrcnn-r50-dgmn-c5: dgmn_groups 3 must be"):
+        with torch.device("meta"):  # the script's one line
+            train_coco.build_model(train_coco.Config(model="maskrcnn-r50-dgmn-c5", dgmn_groups=3), 81)
 
 
 # ====================================================================================================================

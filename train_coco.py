@@ -1,7 +1,7 @@
-"""COCO detection and instance segmentation with torchvision's RetinaNet and Mask R-CNN: DGMN2 + FPN backbones
-(Section 6.2, Tables 7, 8) and ResNet / ResNeXt-FPN with DGMN modules or the modules DGMN is compared with
-(Sections 5.1-5.3, 8.1.2, Tables 3, 5, 15, 16); training, pycocotools evaluation, DDP through torchrun. Paper
-targets on COCO val2017 (box AP / mask AP), 1x schedule:
+"""COCO detection and instance segmentation: the recipes (Sections 6.2, 8.1.2) that train detection.py's models, with
+torchvision's RetinaNet and Mask R-CNN: DGMN2 + FPN backbones (Tables 7, 8) and ResNet / ResNeXt-FPN with DGMN modules
+or the modules DGMN is compared with (Sections 5.1-5.3, Tables 3, 5, 15, 16); pycocotools evaluation, DDP through
+torchrun. Paper targets on COCO val2017 (box AP / mask AP), 1x schedule:
     RetinaNet DGMN2-Tiny/Small/Medium/Large         39.7, 42.5, 43.7, 44.7                      (Table 7)
     Mask R-CNN DGMN2-Tiny/Small/Medium/Large        40.1 / 37.2, 43.4 / 39.7, 44.4 / 40.2, 46.2 / 41.6  (Table 8)
     Mask R-CNN R-50-FPN 37.8 / 34.4, + DGMN (C5) 40.2 / 36.0; R-101, X-101 (--table lists all)  (Tables 3, 16)
@@ -11,7 +11,7 @@ targets on COCO val2017 (box AP / mask AP), 1x schedule:
     torchrun --nproc_per_node 8 train_coco.py --model maskrcnn-r50-dgmn-c5 --data /path/to/coco \\
         --pretrained resnet50.pth                       # Table 3: SGD 0.02, 90k iterations, lr / 10 at 60k and 80k
     torchrun train_coco.py                  # no --data: the built-in synthetic shapes, a few minutes on a CPU
-    python train_coco.py --table            # every model's parameters and FLOPs beside the paper's
+    python train_coco.py --table            # every model's parameters and FLOPs beside the paper's (detection.py's)
 
 "After epochs 8 and 11" is the release's mmdetection step=[8, 11], which Section 6.2 calls "at epochs 9 and 11".
 Nothing is downloaded: --pretrained takes local files.
@@ -35,26 +35,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import ChainedScheduler, LinearLR, MultiStepLR
 from torch.utils._pytree import tree_map_only
-from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
-from torchvision.models.detection import MaskRCNN, RetinaNet
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d, box_convert, deform_conv2d
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+from torchvision.ops import box_convert
 from torchvision.transforms import v2
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from tqdm import tqdm
 
-import dgmn
-import dgmn2
+import detection
 
 
 # ================================================================================================================
@@ -276,57 +270,7 @@ def command_line():
 
 # End of the shared block
 # ================================================================================================================
-# The models beside the paper's numbers, the options, the recipes
-@dataclasses.dataclass(frozen=True)
-class Detector:
-    """A detector, its backbone and the modules in it, beside the paper's numbers (None where the paper gives none)."""
-    detector: str                    # "retinanet" | "maskrcnn"
-    backbone: str                    # a DGMN2 variant, or a torchvision ResNet / ResNeXt of RESNETS
-    box_ap: float                    # the paper's COCO box AP (val unless the table says test-dev)
-    mask_ap: float | None            # the paper's COCO mask AP
-    table: str                       # where the paper gives these numbers
-    module: str | None = None        # MODULES' module that the ResNet takes
-    stages: tuple = ()               # the ResNet stages that take it ("C4": res4, "C5": res5)
-    placement: str = "after every 3x3"  # PLACEMENTS' way of putting it there
-    params_m: float | None = None    # the paper's parameter count (M, 80 classes)
-    gflops: float | None = None      # the paper's FLOPs (G, multiply-adds at 800 x 1333)
-
-
-RESNETS = {"resnet50": "ResNet-50", "resnet101": "ResNet-101", "resnext101_32x8d": "ResNeXt-101 32x8d",
-           "resnext101_64x4d": "ResNeXt-101 64x4d"}  # torchvision's names, and how the error messages name them
-R50, R101, X101 = (functools.partial(Detector, "maskrcnn", name) for name in ("resnet50", "resnet101",
-                                                                                "resnext101_32x8d"))
-DGMN_GROUPS = 4  # Section 5.1: G = 4 filter groups
-C4_ONCE = dict(stages=("C4",), placement="before the last block")  # Table 3's single module, where Wang et al. put it
-MODELS = {
-    **{f"retinanet-dgmn2-{v}": Detector("retinanet", v, ap, None, "Table 7", params_m=p, gflops=g) for v, p, g, ap in [
-        ("tiny", 21.8, 206.8, 39.7), ("small", 30.7, 248.2, 42.5), ("medium", 45.6, 312.0, 43.7),
-        ("large", 57.9, 382.1, 44.7)]},
-    **{f"maskrcnn-dgmn2-{v}": Detector("maskrcnn", v, box, mask, "Table 8", params_m=p, gflops=g)
-       for v, p, g, box, mask in [("tiny", 31.8, 223.0, 40.1, 37.2), ("small", 40.6, 264.5, 43.4, 39.7),
-                                  ("medium", 55.5, 328.2, 44.4, 40.2), ("large", 67.9, 398.4, 46.2, 41.6)]},
-    "maskrcnn-r50": R50(37.8, 34.4, "Table 3; Table 8's count", params_m=44.2, gflops=269.8),
-    "maskrcnn-r50-gcnet": R50(38.1, 34.9, "Table 3", "gcnet", **C4_ONCE),
-    "maskrcnn-r50-dmp": R50(38.7, 35.0, "Table 3", "dmp", **C4_ONCE),
-    "maskrcnn-r50-nonlocal": R50(39.0, 35.5, "Table 3", "nonlocal", **C4_ONCE),
-    "maskrcnn-r50-ccnet": R50(39.3, 36.1, "Table 3", "ccnet", **C4_ONCE),
-    "maskrcnn-r50-dgmn": R50(39.5, 35.7, "Table 3", "dgmn", **C4_ONCE),
-    "maskrcnn-r50-gcnet-c5": R50(38.7, 35.2, "Table 3", "gcnet", ("C5",)),
-    "maskrcnn-r50-dcn-c5": R50(39.9, 34.9, "Table 3", "dcn", ("C5",), "instead of every 3x3"),
-    "maskrcnn-r50-dgmn-c5": R50(40.2, 36.0, "Tables 3, 15", "dgmn", ("C5",)),
-    "maskrcnn-r50-dgmn-c4c5": R50(41.0, 36.8, "Table 5 (test-dev); Section 5.3's count", "dgmn", ("C4", "C5"),
-                                  params_m=51.1, gflops=297.1),
-    "maskrcnn-r101": R101(40.1, 36.2, "Table 16; Section 5.3's count (Table 8's: 63.2M, 349.7G)", params_m=63.1,
-                          gflops=354.0),
-    "maskrcnn-r101-dgmn-c5": R101(41.7, 37.4, "Table 16", "dgmn", ("C5",)),
-    # Tables 5, 16: the release's X-101-32x8d (its config; the baseline's 42.2 / 37.8 are maskrcnn-benchmark's)
-    "maskrcnn-x101": X101(42.2, 37.8, "Table 16"),
-    "maskrcnn-x101-dgmn-c5": X101(43.7, 38.7, "Table 16", "dgmn", ("C5",)),
-    "maskrcnn-x101-64x4d": Detector("maskrcnn", "resnext101_64x4d", 42.8, 38.4, "Table 8", params_m=101.9,
-                                    gflops=514.7),  # the DGMN2 comparison's ResNeXt (mmdetection's)
-}
-
-
+# The options (the models and their paper numbers: detection.py), the recipes
 @dataclasses.dataclass
 class Config:
     model: str = option("retinanet-dgmn2-tiny", "the detector and its backbone (--table lists them all)")
@@ -334,7 +278,8 @@ class Config:
     output: str = option("runs/coco", "the run's folder: checkpoints, log.jsonl, detections-*.json, pictures")
     pretrained: str = option("", "backbone weights: the release's or train_imagenet.py's DGMN2, torchvision's ResNet")
     dgmn_rates: str = option("", "DGMN's sampling rates, e.g. 1,4,8 (Table 15); empty: COCO's 1,4,8,12 (Section 5.1)")
-    dgmn_groups: int = option(DGMN_GROUPS, "DGMN's filter groups G (Table 15); 0: no dynamic weights, its G = 0")
+    dgmn_groups: int = option(detection.DGMN_GROUPS,
+                              "DGMN's filter groups G (Table 15); 0: no dynamic weights, its G = 0")
     iterations: int = option(0, "training steps; 0: the recipe's, 12 epochs (DGMN2) or 90,000 (ResNets)")
     lr_steps: str = option("", "the steps after which the lr is multiplied by 0.1 (60000,80000); empty: the recipe's")
     batch_size: int = option(16, "the global batch: images a step over all processes together, as the paper counts")
@@ -365,10 +310,9 @@ class Config:
 # AdamW at the recipe's lr, 1e-4: at 2e-4 RetinaNet from scratch diverged at seed 0 (8.7 box AP against 34.6)
 SYNTHETIC = dict(iterations=500, batch_size=4, optimizer="adamw", warmup=50, min_size=128, max_size=128, rois=64,
                  eval_every=100, save_every=100, workers=1, output="runs/synthetic-coco")
-CHOICES = dict(model=list(MODELS), optimizer=["auto", "adamw", "sgd"], amp=["auto", "bf16", "fp16", "off"])
+CHOICES = dict(model=list(detection.MODELS), optimizer=["auto", "adamw", "sgd"], amp=["auto", "bf16", "fp16", "off"])
 POSITIVE = ["batch_size", "min_size", "max_size", "rois", "save_every", "log_every", "synthetic_train", "synthetic_val"]
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[:6]
-PAPER_CLASSES = 80  # the paper's heads score COCO's 80 classes (Mask R-CNN's also the background); ours its 91 ids
 BIAS_LR_FACTOR = 2  # Detectron's and maskrcnn-benchmark's SGD: biases at twice the lr, without weight decay
 DRAW_SCORE = 0.5  # detections drawn in the pictures
 
@@ -393,13 +337,13 @@ def check(cfg):
         raise InputError(f"--dgmn-rates {cfg.dgmn_rates!r}: give positive rates separated by commas, e.g. 1,4,8")
     if cfg.dgmn_groups < 0:
         raise InputError(f"--dgmn-groups must be at least 0, got {cfg.dgmn_groups}")
-    if (cfg.dgmn_rates or cfg.dgmn_groups != DGMN_GROUPS) and MODELS[cfg.model].module != "dgmn":
+    if (cfg.dgmn_rates or cfg.dgmn_groups != detection.DGMN_GROUPS) and detection.MODELS[cfg.model].module != "dgmn":
         raise InputError(f"--dgmn-rates and --dgmn-groups set DGMN modules: {cfg.model} has none")
 
 
 def recipe(cfg, iterations_per_epoch):
     """The optimizer and schedule: what cfg sets, else the paper's recipe for the model's backbone. A dict."""
-    resnet = MODELS[cfg.model].backbone in RESNETS
+    resnet = detection.MODELS[cfg.model].backbone in detection.RESNETS
     optimizer = cfg.optimizer if cfg.optimizer != "auto" else "sgd" if resnet else "adamw"
     if resnet:  # Section 8.1.2: Detectron's 1x, 90k iterations at batch 16, lr / 10 at 60k and 80k
         iterations, step_fractions, warmup_factor = 90_000, (2 / 3, 8 / 9), 0.3
@@ -581,122 +525,19 @@ def batches(groups, local_batch, seed, rank, world, first):
         epoch, skip = epoch + 1, 0
 
 
-# ---- Backbones and detectors -----------------------------------------------------------------------------------
-class DGMN2FPN(nn.Module):
-    """DGMN2's stage maps at levels (0-3: strides 4-32) into the release's FPN necks: RetinaNet's levels 1-3 with P6, P7
-    from C5, Mask R-CNN's 0-3 with a max-pooled P6. (B, 3, H, W) -> dict of (B, 256, H / s, W / s), finest first."""
-
-    def __init__(self, variant, levels, extra_levels, out_channels=256):
-        super().__init__()
-        self.body, self.levels, self.out_channels = dgmn2.build(variant, num_classes=0), levels, out_channels
-        extra = LastLevelP6P7(self.body.channels[-1], out_channels) if extra_levels == "p6p7" else LastLevelMaxPool()
-        self.fpn = FeaturePyramidNetwork([self.body.channels[i] for i in levels], out_channels, extra)
-
-    def forward(self, images):
-        maps = self.body.forward_features(images)
-        return self.fpn({str(n): maps[level] for n, level in enumerate(self.levels)})
-
-
-def float32_output(module, inputs, output):
-    """A forward hook: the module's output tensors (in dicts, lists, tuples) in float32 (see build_model)."""
-    return tree_map_only(torch.Tensor, torch.Tensor.float, output)
-
-
-class ModulatedDeformConv(nn.Module):
-    """DCNv2 (Zhu et al., CVPR 2019) in place of a convolution: a conv of the same geometry, zero-initialised (no walk,
-    masks sigmoid(0) = 0.5, as DCNv2 starts), predicts 2K offsets and K modulation masks per output pixel; the
-    replaced conv's weight keeps its name, so torchvision's ImageNet weights load into it.
-    (B, C_in, H, W) -> (B, C_out, H / stride, W / stride)."""
-
-    def __init__(self, conv):
-        super().__init__()
-        self.weight, self.bias = conv.weight, conv.bias  # the same tensors: frozen stays frozen
-        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
-        self.nodes = math.prod(conv.kernel_size)  # K
-        self.offset_mask = nn.Conv2d(conv.in_channels, 3 * self.nodes, conv.kernel_size, conv.stride, conv.padding,
-                                     conv.dilation)
-        nn.init.zeros_(self.offset_mask.weight)
-        nn.init.zeros_(self.offset_mask.bias)
-
-    def forward(self, x):
-        offsets, masks = self.offset_mask(x).split([2 * self.nodes, self.nodes], dim=1)  # (B, 2K | K, H', W')
-        return deform_conv2d(x, offsets, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                             masks.sigmoid())
-
-
-def dgmn_module(channels, rates, groups):
-    """Section 5.1's DGMN in the release's layout. groups 0 (Table 15's G = 0): no dynamic weights, the affinities
-    alone weigh the nodes, alike in every channel (one group)."""
-    if groups and channels % groups:
-        raise InputError(f"--dgmn-groups {groups} does not divide the {channels} channels of a DGMN module")
-    return dgmn.DGMN(channels, rates, groups or 1, dynamic_weights=groups > 0, channel_transforms=False)
-
-
-# The modules of Table 3: make(channels, rates, groups) -> a module x -> x + context; "dcn": make(the replaced conv)
-MODULES = {"dgmn": dgmn_module, "dmp": lambda channels, *_: dgmn.deformable_message_passing(channels),
-           "gcnet": lambda channels, *_: dgmn.GlobalContext(channels),
-           "nonlocal": lambda channels, *_: dgmn.NonLocal(channels),
-           "ccnet": lambda channels, *_: dgmn.CrissCrossAttention(channels, recurrence=2),
-           "dcn": lambda conv, *_: ModulatedDeformConv(conv)}
-
-
-def before_the_last_block(resnet, stages, make):
-    """make(the stage's output channels) right before each stage's last residual block. Returns the ResNet."""
-    for stage in stages:
-        dgmn.before_last_block(resnet, stage, make(dgmn.resnet_stage(resnet, stage)[-1].conv3.out_channels))
-    return resnet
-
-
-def instead_of_every_3x3(resnet, stages, make):
-    """Every 3x3 convolution of the stages replaced by make(that convolution). Returns the ResNet."""
-    for stage in stages:
-        for block in dgmn.resnet_stage(resnet, stage):
-            for name, conv in list(block.named_children()):
-                if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):
-                    setattr(block, name, make(conv))
-    return resnet
-
-
-PLACEMENTS = {"after every 3x3": dgmn.after_every_3x3, "before the last block": before_the_last_block,
-              "instead of every 3x3": instead_of_every_3x3}
-INSERTED = (".context.", ".offset_mask.")  # the state-dict keys that the modules add to a torchvision ResNet
-
-
-def resnet_backbone(cfg, pretrained):
-    """cfg.model's torchvision ResNet / ResNeXt + FPN with its modules (COCO's rates unless --dgmn-rates). Pretrained:
-    frozen BN, stem, res2 as Detectron's 1x (else all trains, with BN)."""
-    spec = MODELS[cfg.model]
-    backbone = resnet_fpn_backbone(backbone_name=spec.backbone, weights=None, trainable_layers=3 if pretrained else 5,
-                                   norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d)
-    rates = tuple(int(r) for r in cfg.dgmn_rates.split(",")) if cfg.dgmn_rates else dgmn.COCO_RATES
-    if spec.module:  # the placement gives the maker the channels (DCN: the conv), cfg the options
-        make = MODULES[spec.module]
-        PLACEMENTS[spec.placement](backbone.body, spec.stages, lambda where: make(where, rates, cfg.dgmn_groups))
-    backbone.body.name = RESNETS[spec.backbone]  # for load_pretrained's errors
-    return backbone
-
-
+# ---- The model: detection.py's, built with the options; --pretrained's file -------------------------------------
 def build_model(cfg, num_classes, pretrained=False):
-    """cfg.model's detector (COCO: 91 ids, 0 the background); a ResNet backbone as resnet_backbone() builds it."""
-    spec, sizes = MODELS[cfg.model], dict(min_size=cfg.min_size, max_size=cfg.max_size)
-    if spec.backbone in RESNETS:
-        backbone = resnet_backbone(cfg, pretrained)
-    else:
-        backbone = DGMN2FPN(spec.backbone, *[((1, 2, 3), "p6p7"), ((0, 1, 2, 3), "pool")][spec.detector == "maskrcnn"])
-    if spec.detector == "retinanet":
-        model = RetinaNet(backbone, num_classes, detections_per_img=100, **sizes)  # COCO scores 100 a picture
-        predictors = [model.head]
-    else:
-        model = MaskRCNN(backbone, num_classes, box_batch_size_per_image=cfg.rois, **sizes)
-        predictors = [model.rpn.head, model.roi_heads.box_predictor, model.roi_heads.mask_predictor]
-    # Under bf16, anchors take the features' dtype and boxes decode in the regression's: a 4 px grid at 800 px. Float32
-    # features and predictions keep anchors, proposals and detections float32; the layers still run in bf16.
-    for module in [backbone, *predictors]:
-        module.register_forward_hook(float32_output)
-    return model
+    """detection.build() of cfg.model with cfg's options; a bad one (the model's ValueError) in one line."""
+    rates = dict(dgmn_rates=tuple(int(r) for r in cfg.dgmn_rates.split(","))) if cfg.dgmn_rates else {}
+    try:
+        return detection.build(cfg.model, num_classes, min_size=cfg.min_size, max_size=cfg.max_size, rois=cfg.rois,
+                               pretrained=pretrained, dgmn_groups=cfg.dgmn_groups, **rates)
+    except ValueError as error:
+        raise InputError(f"--model {cfg.model}: {error}") from None
 
 
 def read_weights(path):
+    """--pretrained's file, loaded; detection.load_pretrained() puts its weights into the model."""
     if not Path(path).is_file():
         raise InputError(f"--pretrained {path}: no such file")
     try:  # the release's training script saves its argparse.Namespace beside the weights
@@ -704,78 +545,6 @@ def read_weights(path):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unpickling failure is one bad file
         raise InputError(f"--pretrained {path}: not a readable checkpoint ({str(error).splitlines()[0]})") from None
-
-
-def load_pretrained(model, state, path):
-    """Backbone weights without the classifier: the release's or train_imagenet.py's DGMN2, torchvision's ResNet or
-    ResNeXt (all but the inserted modules: INSERTED)."""
-    body, ours = model.backbone.body, isinstance(state, dict) and "config" in state
-    if isinstance(body, dgmn2.DGMN2) and not ours:
-        try:
-            return dgmn2.load_official(body, state)
-        except ValueError as error:
-            raise InputError(f"--pretrained {path}: {error}") from None
-    weights = state["model"] if ours else state if isinstance(state, dict) else {}
-    try:
-        missing, unexpected = body.load_state_dict({k: v for k, v in weights.items() if k.split(".")[0] not in (
-            "head", "fc")}, strict=False)
-    except RuntimeError as error:  # a tensor of another shape
-        missing, unexpected = [str(error).splitlines()[-1].strip()], []
-    misfit = [k for k in missing if not any(key in k for key in INSERTED)] + unexpected
-    if misfit:
-        raise InputError(f"--pretrained {path}: " + (f"another DGMN2 variant ({misfit[0]})" if isinstance(
-            body, dgmn2.DGMN2) else f"not a torchvision {body.name} state dict ({misfit[0]})"))
-
-
-# ---- Parameters and FLOPs as the paper counts them: --table ----------------------------------------------------
-FLOPS_IMAGE = (800, 1333)  # Section 6.2: FLOPs at an 800 x 1333 input
-BOX_ROIS, MASK_ROIS = 1000, 100  # mmdetection's dummy forward: the box head on 1000 proposals, the mask head on 100
-COUNTING = f"""Counted on the meta device (nothing is computed), as mmcv's get_model_complexity_info counts mmdetection:
-- parameters: those that train with --pretrained (frozen BN holds buffers; the frozen stem and res2 are left out),
-  the heads at the paper's 80 classes (Mask R-CNN: + the background);
-- FLOPs: multiply-adds (FlopCounterMode's FLOPs / 2), an {FLOPS_IMAGE[0]} x {FLOPS_IMAGE[1]} image through the backbone,
-  the FPN and the RPN or RetinaNet head on every level, and for Mask R-CNN the box head on {BOX_ROIS} RoIs and the
-  mask head on {MASK_ROIS} (mmdetection's forward_dummy; RoIAlign, NMS and post-processing are not run): convolutions
-  (DCN's as a plain conv's), linear layers, matmuls and attention, DGMN's sampler products; not BN, activations,
-  softmax, pooling or the bilinear reads. Gaps: ours / the paper's - 1."""
-
-
-def deform_conv_flops(input_shape, weight_shape, *args, out_shape, **kwargs):
-    """FlopCounterMode's formula for torchvision::deform_conv2d: the products of a convolution of its shapes (2 FLOPs a
-    multiply-add), as FlopCounterMode counts one; the offsets' bilinear reads and mask products not counted."""
-    return 2 * math.prod(out_shape) * math.prod(weight_shape[1:])
-
-
-def cost(cfg):
-    """(parameters, multiply-adds) of cfg.model as COUNTING says."""
-    spec = MODELS[cfg.model]
-    with torch.device("meta"):
-        model = build_model(cfg, PAPER_CLASSES + (spec.detector == "maskrcnn"), pretrained=True)
-        image = torch.empty(1, 3, *FLOPS_IMAGE)
-        with FlopCounterMode(display=False, custom_mapping={torch.ops.torchvision.deform_conv2d: deform_conv_flops}) \
-                as counter:
-            features = list(model.backbone(image).values())
-            if spec.detector == "retinanet":
-                model.head(features)
-            else:
-                heads, channels = model.roi_heads, model.backbone.out_channels
-                model.rpn.head(features)
-                heads.box_predictor(heads.box_head(torch.empty(BOX_ROIS, channels, *heads.box_roi_pool.output_size)))
-                heads.mask_predictor(heads.mask_head(torch.empty(MASK_ROIS, channels,
-                                                                 *heads.mask_roi_pool.output_size)))
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), counter.get_total_flops() // 2
-
-
-def print_table():
-    """Every model's parameters and FLOPs beside the paper's (Tables 3, 5, 7, 8, 16, Section 5.3)."""
-    print(COUNTING + "\n")
-    print("| model | params (M) | paper | gap | GFLOPs | paper | gap | box AP paper | mask AP paper | source |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, spec in MODELS.items():
-        params, macs = cost(Config(model=name))
-        columns = [f"{ours:.1f} | {paper or '-'} | {f'{100 * (ours / paper - 1):+.1f}%' if paper else '-'}"
-                   for ours, paper in [(params / 1e6, spec.params_m), (macs / 1e9, spec.gflops)]]
-        print(f"| {name} | {' | '.join(columns)} | {spec.box_ap} | {spec.mask_ap or '-'} | {spec.table} |", flush=True)
 
 
 # ---- Evaluation: each rank detects and matches its own images; rank 0 merges the matches and scores them once --
@@ -855,16 +624,16 @@ def evaluate(model, val, names, ground_truth, cfg, device, autocast, rank, world
     for images, targets in tqdm(loader, desc="eval", leave=False, disable=rank != 0 or not sys.stderr.isatty()):
         with autocast:
             detections = model([image.to(device, non_blocking=True) for image in images])
-        for image, target, detection in zip(images, targets, detections):
-            for iou_type, found in zip(results, to_coco_results(detection, target["image_id"])):
+        for image, target, detected in zip(images, targets, detections):
+            for iou_type, found in zip(results, to_coco_results(detected, target["image_id"])):
                 results[iou_type] += found
             if pictures and len(image_ids) < cfg.pictures:
                 pictures.mkdir(parents=True, exist_ok=True)
-                picture = draw((image * 255).round().to(torch.uint8), {k: v.cpu() for k, v in detection.items()}, names)
+                picture = draw((image * 255).round().to(torch.uint8), {k: v.cpu() for k, v in detected.items()}, names)
                 v2.functional.to_pil_image(picture).save(pictures / f"{target['image_id']}.png")
             image_ids.append(target["image_id"])
     model.train()
-    types = ["bbox", "segm"] if MODELS[cfg.model].detector == "maskrcnn" else ["bbox"]
+    types = ["bbox", "segm"] if detection.MODELS[cfg.model].detector == "maskrcnn" else ["bbox"]
     mine = dict(results=results, matches={t: match(ground_truth, results[t], image_ids, t) for t in types})
     gathered = [mine] if world == 1 else [None] * world if rank == 0 else None
     if world > 1:
@@ -887,12 +656,15 @@ def make_model(cfg, state, train, names, device, log):
     pretrained = bool(state["config"]["pretrained"]) if state else weights is not None  # ResNets: frozen BN or not
     model = build_model(cfg, num_classes, pretrained)
     if weights is not None:
-        load_pretrained(model, weights, cfg.pretrained)
+        try:
+            detection.load_pretrained(model, weights)
+        except ValueError as error:
+            raise InputError(f"--pretrained {cfg.pretrained}: {error}") from None
     elif cfg.data and not state:
         log("No --pretrained: the backbone trains from scratch (the paper starts from ImageNet weights).")
-    spec = MODELS[cfg.model]
+    spec = detection.MODELS[cfg.model]
     log(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters at {num_classes} classes "
-        f"(paper: {spec.params_m or '-'}M at 80, {spec.table}; python train_coco.py --table)")
+        f"(paper: {spec.params_m or '-'}M at {detection.PAPER_CLASSES}, {spec.table}; python detection.py)")
     memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
     return model.to(device, memory_format=memory_format), num_classes
 
@@ -940,7 +712,7 @@ def train_steps(cfg, rank, world, device, trained, train, groups, first, last, o
 def run(cfg, rank, world, device):
     """Train (or evaluate) as cfg says. Returns the last evaluation's metrics on rank 0, None elsewhere."""
     if cfg.table:
-        return print_table() if rank == 0 else None
+        return detection.print_table() if rank == 0 else None
     if cfg.batch_size % world:
         raise InputError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by the {world} processes")
     log, checkpoint = logger(rank), find_checkpoint(cfg)  # every rank reads --output: it holds the checkpoints
@@ -948,7 +720,7 @@ def run(cfg, rank, world, device):
         raise InputError(f"--eval-only --resume auto: no checkpoint in {cfg.output}")
     state = checkpoint and read_checkpoint(checkpoint, cfg, ["model", "dgmn_rates", "dgmn_groups"],
                                            ["batch_size", "seed", "save_every", "weight_decay"])
-    train, val, names, ground_truth = datasets(cfg, MODELS[cfg.model].detector == "maskrcnn", rank, world)
+    train, val, names, ground_truth = datasets(cfg, detection.MODELS[cfg.model].detector == "maskrcnn", rank, world)
     model, num_classes = make_model(cfg, state, train, names, device, log)
     sizes = None if cfg.eval_only else [train.dataset.coco.imgs[i] for i in train.dataset.ids]  # no image read
     groups = [int(size["width"] >= size["height"]) for size in sizes or []]  # aspect groups: landscape or portrait

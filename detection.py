@@ -1,0 +1,305 @@
+"""Every COCO model: DGMN2 + FPN under torchvision's RetinaNet and Mask R-CNN (Section 6.2, Tables 7, 8), and Mask R-CNN
+with a ResNet-50 / ResNet-101 / ResNeXt-101-FPN backbone that takes DGMN modules (Sections 5.1-5.3, Tables 3, 5, 15,
+16) or one of the modules DGMN is compared with in Table 3 (deformable message passing, GCNet's global context block,
+the non-local block, criss-cross attention, DCNv2), each placed as the paper places it. Also the parameters and
+FLOPs as the paper counts them, beside its numbers.
+
+Symbols, used throughout: B batch, C channels, H x W a map (or an image), K the nodes of a 3 x 3 kernel (9),
+N detections of an image.
+
+    python detection.py         every model's parameters and FLOPs beside the paper's (Tables 3, 5, 7, 8, 16)
+
+    model = detection.build("maskrcnn-r50-dgmn-c5", num_classes=91, pretrained=True)
+    detection.load_pretrained(model, torch.load("resnet50.pth"))   # torchvision's ImageNet ResNet-50
+
+The training recipe, the data and the evaluation are train_coco.py's.
+"""
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_map_only
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models.detection import MaskRCNN, RetinaNet
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d, deform_conv2d
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+
+try:  # inside a package: the model files copied into a project
+    from . import dgmn, dgmn2
+except ImportError:  # at the top level of this repository
+    import dgmn
+    import dgmn2
+
+DGMN_GROUPS = 4  # Section 5.1: G = 4 filter groups
+DETECTIONS_PER_IMAGE = 100  # COCO scores 100 detections a picture
+
+# ----------------------------------------------------------------------------------------------------------------
+# The modules of Table 3 and where they go in a ResNet
+
+
+class ModulatedDeformConv(nn.Module):
+    """DCNv2 (Zhu et al., CVPR 2019) in place of a convolution: a conv of the same geometry, zero-initialised (no walk,
+    masks sigmoid(0) = 0.5, as DCNv2 starts), predicts 2K offsets and K modulation masks per output pixel; the
+    replaced conv's weight keeps its name, so torchvision's ImageNet weights load into it.
+    (B, C_in, H, W) -> (B, C_out, H / stride, W / stride)."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias  # the same tensors: frozen stays frozen
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.nodes = math.prod(conv.kernel_size)  # K
+        self.offset_mask = nn.Conv2d(conv.in_channels, 3 * self.nodes, conv.kernel_size, conv.stride, conv.padding,
+                                     conv.dilation)
+        nn.init.zeros_(self.offset_mask.weight)
+        nn.init.zeros_(self.offset_mask.bias)
+
+    def forward(self, x):
+        offsets, masks = self.offset_mask(x).split([2 * self.nodes, self.nodes], dim=1)  # (B, 2K | K, H', W')
+        return deform_conv2d(x, offsets, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                             masks.sigmoid())
+
+
+def dgmn_module(channels, rates, groups):
+    """Section 5.1's DGMN in the release's layout. groups 0 (Table 15's G = 0): no dynamic weights, the affinities
+    alone weigh the nodes, alike in every channel (one group). (B, C, H, W) -> (B, C, H, W)."""
+    if groups < 0 or groups and channels % groups:
+        raise ValueError(f"dgmn_groups {groups} must be 0 (no dynamic weights) or divide the {channels} channels of "
+                         "a DGMN module")
+    return dgmn.DGMN(channels, rates, groups or 1, dynamic_weights=groups > 0, channel_transforms=False)
+
+
+# The modules of Table 3: make(channels, rates, groups) -> a module x -> x + context; "dcn": make(the replaced conv)
+MODULES = {"dgmn": dgmn_module, "dmp": lambda channels, *_: dgmn.deformable_message_passing(channels),
+           "gcnet": lambda channels, *_: dgmn.GlobalContext(channels),
+           "nonlocal": lambda channels, *_: dgmn.NonLocal(channels),
+           "ccnet": lambda channels, *_: dgmn.CrissCrossAttention(channels, recurrence=2),
+           "dcn": lambda conv, *_: ModulatedDeformConv(conv)}
+
+
+def before_the_last_block(resnet, stages, make):
+    """make(the stage's output channels) right before each stage's last residual block. Returns the ResNet."""
+    for stage in stages:
+        dgmn.before_last_block(resnet, stage, make(dgmn.resnet_stage(resnet, stage)[-1].conv3.out_channels))
+    return resnet
+
+
+def instead_of_every_3x3(resnet, stages, make):
+    """Every 3x3 convolution of the stages replaced by make(that convolution). Returns the ResNet."""
+    for stage in stages:
+        for block in dgmn.resnet_stage(resnet, stage):
+            for name, conv in list(block.named_children()):
+                if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):
+                    setattr(block, name, make(conv))
+    return resnet
+
+
+PLACEMENTS = {"after every 3x3": dgmn.after_every_3x3, "before the last block": before_the_last_block,
+              "instead of every 3x3": instead_of_every_3x3}
+INSERTED = (".context.", ".offset_mask.")  # the state-dict keys that the modules add to a torchvision ResNet
+
+# ----------------------------------------------------------------------------------------------------------------
+# The backbones: DGMN2 + FPN (Section 6.2), a ResNet / ResNeXt + FPN with its modules (Section 5.1)
+
+RESNETS = {"resnet50": "ResNet-50", "resnet101": "ResNet-101", "resnext101_32x8d": "ResNeXt-101 32x8d",
+           "resnext101_64x4d": "ResNeXt-101 64x4d"}  # torchvision's names, and how the error messages name them
+# The release's FPN necks on DGMN2's stage maps (levels 0-3: strides 4-32): (levels taken, the levels added)
+NECKS = dict(retinanet=((1, 2, 3), "p6p7"), maskrcnn=((0, 1, 2, 3), "pool"))
+
+
+class DGMN2FPN(nn.Module):
+    """DGMN2's stage maps at levels (0-3: strides 4-32) into an FPN: RetinaNet's levels 1-3 with P6, P7 from C5
+    ("p6p7"), Mask R-CNN's 0-3 with a max-pooled P6 ("pool").
+    (B, 3, H, W) -> dict of (B, 256, H / s, W / s), finest first."""
+
+    def __init__(self, variant, levels, extra_levels, out_channels=256):
+        super().__init__()
+        self.body, self.levels, self.out_channels = dgmn2.build(variant, num_classes=0), levels, out_channels
+        extra = LastLevelP6P7(self.body.channels[-1], out_channels) if extra_levels == "p6p7" else LastLevelMaxPool()
+        self.fpn = FeaturePyramidNetwork([self.body.channels[i] for i in levels], out_channels, extra)
+
+    def forward(self, images):
+        maps = self.body.forward_features(images)
+        return self.fpn({str(n): maps[level] for n, level in enumerate(self.levels)})
+
+
+def resnet_backbone(spec, pretrained, rates, groups):
+    """spec's torchvision ResNet / ResNeXt + FPN with its modules (DGMN's at these rates and groups). Pretrained:
+    frozen BN, stem, res2 as Detectron's 1x (else all trains, with BN).
+    (B, 3, H, W) -> dict of (B, 256, H / s, W / s), s = 4 ... 64, finest first."""
+    backbone = resnet_fpn_backbone(backbone_name=spec.backbone, weights=None, trainable_layers=3 if pretrained else 5,
+                                   norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d)
+    if spec.module:  # the placement gives the maker the channels (DCN: the conv), the caller the options
+        make = MODULES[spec.module]
+        PLACEMENTS[spec.placement](backbone.body, spec.stages, lambda where: make(where, rates, groups))
+    backbone.body.name = RESNETS[spec.backbone]  # for load_pretrained's errors
+    return backbone
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The models, beside the paper's numbers
+
+
+@dataclass(frozen=True)
+class Detector:
+    """A detector, its backbone and the modules in it, beside the paper's numbers (None where the paper gives none)."""
+    detector: str                    # "retinanet" | "maskrcnn"
+    backbone: str                    # a DGMN2 variant, or a torchvision ResNet / ResNeXt of RESNETS
+    box_ap: float                    # the paper's COCO box AP (val unless the table says test-dev)
+    mask_ap: float | None            # the paper's COCO mask AP
+    table: str                       # where the paper gives these numbers
+    module: str | None = None        # MODULES' module that the ResNet takes
+    stages: tuple = ()               # the ResNet stages that take it ("C4": res4, "C5": res5)
+    placement: str = "after every 3x3"  # PLACEMENTS' way of putting it there
+    params_m: float | None = None    # the paper's parameter count (M, 80 classes)
+    gflops: float | None = None      # the paper's FLOPs (G, multiply-adds at 800 x 1333)
+
+
+R50, R101, X101 = (functools.partial(Detector, "maskrcnn", name) for name in ("resnet50", "resnet101",
+                                                                                "resnext101_32x8d"))
+C4_ONCE = dict(stages=("C4",), placement="before the last block")  # Table 3's single module, where Wang et al. put it
+MODELS = {
+    **{f"retinanet-dgmn2-{v}": Detector("retinanet", v, ap, None, "Table 7", params_m=p, gflops=g) for v, p, g, ap in [
+        ("tiny", 21.8, 206.8, 39.7), ("small", 30.7, 248.2, 42.5), ("medium", 45.6, 312.0, 43.7),
+        ("large", 57.9, 382.1, 44.7)]},
+    **{f"maskrcnn-dgmn2-{v}": Detector("maskrcnn", v, box, mask, "Table 8", params_m=p, gflops=g)
+       for v, p, g, box, mask in [("tiny", 31.8, 223.0, 40.1, 37.2), ("small", 40.6, 264.5, 43.4, 39.7),
+                                  ("medium", 55.5, 328.2, 44.4, 40.2), ("large", 67.9, 398.4, 46.2, 41.6)]},
+    "maskrcnn-r50": R50(37.8, 34.4, "Table 3; Table 8's count", params_m=44.2, gflops=269.8),
+    "maskrcnn-r50-gcnet": R50(38.1, 34.9, "Table 3", "gcnet", **C4_ONCE),
+    "maskrcnn-r50-dmp": R50(38.7, 35.0, "Table 3", "dmp", **C4_ONCE),
+    "maskrcnn-r50-nonlocal": R50(39.0, 35.5, "Table 3", "nonlocal", **C4_ONCE),
+    "maskrcnn-r50-ccnet": R50(39.3, 36.1, "Table 3", "ccnet", **C4_ONCE),
+    "maskrcnn-r50-dgmn": R50(39.5, 35.7, "Table 3", "dgmn", **C4_ONCE),
+    "maskrcnn-r50-gcnet-c5": R50(38.7, 35.2, "Table 3", "gcnet", ("C5",)),
+    "maskrcnn-r50-dcn-c5": R50(39.9, 34.9, "Table 3", "dcn", ("C5",), "instead of every 3x3"),
+    "maskrcnn-r50-dgmn-c5": R50(40.2, 36.0, "Tables 3, 15", "dgmn", ("C5",)),
+    "maskrcnn-r50-dgmn-c4c5": R50(41.0, 36.8, "Table 5 (test-dev); Section 5.3's count", "dgmn", ("C4", "C5"),
+                                  params_m=51.1, gflops=297.1),
+    "maskrcnn-r101": R101(40.1, 36.2, "Table 16; Section 5.3's count (Table 8's: 63.2M, 349.7G)", params_m=63.1,
+                          gflops=354.0),
+    "maskrcnn-r101-dgmn-c5": R101(41.7, 37.4, "Table 16", "dgmn", ("C5",)),
+    # Tables 5, 16: the release's X-101-32x8d (its config; the baseline's 42.2 / 37.8 are maskrcnn-benchmark's)
+    "maskrcnn-x101": X101(42.2, 37.8, "Table 16"),
+    "maskrcnn-x101-dgmn-c5": X101(43.7, 38.7, "Table 16", "dgmn", ("C5",)),
+    "maskrcnn-x101-64x4d": Detector("maskrcnn", "resnext101_64x4d", 42.8, 38.4, "Table 8", params_m=101.9,
+                                    gflops=514.7),  # the DGMN2 comparison's ResNeXt (mmdetection's)
+}
+
+
+def float32_output(module, inputs, output):
+    """A forward hook: the module's output tensors (in dicts, lists, tuples) in float32 (see build)."""
+    return tree_map_only(torch.Tensor, torch.Tensor.float, output)
+
+
+def build(name, num_classes, *, min_size=800, max_size=1333, rois=512, pretrained=False, dgmn_rates=dgmn.COCO_RATES,
+          dgmn_groups=DGMN_GROUPS):
+    """The detector of MODELS[name]: num_classes with the background (COCO: 91 ids, 0 the background), images resized
+    to min_size on the shorter side, at most max_size on the longer; Mask R-CNN's box and mask heads learn from rois
+    regions an image. pretrained: a ResNet built to start from ImageNet weights (load_pretrained) freezes its BN, stem
+    and res2 as Detectron's 1x; DGMN2 trains whole either way. dgmn_rates, dgmn_groups: the DGMN modules' (Table 15).
+    Training: (list of B float (3, H, W) images in [0, 1], list of B targets: boxes (N, 4) xyxy, labels (N,)
+    [, masks (N, H, W)]) -> dict of losses. Evaluation: images -> list of B dicts: boxes (N, 4), labels (N,),
+    scores (N,) [, masks (N, 1, H, W)]."""
+    if name not in MODELS:
+        raise ValueError(f"unknown COCO model {name!r}: choose one of {', '.join(MODELS)}")
+    spec, sizes = MODELS[name], dict(min_size=min_size, max_size=max_size)
+    if spec.backbone in RESNETS:
+        backbone = resnet_backbone(spec, pretrained, dgmn_rates, dgmn_groups)
+    else:
+        backbone = DGMN2FPN(spec.backbone, *NECKS[spec.detector])
+    if spec.detector == "retinanet":
+        model = RetinaNet(backbone, num_classes, detections_per_img=DETECTIONS_PER_IMAGE, **sizes)
+        predictors = [model.head]
+    else:
+        model = MaskRCNN(backbone, num_classes, box_batch_size_per_image=rois, **sizes)
+        predictors = [model.rpn.head, model.roi_heads.box_predictor, model.roi_heads.mask_predictor]
+    # Under bf16, anchors take the features' dtype and boxes decode in the regression's: a 4 px grid at 800 px. Float32
+    # features and predictions keep anchors, proposals and detections float32; the layers still run in bf16.
+    for module in [backbone, *predictors]:
+        module.register_forward_hook(float32_output)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pretrained backbones
+
+
+def load_pretrained(model, state):
+    """Backbone weights without the classifier into a detector of build(): the release's or train_imagenet.py's DGMN2
+    (a checkpoint with its "config"), torchvision's ResNet or ResNeXt (all but the inserted modules: INSERTED).
+    state: the loaded file. A state that does not fit raises ValueError, naming the first tensor at fault."""
+    body, ours = model.backbone.body, isinstance(state, dict) and "config" in state
+    if isinstance(body, dgmn2.DGMN2) and not ours:
+        return dgmn2.load_official(body, state)
+    weights = state["model"] if ours else state if isinstance(state, dict) else {}
+    try:
+        missing, unexpected = body.load_state_dict({k: v for k, v in weights.items() if k.split(".")[0] not in (
+            "head", "fc")}, strict=False)
+    except RuntimeError as error:  # a tensor of another shape
+        missing, unexpected = [str(error).splitlines()[-1].strip()], []
+    misfit = [k for k in missing if not any(key in k for key in INSERTED)] + unexpected
+    if misfit:
+        raise ValueError(f"another DGMN2 variant ({misfit[0]})" if isinstance(body, dgmn2.DGMN2) else
+                         f"not a torchvision {body.name} state dict ({misfit[0]})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameters and FLOPs as the paper counts them: python detection.py
+
+PAPER_CLASSES = 80  # the paper's heads score COCO's 80 classes (Mask R-CNN's also the background); ours its 91 ids
+FLOPS_IMAGE = (800, 1333)  # Section 6.2: FLOPs at an 800 x 1333 input
+BOX_ROIS, MASK_ROIS = 1000, 100  # mmdetection's dummy forward: the box head on 1000 proposals, the mask head on 100
+COUNTING = f"""Counted on the meta device (nothing is computed), as mmcv's get_model_complexity_info counts mmdetection:
+- parameters: those that train from pretrained weights (frozen BN holds buffers; the frozen stem and res2 are left
+  out), the heads at the paper's {PAPER_CLASSES} classes (Mask R-CNN: + the background);
+- FLOPs: multiply-adds (FlopCounterMode's FLOPs / 2), an {FLOPS_IMAGE[0]} x {FLOPS_IMAGE[1]} image through the backbone,
+  the FPN and the RPN or RetinaNet head on every level, and for Mask R-CNN the box head on {BOX_ROIS} RoIs and the
+  mask head on {MASK_ROIS} (mmdetection's forward_dummy; RoIAlign, NMS and post-processing are not run): convolutions
+  (DCN's as a plain conv's), linear layers, matmuls and attention, DGMN's sampler products; not BN, activations,
+  softmax, pooling or the bilinear reads. Gaps: ours / the paper's - 1."""
+
+
+def deform_conv_flops(input_shape, weight_shape, *args, out_shape, **kwargs):
+    """FlopCounterMode's formula for torchvision::deform_conv2d: the products of a convolution of its shapes (2 FLOPs a
+    multiply-add), as FlopCounterMode counts one; the offsets' bilinear reads and mask products not counted."""
+    return 2 * math.prod(out_shape) * math.prod(weight_shape[1:])
+
+
+def cost(name):
+    """(parameters, multiply-adds) of the model as COUNTING says."""
+    spec = MODELS[name]
+    with torch.device("meta"):
+        model = build(name, PAPER_CLASSES + (spec.detector == "maskrcnn"), pretrained=True)
+        image = torch.empty(1, 3, *FLOPS_IMAGE)
+        with FlopCounterMode(display=False, custom_mapping={torch.ops.torchvision.deform_conv2d: deform_conv_flops}) \
+                as counter:
+            features = list(model.backbone(image).values())
+            if spec.detector == "retinanet":
+                model.head(features)
+            else:
+                heads, channels = model.roi_heads, model.backbone.out_channels
+                model.rpn.head(features)
+                heads.box_predictor(heads.box_head(torch.empty(BOX_ROIS, channels, *heads.box_roi_pool.output_size)))
+                heads.mask_predictor(heads.mask_head(torch.empty(MASK_ROIS, channels,
+                                                                 *heads.mask_roi_pool.output_size)))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), counter.get_total_flops() // 2
+
+
+def print_table():
+    """Every model's parameters and FLOPs beside the paper's (Tables 3, 5, 7, 8, 16, Section 5.3)."""
+    print(COUNTING + "\n")
+    print("| model | params (M) | paper | gap | GFLOPs | paper | gap | box AP paper | mask AP paper | source |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, spec in MODELS.items():
+        params, macs = cost(name)
+        columns = [f"{ours:.1f} | {paper or '-'} | {f'{100 * (ours / paper - 1):+.1f}%' if paper else '-'}"
+                   for ours, paper in [(params / 1e6, spec.params_m), (macs / 1e9, spec.gflops)]]
+        print(f"| {name} | {' | '.join(columns)} | {spec.box_ap} | {spec.mask_ap or '-'} | {spec.table} |", flush=True)
+
+
+if __name__ == "__main__":
+    print_table()

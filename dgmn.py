@@ -22,8 +22,9 @@ Two parameter layouts, one switch (channel_transforms), each where the paper use
   the scalars), which is what gives Section 5.3's 51.1M for Mask R-CNN R-50 + DGMN (C4, C5); the COCO models use it.
 Table 2 counts the transforms and predictors only; the walk predictors and the few scalars are reported beside them.
 
-Also here: the modules DGMN is compared with (Tables 2, 3): the non-local block, GCNet's global context block and
-criss-cross attention, and where Table 3 puts them in a ResNet.
+Also here: the modules DGMN is compared with (Tables 2, 3): the non-local block, GCNet's global context block,
+criss-cross attention and DCNv2's modulated deformable convolution (with FlopCounterMode's formula for torchvision's
+deform_conv2d), and where Table 3 puts them in a ResNet.
 """
 
 import math
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torchvision
 from einops import rearrange, reduce
 
 try:  # inside a package: the model files copied into a project
@@ -245,6 +247,36 @@ class CrissCrossAttention(nn.Module):
         for _ in range(self.recurrence):
             x = self.attend(x)
         return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DCNv2, Table 2's "+ Deformable": a convolution (not x + a context, as the modules above), and its FLOP formula
+
+
+class ModulatedDeformConv(torchvision.ops.DeformConv2d):
+    """DCNv2 (Zhu et al., CVPR 2019): a ks x ks convolution (no bias) whose K reads move by predicted offsets and are
+    scaled by predicted masks (a sigmoid), both from a ks x ks conv of the input to 3K channels with bias (as mmcv's
+    ModulatedDeformConv2dPack). That conv starts at zero: a new layer reads the regular grid at masks 0.5.
+    x (B, C_in, H, W) -> (B, C_out, H, W)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=3):
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+        self.reads = kernel_size ** 2
+        self.offset_mask = nn.Conv2d(in_channels, 3 * self.reads, kernel_size, padding=kernel_size // 2)
+        nn.init.zeros_(self.offset_mask.weight)
+        nn.init.zeros_(self.offset_mask.bias)
+
+    def forward(self, x):
+        offsets, masks = self.offset_mask(x).split([2 * self.reads, self.reads], dim=1)  # (B, 2K, H, W), (B, K, H, W)
+        return super().forward(x, offsets, masks.sigmoid())
+
+
+def deform_conv_flops(input_shape, weight_shape, *_, out_shape, **__):
+    """FlopCounterMode's formula for torchvision::deform_conv2d (shapes in, FLOPs out, 2 a multiply-add), which it
+    does not know: that of the convolution it generalises, out elements x (C_in / groups) x ks x ks; the bilinear reads
+    and the masks' products are not counted. Pass it as FlopCounterMode(custom_mapping={
+    torch.ops.torchvision.deform_conv2d: deform_conv_flops})."""
+    return 2 * math.prod(out_shape) * math.prod(weight_shape[1:])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import detection
 import dgmn
 import dgmn2
 import sampler
+import segmentation
 import train_cityscapes
 import train_coco
 import train_imagenet
@@ -1632,7 +1633,7 @@ def test_cityscapes_layout_trains_and_maps_train_ids(tmp_path):
 def test_sliding_window_equals_whole_image_inference():
     torch.manual_seed(0)
     model = dgmn2.dgmn2_tiny(num_classes=0)
-    net = train_cityscapes.SemanticFPN(model, 5).eval()
+    net = segmentation.SemanticFPN(model, 5).eval()
     image = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(train_cityscapes.sliding_window(net, image, 5, window=64, stride=48), net(image))
@@ -1924,7 +1925,7 @@ def test_scales_and_windows_are_drawn_as_resize_then_crop():
 
 def test_batched_sliding_windows_equal_one_window_a_forward():
     torch.manual_seed(0)
-    net = cs.SemanticFPN(dgmn2.dgmn2_tiny(num_classes=0), 5).eval()
+    net = segmentation.SemanticFPN(dgmn2.dgmn2_tiny(num_classes=0), 5).eval()
     image = torch.randn(1, 3, 40, 45)  # 2 x 2 windows of 32
     with torch.no_grad():
         one = cs.sliding_window(net, image, 5, window=32, stride=20, batch=1)
@@ -1940,19 +1941,19 @@ def test_batched_sliding_windows_equal_one_window_a_forward():
 
 def test_release_align_corners_in_the_fpn_head(monkeypatch):
     calls = []
-    interpolate = cs.F.interpolate
+    interpolate = segmentation.F.interpolate
 
     def spy(*args, **kwargs):
-        if sys._getframe(1).f_code.co_filename == cs.__file__:  # the head's resizes, not the backbone's
+        if sys._getframe(1).f_code.co_filename == segmentation.__file__:  # the head's resizes, not the backbone's
             calls.append(kwargs.get("align_corners"))
         return interpolate(*args, **kwargs)
 
-    monkeypatch.setattr(cs.F, "interpolate", spy)
-    net = cs.SemanticFPN(dgmn2.dgmn2_tiny(num_classes=0), 5).eval()
+    monkeypatch.setattr(segmentation.F, "interpolate", spy)
+    net = segmentation.SemanticFPN(dgmn2.dgmn2_tiny(num_classes=0), 5).eval()
     with torch.no_grad():
         assert net(torch.randn(1, 3, 40, 40)).shape == (1, 5, 40, 40)
     assert len(calls) == (1 + 2 + 3) + 4 + 1 and all(corner is True for corner in calls)  # 2x ups, sums, output
-    assert cs.DilatedFCN.align_corners is False
+    assert segmentation.DilatedFCN.align_corners is False
 
 
 def test_real_data_without_pretrained_warns_that_the_backbone_starts_from_scratch(tmp_path, capsys):
@@ -2025,7 +2026,7 @@ def test_table_2_baselines_are_offered_by_model():
 @pytest.mark.parametrize("model", FCN_BASELINES)
 def test_each_table_2_baseline_trains_two_steps_with_a_gradient_for_every_parameter(model):
     torch.manual_seed(0)
-    net = cs.DilatedFCN(5, model)
+    net = segmentation.build(model, 5)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     images, labels = torch.randn(2, 3, 17, 17), torch.randint(0, 5, (2, 17, 17))  # a 3 x 3 map at stride 8
     silent = []
@@ -2044,12 +2045,12 @@ def test_each_table_2_baseline_trains_two_steps_with_a_gradient_for_every_parame
 
 def test_new_modules_start_as_the_papers_describe():
     torch.manual_seed(0)
-    dcn = cs.ModulatedDeformConv(8, 4)
+    dcn = dgmn.ModulatedDeformConv(8, 4)
     x = torch.randn(2, 8, 7, 9)
     regular = F.conv2d(x, dcn.weight, padding=1)  # zero offsets, masks sigmoid(0) = 0.5: half a regular 3x3 conv
     torch.testing.assert_close(dcn(x), 0.5 * regular)
-    aspp = cs.ASPP(16)
-    assert [c[0].dilation for c in aspp.convs[1:4]] == [(r, r) for r in cs.ASPP_RATES]
+    aspp = segmentation.ASPP(16)
+    assert [c[0].dilation for c in aspp.convs[1:4]] == [(r, r) for r in segmentation.ASPP_RATES]
     assert aspp(torch.randn(2, 16, 9, 9)).shape == (2, 16, 9, 9)
 
 
@@ -2058,29 +2059,29 @@ def parameter_count(module):
 
 
 def test_table_2_baselines_added_counts_within_3_percent_or_the_stated_gap():
-    classes, C = len(cs.TRAIN_CLASSES), cs.FCN_CHANNELS
-    K, D = 9, cs.DCN_CHANNELS
+    classes, C = segmentation.NUM_CLASSES, segmentation.FCN_CHANNELS
+    K, D = 9, segmentation.DCN_CHANNELS
     expected_macs = {  # by hand: convolutions and matrix products on the 97 x 97 map, the classifier's change
         "fcn-deformable": SIDE * (C * D * K + C * 3 * K * K + (D - C) * classes),
         "fcn-aspp": SIDE * (C * 256 + 3 * C * 256 * K + 5 * 256 * C) + C * 256,  # pooling's conv on one position
         "fcn-nonlocal": SIDE * (3 * C * (C // 2) + (C // 2) * C + C * C * K) + 2 * SIDE ** 2 * (C // 2),
     }
     with torch.device("meta"):
-        plain = parameter_count(cs.DilatedFCN(classes, "fcn"))
-    gaps = {"fcn-aspp": (0.03, 0.06)}  # ASPP's FLOPs: +5.8%, stated in FCN_VARIANTS (no standard layout fits both)
+        plain = parameter_count(segmentation.build("fcn", classes))
+    gaps = {"fcn-aspp": (0.03, 0.06)}  # ASPP's FLOPs: +5.8%, stated in its MODELS row (no standard layout fits both)
     for model in FCN_BASELINES:
-        params, macs = cs.fcn_added_cost(model)
+        params, macs = segmentation.fcn_added_cost(model)
         with torch.device("meta"):
-            assert params == parameter_count(cs.DilatedFCN(classes, model)) - plain  # the whole model's difference
+            assert params == parameter_count(segmentation.build(model, classes)) - plain  # the whole model's difference
         assert macs == expected_macs[model]
-        row = cs.FCN_VARIANTS[model]
+        row = segmentation.FCN_VARIANTS[model]
         params_gap, flops_gap = gaps.get(model, (0.03, 0.03))
         assert abs(params / (row.params_m * 1e6) - 1) < params_gap, model
         assert abs(macs / (row.gflops * 1e9) - 1) < flops_gap, model
 
 
 def test_the_deformable_row_counts_its_deform_conv_by_the_registered_formula():
-    params, macs = cs.fcn_added_cost("fcn-deformable")
+    params, macs = segmentation.fcn_added_cost("fcn-deformable")
     assert params == 512 * 256 * 9 + 512 * 27 * 9 + 27 + 2 * 256 - 256 * 19  # convs, offset bias, BN, classifier
     assert macs - SIDE * 512 * 27 * 9 > 11e9  # the deformable conv itself, not only its offset conv
 
@@ -2177,18 +2178,68 @@ def test_a_resume_refuses_other_fcn_options(tmp_path):
     assert cs.read_checkpoint(path, evaluation, cs.WEIGHTS_DEPEND_ON, cs.TRAINING_DEPENDS_ON)["config"]["ohem"]
 
 
-def test_table_prints_table_2s_and_table_11s_rows(capsys):
-    cs.main(cs.parse_args(["--table"]))
-    out = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def table_printed():
+    """What train_cityscapes.py --table prints (about 20 s on a CPU: computed once for the tests that read it)."""
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        cs.main(cs.parse_args(["--table"]))
+    return out.getvalue()
+
+
+def test_table_prints_table_2s_and_table_11s_rows(table_printed):
+    out = table_printed
     assert "FlopCounterMode's count / 2" in out and "deform_conv2d" in out
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| fcn")]
-    assert [row[0][2:] for row in rows] == list(cs.FCN_VARIANTS)
-    dgmn_rows = {row[0][2:]: row for row in rows if row[0][2:] in cs.DGMN_FCNS}
+    assert [row[0][2:] for row in rows] == list(segmentation.FCN_VARIANTS)
+    dgmn_rows = {row[0][2:]: row for row in rows if row[0][2:] in segmentation.DGMN_FCNS}
     assert [row[1] for row in dgmn_rows.values()] == ["+0.566M", "+0.732M", "+2.610M"]  # Table 2's layout, exact
     assert "not its walk convs" in dgmn_rows["fcn-dgmn"][-1]
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| dgmn2")]  # Table 11
-    assert [row[0][2:] for row in rows] == list(cs.DGMN2_MODELS) and "769 x 769" in out
+    assert [row[0][2:] for row in rows] == list(segmentation.DGMN2_MODELS) and "769 x 769" in out
     assert all(abs(float(gap.strip("%"))) < 1 for row in rows for gap in row[5].split(" / "))  # params and FLOPs
+    assert f"{segmentation.NUM_CLASSES} classes" in out and segmentation.NUM_CLASSES == len(cs.TRAIN_CLASSES)
+
+
+def test_python_segmentation_prints_what_the_table_option_prints(table_printed):
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("segmentation.py"))], capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout == table_printed and run.stdout.count("\n| dgmn2-") == len(segmentation.DGMN2_MODELS)
+
+
+def test_segmentation_imports_no_training_script():
+    source = Path(segmentation.__file__).read_text()
+    assert not re.search(r"^\s*(import|from)\s+\.?\s*train_", source, re.M) and "InputError" not in source
+    code = "import sys, segmentation; print(sorted(m for m in sys.modules if m.split('.')[0].startswith('train_')))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).parent, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stderr[-2000:]
+    assert "train_cityscapes" in sys.modules  # the check sees modules: this process has one
+
+
+def test_a_model_files_bad_argument_is_a_value_error_in_one_line():
+    cases = [(dict(name="segformer"), "unknown model 'segformer': choose one of dgmn2-tiny, "),
+             (dict(name="dgmn2-tiny-pup", output_stride=16), "output_stride 16: the SETR heads take DGMN2 at output "
+              "stride 8"),
+             (dict(name="fcn", output_stride=8), "output_stride applies to the DGMN2 models, not to fcn"),
+             (dict(name="fcn-aspp", dgmn_options=dict(rates=(1,))), "dgmn_options apply to fcn-da, fcn-da-dw, "
+              "fcn-dgmn, not to fcn-aspp"),
+             (dict(name="dgmn2-tiny", multi_grid=True), "multi_grid and dgmn_options apply to the dilated FCNs"),
+             (dict(name="fcn-dgmn", dgmn_options=dict(groups=3)), "groups = 3 must be positive and divide channels "
+              "= 512"),
+             (dict(name="fcn-dgmn", dgmn_options=dict(rates=(0, 6))), "rates must be positive ints"),
+             (dict(name="dgmn2-small", output_stride=4), "output_stride must be 8, 16 or 32, got 4")]
+    for kwargs, message in cases:
+        with torch.device("meta"), pytest.raises(ValueError, match=re.escape(message)) as error:
+            segmentation.build(**kwargs)
+        assert "\n" not in str(error.value) and str(error.value), kwargs
+    # The training script turns one into its one-line InputError (check() catches these options before)
+    refused = cs.Config(model="dgmn2-tiny-pup", output_stride=16)
+    with pytest.raises(cs.InputError, match="^--model dgmn2-tiny-pup: output_stride 16: the SETR heads take") as error:
+        cs.build_model(refused, 19, 1, torch.device("cpu"))
+    assert "\n" not in str(error.value)
+    with pytest.raises(cs.InputError, match="--output-stride 16: the SETR heads take DGMN2 at output stride 8"):
+        cs.check(refused)
 
 
 # ====================================================================================================================
@@ -2200,31 +2251,31 @@ SETR_MODELS = [f"dgmn2-{variant}-{head}" for head in ("naive", "pup", "mla") for
 def test_setr_models_are_offered_by_model():
     for model in SETR_MODELS:
         assert model in cs.CHOICES["model"] and cs.parse_args(["--model", model]).model == model
-    assert set(cs.DGMN2_MODELS) == {f"dgmn2-{v}" for v in dgmn2.VARIANTS} | set(SETR_MODELS)
+    assert set(segmentation.DGMN2_MODELS) == {f"dgmn2-{v}" for v in dgmn2.VARIANTS} | set(SETR_MODELS)
 
 
 def test_table_11_parameters_within_1_percent_and_the_backbone_at_output_stride_8():
-    for name, row in cs.DGMN2_MODELS.items():
+    for name, row in segmentation.DGMN2_MODELS.items():
         with torch.device("meta"):
-            model = cs.build_model(cs.Config(model=name), len(cs.TRAIN_CLASSES), 1, torch.device("meta"))
+            model = segmentation.build(name, segmentation.NUM_CLASSES)
         params = sum(p.numel() for p in model.parameters())
         assert abs(params / (row.params_m * 1e6) - 1) < 0.01, (name, params)
         assert model.backbone.strides == ([4, 8, 16, 32] if row.head == "fpn" else [4, 8, 8, 8])
     tiny = sum(p.numel() for p in dgmn2.build("tiny", num_classes=0).parameters())
-    classes, C = len(cs.TRAIN_CLASSES), (64, 128, 320, 512)
+    classes, C = segmentation.NUM_CLASSES, (64, 128, 320, 512)
     by_hand = dict(naive=512 * classes + classes,  # the 1x1 classifier
                    pup=(512 * 256 * 9 + 256 + 2 * 256) + 2 * (256 * 256 * 9 + 256 + 2 * 256) + 256 * classes + classes,
                    mla=sum(c * 128 * 9 + 2 * 128 + 128 * 128 * 9 + 2 * 128 for c in C) + 512 * classes + classes)
     for head, count in by_hand.items():
         with torch.device("meta"):
-            model = cs.build_model(cs.Config(model=f"dgmn2-tiny-{head}"), classes, 1, torch.device("meta"))
+            model = segmentation.build(f"dgmn2-tiny-{head}", classes)
         assert sum(p.numel() for p in model.parameters()) == tiny + count
 
 
 @pytest.mark.parametrize("head", ["naive", "pup", "mla"])
 def test_each_setr_head_trains_two_steps_with_a_gradient_for_every_parameter(head):
     torch.manual_seed(0)
-    net = cs.SETR(dgmn2.build("tiny", num_classes=0, output_stride=8), head, 5)
+    net = segmentation.SETR(dgmn2.build("tiny", num_classes=0, output_stride=8), head, 5)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
     images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2, 32, 32))
     for _ in range(2):
@@ -2239,14 +2290,14 @@ def test_each_setr_head_trains_two_steps_with_a_gradient_for_every_parameter(hea
 
 def test_setr_heads_resize_as_the_release(monkeypatch):
     calls = []
-    interpolate = cs.F.interpolate
+    interpolate = segmentation.F.interpolate
 
     def spy(x, size=None, **kwargs):
-        if sys._getframe(1).f_code.co_filename == cs.__file__:  # the heads' resizes, not the backbone's
+        if sys._getframe(1).f_code.co_filename == segmentation.__file__:  # the heads' resizes, not the backbone's
             calls.append((tuple(x.shape[-2:]), tuple(size), kwargs.get("align_corners")))
         return interpolate(x, size=size, **kwargs)
 
-    monkeypatch.setattr(cs.F, "interpolate", spy)
+    monkeypatch.setattr(segmentation.F, "interpolate", spy)
     maps = [torch.randn(1, c, *side) for c, side in zip((64, 128, 320, 512), [(10, 12), (5, 6), (5, 6), (5, 6)])]
     expected = dict(naive=[], pup=[((5, 6), (10, 12)), ((10, 12), (20, 24)), ((20, 24), (40, 48)), ((40, 48), (80, 96))],
                     mla=[((10, 12), (20, 24))] + [((5, 6), (20, 24))] * 3)  # all to 4 x the stride-8 map
@@ -2254,19 +2305,19 @@ def test_setr_heads_resize_as_the_release(monkeypatch):
     for head, resizes in expected.items():
         calls.clear()
         with torch.no_grad():
-            out = cs.SETR_HEADS[head]([m.shape[1] for m in maps], 7).eval()(maps)
+            out = segmentation.SETR_HEADS[head]([m.shape[1] for m in maps], 7).eval()(maps)
         assert out.shape == (1, 7, *out_sides[head])
         assert calls == [(before, after, True) for before, after in resizes]
     calls.clear()
-    net = cs.SETR(dgmn2.build("tiny", num_classes=0, output_stride=8), "naive", 7).eval()
+    net = segmentation.SETR(dgmn2.build("tiny", num_classes=0, output_stride=8), "naive", 7).eval()
     with torch.no_grad():
         assert net(torch.randn(1, 3, 33, 40)).shape == (1, 7, 33, 40)
-    assert calls == [((5, 5), (33, 40), True)] and cs.SETR.align_corners is True
+    assert calls == [((5, 5), (33, 40), True)] and segmentation.SETR.align_corners is True
 
 
 def test_naive_head_is_a_pointwise_classifier_of_the_last_map():
     torch.manual_seed(0)
-    net = cs.SETR(dgmn2.build("tiny", num_classes=0, output_stride=8), "naive", 4).eval()
+    net = segmentation.SETR(dgmn2.build("tiny", num_classes=0, output_stride=8), "naive", 4).eval()
     image = torch.randn(1, 3, 24, 24)
     with torch.no_grad():
         last = net.backbone.forward_features(image)[-1]  # (1, 512, 3, 3)

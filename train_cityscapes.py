@@ -1,10 +1,11 @@
-"""Semantic segmentation on Cityscapes: DGMN2 + Semantic FPN or one of SETR's heads (Section 6.3, Tables 11, 12) and
-the dilated FCN with the DGMN module or a module it is compared with (Section 5, Tables 2, 4, 13, 14); training,
-sliding-window evaluation, the test server's label images, DDP through torchrun.
+"""Semantic segmentation on Cityscapes, the recipe: training, sliding-window evaluation, the test server's label images,
+DDP through torchrun, for the models of segmentation.py: DGMN2 + Semantic FPN or one of SETR's heads (Section 6.3,
+Tables 11, 12) and the dilated FCN with the DGMN module or a module it is compared with (Section 5, Tables 2, 4, 13,
+14).
 
 Paper targets, mIoU on Cityscapes val (single scale / multi-scale + flip): DGMN2-Tiny/Small/Medium/Large + Semantic
-FPN 78.09/79.40, 80.65/81.58, 80.60/81.79, 81.75/82.64 (the SETR heads: TABLE_11); dilated FCN ResNet-101 75.0, + DGMN
-(DA+DW+DS) 80.4.
+FPN 78.09/79.40, 80.65/81.58, 80.60/81.79, 81.75/82.64 (the SETR heads: segmentation.MODELS); dilated FCN ResNet-101
+75.0, + DGMN (DA+DW+DS) 80.4.
 
     torchrun --nproc_per_node 8 train_cityscapes.py --model dgmn2-tiny --data /path/to/cityscapes \\
         --pretrained dgmn2_tiny.pth                                         # Table 11 (AdamW 1e-4, 40k iterations)
@@ -15,7 +16,8 @@ FPN 78.09/79.40, 80.65/81.58, 80.60/81.79, 81.75/82.64 (the SETR heads: TABLE_11
     torchrun --nproc_per_node 8 train_cityscapes.py --model dgmn2-large-mla --data /path/to/cityscapes \\
         --eval-only --resume CKPT --multi-scale --eval-split test --predict DIR     # Table 12: the server's files
     torchrun train_cityscapes.py                  # no --data: the built-in synthetic scenes, a few minutes on a CPU
-    python train_cityscapes.py --table            # Tables 2 and 11: parameters and FLOPs beside the paper's
+    python train_cityscapes.py --table            # Tables 2 and 11: parameters and FLOPs beside the paper's, as
+                                                  # python segmentation.py prints them
 """
 
 import argparse
@@ -38,13 +40,11 @@ import torch.nn.functional as F
 import torchvision
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
-from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-import dgmn
 import dgmn2
-import sampler
+import segmentation
 
 
 # ================================================================================================================
@@ -266,209 +266,16 @@ def command_line():
 
 # End of the shared block
 # ================================================================================================================
-# ---- Table 2's modules on the dilated FCN's 512-channel map: those from torchvision here, the rest in dgmn.py ----
-FCN_CHANNELS = dgmn.CITYSCAPES_CHANNELS  # Section 5.1: the 3x3 Conv-BN-ReLU after the backbone gives 512
-DCN_CHANNELS = 256  # "+ Deformable": DCNv2 512 -> 256 is the standard width that gives Table 2's +1.31M
-ASPP_RATES, ASPP_CHANNELS = (12, 24, 36), 256  # DeepLab v3 at output stride 8: its rates, its branches' width
-
-
-def conv_bn_relu(in_channels, out_channels, bias=False):
-    """A 3x3 Conv-BN-ReLU, the width changed (bias: the conv's own, redundant before BN; the DGMN2 release's PUP head
-    has it). (B, C_in, H, W) -> (B, C_out, H, W)."""
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias), nn.BatchNorm2d(out_channels),
-                         nn.ReLU(inplace=True))
-
-
-class ModulatedDeformConv(torchvision.ops.DeformConv2d):
-    """DCNv2 (Zhu et al., CVPR 2019): a ks x ks convolution (no bias) whose K reads move by predicted offsets and are
-    scaled by predicted masks (a sigmoid), both from a ks x ks conv of the input to 3K channels with bias (as mmcv's
-    ModulatedDeformConv2dPack). That conv starts at zero: a new layer reads the regular grid at masks 0.5.
-    x (B, C_in, H, W) -> (B, C_out, H, W)."""
-
-    def __init__(self, in_channels, out_channels, kernel_size=3):
-        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
-        self.reads = kernel_size ** 2
-        self.offset_mask = nn.Conv2d(in_channels, 3 * self.reads, kernel_size, padding=kernel_size // 2)
-        nn.init.zeros_(self.offset_mask.weight)
-        nn.init.zeros_(self.offset_mask.bias)
-
-    def forward(self, x):
-        offsets, masks = self.offset_mask(x).split([2 * self.reads, self.reads], dim=1)  # (B, 2K, H, W), (B, K, H, W)
-        return super().forward(x, offsets, masks.sigmoid())
-
-
-def deformable(channels):
-    """Table 2's "+ Deformable": a DCNv2 3x3 conv to DCN_CHANNELS, BN, ReLU; the classifier reads DCN_CHANNELS.
-    (B, C, H, W) -> (B, DCN_CHANNELS, H, W)."""
-    return nn.Sequential(ModulatedDeformConv(channels, DCN_CHANNELS), nn.BatchNorm2d(DCN_CHANNELS),
-                         nn.ReLU(inplace=True))
-
-
-class ASPP(torchvision.models.segmentation.deeplabv3.ASPP):
-    """Table 2's "+ ASPP": DeepLab v3's atrous spatial pyramid pooling (Chen et al., 2017), torchvision's: a 1x1 conv,
-    3x3 convs at ASPP_RATES and image pooling, ASPP_CHANNELS each with BN-ReLU, concatenated and projected by a 1x1
-    Conv-BN-ReLU (and dropout 0.5). The projection goes back to C, as the ASPP module of the CCNet / OCNet code base
-    (5 x 256 -> 512), not to 256 as torchvision's: the nearer of the two to Table 2 (FCN_VARIANTS gives both gaps).
-    (B, C, H, W) -> (B, C, H, W)."""
-
-    def __init__(self, channels):
-        super().__init__(channels, ASPP_RATES, ASPP_CHANNELS)
-        self.project[0] = nn.Conv2d(len(self.convs) * ASPP_CHANNELS, channels, 1, bias=False)
-        self.project[1] = nn.BatchNorm2d(channels)
-
-
-def non_local(channels):
-    """Table 2's "+ Non-local": the embedded-Gaussian block (dgmn.NonLocal, C / 2 inner channels) then a 3x3
-    Conv-BN-ReLU C -> C, as DANet's head follows its attention module (conv5a, the module, conv51, the classifier).
-    (B, C, H, W) -> (B, C, H, W)."""
-    return nn.Sequential(dgmn.NonLocal(channels), conv_bn_relu(channels, channels))
-
-
-@dataclasses.dataclass(frozen=True)
-class FCNRow:
-    """A dilated FCN of Table 2: make(channels, **DGMN switches) builds the module on its 512-channel map."""
-    make: object                     # the module's builder (nn.Identity ignores its arguments)
-    params_m: float | None           # Table 2: the parameters it adds (M)
-    gflops: float | None             # Table 2: the FLOPs it adds (G)
-    miou: float                      # Table 2: Cityscapes val mIoU (%), single scale
-    layout: str                      # what the module is, after which paper or code base
-    dgmn: dict | None = None         # DGMN's switches: the rows that --dgmn-rates and --dgmn-groups change
-    out_channels: int | None = None  # the width the classifier reads; None: the map's
-
-
-# ---- SETR's decoder heads (Zheng et al., CVPR 2021) on DGMN2 at output stride 8 (Section 6.3, Table 11) --------
-SETR_OUTPUT_STRIDE = 8  # Section 6.3: stride-1 patch embeddings in stages 3 and 4
-FPN_OUTPUT_STRIDE = 32  # DGMN2 as it classifies ImageNet, under the Semantic FPN (Table 11)
-PUP_CHANNELS, PUP_ROUNDS = 256, 3  # the release's PUP: three 3x3 convs to 256 channels, each before a 2x upsampling
-MLA_CHANNELS, MLA_SCALE = 128, 4  # the release's MLA: 128 channels a stage, resized to 4 x the stride-8 map
-
-
-def resize(x, size):
-    """Bilinear resize of (B, C, h, w) to size (H, W), corners aligned as in every resize of the DGMN2 release's SETR
-    heads: its configs set align_corners=True (SETR's own set False) and its MLA head hard-codes True for the four
-    maps. -> (B, C, H, W)."""
-    return F.interpolate(x, size=list(size), mode="bilinear", align_corners=True)
-
-
-def doubled(x):
-    """(B, C, h, w) -> (B, C, 2h, 2w), resized."""
-    return resize(x, [2 * side for side in x.shape[-2:]])
-
-
-class NaiveHead(nn.Module):
-    """SETR-Naive as the DGMN2 release has it: a 1x1 classifier on the last stage map.
-    The four stage maps [(B, C_s, H_s, W_s)] -> (B, classes, H_4, W_4)."""
-
-    def __init__(self, channels, classes):
-        super().__init__()
-        self.classifier = nn.Conv2d(channels[-1], classes, 1)
-
-    def forward(self, maps):
-        return self.classifier(maps[-1])
-
-
-class PUPHead(nn.Module):
-    """SETR-PUP (progressive upsampling) as the release has it: PUP_ROUNDS rounds of a 3x3 Conv-BN-ReLU to
-    PUP_CHANNELS (the conv with a bias) and a 2x upsampling on the last map, then a 1x1 classifier and a last 2x
-    upsampling; at output stride 8 its logits have twice the input's side, which SETR resizes down.
-    [(B, C_s, H_s, W_s)] -> (B, classes, 16 H_4, 16 W_4)."""
-
-    def __init__(self, channels, classes):
-        super().__init__()
-        widths = [channels[-1]] + [PUP_CHANNELS] * PUP_ROUNDS
-        self.rounds = nn.ModuleList(conv_bn_relu(i, o, bias=True) for i, o in zip(widths, widths[1:]))
-        self.classifier = nn.Conv2d(PUP_CHANNELS, classes, 1)
-
-    def forward(self, maps):
-        x = maps[-1]
-        for unit in self.rounds:
-            x = doubled(unit(x))
-        return doubled(self.classifier(x))
-
-
-class MLAHead(nn.Module):
-    """SETR-MLA (multi-level feature aggregation) as the release has it, on DGMN2's four stage maps where SETR takes
-    four ViT layers: two 3x3 Conv-BN-ReLU to MLA_CHANNELS on each map, each resized to MLA_SCALE times the last
-    (stride-8) map, concatenated and classified by a 1x1 conv. [(B, C_s, H_s, W_s)] -> (B, classes, 4 H_4, 4 W_4)."""
-
-    def __init__(self, channels, classes):
-        super().__init__()
-        self.levels = nn.ModuleList(nn.Sequential(conv_bn_relu(width, MLA_CHANNELS),
-                                                  conv_bn_relu(MLA_CHANNELS, MLA_CHANNELS)) for width in channels)
-        self.classifier = nn.Conv2d(len(channels) * MLA_CHANNELS, classes, 1)
-
-    def forward(self, maps):
-        size = [MLA_SCALE * side for side in maps[-1].shape[-2:]]
-        return self.classifier(torch.cat([resize(level(x), size) for level, x in zip(self.levels, maps)], dim=1))
-
-
-SETR_HEADS = dict(naive=NaiveHead, pup=PUPHead, mla=MLAHead)  # --model dgmn2-VARIANT-HEAD
-
-
-class SETR(nn.Module):
-    """Section 6.3: DGMN2 at output stride 8 and one of SETR_HEADS, its logits resized to the input (the release resizes
-    Naive's and MLA's to the 769 crop first: the same at the training crop and evaluation window); no auxiliary heads,
-    no dropout (the release's configs). (B, 3, H, W) -> (B, classes, H, W)."""
-    align_corners = True  # as resize(): multi-scale evaluation resizes the scores back the same way
-
-    def __init__(self, backbone, head, classes):
-        super().__init__()
-        self.backbone, self.head = backbone, SETR_HEADS[head](backbone.channels, classes)
-
-    def forward(self, images):
-        return resize(self.head(self.backbone.forward_features(images)), images.shape[-2:])
-
-
-@dataclasses.dataclass(frozen=True)
-class DGMN2Row:
-    """A DGMN2 row of Table 11 (Cityscapes val): the backbone, its decoder head and the paper's numbers."""
-    variant: str     # of dgmn2.VARIANTS
-    head: str        # "fpn" (Semantic FPN, output stride 32) or one of SETR_HEADS (output stride 8)
-    params_m: float  # parameters (M)
-    gflops: float    # FLOPs (G)
-    miou: float      # mIoU (%), single scale
-    miou_ms: float   # mIoU (%), multi-scale and flips
-
-
-TABLE_11 = {  # the DGMN2 rows, a head's for Tiny, Small, Medium, Large: (params M, FLOPs G, mIoU SS, mIoU MS)
-    "fpn": [(15.84, 76.35, 78.09, 79.4), (24.71, 99.57, 80.65, 81.58), (39.55, 136.01, 80.60, 81.79),
-            (52.02, 175.94, 81.75, 82.64)],
-    "naive": [(11.60, 117.52, 77.23, 78.23), (20.47, 204.97, 80.31, 81.04), (35.31, 347.76, 80.83, 81.39),
-              (47.78, 467.46, 81.80, 82.61)],
-    "pup": [(13.95, 242.51, 78.25, 79.26), (22.82, 329.96, 79.78, 80.73), (37.67, 472.75, 80.97, 81.80),
-            (50.14, 592.45, 81.58, 82.27)],
-    "mla": [(13.37, 141.72, 78.25, 79.32), (22.24, 229.17, 80.79, 81.62), (37.08, 371.96, 81.09, 82.00),
-            (49.56, 491.66, 81.55, 81.98)],
-}
-
-
 # ---- Configuration: the paper's recipes by default; SYNTHETIC replaces what no flag set without --data ----------
 IGNORE = 255
-FCN_VARIANTS = {  # Table 2's rows, in its order
-    "fcn": FCNRow(nn.Identity, None, None, 75.0, "nothing: the Conv-BN-ReLU feeds the classifier"),
-    "fcn-deformable": FCNRow(deformable, 1.31, 12.34, 78.2, "DCNv2 3x3 512 -> 256, BN, ReLU (Zhu et al.); "
-                             "the classifier reads 256 channels", out_channels=DCN_CHANNELS),
-    "fcn-aspp": FCNRow(ASPP, 4.42, 38.45, 78.9, "DeepLab v3's ASPP (torchvision's), rates 12, 24, 36, 5 x 256 "
-                       "projected to 512 as in the CCNet / OCNet code base; no standard layout is within 3% of both "
-                       "numbers: torchvision's projection to 256 gives -6.6% / -2.3%"),
-    "fcn-nonlocal": FCNRow(non_local, 2.88, 73.33, 79.0, "non-local block (Wang et al.), 256 inner channels, then "
-                           "a 3x3 Conv-BN-ReLU 512 -> 512 (DANet's head)"),
-    **{name: FCNRow(dgmn.DGMN, row.params_m, row.gflops, row.miou, "dgmn.DGMN, Table 2's layout", dgmn=row.options)
-       for name, row in zip(["fcn-da", "fcn-da-dw", "fcn-dgmn"], dgmn.TABLE_2.values())},
-}
-DGMN_FCNS = [name for name, row in FCN_VARIANTS.items() if row.dgmn]  # what --dgmn-rates, --dgmn-groups change
-DGMN2_MODELS = {f"dgmn2-{variant}" + ("" if head == "fpn" else f"-{head}"): DGMN2Row(variant, head, *numbers)
-                for head, rows in TABLE_11.items() for variant, numbers in zip(dgmn2.VARIANTS, rows, strict=True)}
-MODELS = list(DGMN2_MODELS) + list(FCN_VARIANTS)
 SYNTHETIC = dict(iterations=400, batch_size=16, lr=1e-3, base_size=64, crop=64, eval_stride=48, eval_every=100,
                  workers=1, log_every=10, output="runs/synthetic-segmentation")
-CHOICES = dict(model=MODELS, mode=["fine", "coarse"], output_stride=[0, 8, 16, 32], eval_split=["val", "test"],
-               optimizer=["auto", "adamw", "sgd"], amp=["auto", "bf16", "fp16", "off"])
+CHOICES = dict(model=list(segmentation.MODELS), mode=["fine", "coarse"], output_stride=[0, 8, 16, 32],
+               eval_split=["val", "test"], optimizer=["auto", "adamw", "sgd"], amp=["auto", "bf16", "fp16", "off"])
 # A resume refuses a checkpoint saved with other values of WEIGHTS_DEPEND_ON and, to train on, of TRAINING_DEPENDS_ON
 WEIGHTS_DEPEND_ON = ["model", "output_stride", "dgmn_rates", "dgmn_groups", "multi_grid"]
 TRAINING_DEPENDS_ON = ["optimizer", "iterations", "batch_size", "eval_every", "ohem", "mode", "trainval"]
 OHEM_THRESHOLD, OHEM_MIN_KEPT = 0.7, 100_000  # pixel OHEM as the CCNet and DANet code bases train Cityscapes
-MULTI_GRID = (1, 2, 4)  # DeepLab v3: res5's three blocks at the stage's dilation times these
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 CROP_TRIES, CAT_MAX_RATIO = 10, 0.75  # mmseg's RandomCrop: at most 10 redraws of a window where one class covers 75%
 TRAIN_CLASSES = [c for c in torchvision.datasets.Cityscapes.classes if c.train_id not in (-1, 255)]  # by train id
@@ -505,7 +312,7 @@ class Config:
     ohem: bool = option(False, "the FCNs: pixel OHEM (Table 13), the loss over the pixels whose class probability is "
                         f"under {OHEM_THRESHOLD}, or over the {OHEM_MIN_KEPT:,} hardest if fewer (per process)")
     multi_grid: bool = option(False, "the FCNs: res5's three blocks at its dilation times "
-                              f"{MULTI_GRID} (DeepLab v3's multi-grid, Table 13)")
+                              f"{segmentation.MULTI_GRID} (DeepLab v3's multi-grid, Table 13)")
     base_size: int = option(1024, "the shorter side that the random scale multiplies (Cityscapes: 2048 x 1024)")
     scale_min: float = option(0.5, "the smallest random scale of a training image")
     scale_max: float = option(2.0, "the largest random scale of a training image")
@@ -548,21 +355,23 @@ def check(cfg):
         raise InputError(f"--eval-stride {cfg.eval_stride} exceeds the window --crop {cfg.crop}: pixels missed")
     if cfg.eval_only and not cfg.resume:
         raise InputError("--eval-only needs the model to evaluate: --resume CKPT")
-    for name, models in [("dgmn_rates", DGMN_FCNS), ("dgmn_groups", DGMN_FCNS), ("ohem", list(FCN_VARIANTS)),
-                         ("multi_grid", list(FCN_VARIANTS))]:
+    fcns, dgmn_fcns, channels = list(segmentation.FCN_VARIANTS), segmentation.DGMN_FCNS, segmentation.FCN_CHANNELS
+    for name, models in [("dgmn_rates", dgmn_fcns), ("dgmn_groups", dgmn_fcns), ("ohem", fcns), ("multi_grid", fcns)]:
         if getattr(cfg, name) != getattr(Config, name) and cfg.model not in models:
             raise InputError(f"--{name.replace('_', '-')} applies to {', '.join(models)}, not to --model {cfg.model}")
-    if cfg.output_stride and cfg.model in FCN_VARIANTS:
+    if cfg.output_stride and cfg.model in fcns:
         raise InputError(f"--output-stride applies to the DGMN2 models, not to --model {cfg.model}")
-    if cfg.output_stride not in (0, SETR_OUTPUT_STRIDE) and DGMN2_MODELS[cfg.model].head != "fpn":
+    setr = cfg.model not in fcns and segmentation.DGMN2_MODELS[cfg.model].head != "fpn"
+    if setr and cfg.output_stride not in (0, segmentation.SETR_OUTPUT_STRIDE):
         raise InputError(f"--output-stride {cfg.output_stride}: the SETR heads take DGMN2 at output stride "
-                         f"{SETR_OUTPUT_STRIDE} (Section 6.3)")
+                         f"{segmentation.SETR_OUTPUT_STRIDE} (Section 6.3)")
     check_data_options(cfg)
     if cfg.dgmn_rates:
         rates_of(cfg.dgmn_rates)
-    if cfg.dgmn_groups < 0 or cfg.dgmn_groups and FCN_CHANNELS % cfg.dgmn_groups:
-        raise InputError(f"--dgmn-groups {cfg.dgmn_groups}: 0 (no dynamic weights) or a divisor of {FCN_CHANNELS}")
-    if cfg.dgmn_groups not in (0, Config.dgmn_groups) and FCN_VARIANTS[cfg.model].dgmn.get("dynamic_weights") is False:
+    if cfg.dgmn_groups < 0 or cfg.dgmn_groups and channels % cfg.dgmn_groups:
+        raise InputError(f"--dgmn-groups {cfg.dgmn_groups}: 0 (no dynamic weights) or a divisor of {channels}")
+    if cfg.dgmn_groups not in (0, Config.dgmn_groups) and \
+            segmentation.FCN_VARIANTS[cfg.model].dgmn.get("dynamic_weights") is False:
         raise InputError(f"--dgmn-groups {cfg.dgmn_groups}: {cfg.model} has no dynamic weights (fcn-da-dw has)")
 
 
@@ -776,90 +585,23 @@ class Passes(DistributedSampler):
             yield from ((self.epoch, index) for index in super().__iter__())
 
 
-# ---- Models ----------------------------------------------------------------------------------------------------
-class SemanticFPN(nn.Module):
-    """Semantic FPN (Kirillov et al.) on the four DGMN2 maps: an FPN, per level 3x3 Conv-BN-ReLU units, each but the
-    finest's followed by a 2x upsampling; their sum, a 1x1 classifier, upsampled. (B, 3, H, W) -> (B, classes, H, W)."""
-    align_corners = True  # in every resize, as the release's Cityscapes configs set for mmseg's FPNHead
-
-    def __init__(self, backbone, classes, fpn_channels=256, head_channels=128):
-        super().__init__()
-        self.backbone, self.fpn = backbone, torchvision.ops.FeaturePyramidNetwork(backbone.channels, fpn_channels)
-        units = [max(int(math.log2(s // backbone.strides[0])), 1) for s in backbone.strides]  # 2x upsamplings, >= 1
-        self.scales = nn.ModuleList(nn.Sequential(*[nn.Sequential(
-            nn.Conv2d(head_channels if u else fpn_channels, head_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(head_channels), nn.ReLU(inplace=True)) for u in range(n)]) for n in units)
-        self.classifier = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(head_channels, classes, 1))
-
-    def forward(self, images):
-        maps = self.backbone.forward_features(images)
-        finest, fused, corners = maps[0].shape[-2:], 0, self.align_corners
-        for level, scale in zip(self.fpn({str(i): m for i, m in enumerate(maps)}).values(), self.scales):
-            for unit in scale:
-                level = unit(level)
-                if level.shape[-2:] != finest:
-                    level = F.interpolate(level, scale_factor=2, mode="bilinear", align_corners=corners)
-            fused = fused + F.interpolate(level, size=finest, mode="bilinear", align_corners=corners)  # exact sizes
-        return F.interpolate(self.classifier(fused), size=images.shape[-2:], mode="bilinear", align_corners=corners)
-
-
-class DilatedFCN(nn.Module):
-    """Section 5.1: ResNet-101 at output stride 8 (dilated layer3-4), a 3x3 Conv-BN-ReLU to 512 channels, the model's
-    module on that map (`context`: nothing for the FCN baseline, a baseline of Table 2 or DGMN, with dgmn_options
-    for the DGMN rows, their own by default), dropout and a 1x1 classifier, upsampled to the input. multi_grid: res5
-    (layer4) with DeepLab v3's multi-grid. (B, 3, H, W) -> (B, classes, H, W)."""
-    align_corners = False  # the DGMN release (lzrobots/dgmn) has COCO code only: nothing says what its FCN used
-
-    def __init__(self, classes, model="fcn", dgmn_options=None, multi_grid=False, channels=FCN_CHANNELS):
-        super().__init__()
-        row = FCN_VARIANTS[model]
-        self.backbone = torchvision.models.resnet101(replace_stride_with_dilation=[False, True, True])
-        self.backbone.fc = nn.Identity()  # unused: DDP requires every parameter to take part
-        if multi_grid:
-            multi_grid_dilations(self.backbone.layer4)
-        self.reduce = conv_bn_relu(2048, channels)
-        self.context = row.make(channels, **(dgmn_options or row.dgmn or {}))
-        self.classifier = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(row.out_channels or channels, classes, 1))
-
-    def forward(self, images):
-        r = self.backbone
-        x = r.layer4(r.layer3(r.layer2(r.layer1(r.maxpool(r.relu(r.bn1(r.conv1(images))))))))  # (B, 2048, H / 8, W / 8)
-        logits = self.classifier(self.context(self.reduce(x)))
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=self.align_corners)
-
-
-def multi_grid_dilations(stage):
-    """DeepLab v3's multi-grid, in place: the 3x3 conv of block i of a torchvision ResNet stage at the stage's dilation
-    (its last block's; torchvision gives the first block half of it) times MULTI_GRID[i]. Returns the stage."""
-    dilation = stage[-1].conv2.dilation[0]
-    for block, unit in zip(stage, MULTI_GRID, strict=True):
-        block.conv2.dilation = block.conv2.padding = (dilation * unit,) * 2  # padding = dilation: the size kept
-    return stage
-
-
+# ---- The model: segmentation.py's, as the options say, with its pretrained backbone -----------------------------
 def dgmn_options(cfg):
-    """The DGMN switches of a DGMN FCN, with --dgmn-rates and --dgmn-groups (Tables 14, 15); None for other models."""
-    row = FCN_VARIANTS.get(cfg.model)
-    if row is None or row.dgmn is None:
+    """--dgmn-rates and --dgmn-groups as the DGMN switches that replace a DGMN FCN's (Tables 14, 15); None for other
+    models."""
+    if cfg.model not in segmentation.DGMN_FCNS:
         return None
-    options = {**row.dgmn, **(dict(rates=rates_of(cfg.dgmn_rates)) if cfg.dgmn_rates else {})}
-    return {**options, **(dict(groups=cfg.dgmn_groups) if cfg.dgmn_groups else dict(dynamic_weights=False))}
-
-
-def output_stride(cfg):
-    """DGMN2's output stride: --output-stride, or the model's (the Semantic FPN's 32, the SETR heads' 8)."""
-    return cfg.output_stride or (FPN_OUTPUT_STRIDE if DGMN2_MODELS[cfg.model].head == "fpn" else
-                                 SETR_OUTPUT_STRIDE)
+    rates = dict(rates=rates_of(cfg.dgmn_rates)) if cfg.dgmn_rates else {}
+    return {**rates, **(dict(groups=cfg.dgmn_groups) if cfg.dgmn_groups else dict(dynamic_weights=False))}
 
 
 def build_model(cfg, classes, world, device):
     """--model with its --pretrained backbone, SyncBatchNorm under DDP on GPUs, on device (channels-last if asked)."""
-    if cfg.model in FCN_VARIANTS:
-        model = DilatedFCN(classes, cfg.model, dgmn_options(cfg), cfg.multi_grid)
-    else:
-        row = DGMN2_MODELS[cfg.model]
-        backbone = dgmn2.build(row.variant, num_classes=0, output_stride=output_stride(cfg))
-        model = SemanticFPN(backbone, classes) if row.head == "fpn" else SETR(backbone, row.head, classes)
+    try:
+        model = segmentation.build(cfg.model, classes, output_stride=cfg.output_stride or None,
+                                   multi_grid=cfg.multi_grid, dgmn_options=dgmn_options(cfg))
+    except ValueError as error:  # what check() has not caught, in the model file's words
+        raise InputError(f"--model {cfg.model}: {error}") from None
     if cfg.pretrained:
         load_pretrained(model.backbone, cfg.pretrained)
     if world > 1 and device.type == "cuda":  # SyncBatchNorm runs on GPUs only
@@ -993,7 +735,7 @@ def write_predictions(model, images, cfg, device, autocast, rank, world):
 def run(cfg, rank, world, device):
     """Train (or only evaluate) as cfg says; returns the last evaluation's metrics."""
     if cfg.table:
-        return print_table() if rank == 0 else None
+        return segmentation.print_tables() if rank == 0 else None
     log = logger(rank)
     if cfg.batch_size % world:
         raise InputError(f"--batch-size {cfg.batch_size} (global) is not divisible by the {world} processes")
@@ -1072,7 +814,7 @@ def announce(cfg, log, world, device, model, checkpoint):
 
 def optimiser_and_schedule(cfg, model):
     """auto: AdamW for DGMN2, SGD (momentum 0.9) for the FCNs, at the paper's rate unless --lr, decaying to 0."""
-    name = cfg.optimizer if cfg.optimizer != "auto" else "sgd" if cfg.model in FCN_VARIANTS else "adamw"
+    name = cfg.optimizer if cfg.optimizer != "auto" else "sgd" if cfg.model in segmentation.FCN_VARIANTS else "adamw"
     optimizer = torch.optim.SGD(model.parameters(), cfg.lr or 0.01, momentum=0.9, weight_decay=cfg.weight_decay) \
         if name == "sgd" else torch.optim.AdamW(model.parameters(), cfg.lr or 1e-4, weight_decay=cfg.weight_decay)
     return optimizer, torch.optim.lr_scheduler.PolynomialLR(optimizer, cfg.iterations, power=cfg.poly_power)
@@ -1120,113 +862,6 @@ def ohem_cross_entropy(logits, labels, threshold=OHEM_THRESHOLD, min_kept=OHEM_M
     kth = probability.flatten().kthvalue(min(min_kept, probability.numel())).values  # inf: fewer labelled than that
     kept = labelled & torch.where(kth < threshold, probability < threshold, probability <= kth)
     return (losses * kept).sum() / kept.sum().clamp_min(1)
-
-
-# ---- python train_cityscapes.py --table: the models' parameters and FLOPs beside the paper's --------------------
-TABLE_SIDE = dgmn.CITYSCAPES_SIDE  # 97: the side of the 512-channel map of a 769 crop at stride 8
-TABLE_11_SIDE = 769  # the training crop: the input side at which Table 11's FLOPs are reproduced
-HEAD_LAYOUTS = dict(fpn="Semantic FPN (FPN 256, head 128 channels), DGMN2 at output stride 32",
-                    naive="SETR-Naive: a 1x1 classifier on the stride-8 map, DGMN2 at output stride 8",
-                    pup=f"SETR-PUP: {PUP_ROUNDS} x [3x3 conv {PUP_CHANNELS}, BN, ReLU, 2x up], a 1x1 classifier, "
-                    "2x up; DGMN2 at output stride 8",
-                    mla=f"SETR-MLA: 2 x [3x3 conv {MLA_CHANNELS}, BN, ReLU] on each stage's map, resized to "
-                    f"{MLA_SCALE}x the stride-8 map, concatenated, a 1x1 classifier; DGMN2 at output stride 8")
-COUNTING = ("Multiply-adds (G): torch.utils.flop_counter.FlopCounterMode's count / 2 on the meta device, batch 1: "
-            "convolutions and matrix products only (norms, activations, softmax, pooling and resizes are not "
-            "counted); torchvision's deform_conv2d, which FlopCounterMode does not know, is counted as the "
-            "convolution it generalises (deform_conv_flops, passed as its custom_mapping): the bilinear reads and "
-            "the masks' products are not counted. The paper's FLOPs are multiply-adds (its DGMN rows are their "
-            f"parameters x {TABLE_SIDE} x {TABLE_SIDE}).")
-
-
-def deform_conv_flops(input_shape, weight_shape, *_, out_shape, **__):
-    """FlopCounterMode's formula for torchvision::deform_conv2d (shapes in, FLOPs out, 2 a multiply-add): that of the
-    convolution it generalises, out elements x (C_in / groups) x ks x ks."""
-    return 2 * math.prod(out_shape) * math.prod(weight_shape[1:])
-
-
-def fcn_added_cost(model, classes=len(TRAIN_CLASSES)):
-    """(parameters, multiply-adds) that an FCN's module adds to the dilated FCN on one (1, 512, 97, 97) map, the
-    classifier's change of width included (the COUNTING rules), from the models built on the meta device."""
-    counts = []
-    for name in (model, "fcn"):
-        with torch.device("meta"):
-            fcn = DilatedFCN(classes, name).eval()
-        head = nn.Sequential(fcn.context, fcn.classifier)
-        with FlopCounterMode(display=False, custom_mapping={torch.ops.torchvision.deform_conv2d: deform_conv_flops}) \
-                as counter:
-            head(torch.empty(1, FCN_CHANNELS, TABLE_SIDE, TABLE_SIDE, device="meta"))
-        counts.append((sum(p.numel() for p in head.parameters()), counter.get_total_flops() // 2))
-    return counts[0][0] - counts[1][0], counts[0][1] - counts[1][1]
-
-
-def gaps(params, macs, row):
-    """Ours vs the paper's row (its params_m and gflops, None where it gives none): "+0.1% / -0.2%"."""
-    return " / ".join(f"{100 * (ours / (paper * scale) - 1):+.1f}%" if paper else "-"
-                      for ours, paper, scale in ((params, row.params_m, 1e6), (macs, row.gflops, 1e9)))
-
-
-def table_2():
-    """Table 2 (Section 5.2): what each dilated FCN's module adds, beside the paper. -> (title, rows)."""
-    rows = []
-    for name, row in FCN_VARIANTS.items():
-        if row.dgmn is None:
-            (params, macs), counted = fcn_added_cost(name), row.layout
-        else:
-            cost = dgmn.added_cost(row.dgmn, FCN_CHANNELS, TABLE_SIDE)
-            params, macs = cost["params"], cost["macs"]
-            walks = f"; not its walk convs, +{cost['walk_params'] / 1e6:.3f}M / +{cost['walk_macs'] / 1e9:.2f}G" \
-                if cost["walk_params"] else ""
-            counted = f"{row.layout}: its transforms and predictors, as Table 2 counts them (dgmn.added_cost){walks}"
-        rows.append([name, f"+{params / 1e6:.3f}M", f"+{row.params_m}M" if row.params_m else "-",
-                     f"+{macs / 1e9:.2f}G", f"+{row.gflops}G" if row.gflops else "-", gaps(params, macs, row),
-                     row.miou, counted])
-    return (f"Table 2: added to the dilated FCN ResNet-101 on its {TABLE_SIDE} x {TABLE_SIDE} x {FCN_CHANNELS} map "
-            f"(a 769 crop at stride 8), {len(TRAIN_CLASSES)} classes; mIoU: the paper's, Cityscapes val"), rows
-
-
-def dgmn2_cost(model, side=TABLE_11_SIDE, classes=len(TRAIN_CLASSES)):
-    """(parameters, multiply-adds) of a DGMN2 model of Table 11 on one (1, 3, side, side) image, built on the meta
-    device: the COUNTING rules plus the sampler's bilinear reads, 4 multiply-adds per sampled element and channel, as
-    dgmn2.count_macs counts them (the sampler's kernel ops, which run their shape functions on the meta device, are
-    told apart by name; FlopCounterMode counts their products by the formulas sampler.py registers)."""
-    with torch.device("meta"):
-        net = build_model(Config(model=model), classes, 1, torch.device("meta")).eval()  # batch 1: BN's running stats
-    with sampler.backend("kernel"), FlopCounterMode(display=False) as counter:
-        net(torch.empty(1, 3, side, side, device="meta"))
-    products = sum(flops for op, flops in counter.get_flop_counts()["Global"].items()
-                   if str(op).startswith("dgmn_sampler")) // 2
-    return sum(p.numel() for p in net.parameters()), counter.get_total_flops() // 2 + 4 * products
-
-
-def table_11():
-    """Table 11 (Section 6.3): the DGMN2 models, parameters and FLOPs beside the paper's, with its mIoU. -> (title,
-    rows)."""
-    rows = []
-    for name, row in DGMN2_MODELS.items():
-        params, macs = dgmn2_cost(name)
-        rows.append([name, f"{params / 1e6:.3f}M", f"{row.params_m}M", f"{macs / 1e9:.2f}G", f"{row.gflops}G",
-                     gaps(params, macs, row), f"{row.miou:.2f} / {row.miou_ms:.2f}", HEAD_LAYOUTS[row.head]])
-    return (f"Table 11: DGMN2 on Cityscapes, whole models on one {TABLE_11_SIDE} x {TABLE_11_SIDE} image (the "
-            "training crop and evaluation window: the input side that reproduces the paper's FLOPs; 768 x 768 gives "
-            "about 2% fewer, 512 x 1024 14% fewer, 1024 x 1024 70% more), 19 classes; counted as above plus DGMN2's "
-            "bilinear reads of the sampled keys and values, 4 multiply-adds per sampled element and channel "
-            "(dgmn2.count_macs' rule; without them every row is 0.3-1.4% under the paper's); mIoU: the paper's, "
-            "Cityscapes val, single scale / multi-scale"), rows
-
-
-TABLES = [table_2, table_11]  # each: () -> (title, rows of TABLE_COLUMNS)
-TABLE_COLUMNS = ["model", "params", "paper", "multiply-adds", "paper", "ours vs paper (params / FLOPs)",
-                 "mIoU paper", "layout, and what is counted"]
-
-
-def print_table():
-    """python train_cityscapes.py --table: the counting rules, then each of TABLES as a Markdown table."""
-    print(COUNTING)
-    for title, rows in (table() for table in TABLES):
-        print(f"\n{title}\n\n| {' | '.join(TABLE_COLUMNS)} |\n|{'---|' * len(TABLE_COLUMNS)}")
-        for row in rows:
-            print(f"| {' | '.join(map(str, row))} |")
 
 
 if __name__ == "__main__":

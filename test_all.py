@@ -44,7 +44,7 @@ import train_coco
 import train_imagenet
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-MODEL_FILES = ["sampler.py", "sampler_cuda.cu", "dgmn.py", "dgmn2.py"]  # what a project copies to use the models
+MODEL_FILES = ["sampler.py", "sampler_cuda.cu", "dgmn.py", "dgmn2.py", "segmentation.py", "detection.py"]
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 # ====================================================================================================================
@@ -735,7 +735,8 @@ def test_every_state_dict_value_is_a_tensor_and_older_checkpoints_load():
 
 def test_the_model_files_work_copied_into_a_package(tmp_path):
     """A researcher copies the model files into myproject/models/: they import each other from there, and beside the
-    repository's own copies in one process (the custom ops registered twice, and once more on reload)."""
+    repository's own copies in one process (the custom ops registered twice, and once more on reload); DGMN2-Tiny,
+    a segmentation and a detection model run from the copies."""
     package = tmp_path / "myproject" / "models"
     package.mkdir(parents=True)
     for init in (tmp_path / "myproject" / "__init__.py", package / "__init__.py"):
@@ -747,10 +748,15 @@ import importlib, sys
 import torch
 import dgmn2, sampler
 sys.path.insert(0, {str(tmp_path)!r})
-from myproject.models import dgmn, dgmn2 as copied, sampler as copied_sampler
+from myproject.models import detection, dgmn, dgmn2 as copied, sampler as copied_sampler, segmentation
 assert copied.sampler is copied_sampler is dgmn.sampler and copied_sampler is not sampler
+assert segmentation.dgmn2 is detection.dgmn2 is copied and "train_coco" not in sys.modules
 importlib.reload(copied_sampler)
 images = torch.randn(1, 3, 64, 64)
+with torch.no_grad():
+    print(tuple(segmentation.build("dgmn2-tiny-mla", num_classes=5).eval()(images).shape))
+    detector = detection.build("retinanet-dgmn2-tiny", num_classes=3, min_size=64, max_size=64).eval()
+    print(sorted(detector([images[0]])[0]))
 for module in (dgmn2, copied):
     torch.manual_seed(0)
     model = module.dgmn2_tiny(num_classes=10).eval()
@@ -761,7 +767,9 @@ for module in (dgmn2, copied):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    top, copy = (line.split("|") for line in run.stdout.splitlines())
+    segmented, detected, *models = run.stdout.splitlines()
+    assert segmented == "(1, 5, 64, 64)" and detected == "['boxes', 'labels', 'scores']"
+    top, copy = (line.split("|") for line in models)
     assert (top[0], copy[0]) == ("dgmn2", "myproject.models.dgmn2") and top[1] == copy[1] == "(1, 10)"
     assert top[2] == copy[2]  # the same model from the same seed: the same logits
 

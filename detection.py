@@ -16,7 +16,6 @@ The training recipe, the data and the evaluation are train_coco.py's.
 """
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +24,7 @@ from torch.utils._pytree import tree_map_only
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection import MaskRCNN, RetinaNet
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d, deform_conv2d
+from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 try:  # inside a package: the model files copied into a project
@@ -39,28 +38,6 @@ DETECTIONS_PER_IMAGE = 100  # COCO scores 100 detections a picture
 
 # ----------------------------------------------------------------------------------------------------------------
 # The modules of Table 3 and where they go in a ResNet
-
-
-class ModulatedDeformConv(nn.Module):
-    """DCNv2 (Zhu et al., CVPR 2019) in place of a convolution: a conv of the same geometry, zero-initialised (no walk,
-    masks sigmoid(0) = 0.5, as DCNv2 starts), predicts 2K offsets and K modulation masks per output pixel; the
-    replaced conv's weight keeps its name, so torchvision's ImageNet weights load into it.
-    (B, C_in, H, W) -> (B, C_out, H / stride, W / stride)."""
-
-    def __init__(self, conv):
-        super().__init__()
-        self.weight, self.bias = conv.weight, conv.bias  # the same tensors: frozen stays frozen
-        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
-        self.nodes = math.prod(conv.kernel_size)  # K
-        self.offset_mask = nn.Conv2d(conv.in_channels, 3 * self.nodes, conv.kernel_size, conv.stride, conv.padding,
-                                     conv.dilation)
-        nn.init.zeros_(self.offset_mask.weight)
-        nn.init.zeros_(self.offset_mask.bias)
-
-    def forward(self, x):
-        offsets, masks = self.offset_mask(x).split([2 * self.nodes, self.nodes], dim=1)  # (B, 2K | K, H', W')
-        return deform_conv2d(x, offsets, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                             masks.sigmoid())
 
 
 def dgmn_module(channels, rates, groups):
@@ -77,7 +54,7 @@ MODULES = {"dgmn": dgmn_module, "dmp": lambda channels, *_: dgmn.deformable_mess
            "gcnet": lambda channels, *_: dgmn.GlobalContext(channels),
            "nonlocal": lambda channels, *_: dgmn.NonLocal(channels),
            "ccnet": lambda channels, *_: dgmn.CrissCrossAttention(channels, recurrence=2),
-           "dcn": lambda conv, *_: ModulatedDeformConv(conv)}
+           "dcn": lambda conv, *_: dgmn.ModulatedDeformConv.replacing(conv)}
 
 
 def before_the_last_block(resnet, stages, make):
@@ -263,20 +240,14 @@ COUNTING = f"""Counted on the meta device (nothing is computed), as mmcv's get_m
   softmax, pooling or the bilinear reads. Gaps: ours / the paper's - 1."""
 
 
-def deform_conv_flops(input_shape, weight_shape, *args, out_shape, **kwargs):
-    """FlopCounterMode's formula for torchvision::deform_conv2d: the products of a convolution of its shapes (2 FLOPs a
-    multiply-add), as FlopCounterMode counts one; the offsets' bilinear reads and mask products not counted."""
-    return 2 * math.prod(out_shape) * math.prod(weight_shape[1:])
-
-
 def cost(name):
     """(parameters, multiply-adds) of the model as COUNTING says."""
     spec = MODELS[name]
     with torch.device("meta"):
         model = build(name, PAPER_CLASSES + (spec.detector == "maskrcnn"), pretrained=True)
         image = torch.empty(1, 3, *FLOPS_IMAGE)
-        with FlopCounterMode(display=False, custom_mapping={torch.ops.torchvision.deform_conv2d: deform_conv_flops}) \
-                as counter:
+        dcn_flops = {torch.ops.torchvision.deform_conv2d: dgmn.deform_conv_flops}  # as the conv it generalises
+        with FlopCounterMode(display=False, custom_mapping=dcn_flops) as counter:
             features = list(model.backbone(image).values())
             if spec.detector == "retinanet":
                 model.head(features)

@@ -254,20 +254,31 @@ class CrissCrossAttention(nn.Module):
 
 
 class ModulatedDeformConv(torchvision.ops.DeformConv2d):
-    """DCNv2 (Zhu et al., CVPR 2019): a ks x ks convolution (no bias) whose K reads move by predicted offsets and are
-    scaled by predicted masks (a sigmoid), both from a ks x ks conv of the input to 3K channels with bias (as mmcv's
-    ModulatedDeformConv2dPack). That conv starts at zero: a new layer reads the regular grid at masks 0.5.
-    x (B, C_in, H, W) -> (B, C_out, H, W)."""
+    """DCNv2 (Zhu et al., CVPR 2019): a ks x ks convolution whose K reads move by predicted offsets and are scaled by
+    predicted masks (a sigmoid), both from a ks x ks conv of the input (same stride, padding and dilation) to 3K
+    channels with bias (as mmcv's ModulatedDeformConv2dPack). That conv starts at zero: a new layer reads the regular
+    grid at masks 0.5. Padding defaults to "same". x (B, C_in, H, W) -> (B, C_out, H / stride, W / stride)."""
 
-    def __init__(self, in_channels, out_channels, kernel_size=3):
-        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
-        self.reads = kernel_size ** 2
-        self.offset_mask = nn.Conv2d(in_channels, 3 * self.reads, kernel_size, padding=kernel_size // 2)
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=None, dilation=1, groups=1,
+                 bias=False):
+        padding = dilation * (kernel_size // 2) if padding is None else padding
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        self.reads = math.prod(self.kernel_size)  # K
+        self.offset_mask = nn.Conv2d(in_channels, 3 * self.reads, kernel_size, stride, padding, dilation)
         nn.init.zeros_(self.offset_mask.weight)
         nn.init.zeros_(self.offset_mask.bias)
 
+    @classmethod
+    def replacing(cls, conv):
+        """DCNv2 in place of a convolution of the same geometry, holding that convolution's weight and bias (the same
+        tensors: a frozen one stays frozen, and torchvision's weights load under the same names)."""
+        dcn = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                  conv.groups, conv.bias is not None)
+        dcn.weight, dcn.bias = conv.weight, conv.bias
+        return dcn
+
     def forward(self, x):
-        offsets, masks = self.offset_mask(x).split([2 * self.reads, self.reads], dim=1)  # (B, 2K, H, W), (B, K, H, W)
+        offsets, masks = self.offset_mask(x).split([2 * self.reads, self.reads], dim=1)  # (B, 2K | K, H', W')
         return super().forward(x, offsets, masks.sigmoid())
 
 

@@ -343,17 +343,25 @@ def _our_name(name):
     return name
 
 
+def load_checkpoint(path):
+    """What a checkpoint file holds: the release's, train_imagenet.py's, or any state dict saved with torch.save
+    (loaded weights-only; the release's training script saves its argparse.Namespace beside the weights). One-line
+    ValueError naming the file if it is missing or unreadable. The one reader of checkpoints of the model files and
+    of the training scripts' --pretrained."""
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such checkpoint file")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as error:
+        raise ValueError(f"{path}: not a readable checkpoint ({str(error).strip().splitlines()[0]})") from None
+
+
 def _read(checkpoint):
     """A checkpoint's dict of weights: from a path (the file named in every error) or an already loaded dict; the
     weights under "model" (as the release's and train_imagenet.py's training scripts save them) or bare."""
     if isinstance(checkpoint, (str, Path)):
-        if not Path(checkpoint).is_file():
-            raise ValueError(f"{checkpoint}: no such checkpoint file")
-        try:  # the release's training script saves its argparse.Namespace beside the weights
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                loaded = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except (RuntimeError, pickle.UnpicklingError) as error:
-            raise ValueError(f"{checkpoint}: not a readable checkpoint ({str(error).splitlines()[0]})") from None
+        loaded = load_checkpoint(checkpoint)
         if not isinstance(loaded, dict):
             raise ValueError(f"{checkpoint}: not a checkpoint (a {type(loaded).__name__}, not a dict of tensors)")
         checkpoint = loaded

@@ -612,13 +612,10 @@ def build_model(cfg, classes, world, device):
 def load_pretrained(backbone, path):
     """Backbone weights, classifiers left out: a torchvision ResNet, authors' DGMN2 or train_imagenet.py checkpoint."""
     source = f"--pretrained {path}"
-    if not Path(path).is_file():
-        raise InputError(f"{source}: no such file")
-    try:  # the release's DGMN2 checkpoints hold the argparse.Namespace of its training script
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unpickling failure is one bad file
-        raise InputError(f"{source}: not a readable checkpoint ({str(error).splitlines()[0]})") from None
+    try:
+        state = dgmn2.load_checkpoint(path)
+    except ValueError as error:
+        raise InputError(f"--pretrained {error}") from None
     ours = isinstance(state, dict) and "config" in state and "model" in state  # train_imagenet.py's
     if isinstance(backbone, dgmn2.DGMN2) and not ours:
         try:

@@ -49,6 +49,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from tqdm import tqdm
 
 import detection
+import dgmn2
 
 
 # ================================================================================================================
@@ -538,13 +539,10 @@ def build_model(cfg, num_classes, pretrained=False):
 
 def read_weights(path):
     """--pretrained's file, loaded; detection.load_pretrained() puts its weights into the model."""
-    if not Path(path).is_file():
-        raise InputError(f"--pretrained {path}: no such file")
-    try:  # the release's training script saves its argparse.Namespace beside the weights
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unpickling failure is one bad file
-        raise InputError(f"--pretrained {path}: not a readable checkpoint ({str(error).splitlines()[0]})") from None
+    try:
+        return dgmn2.load_checkpoint(path)
+    except ValueError as error:
+        raise InputError(f"--pretrained {error}") from None
 
 
 # ---- Evaluation: each rank detects and matches its own images; rank 0 merges the matches and scores them once --

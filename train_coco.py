@@ -30,6 +30,7 @@ import os
 import re
 import sys
 import time
+from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
@@ -316,11 +317,12 @@ POSITIVE = ["batch_size", "min_size", "max_size", "rois", "save_every", "log_eve
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[:6]
 BIAS_LR_FACTOR = 2  # Detectron's and maskrcnn-benchmark's SGD: biases at twice the lr, without weight decay
 DRAW_SCORE = 0.5  # detections drawn in the pictures
+FLIP = v2.RandomHorizontalFlip()  # the training augmentation
 
 
 def check(cfg):
     for name in [*POSITIVE, "iterations", "eval_every", "warmup", "lr", "warmup_factor", "weight_decay", "workers",
-                 "pictures"]:
+                 "pictures", "dgmn_groups"]:
         if getattr(cfg, name) < (name in POSITIVE):
             raise InputError(f"--{name.replace('_', '-')} must be {'positive' if name in POSITIVE else 'at least 0'}, "
                              f"got {getattr(cfg, name)}")
@@ -336,8 +338,6 @@ def check(cfg):
         raise InputError("--eval-only needs the model to evaluate: --resume CKPT")
     if not re.fullmatch(r"([1-9]\d*(,[1-9]\d*)*)?", cfg.dgmn_rates):
         raise InputError(f"--dgmn-rates {cfg.dgmn_rates!r}: give positive rates separated by commas, e.g. 1,4,8")
-    if cfg.dgmn_groups < 0:
-        raise InputError(f"--dgmn-groups must be at least 0, got {cfg.dgmn_groups}")
     if (cfg.dgmn_rates or cfg.dgmn_groups != detection.DGMN_GROUPS) and detection.MODELS[cfg.model].module != "dgmn":
         raise InputError(f"--dgmn-rates and --dgmn-groups set DGMN modules: {cfg.model} has none")
 
@@ -462,11 +462,12 @@ def load_coco(root, split, target_keys, train):
 
 
 class Prepared(Dataset):
-    """Items as the detectors take them (flipped to train): (float (3, H, W) image in [0, 1], dict of the targets)."""
+    """Items as the detectors take them: (float (3, H, W) image in [0, 1], dict of the targets); to train, the boxes
+    clamped and the degenerate ones dropped (the flip is the training step's: FLIP)."""
 
     def __init__(self, dataset, train):
-        flip = [v2.RandomHorizontalFlip(), v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes()] if train else []
-        self.dataset, self.transform = dataset, v2.Compose([v2.ToImage(), *flip, v2.ToDtype(torch.float32, scale=True)])
+        tidy = [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes()] if train else []
+        self.dataset, self.transform = dataset, v2.Compose([v2.ToImage(), *tidy, v2.ToDtype(torch.float32, scale=True)])
 
     def __len__(self):
         return len(self.dataset)
@@ -685,30 +686,62 @@ def restore(state, checkpoint, cfg, plan, model, optimizer, scheduler, scaler, l
     return state["iteration"]
 
 
-def train_steps(cfg, rank, world, device, trained, train, groups, first, last, optimizer, scheduler, scaler, autocast):
-    """Steps first + 1 to last; returns the mean loss and loss terms (Progress.close())."""
-    # Every random choice between two checkpoints (flips in the workers, the detectors' sampling of anchors and RoIs)
-    # follows from (seed, step, rank): a resumed run repeats exactly what the interrupted one would have done.
+# What the training loop holds: the model (trained: it under DDP / compile) and its training, evaluation and checkpoints
+Parts = namedtuple("Parts", "model trained optimizer scheduler scaler autocast evaluation batches plan num_classes")
+
+
+def train_steps(cfg, rank, world, device, parts, first, last):
+    """Steps first + 1 to last, on the run's batches; returns the mean loss and loss terms (Progress.close())."""
+    # Every random choice from here to the next checkpoint (the flips, the detectors' sampling of anchors and RoIs) is
+    # the main process's and follows from (seed, step, rank): a resumed run repeats what the interrupted one did.
     torch.manual_seed(seed_of(cfg.seed, first, rank))
-    loader = DataLoader(train, batch_sampler=batches(groups, cfg.batch_size // world, cfg.seed, rank, world, first),
-                        collate_fn=collate, num_workers=cfg.workers, pin_memory=device.type == "cuda")
     progress = Progress(cfg, rank, world, device, first, last, cfg.batch_size, f"iterations {first}-{last}", cfg.output)
-    for images, targets in itertools.islice(progress.batches(loader), last - first):
+    for images, targets in itertools.islice(progress.batches(parts.batches), last - first):
         images, targets = tree_map_only(torch.Tensor, lambda t: t.to(device, non_blocking=True), (images, targets))
-        lr = optimizer.param_groups[0]["lr"]
-        with autocast:
-            losses = trained(images, targets)  # the detector's loss terms, each weighted 1
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(sum(losses.values())).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        images, targets = zip(*map(FLIP, images, targets))  # here, not in the workers: the reseeds above decide it
+        lr = parts.optimizer.param_groups[0]["lr"]
+        with parts.autocast:
+            losses = parts.trained(images, targets)  # the detector's loss terms, each weighted 1
+        parts.optimizer.zero_grad(set_to_none=True)
+        parts.scaler.scale(sum(losses.values())).backward()
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+        parts.scheduler.step()
         progress.update(losses, lr)
     return progress.close()
 
 
+def training(cfg, rank, world, device, parts, start, log):
+    """Steps start + 1 to the plan's last, in stretches that end at every save_every and eval_every steps and at the
+    last: there an evaluation (at eval_every and the last), the record and a checkpoint. Returns the last metrics."""
+    total, every, output, metrics = parts.plan["iterations"], parts.plan["eval_every"], Path(cfg.output), None
+    ends = {*range(cfg.save_every, total, cfg.save_every), *range(every, total, every), total}
+    for first, last in itertools.pairwise([start, *sorted(end for end in ends if end > start)]):
+        started = time.time()
+        losses = train_steps(cfg, rank, world, device, parts, first, last)
+        record = dict(iteration=last, **losses, seconds=round(time.time() - started, 1))
+        if last % every == 0 or last == total:
+            if world > 1:  # BN statistics differ by rank: evaluate rank 0's
+                for buffer in parts.model.buffers():
+                    dist.broadcast(buffer, src=0)
+            metrics = parts.evaluation(f"{last:07d}")
+            record.update(metrics or {})
+        if rank == 0:  # the record first: a kill between the two loses none
+            with open(output / "log.jsonl", "a") as file:
+                file.write(json.dumps(record) + "\n")
+            state = {name: getattr(parts, name).state_dict() for name in ("model", "optimizer", "scheduler", "scaler")}
+            path = save_checkpoint(dict(**state, plan=parts.plan, iteration=last, num_classes=parts.num_classes,
+                                        config=dataclasses.asdict(cfg)), output / f"checkpoint-{last:07d}.pth")
+            scores = summary({t: m for t, m in record.items() if t in ("bbox", "segm")})
+            log(f"iteration {last}/{total}: loss {record['loss']:.3f}{'; ' + scores if scores else ''}; saved {path}")
+        if world > 1:
+            dist.barrier()
+    return metrics
+
+
 def run(cfg, rank, world, device):
-    """Train (or evaluate) as cfg says. Returns the last evaluation's metrics on rank 0, None elsewhere."""
+    """A run in named steps: the checkpoint, data, model, recipe, optimizer and schedule, the starting point; then an
+    evaluation or training. Returns the last evaluation's metrics on rank 0, None elsewhere."""
     if cfg.table:
         return detection.print_table() if rank == 0 else None
     if cfg.batch_size % world:
@@ -729,44 +762,23 @@ def run(cfg, rank, world, device):
     optimizer, scheduler = optimizer_and_schedule(model, plan, cfg.weight_decay)
     _, autocast, scaler = precision(cfg, device)
     start = restore(state, checkpoint, cfg, plan, model, optimizer, scheduler, scaler, log) if state else 0
-    output = Path(cfg.output)
-    output.mkdir(parents=True, exist_ok=True)
+    Path(cfg.output).mkdir(parents=True, exist_ok=True)
     evaluation = functools.partial(evaluate, model, evaluation_loader(val, cfg, rank, world, device), names,
-                                   ground_truth, cfg, device, autocast, rank, world, output)
+                                   ground_truth, cfg, device, autocast, rank, world, Path(cfg.output))
     if cfg.eval_only:
         metrics = evaluation("eval")
         log(f"eval: {summary(metrics)}" if rank == 0 else "")
         return metrics
-
-    total, metrics, trained = plan["iterations"], None, distribute(model, cfg, world)
-    log(f"{world} process(es) on {device.type}; {plan['optimizer']}, lr {plan['lr']:g}, {total} iterations of "
-        f"{cfg.batch_size} images ({per_epoch} an epoch), lr x 0.1 after {plan['steps']}")
-    ends = {*range(cfg.save_every, total, cfg.save_every), *range(plan["eval_every"], total, plan["eval_every"]), total}
-    for first, last in itertools.pairwise([start, *sorted(end for end in ends if end > start)]):
-        started = time.time()
-        losses = train_steps(cfg, rank, world, device, trained, train, groups, first, last, optimizer, scheduler,
-                             scaler, autocast)
-        record = dict(iteration=last, **losses, seconds=round(time.time() - started, 1))
-        if last % plan["eval_every"] == 0 or last == total:
-            if world > 1:  # BN statistics differ by rank: evaluate rank 0's
-                for buffer in model.buffers():
-                    dist.broadcast(buffer, src=0)
-            metrics = evaluation(f"{last:07d}")
-            record.update(metrics or {})
-        if rank == 0:  # the record first: a kill between the two loses none
-            with open(output / "log.jsonl", "a") as file:
-                file.write(json.dumps(record) + "\n")
-            path = save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), plan=plan,
-                                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), iteration=last,
-                                        num_classes=num_classes, config=dataclasses.asdict(cfg)),
-                                   output / f"checkpoint-{last:07d}.pth")
-            scores = summary({t: m for t, m in record.items() if t in ("bbox", "segm")})
-            log(f"iteration {last}/{total}: loss {record['loss']:.3f}{'; ' + scores if scores else ''}; saved {path}")
-        if world > 1:
-            dist.barrier()
-    if start >= total:
-        log(f"{checkpoint} has finished all {total} iterations: nothing to train.")
-    return metrics
+    if start >= plan["iterations"]:
+        log(f"{checkpoint} has finished all {plan['iterations']} iterations: nothing to train.")
+        return None
+    log(f"{world} process(es) on {device.type}; {plan['optimizer']}, lr {plan['lr']:g}, {plan['iterations']} "
+        f"iterations of {cfg.batch_size} images ({per_epoch} an epoch), lr x 0.1 after {plan['steps']}")
+    loader = DataLoader(train, batch_sampler=batches(groups, cfg.batch_size // world, cfg.seed, rank, world, start),
+                        collate_fn=collate, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    parts = Parts(model, distribute(model, cfg, world), optimizer, scheduler, scaler, autocast, evaluation,
+                  iter(loader), plan, num_classes)  # the iterator draws a seed: before train_steps reseeds
+    return training(cfg, rank, world, device, parts, start, log)
 
 
 if __name__ == "__main__":

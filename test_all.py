@@ -206,7 +206,7 @@ def test_dot_matches_grid_sample_inner_products(path, G, Go):
 @pytest.mark.parametrize("op", ["sample", "aggregate", "dot"])
 @pytest.mark.parametrize("offset_groups", [1, 2])
 def test_gradcheck(path, op, offset_groups):
-    B, C, H, W, G, dilation = 2, 4, 4, 5, 2, 1
+    B, C, H, W, G, dilation = 1, 4, 4, 5, 2, 1  # a batch of one: 76 (one walk group) or 140 points on the border
     x, q = torch.randn(B, C, H, W, dtype=torch.float64), torch.randn(B, C, H, W, dtype=torch.float64)
     offsets = walks(B, 9, H, W, groups=offset_groups)
     weights = torch.randn(B, G, 9, H, W, dtype=torch.float64)
@@ -515,10 +515,10 @@ def test_the_benchmark_relative_logits_are_the_models():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_benchmark_paths_compute_the_same_function(dtype):
     """Each row of python sampler.py times one function three ways: the reference, grid_sample and the kernel agree
-    on outputs and gradients (under autocast for bf16, as the models run), at DGMN2-Tiny's stage 4 and DGMN's shape."""
+    on outputs and gradients at DGMN2-Tiny's stage 4 (also under bf16 autocast, as the models run) and DGMN's shape."""
     torch.manual_seed(0)
     cases = list(sampler._cases(1, dtype, "cpu"))
-    for name, fn, inputs, moved in cases[3:]:
+    for name, fn, inputs, moved in cases[3:] if dtype == torch.float32 else cases[3:4]:  # bf16: the attention
         results = []
         for path in sampler.PATHS:
             out = fn(path, *inputs)
@@ -2012,7 +2012,8 @@ def write_cityscapes(root, size=(40, 72)):
     return root
 
 
-@pytest.mark.parametrize("model, multi_scale", [("dgmn2-tiny", True), ("fcn-dgmn", False)])
+@pytest.mark.parametrize("model, multi_scale", [("dgmn2-tiny", True),
+                                                 pytest.param("fcn-dgmn", False, marks=pytest.mark.slow)])
 def test_each_segmentation_family_trains_two_iterations(tmp_path, model, multi_scale):
     metrics = train_cityscapes.main(segmentation_run(tmp_path, model=model, multi_scale=multi_scale))
     assert metrics["iteration"] == 2 and math.isfinite(metrics["loss"]) and 0 <= metrics["miou"] <= 100

@@ -30,6 +30,7 @@ path runs. `python sampler.py` benchmarks the paths at DGMN2-Tiny's and DGMN's s
 
 import contextlib
 import functools
+import itertools
 import math
 import os
 import warnings
@@ -208,19 +209,32 @@ def _kernel_builds(device_type: str) -> bool:
     return _build(device_type)
 
 
-@torch.library.custom_op("dgmn_sampler::aggregate", mutates_args=())
+def _unused_namespace(base="dgmn_sampler"):
+    """The custom ops' namespace: base, or base_1, base_2, ... for a second copy of this file in the process (a
+    project's vendored copy, importlib.reload). Defining an op again would replace the first copy's, whose torch
+    library is then destroyed under it: that has crashed the process."""
+    for n in itertools.count():
+        name = f"{base}_{n}" if n else base
+        if not hasattr(getattr(torch.ops, name), "aggregate"):
+            return name
+
+
+_OPS = _unused_namespace()
+
+
+@torch.library.custom_op(f"{_OPS}::aggregate", mutates_args=())
 def _aggregate_kernel(x: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, offset_groups: int,
                       dilation: int) -> torch.Tensor:
     return _extension(x.device.type).aggregate(x, offsets, weights, offset_groups, dilation)
 
 
-@torch.library.custom_op("dgmn_sampler::dot", mutates_args=())
+@torch.library.custom_op(f"{_OPS}::dot", mutates_args=())
 def _dot_kernel(q: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, groups: int, offset_groups: int,
                 dilation: int) -> torch.Tensor:
     return _extension(x.device.type).dot(q, x, offsets, groups, offset_groups, dilation)
 
 
-@torch.library.custom_op("dgmn_sampler::backward", mutates_args=())
+@torch.library.custom_op(f"{_OPS}::backward", mutates_args=())
 def _backward_kernel(x: torch.Tensor, offsets: torch.Tensor, u: torch.Tensor, v: torch.Tensor, offset_groups: int,
                      dilation: int, need_x: bool, need_offsets: bool,
                      need_u: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -301,12 +315,12 @@ _backward_kernel.register_autograd(_no_double_backward)
 # FlopCounterMode counts the fused ops' products as it counts the reference path's einsum (2 FLOPs per multiply-add:
 # one per sampled element and channel); the bilinear reads themselves (4 multiply-adds per sampled element and
 # channel) are left out, as FlopCounterMode leaves out F.grid_sample. Backward is not counted.
-@register_flop_formula(torch.ops.dgmn_sampler.aggregate)
+@register_flop_formula(getattr(torch.ops, _OPS).aggregate)
 def _aggregate_flops(x_shape, offsets_shape, weights_shape, offset_groups, dilation, out_shape=None, **kwargs):
     return 2 * math.prod(x_shape) * weights_shape[2]
 
 
-@register_flop_formula(torch.ops.dgmn_sampler.dot)
+@register_flop_formula(getattr(torch.ops, _OPS).dot)
 def _dot_flops(q_shape, x_shape, offsets_shape, groups, offset_groups, dilation, out_shape=None, **kwargs):
     return 2 * math.prod(x_shape) * (offsets_shape[1] // (2 * offset_groups))
 
@@ -522,7 +536,6 @@ def _measure(fn, device, repeats):
     """Median seconds of fn() and its peak memory above what was allocated before. CUDA: the allocator's peak.
     CPU: the running sum of the profiler's allocation and free records (every aten op, those inside the kernels'
     C++ too), taken in a separate call so that profiling does not slow the timed ones."""
-    import itertools
     import statistics
     import time
     fn()  # warm up: builds and loads the kernels, fills caches

@@ -1026,8 +1026,8 @@ def test_every_state_dict_value_is_a_tensor_and_older_checkpoints_load():
 @pytest.mark.slow
 def test_the_model_files_work_copied_into_a_package(tmp_path):
     """A researcher copies the model files into myproject/models/: they import each other from there, and beside the
-    repository's own copies in one process (the custom ops registered twice, and once more on reload); DGMN2-Tiny,
-    a segmentation and a detection model run from the copies."""
+    repository's own copies in one process (each copy, and a reload, defining custom ops of its own); DGMN2-Tiny, a
+    segmentation and a detection model run from the copies."""
     package = tmp_path / "myproject" / "models"
     package.mkdir(parents=True)
     for init in (tmp_path / "myproject" / "__init__.py", package / "__init__.py"):
@@ -1042,7 +1042,9 @@ sys.path.insert(0, {str(tmp_path)!r})
 from myproject.models import detection, dgmn, dgmn2 as copied, sampler as copied_sampler, segmentation
 assert copied.sampler is copied_sampler is dgmn.sampler and copied_sampler is not sampler
 assert segmentation.dgmn2 is detection.dgmn2 is copied and "train_coco" not in sys.modules
+first = copied_sampler._OPS
 importlib.reload(copied_sampler)
+assert len({{sampler._OPS, first, copied_sampler._OPS}}) == 3  # each its own ops: redefining one has crashed
 images = torch.randn(1, 3, 64, 64)
 with torch.no_grad():
     print(tuple(segmentation.build("dgmn2-tiny-mla", num_classes=5).eval()(images).shape))

@@ -2348,6 +2348,7 @@ def test_batched_sliding_windows_equal_one_window_a_forward():
         torch.testing.assert_close(channels_last, one, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_real_data_without_pretrained_warns_that_the_backbone_starts_from_scratch(tmp_path, capsys):
     data = write_cityscapes(tmp_path / "cityscapes")
     real = dict(data=str(data), base_size=40, crop=32, eval_stride=24, iterations=1, eval_every=1, log_every=1)

@@ -443,23 +443,28 @@ def from_checkpoint(checkpoint):
 # python dgmn2.py: Table 6; --profile: where a step's time goes; --show-walks IMAGE: the sampled nodes of one pixel
 
 
-def count_macs(variant, size=224):
-    """Multiply-adds of one forward pass of a variant at size x size, batch 1, counted on the meta device (nothing is
+def model_macs(model, shape):
+    """Multiply-adds of one forward pass of a model built on the meta device, on an input of that shape (nothing is
     computed). Returns (total, of which bilinear sampling). The total is torch.utils.flop_counter.FlopCounterMode's
     FLOPs / 2 (matmuls, convolutions, and the sampler's q . k and attn . v products: not norms, activations or
     softmax) plus the bilinear reads of the sampled keys and values, 4 multiply-adds per sampled element and channel,
     which FlopCounterMode cannot see inside the sampler (the release's count leaves them out, but counts its relative
     positions' q against all W + K - 1 table rows where ours uses the K that are read)."""
     from torch.utils.flop_counter import FlopCounterMode
-    with torch.device("meta"):
-        model = build(variant).eval()  # batch 1: BN in training mode would refuse a 1 x 1 map
     # On the meta device the kernel path runs the sampler ops' shape functions, which FlopCounterMode counts by name.
     with sampler.backend("kernel"), FlopCounterMode(display=False) as counter:
-        model(torch.empty(1, 3, size, size, device="meta"))
+        model(torch.empty(shape, device="meta"))
     counts = counter.get_flop_counts()["Global"]
     products = sum(flops for op, flops in counts.items() if str(op).startswith("dgmn_sampler")) // 2
     bilinear = 4 * products  # every product reads one sampled element of one channel
     return counter.get_total_flops() // 2 + bilinear, bilinear
+
+
+def count_macs(variant, size=224):
+    """model_macs of a variant at size x size, batch 1: (total, of which bilinear sampling)."""
+    with torch.device("meta"):
+        model = build(variant).eval()  # batch 1: BN in training mode would refuse a 1 x 1 map
+    return model_macs(model, (1, 3, size, size))
 
 
 def _table_6():

@@ -24,11 +24,10 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 try:  # inside a package: the model files copied into a project
-    from . import dgmn, dgmn2, sampler
+    from . import dgmn, dgmn2
 except ImportError:  # at the top level of this repository
     import dgmn
     import dgmn2
-    import sampler
 
 NUM_CLASSES = 19          # Cityscapes' evaluated classes (train ids 0-18)
 CLASSIFIER_DROPOUT = 0.1  # the Dropout2d before the Semantic FPN's and the dilated FCN's 1x1 classifiers
@@ -400,16 +399,11 @@ def table_2():
 
 def dgmn2_cost(model, side=TABLE_11_SIDE, classes=NUM_CLASSES):
     """(parameters, multiply-adds) of a DGMN2 model of Table 11 on one (1, 3, side, side) image, built on the meta
-    device: the COUNTING rules plus the sampler's bilinear reads, 4 multiply-adds per sampled element and channel, as
-    dgmn2.count_macs counts them (the sampler's kernel ops, which run their shape functions on the meta device, are
-    told apart by name; FlopCounterMode counts their products by the formulas sampler.py registers)."""
+    device: the COUNTING rules plus the sampler's bilinear reads, as dgmn2.model_macs counts them."""
     with torch.device("meta"):
         net = build(model, classes).eval()  # batch 1: BN's running stats
-    with sampler.backend("kernel"), FlopCounterMode(display=False) as counter:
-        net(torch.empty(1, 3, side, side, device="meta"))
-    products = sum(flops for op, flops in counter.get_flop_counts()["Global"].items()
-                   if str(op).startswith("dgmn_sampler")) // 2
-    return sum(p.numel() for p in net.parameters()), counter.get_total_flops() // 2 + 4 * products
+    macs, _ = dgmn2.model_macs(net, (1, 3, side, side))
+    return sum(p.numel() for p in net.parameters()), macs
 
 
 def table_11():
@@ -424,7 +418,7 @@ def table_11():
             "training crop and evaluation window: the input side that reproduces the paper's FLOPs; 768 x 768 gives "
             f"about 2% fewer, 512 x 1024 14% fewer, 1024 x 1024 70% more), {NUM_CLASSES} classes; counted as above "
             "plus DGMN2's bilinear reads of the sampled keys and values, 4 multiply-adds per sampled element and "
-            "channel (dgmn2.count_macs' rule; without them every row is 0.3-1.4% under the paper's); mIoU: the "
+            "channel (dgmn2.model_macs' rule; without them every row is 0.3-1.4% under the paper's); mIoU: the "
             "paper's, Cityscapes val, single scale / multi-scale"), rows
 
 

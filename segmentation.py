@@ -14,6 +14,7 @@ C_s its channels, classes the classifier's outputs.
 """
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -239,6 +240,25 @@ class DilatedFCN(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The FCNs' training loss with pixel OHEM (Table 13)
+
+OHEM_THRESHOLD, OHEM_MIN_KEPT = 0.7, 100_000  # pixel OHEM as the CCNet and DANet code bases train Cityscapes
+
+
+def ohem_cross_entropy(logits, labels, threshold=OHEM_THRESHOLD, min_kept=OHEM_MIN_KEPT, ignore_index=255):
+    """Pixel OHEM (the CCNet and DANet code bases): the mean cross-entropy over the labelled pixels whose probability of
+    their class is under threshold or, when fewer than min_kept are, over the min_kept hardest (all the labelled ones
+    if fewer; ties with the last one kept too). Over the batch given, without a host sync.
+    logits (B, classes, H, W), labels (B, H, W), ignore_index where unlabelled -> a scalar."""
+    losses = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")  # (B, H, W), 0 if ignored
+    labelled = labels != ignore_index
+    probability = torch.exp(-losses).masked_fill(~labelled, math.inf)  # an ignored pixel is never among the hardest
+    kth = probability.flatten().kthvalue(min(min_kept, probability.numel())).values  # inf: fewer labelled than that
+    kept = labelled & torch.where(kth < threshold, probability < threshold, probability <= kth)
+    return (losses * kept).sum() / kept.sum().clamp_min(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The model table (Tables 2, 11): each model beside the paper's numbers; build(name)
 
 
@@ -333,6 +353,67 @@ def build(name, num_classes=NUM_CLASSES, output_stride=None, multi_grid=False, d
                          "(Section 6.3)")
     backbone = dgmn2.build(row.variant, num_classes=0, output_stride=stride)
     return SemanticFPN(backbone, num_classes) if fpn else SETR(backbone, row.head, num_classes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pretrained backbones
+
+
+def load_pretrained(model, state):
+    """Backbone weights without the classifier into a model of build(): the release's or train_imagenet.py's DGMN2 (a
+    checkpoint with its "config"), or torchvision's ResNet-101. state: the loaded file (dgmn2.load_checkpoint). A
+    state that does not fit raises ValueError, naming the first tensor at fault."""
+    backbone, ours = model.backbone, isinstance(state, dict) and "config" in state
+    if isinstance(backbone, dgmn2.DGMN2) and not ours:
+        dgmn2.load_official(backbone, state)
+        return
+    weights = state["model"] if ours else state if isinstance(state, dict) else {}
+    weights = {name: t for name, t in weights.items() if not name.startswith(("head.", "fc."))}  # the classifiers
+    expected = backbone.state_dict()
+    misfit = [f"{name} {tuple(t.shape)}, ours {tuple(expected[name].shape)}" for name, t in weights.items()
+              if name in expected and torch.is_tensor(t) and t.shape != expected[name].shape]
+    misfit += [f"{name} missing" for name in expected if name not in weights]
+    misfit += [f"{name} unexpected" for name in weights if name not in expected]
+    if misfit:
+        raise ValueError(f"does not fit the backbone of this model (first: {misfit[0]})")
+    backbone.load_state_dict(weights)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inference on whole images: sliding windows, scales and flips, as the release evaluates Cityscapes
+
+
+def slide(model, image, classes, window, stride, batch=1, layout=torch.preserve_format):
+    """Logits (1, classes, H, W) of a (1, 3, H, W) image, padded to the window if smaller: windows every stride pixels
+    (the last flush with the border), batch a forward (in memory layout), averaged where they overlap."""
+    _, _, H, W = image.shape
+    padded = F.pad(image, (0, max(window - W, 0), 0, max(window - H, 0)))
+    logits, count = image.new_zeros(1, classes, *padded.shape[-2:]), image.new_zeros(1, 1, *padded.shape[-2:])
+    corners = list(itertools.product(*[sorted({min(s, side - window) for s in range(0, side - window + stride, stride)})
+                                       for side in padded.shape[-2:]]))  # (row, column) of each window, row by row
+    for first in range(0, len(corners), batch):
+        group = corners[first:first + batch]
+        windows = torch.cat([padded[..., r:r + window, c:c + window] for r, c in group])  # (n, 3, window, window)
+        for (r, c), scores in zip(group, model(windows.to(memory_format=layout)).float()):
+            logits[0, :, r:r + window, c:c + window] += scores
+            count[..., r:r + window, c:c + window] += 1
+    return (logits / count)[..., :H, :W]
+
+
+def predict(model, image, classes, window, stride, batch=1, layout=torch.preserve_format, scales=(1,), flip=False):
+    """Class probabilities (1, classes, H, W) of a (1, 3, H, W) image: slide()'s softmax at each of scales, and of
+    the mirrored image too if flip, resized back as the model's head resizes and summed (mmseg's aug_test)."""
+    total, slid = 0, functools.partial(slide, model, classes=classes, window=window, stride=stride, batch=batch,
+                                       layout=layout)
+    for scale in scales:
+        scaled = image if scale == 1 else F.interpolate(image, scale_factor=scale, mode="bilinear",
+                                                        align_corners=False)
+        for mirrored in [False, True][:1 + flip]:
+            scores = slid(scaled.flip(-1) if mirrored else scaled).softmax(dim=1)
+            scores = scores.flip(-1) if mirrored else scores
+            total = total + (scores if scale == 1 else F.interpolate(scores, size=image.shape[-2:], mode="bilinear",
+                                                                     align_corners=model.align_corners))
+    return total
 
 
 # ----------------------------------------------------------------------------------------------------------------

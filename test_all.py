@@ -1791,8 +1791,8 @@ def kill_then_resume(script, cfg, monkeypatch):
     """Run script.main(cfg), killed right after its first checkpoint, then again with --resume auto."""
     save = script.save_checkpoint
 
-    def save_then_die(*args):
-        save(*args)
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(script, "save_checkpoint", save_then_die)
@@ -1840,7 +1840,8 @@ def test_bad_input_gives_one_line(tmp_path):
     mismatch = write_image_folder(tmp_path / "mismatch")
     (mismatch / "val" / "fox").rename(mismatch / "val" / "wolf")
     other = tmp_path / "small.pth"
-    torch.save(dict(model={}, optimizer={}, scheduler={}, scaler={}, config={"model": "small"}), other)
+    torch.save(dict(model={}, optimizer={}, scheduler={}, scaler={}, step=0, plan={}, config={"model": "small"}),
+               other)
     cases = [(dict(data=str(tmp_path / "nowhere")), "nowhere: no such data directory"),
              (dict(data=str(tmp_path)), r"no train or val folder \(expected .*/train/CLASS/IMAGE"),
              (dict(data=str(tmp_path / "empty")), "empty/train: Couldn't find any class folder"),
@@ -1861,8 +1862,10 @@ def test_bad_input_gives_one_line(tmp_path):
     train_imagenet.main(tiny_run(tmp_path))
     with pytest.raises(train_imagenet.InputError, match="holds another run's checkpoints: continue it with --resume"):
         train_imagenet.main(tiny_run(tmp_path))
-    with pytest.raises(train_imagenet.InputError, match=r"saved at a global batch of 8 \(2 steps an epoch\), now 4"):
+    with pytest.raises(train_imagenet.InputError, match=r"saved with --batch-size 8, not 4"):
         train_imagenet.main(tiny_run(tmp_path, resume="auto", batch_size=4))
+    with pytest.raises(train_imagenet.InputError, match=r"saved with steps_per_epoch 2, now 1 \(other options or data"):
+        train_imagenet.main(tiny_run(tmp_path, resume="auto", synthetic_train=8))
     with pytest.raises(train_imagenet.InputError, match=r"does not fit this model \(first: head.weight \(6, 512\)"):
         train_imagenet.main(tiny_run(tmp_path, resume="auto", data=str(data), batch_size=4, eval_only=True))
 
@@ -2042,10 +2045,10 @@ def test_sliding_window_equals_whole_image_inference():
     net = segmentation.SemanticFPN(model, 5).eval()
     image = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(train_cityscapes.sliding_window(net, image, 5, window=64, stride=48), net(image))
+        torch.testing.assert_close(segmentation.slide(net, image, 5, window=64, stride=48), net(image))
         pointwise = nn.Conv2d(3, 5, 1)  # overlapping windows of a per-pixel model average equal values
         image = torch.randn(1, 3, 50, 77)
-        torch.testing.assert_close(train_cityscapes.sliding_window(pointwise, image, 5, window=32, stride=20),
+        torch.testing.assert_close(segmentation.slide(pointwise, image, 5, window=32, stride=20),
                                    pointwise(image))
 
 
@@ -2337,14 +2340,14 @@ def test_batched_sliding_windows_equal_one_window_a_forward():
     net = segmentation.SemanticFPN(dgmn2.dgmn2_tiny(num_classes=0), 5).eval()
     image = torch.randn(1, 3, 40, 45)  # 2 x 2 windows of 32
     with torch.no_grad():
-        one = cs.sliding_window(net, image, 5, window=32, stride=20, batch=1)
-        torch.testing.assert_close(cs.sliding_window(net, image, 5, window=32, stride=20, batch=3), one)
+        one = segmentation.slide(net, image, 5, window=32, stride=20, batch=1)
+        torch.testing.assert_close(segmentation.slide(net, image, 5, window=32, stride=20, batch=3), one)
         border = nn.Sequential(nn.Conv2d(3, 5, 5, padding=2), nn.BatchNorm2d(5), nn.Conv2d(5, 5, 3, padding=1)).eval()
         image = torch.randn(1, 3, 70, 97)  # 4 x 6 windows of 24, each sees its own borders
-        one = cs.sliding_window(border, image, 5, window=24, stride=15, batch=1)
+        one = segmentation.slide(border, image, 5, window=24, stride=15, batch=1)
         for batch in (5, 8, 100):
-            torch.testing.assert_close(cs.sliding_window(border, image, 5, window=24, stride=15, batch=batch), one)
-        channels_last = cs.sliding_window(border, image, 5, window=24, stride=15, batch=7, layout=torch.channels_last)
+            torch.testing.assert_close(segmentation.slide(border, image, 5, window=24, stride=15, batch=batch), one)
+        channels_last = segmentation.slide(border, image, 5, window=24, stride=15, batch=7, layout=torch.channels_last)
         torch.testing.assert_close(channels_last, one, atol=1e-5, rtol=1e-5)
 
 
@@ -2400,10 +2403,10 @@ def test_pretrained_takes_the_release_checkpoint_with_its_argparse_namespace(tmp
     torch.save(dict(model=release_tiny_checkpoint().state_dict(), args=argparse.Namespace(lr=1e-3)), path)
     with pytest.raises(Exception):  # a plain weights-only load refuses the Namespace
         torch.load(path, weights_only=True)
-    ours, reference = (dgmn2.build("tiny", num_classes=0) for _ in range(2))
-    cs.load_pretrained(ours, str(path))
+    ours, reference = segmentation.build("dgmn2-tiny"), dgmn2.build("tiny", num_classes=0)
+    segmentation.load_pretrained(ours, dgmn2.load_checkpoint(str(path)))
     dgmn2.load_official(reference, str(path))
-    torch.testing.assert_close(ours.state_dict(), reference.state_dict(), rtol=0, atol=0)
+    torch.testing.assert_close(ours.backbone.state_dict(), reference.state_dict(), rtol=0, atol=0)
 
 
 def test_table_2_baselines_are_offered_by_model():
@@ -2433,7 +2436,7 @@ def test_ohem_equals_an_explicit_computation_in_each_branch():
         expected, kept = ohem_by_hand(logits, labels, threshold, min_kept)
         assert len(kept) == kept_count
         x = logits.clone().requires_grad_()
-        loss = cs.ohem_cross_entropy(x, labels, threshold, min_kept)
+        loss = segmentation.ohem_cross_entropy(x, labels, threshold, min_kept)
         torch.testing.assert_close(loss.item(), expected, rtol=1e-5, atol=1e-6)
         loss.backward()
         with_gradient = {tuple(p) for p in x.grad.abs().sum(dim=1).nonzero().tolist()}
@@ -2491,7 +2494,8 @@ def test_fcn_options_are_refused_elsewhere_and_bad_values_in_one_line(tmp_path):
 def test_a_resume_refuses_other_fcn_options(tmp_path):
     saved = cs.Config(model="fcn-dgmn", dgmn_rates="1,6,12", ohem=True)
     path = tmp_path / "checkpoint-0000002.pth"
-    torch.save(dict(model={}, optimizer={}, scheduler={}, scaler={}, config=dataclasses.asdict(saved)), path)
+    torch.save(dict(model={}, optimizer={}, scheduler={}, scaler={}, step=0, plan={},
+                    config=dataclasses.asdict(saved)), path)
     for changed, message in [(dict(dgmn_rates=""), "saved with --dgmn-rates '1,6,12', not ''"),
                              (dict(dgmn_groups=0), "saved with --dgmn-groups 4, not 0"),
                              (dict(multi_grid=True), "saved with --multi-grid False, not True"),
@@ -2598,7 +2602,7 @@ def test_predict_writes_label_ids_that_map_back_to_the_models_prediction(tmp_pat
     torch.manual_seed(0)
     model = cs.build_model(saved, len(cs.TRAIN_CLASSES), 1, torch.device("cpu")).eval()
     checkpoint = tmp_path / "checkpoint-0000001.pth"
-    torch.save(dict(model=model.state_dict(), optimizer={}, scheduler={}, scaler={}, iteration=1,
+    torch.save(dict(model=model.state_dict(), optimizer={}, scheduler={}, scaler={}, step=1, plan={},
                     config=dataclasses.asdict(saved)), checkpoint)
     lut = cs.CityscapesTrainIds(str(data), "val").lut  # labelId -> train id
     for split, multi_scale in (("val", False), ("test", True)):
@@ -2614,7 +2618,10 @@ def test_predict_writes_label_ids_that_map_back_to_the_models_prediction(tmp_pat
             assert written.shape == image.shape[-2:]
             assert set(written.unique().tolist()) <= {c.id for c in cs.TRAIN_CLASSES}
             with torch.no_grad():
-                ours = cs.predict(model, cs.normalise(image.float()), len(cs.TRAIN_CLASSES), cfg).argmax(dim=1)[0]
+                scores = segmentation.predict(model, cs.normalise(image.float()), len(cs.TRAIN_CLASSES), cfg.crop,
+                                              cfg.eval_stride, scales=cs.MULTI_SCALES if multi_scale else (1,),
+                                              flip=multi_scale)
+            ours = scores.argmax(dim=1)[0]
             assert torch.equal(lut[written.long()].long(), ours)
 
 
@@ -2870,7 +2877,7 @@ def test_detection_resume_continues_exactly(tmp_path, monkeypatch):
     torch.testing.assert_close(resumed["model"], expected["model"])
     torch.testing.assert_close(resumed["optimizer"], expected["optimizer"])
     assert resumed["scheduler"] == expected["scheduler"]
-    with pytest.raises(train_coco.InputError, match=r"saved with iterations 4; now iterations 8 \(other flags"):
+    with pytest.raises(train_coco.InputError, match=r"saved with iterations 4, now 8 \(other options or data"):
         train_coco.main(dataclasses.replace(killed, resume="auto", iterations=8))
 
 
@@ -3183,8 +3190,8 @@ def test_dgmn_rates_and_groups_are_refused_elsewhere_and_when_bad(tmp_path):
 @NEEDS_PYCOCOTOOLS
 def test_a_resume_with_other_dgmn_options_is_refused(tmp_path):
     saved = train_coco.Config(model="maskrcnn-r50-dgmn-c5", dgmn_rates="1,4,8", output=str(tmp_path))
-    torch.save(dict(model={}, optimizer={}, scheduler={}, scaler={}, config=dataclasses.asdict(saved)),
-               tmp_path / "checkpoint-0000002.pth")
+    torch.save(dict(model={}, optimizer={}, scheduler={}, scaler={}, step=0, plan={},
+                    config=dataclasses.asdict(saved)), tmp_path / "checkpoint-0000002.pth")
     for changed, message in [(dict(dgmn_rates=""), "saved with --dgmn-rates '1,4,8', not ''"),
                              (dict(dgmn_groups=2), "saved with --dgmn-groups 4, not 2")]:
         with pytest.raises(train_coco.InputError, match=message):
@@ -3195,7 +3202,8 @@ def test_a_resume_with_other_dgmn_options_is_refused(tmp_path):
 def test_a_checkpoint_saved_before_an_option_existed_reads_it_as_its_default(tmp_path):
     cfg = train_coco.Config(model="maskrcnn-r50-dgmn-c5")
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("dgmn_rates", "dgmn_groups")}
-    torch.save(dict(model={}, optimizer={}, scheduler={}, scaler={}, config=config), tmp_path / "old.pth")
+    torch.save(dict(model={}, optimizer={}, scheduler={}, scaler={}, step=0, plan={}, config=config),
+               tmp_path / "old.pth")
     state = train_coco.read_checkpoint(tmp_path / "old.pth", cfg, ["model", "dgmn_rates", "dgmn_groups"], [])
     assert state["config"] == config
     with pytest.raises(train_coco.InputError, match=r"saved with --dgmn-groups 4, not 2"):

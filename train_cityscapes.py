@@ -1,7 +1,6 @@
-"""Semantic segmentation on Cityscapes, the recipe: training, sliding-window evaluation, the test server's label images,
-DDP through torchrun, for the models of segmentation.py: DGMN2 + Semantic FPN or one of SETR's heads (Section 6.3,
-Tables 11, 12) and the dilated FCN with the DGMN module or a module it is compared with (Section 5, Tables 2, 4, 13,
-14).
+"""Semantic segmentation on Cityscapes, the recipe (training, sliding-window evaluation, the test server's files, DDP
+through torchrun) for segmentation.py's models: DGMN2 + Semantic FPN or a SETR head (Section 6.3, Tables 11, 12) and
+the dilated FCN with DGMN or a module of Table 2 (Section 5, Tables 2, 4, 13, 14).
 
 Paper targets, mIoU on Cityscapes val (single scale / multi-scale + flip): DGMN2-Tiny/Small/Medium/Large + Semantic
 FPN 78.09/79.40, 80.65/81.58, 80.60/81.79, 81.75/82.64 (the SETR heads: segmentation.MODELS); dilated FCN ResNet-101
@@ -16,8 +15,7 @@ FPN 78.09/79.40, 80.65/81.58, 80.60/81.79, 81.75/82.64 (the SETR heads: segmenta
     torchrun --nproc_per_node 8 train_cityscapes.py --model dgmn2-large-mla --data /path/to/cityscapes \\
         --eval-only --resume CKPT --multi-scale --eval-split test --predict DIR     # Table 12: the server's files
     torchrun train_cityscapes.py                  # no --data: the built-in synthetic scenes, a few minutes on a CPU
-    python train_cityscapes.py --table            # Tables 2 and 11: parameters and FLOPs beside the paper's, as
-                                                  # python segmentation.py prints them
+    python train_cityscapes.py --table            # Tables 2 and 11, as python segmentation.py prints them
 """
 
 import argparse
@@ -31,6 +29,7 @@ import os
 import re
 import sys
 import time
+from collections import namedtuple
 from pathlib import Path
 
 import torch
@@ -49,8 +48,8 @@ import segmentation
 
 # ================================================================================================================
 # The shared block: the same text in the three training scripts (test_all.py compares them), so that each stays
-# self-contained. The script around it defines Config, SYNTHETIC (the defaults without --data), CHOICES, check(cfg)
-# and run(cfg, rank, world, device).
+# self-contained. The script around it defines Config, SYNTHETIC (the defaults without --data), CHOICES, SAVED (the
+# parts of a run whose state a checkpoint holds, the model first), check(cfg) and run(cfg, rank, world, device).
 
 
 class InputError(Exception):
@@ -180,11 +179,14 @@ class Progress:
         return dict(loss=sum(means), **(dict(zip(self.names, means)) if len(means) > 1 else {}))
 
 
-def save_checkpoint(state, path):
-    """Written to a temporary file, synced, then renamed (a kill never leaves a broken checkpoint); older ones go."""
+def save_checkpoint(path, cfg, parts, **position):
+    """The state of the SAVED parts (None for a part that is None), their plan, position (the step, ...) and the
+    config, written to a temporary file, synced, then renamed (a kill never leaves a broken checkpoint); the older
+    checkpoints go."""
+    state = {name: None if (part := getattr(parts, name)) is None else part.state_dict() for name in SAVED}
     path, temporary = Path(path), Path(path).with_suffix(".tmp")
     with open(temporary, "wb") as file:
-        torch.save(state, file)
+        torch.save(dict(state, plan=parts.plan, **position, config=dataclasses.asdict(cfg)), file)
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, path)
@@ -194,30 +196,38 @@ def save_checkpoint(state, path):
     return path
 
 
-def find_checkpoint(cfg):
-    """--resume, or the newest checkpoint in --output for "auto" (None if none); another run's --output is refused."""
-    found = sorted(Path(cfg.output).glob("checkpoint-*.pth"))
-    if cfg.resume and cfg.resume != "auto" and not Path(cfg.resume).is_file():
-        raise InputError(f"{cfg.resume}: no such checkpoint")
-    if found and not cfg.resume and not cfg.eval_only:
-        raise InputError(f"{cfg.output} holds another run's checkpoints: continue it with --resume auto, or choose "
-                         "another --output")
-    return (found[-1] if found else None) if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None
-
-
 def read_checkpoint(path, cfg, weights_depend_on, training_depends_on):
     """A checkpoint of this script, refused in one line if saved with other values of the options listed."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unpickling failure is one bad file
         raise InputError(f"{path}: not a readable checkpoint ({str(error).strip().splitlines()[0]})") from None
-    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "scaler", "config"} <= state.keys():
+    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "step", "plan", "config"} <= state.keys():
         raise InputError(f"{path}: not a checkpoint of {Path(__file__).name} (backbone weights go to --pretrained)")
     for name in [*weights_depend_on, *([] if cfg.eval_only else training_depends_on)]:
         saved = state["config"].get(name, getattr(type(cfg), name))  # an option added since: its default
         if saved != getattr(cfg, name):
             raise InputError(f"{path}: saved with --{name.replace('_', '-')} {saved!r}, not {getattr(cfg, name)!r}")
     return state
+
+
+def resume(cfg, rank, world, weights_depend_on, training_depends_on, log):
+    """(the checkpoint to start from, its contents) or (None, None): --resume, or for "auto" the newest in --output.
+    Rank 0 chooses (every node must see --output); a new run refuses an --output that holds another run's."""
+    found = sorted(Path(cfg.output).glob("checkpoint-*.pth")) if rank == 0 else []
+    if rank == 0 and cfg.resume not in ("", "auto") and not Path(cfg.resume).is_file():
+        raise InputError(f"{cfg.resume}: no such checkpoint")
+    if found and not cfg.resume and not cfg.eval_only:
+        raise InputError(f"{cfg.output} holds another run's checkpoints: continue it with --resume auto, or choose "
+                         "another --output")
+    path = [(found[-1] if found else None) if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None]
+    if world > 1:
+        dist.broadcast_object_list(path, src=0)
+    if path[0] is None and cfg.resume == "auto":
+        if cfg.eval_only:
+            raise InputError(f"--eval-only --resume auto: no checkpoint in {cfg.output}")
+        log(f"--resume auto: no checkpoint in {cfg.output} yet, starting from scratch.")
+    return path[0], path[0] and read_checkpoint(path[0], cfg, weights_depend_on, training_depends_on)
 
 
 def load_weights(module, weights, source):
@@ -230,6 +240,24 @@ def load_weights(module, weights, source):
     if misfit:
         raise InputError(f"{source}: does not fit this model (first: {misfit[0]})")
     module.load_state_dict(weights)
+
+
+def restore(path, state, cfg, parts, log):
+    """The step to start from: 0 without a checkpoint; else its weights go into parts.model and, to train on, its
+    state into the other SAVED parts (but one saved empty, as the scaler's without fp16) if its plan (what the schedule
+    and the data order depend on beyond the options: the data's size) is parts.plan."""
+    if state is None:
+        return 0
+    load_weights(parts.model, state["model"], path)
+    if not cfg.eval_only:
+        changed = [f"{k} {state['plan'].get(k)}, now {v}" for k, v in parts.plan.items() if state["plan"].get(k) != v]
+        if changed:
+            raise InputError(f"{path}: saved with {'; '.join(changed)} (other options or data)")
+        for name in SAVED[1:]:  # after the model
+            if getattr(parts, name) is not None and state[name]:
+                getattr(parts, name).load_state_dict(state[name])
+        log(f"Resumed from {path} at step {state['step']}.")
+    return state["step"]
 
 
 def main(cfg):
@@ -264,6 +292,7 @@ def command_line():
             os._exit(1)
         sys.exit(1)
 
+
 # End of the shared block
 # ================================================================================================================
 # ---- Configuration: the paper's recipes by default; SYNTHETIC replaces what no flag set without --data ----------
@@ -275,7 +304,6 @@ CHOICES = dict(model=list(segmentation.MODELS), mode=["fine", "coarse"], output_
 # A resume refuses a checkpoint saved with other values of WEIGHTS_DEPEND_ON and, to train on, of TRAINING_DEPENDS_ON
 WEIGHTS_DEPEND_ON = ["model", "output_stride", "dgmn_rates", "dgmn_groups", "multi_grid"]
 TRAINING_DEPENDS_ON = ["optimizer", "iterations", "batch_size", "eval_every", "ohem", "mode", "trainval"]
-OHEM_THRESHOLD, OHEM_MIN_KEPT = 0.7, 100_000  # pixel OHEM as the CCNet and DANet code bases train Cityscapes
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 CROP_TRIES, CAT_MAX_RATIO = 10, 0.75  # mmseg's RandomCrop: at most 10 redraws of a window where one class covers 75%
 TRAIN_CLASSES = [c for c in torchvision.datasets.Cityscapes.classes if c.train_id not in (-1, 255)]  # by train id
@@ -284,35 +312,26 @@ PALETTE = torch.tensor([c.color for c in TRAIN_CLASSES] + [[0, 0, 0]] * (256 - 1
 
 @dataclasses.dataclass
 class Config:
-    model: str = option("dgmn2-tiny", "DGMN2 + Semantic FPN or, as dgmn2-VARIANT-HEAD, a SETR head (naive, pup, "
-                        "mla) (Table 11), or the dilated FCN ResNet-101 with a module of Table 2 (--table lists them)")
-    data: str = option("", "the Cityscapes root (leftImg8bit/, gtFine/, gtCoarse/); empty: the built-in synthetic "
-                       "scenes")
-    mode: str = option("fine", "the training annotations: fine (gtFine/train) or coarse (gtCoarse/train_extra, as "
-                       "Table 12's second step); evaluation is on the fine ones")
-    trainval: bool = option(False, "--mode fine: train on train and val together (Table 12's first and third steps); "
-                            "the evaluations during training then see training images")
+    model: str = option("dgmn2-tiny", "DGMN2 + Semantic FPN, dgmn2-VARIANT-HEAD with a SETR head (Table 11), or an FCN "
+                        "of Table 2 (--table lists them)")
+    data: str = option("", "the Cityscapes root (leftImg8bit/, gtFine/, gtCoarse/); empty: synthetic scenes")
+    mode: str = option("fine", "training labels: fine (gtFine/train) or coarse (gtCoarse/train_extra, Table 12)")
+    trainval: bool = option(False, "--mode fine: train on train and val together (Table 12's first and third steps)")
     finetune: str = option("", "a checkpoint of this script whose model weights start this run, with a new schedule "
                            "and optimiser (Table 12's second and third steps); a --resume found replaces it")
     output: str = option("runs/cityscapes", "the folder of the checkpoints, log.jsonl and the prediction pictures")
-    pretrained: str = option("", "backbone weights (nothing is downloaded): a torchvision ResNet-101 state dict, an "
-                             "authors' DGMN2 or a train_imagenet.py checkpoint; empty: the backbone from scratch")
+    pretrained: str = option("", "backbone weights: torchvision's ResNet-101, the release's or our DGMN2; empty: none")
     iterations: int = option(40_000, "training iterations (optimiser steps)")
     batch_size: int = option(8, "the global batch (as the paper reports it): images a step, over all processes")
     optimizer: str = option("auto", "auto: AdamW for DGMN2 (lr 1e-4), SGD with momentum 0.9 for the FCNs (lr 0.01)")
     lr: float = option(0.0, "the initial learning rate; 0: the optimiser's paper value")
     weight_decay: float = option(1e-4, "the weight decay of either optimiser")
     poly_power: float = option(0.9, "the power of the polynomial decay of the learning rate to 0")
-    output_stride: int = option(0, "DGMN2 + Semantic FPN: 8 for stride-1 patch embeddings in stages 3-4 (Section "
-                                "6.3), 16 or 32; 0: the model's, 32, and 8 for the SETR heads, which take no other")
-    dgmn_rates: str = option("", "the DGMN FCNs (fcn-da, fcn-da-dw, fcn-dgmn): their sampling rates, comma-separated, "
-                             "e.g. 1,6,12 (Table 14); empty: the model's")
-    dgmn_groups: int = option(4, "the DGMN FCNs: G, the channel groups of the dynamic filters; 0: no dynamic weights "
-                              "(Table 15's G = 0)")
-    ohem: bool = option(False, "the FCNs: pixel OHEM (Table 13), the loss over the pixels whose class probability is "
-                        f"under {OHEM_THRESHOLD}, or over the {OHEM_MIN_KEPT:,} hardest if fewer (per process)")
-    multi_grid: bool = option(False, "the FCNs: res5's three blocks at its dilation times "
-                              f"{segmentation.MULTI_GRID} (DeepLab v3's multi-grid, Table 13)")
+    output_stride: int = option(0, "DGMN2 + Semantic FPN: 8, 16 or 32 (Section 6.3); 0: the model's (SETR: 8 only)")
+    dgmn_rates: str = option("", "the DGMN FCNs' sampling rates, e.g. 1,6,12 (Table 14); empty: the model's")
+    dgmn_groups: int = option(4, "the DGMN FCNs' filter groups G (Table 15); 0: no dynamic weights")
+    ohem: bool = option(False, "the FCNs: the loss over the hard pixels alone (OHEM, Table 13)")
+    multi_grid: bool = option(False, f"the FCNs: res5's dilations times {segmentation.MULTI_GRID} (Table 13)")
     base_size: int = option(1024, "the shorter side that the random scale multiplies (Cityscapes: 2048 x 1024)")
     scale_min: float = option(0.5, "the smallest random scale of a training image")
     scale_max: float = option(2.0, "the largest random scale of a training image")
@@ -330,14 +349,12 @@ class Config:
     seed: int = option(0, "the seed of the initial weights, the data order and the augmentations")
     resume: str = option("", "a checkpoint to continue from, or auto: the newest in --output (if any)")
     eval_only: bool = option(False, "evaluate the --resume checkpoint and stop")
-    eval_split: str = option("val", "the split that --eval-only evaluates or --predict writes: val, or test (its "
-                             "labels are withheld: with --predict only)")
+    eval_split: str = option("val", "the split that --eval-only evaluates or --predict writes (test: --predict only)")
     predict: str = option("", "with --eval-only: instead of evaluating, write each image's predicted labelIds to "
                           "DIR/CITY/*_leftImg8bit.png, the format of the Cityscapes test server (Table 12)")
     synthetic_train: int = option(2000, "training scenes of the built-in synthetic set")
     synthetic_val: int = option(100, "validation scenes of the built-in synthetic set")
-    table: bool = option(False, "print the models' parameters and FLOPs beside the paper's (Tables 2, 11), then "
-                         "exit")
+    table: bool = option(False, "print the models' parameters and FLOPs beside the paper's (Tables 2, 11); exit")
 
     @property
     def layout(self):
@@ -351,60 +368,43 @@ def check(cfg):
                  "log_every", "synthetic_train", "synthetic_val"]:
         if getattr(cfg, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.eval_stride > cfg.crop:
-        raise InputError(f"--eval-stride {cfg.eval_stride} exceeds the window --crop {cfg.crop}: pixels missed")
-    if cfg.eval_only and not cfg.resume:
-        raise InputError("--eval-only needs the model to evaluate: --resume CKPT")
     fcns, dgmn_fcns, channels = list(segmentation.FCN_VARIANTS), segmentation.DGMN_FCNS, segmentation.FCN_CHANNELS
     for name, models in [("dgmn_rates", dgmn_fcns), ("dgmn_groups", dgmn_fcns), ("ohem", fcns), ("multi_grid", fcns)]:
         if getattr(cfg, name) != getattr(Config, name) and cfg.model not in models:
             raise InputError(f"--{name.replace('_', '-')} applies to {', '.join(models)}, not to --model {cfg.model}")
-    if cfg.output_stride and cfg.model in fcns:
-        raise InputError(f"--output-stride applies to the DGMN2 models, not to --model {cfg.model}")
-    setr = cfg.model not in fcns and segmentation.DGMN2_MODELS[cfg.model].head != "fpn"
-    if setr and cfg.output_stride not in (0, segmentation.SETR_OUTPUT_STRIDE):
-        raise InputError(f"--output-stride {cfg.output_stride}: the SETR heads take DGMN2 at output stride "
-                         f"{segmentation.SETR_OUTPUT_STRIDE} (Section 6.3)")
-    check_data_options(cfg)
-    if cfg.dgmn_rates:
-        rates_of(cfg.dgmn_rates)
-    if cfg.dgmn_groups < 0 or cfg.dgmn_groups and channels % cfg.dgmn_groups:
-        raise InputError(f"--dgmn-groups {cfg.dgmn_groups}: 0 (no dynamic weights) or a divisor of {channels}")
-    if cfg.dgmn_groups not in (0, Config.dgmn_groups) and \
-            segmentation.FCN_VARIANTS[cfg.model].dgmn.get("dynamic_weights") is False:
-        raise InputError(f"--dgmn-groups {cfg.dgmn_groups}: {cfg.model} has no dynamic weights (fcn-da-dw has)")
-
-
-def check_data_options(cfg):
-    """--mode, --trainval, --finetune, --eval-split and --predict that do not go together: InputError."""
-    refusals = [(cfg.mode == "coarse" and not cfg.data, "--mode coarse needs --data: the synthetic scenes have no "
-                 "coarse labels"),
-                (cfg.trainval and cfg.mode == "coarse", "--trainval applies to --mode fine: the coarse labels are "
-                 "train_extra's"),
-                (cfg.finetune and cfg.eval_only, "--finetune starts a training run: evaluate a checkpoint with "
-                 "--eval-only --resume CKPT"),
-                (cfg.finetune and cfg.pretrained, "--finetune gives the whole model's weights: leave out --pretrained"),
-                (cfg.finetune and not Path(cfg.finetune).is_file(), f"--finetune {cfg.finetune}: no such checkpoint"),
-                (cfg.predict and not cfg.eval_only, "--predict needs --eval-only --resume CKPT"),
-                (cfg.predict and not cfg.data, "--predict needs --data: it writes Cityscapes' file names"),
-                (cfg.predict and Path(cfg.predict).exists() and not Path(cfg.predict).is_dir(),
-                 f"--predict {cfg.predict}: a file, not a directory"),
-                (cfg.eval_split == "test" and not cfg.predict, "--eval-split test: its labels are withheld; write the "
-                 "test server's label images with --predict DIR")]
+    row, setr_stride = segmentation.MODELS[cfg.model], segmentation.SETR_OUTPUT_STRIDE
+    refusals = [
+        (not re.fullmatch(r"([1-9]\d*(,[1-9]\d*)*)?", cfg.dgmn_rates), f"--dgmn-rates {cfg.dgmn_rates!r}: give "
+         "positive integers separated by commas, e.g. 1,6,12"),
+        (cfg.eval_stride > cfg.crop, f"--eval-stride {cfg.eval_stride} exceeds the window --crop {cfg.crop}: pixels "
+         "missed"),
+        (cfg.eval_only and not cfg.resume, "--eval-only needs the model to evaluate: --resume CKPT"),
+        (cfg.output_stride and cfg.model in fcns, f"--output-stride applies to the DGMN2 models, not to --model "
+         f"{cfg.model}"),
+        (getattr(row, "head", "fpn") != "fpn" and cfg.output_stride not in (0, setr_stride), f"--output-stride "
+         f"{cfg.output_stride}: the SETR heads take DGMN2 at output stride {setr_stride} (Section 6.3)"),
+        (cfg.dgmn_groups < 0 or cfg.dgmn_groups and channels % cfg.dgmn_groups, f"--dgmn-groups {cfg.dgmn_groups}: 0 "
+         f"(no dynamic weights) or a divisor of {channels}"),
+        (cfg.dgmn_groups not in (0, Config.dgmn_groups) and (getattr(row, "dgmn", None) or {}).get(
+            "dynamic_weights") is False, f"--dgmn-groups {cfg.dgmn_groups}: {cfg.model} has no dynamic weights "
+         "(fcn-da-dw has)"),
+        (cfg.mode == "coarse" and not cfg.data, "--mode coarse needs --data: the synthetic scenes have no coarse "
+         "labels"),
+        (cfg.trainval and cfg.mode == "coarse", "--trainval applies to --mode fine: the coarse labels are "
+         "train_extra's"),
+        (cfg.finetune and cfg.eval_only, "--finetune starts a training run: evaluate a checkpoint with --eval-only "
+         "--resume CKPT"),
+        (cfg.finetune and cfg.pretrained, "--finetune gives the whole model's weights: leave out --pretrained"),
+        (cfg.finetune and not Path(cfg.finetune).is_file(), f"--finetune {cfg.finetune}: no such checkpoint"),
+        (cfg.predict and not cfg.eval_only, "--predict needs --eval-only --resume CKPT"),
+        (cfg.predict and not cfg.data, "--predict needs --data: it writes Cityscapes' file names"),
+        (cfg.predict and Path(cfg.predict).exists() and not Path(cfg.predict).is_dir(),
+         f"--predict {cfg.predict}: a file, not a directory"),
+        (cfg.eval_split == "test" and not cfg.predict, "--eval-split test: its labels are withheld; write the test "
+         "server's label images with --predict DIR")]
     for refused, message in refusals:
         if refused:
             raise InputError(message)
-
-
-def rates_of(text):
-    """--dgmn-rates "1,6,12" -> (1, 6, 12); InputError unless positive integers."""
-    try:
-        rates = tuple(int(rate) for rate in text.split(","))
-    except ValueError:
-        rates = ()
-    if not rates or min(rates) < 1:
-        raise InputError(f"--dgmn-rates {text!r}: give positive integers separated by commas, e.g. 1,6,12")
-    return rates
 
 
 # ---- Data: the built-in synthetic scenes or Cityscapes, uint8 images and labels --------------------------------
@@ -468,20 +468,20 @@ class CityscapesImages(Dataset):
     """The images of a Cityscapes split without labels (the test split's are withheld), for --predict:
     leftImg8bit/SPLIT/CITY/*_leftImg8bit.png, names[i] the path under SPLIT (CITY/NAME). -> (uint8 (3, H, W), i)."""
     def __init__(self, root, split):
-        folder = Path(root, "leftImg8bit", split)
-        self.files = sorted(folder.glob("*/*_leftImg8bit.png"))
-        if not self.files:
+        self.folder = Path(root, "leftImg8bit", split)
+        self.names = sorted(file.relative_to(self.folder) for file in self.folder.glob("*/*_leftImg8bit.png"))
+        if not self.names:
             raise InputError(f"{root}: no {split} images under leftImg8bit/{split}/CITY/")
-        self.names = [file.relative_to(folder) for file in self.files]
 
     def __len__(self):
-        return len(self.files)
+        return len(self.names)
 
     def __getitem__(self, index):
+        path = self.folder / self.names[index]
         try:
-            return torchvision.io.read_image(str(self.files[index]), torchvision.io.ImageReadMode.RGB), index
+            return torchvision.io.read_image(str(path), torchvision.io.ImageReadMode.RGB), index
         except RuntimeError as error:
-            raise InputError(f"{self.files[index]}: unreadable ({error})") from None
+            raise InputError(f"{path}: unreadable ({error})") from None
 
 
 def datasets(cfg):
@@ -507,13 +507,9 @@ def saturation(image, factor):
     return value - (value - image) * torch.clamp(value / (value - least).clamp_min(1e-6), max=factor)
 
 
-def hue(image, delta):
-    """The hue turned by delta turns (OpenCV's hue delta out of 180, over 180), by torchvision's adjust_hue."""
-    return v2.functional.adjust_hue(image / 255, delta) * 255
-
-
-DISTORTIONS = dict(brightness=(torch.add, -32, 32), contrast=(torch.mul, 0.5, 1.5),  # op(image, value), value range
-                   saturation=(saturation, 0.5, 1.5), hue=(hue, -18 / 180, 18 / 180))
+# op(image, value) and the value's range; the hue turned by OpenCV's delta out of 180, in turns
+DISTORTIONS = dict(brightness=(torch.add, -32, 32), contrast=(torch.mul, 0.5, 1.5), saturation=(saturation, 0.5, 1.5),
+                   hue=(lambda image, turns: v2.functional.adjust_hue(image / 255, turns) * 255, -18 / 180, 18 / 180))
 
 
 def photometric_distortion(image, g):
@@ -586,100 +582,29 @@ class Passes(DistributedSampler):
 
 
 # ---- The model: segmentation.py's, as the options say, with its pretrained backbone -----------------------------
-def dgmn_options(cfg):
-    """--dgmn-rates and --dgmn-groups as the DGMN switches that replace a DGMN FCN's (Tables 14, 15); None for other
-    models."""
-    if cfg.model not in segmentation.DGMN_FCNS:
-        return None
-    rates = dict(rates=rates_of(cfg.dgmn_rates)) if cfg.dgmn_rates else {}
-    return {**rates, **(dict(groups=cfg.dgmn_groups) if cfg.dgmn_groups else dict(dynamic_weights=False))}
-
-
 def build_model(cfg, classes, world, device):
-    """--model with its --pretrained backbone, SyncBatchNorm under DDP on GPUs, on device (channels-last if asked)."""
+    """--model with its --pretrained backbone, SyncBatchNorm under DDP on GPUs, on device (channels-last if asked).
+    A DGMN FCN's switches give way to --dgmn-rates and --dgmn-groups (Tables 14, 15)."""
+    rates = dict(rates=tuple(map(int, cfg.dgmn_rates.split(",")))) if cfg.dgmn_rates else {}
+    switches = {**rates, **(dict(groups=cfg.dgmn_groups) if cfg.dgmn_groups else dict(dynamic_weights=False))}
     try:
         model = segmentation.build(cfg.model, classes, output_stride=cfg.output_stride or None,
-                                   multi_grid=cfg.multi_grid, dgmn_options=dgmn_options(cfg))
+                                   multi_grid=cfg.multi_grid,
+                                   dgmn_options=switches if cfg.model in segmentation.DGMN_FCNS else None)
     except ValueError as error:  # what check() has not caught, in the model file's words
         raise InputError(f"--model {cfg.model}: {error}") from None
     if cfg.pretrained:
-        load_pretrained(model.backbone, cfg.pretrained)
+        try:
+            segmentation.load_pretrained(model, dgmn2.load_checkpoint(cfg.pretrained))
+        except ValueError as error:  # load_checkpoint's name the file, load_pretrained's do not
+            message = str(error).removeprefix(cfg.pretrained + ": ")
+            raise InputError(f"--pretrained {cfg.pretrained}: {message}") from None
     if world > 1 and device.type == "cuda":  # SyncBatchNorm runs on GPUs only
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model.to(device, memory_format=cfg.layout)
 
 
-def load_pretrained(backbone, path):
-    """Backbone weights, classifiers left out: a torchvision ResNet, authors' DGMN2 or train_imagenet.py checkpoint."""
-    source = f"--pretrained {path}"
-    try:
-        state = dgmn2.load_checkpoint(path)
-    except ValueError as error:
-        raise InputError(f"--pretrained {error}") from None
-    ours = isinstance(state, dict) and "config" in state and "model" in state  # train_imagenet.py's
-    if isinstance(backbone, dgmn2.DGMN2) and not ours:
-        try:
-            dgmn2.load_official(backbone, state)
-        except ValueError as error:
-            raise InputError(f"{source}: {error}") from None
-        return
-    weights = state["model"] if ours else state
-    if not isinstance(weights, dict):
-        raise InputError(f"{source}: not a state dict")
-    load_weights(backbone, {k: v for k, v in weights.items() if not k.startswith(("head.", "fc."))}, source)
-
-
 # ---- Evaluation: sliding windows, scales and flips; mIoU from a confusion matrix -------------------------------
-def sliding_window(model, image, classes, window, stride, batch=1, layout=torch.preserve_format):
-    """Logits (1, classes, H, W) of a (1, 3, H, W) image, padded to the window if smaller: windows every stride pixels
-    (the last flush with the border), batch a forward (in memory layout), averaged where they overlap."""
-    _, _, H, W = image.shape
-    padded = F.pad(image, (0, max(window - W, 0), 0, max(window - H, 0)))
-    logits, count = image.new_zeros(1, classes, *padded.shape[-2:]), image.new_zeros(1, 1, *padded.shape[-2:])
-    corners = list(itertools.product(*[sorted({min(s, side - window) for s in range(0, side - window + stride, stride)})
-                                       for side in padded.shape[-2:]]))  # (row, column) of each window, row by row
-    for first in range(0, len(corners), batch):
-        group = corners[first:first + batch]
-        windows = torch.cat([padded[..., r:r + window, c:c + window] for r, c in group])  # (n, 3, window, window)
-        for (r, c), scores in zip(group, model(windows.to(memory_format=layout)).float()):
-            logits[0, :, r:r + window, c:c + window] += scores
-            count[..., r:r + window, c:c + window] += 1
-    return (logits / count)[..., :H, :W]
-
-
-def predict(model, image, classes, cfg):
-    """Class scores (1, classes, H, W): sliding windows at scale 1, or their sum over MULTI_SCALES and flips."""
-    windows = dict(window=cfg.crop, stride=cfg.eval_stride, batch=cfg.eval_batch, layout=cfg.layout)
-    if not cfg.multi_scale:
-        return sliding_window(model, image, classes, **windows).softmax(dim=1)
-    total = 0
-    for scale in MULTI_SCALES:
-        scaled = F.interpolate(image, scale_factor=scale, mode="bilinear", align_corners=False)
-        for flip in (False, True):
-            scores = sliding_window(model, scaled.flip(-1) if flip else scaled, classes, **windows).softmax(dim=1)
-            total = total + F.interpolate(scores.flip(-1) if flip else scores, size=image.shape[-2:], mode="bilinear",
-                                          align_corners=model.align_corners)  # back as the model's head resizes
-    return total
-
-
-def confusion(prediction, label, classes):
-    """(classes, classes) counts of (true, predicted) over the pixels whose label is not ignored."""
-    keep = label != IGNORE
-    counts = torch.bincount(label[keep] * classes + prediction[keep], minlength=classes ** 2)
-    return counts.view(classes, classes)  # (classes ** 2,) -> (true, predicted)
-
-
-def iou(matrix):
-    """Per-class IoU (%) from a confusion matrix: TP / (TP + FP + FN); NaN for a class absent from both."""
-    tp = matrix.diag().double()
-    return 100 * tp / (matrix.sum(0) + matrix.sum(1) - tp)
-
-
-def colourise(label):
-    """(H, W) class ids -> (3, H, W) uint8 in the Cityscapes palette."""
-    return PALETTE.to(label.device)[label.long()].permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
-
-
 @torch.no_grad()
 def predictions(model, dataset, classes, cfg, device, autocast, rank, world):
     """This rank's share of dataset, items rank, rank + world, ... (each item once over the ranks, none padded), and
@@ -687,28 +612,35 @@ def predictions(model, dataset, classes, cfg, device, autocast, rank, world):
     model.eval()
     loader = DataLoader(Subset(dataset, range(rank, len(dataset), world)), num_workers=cfg.workers,
                         pin_memory=device.type == "cuda")
+    inference = dict(window=cfg.crop, stride=cfg.eval_stride, batch=cfg.eval_batch, layout=cfg.layout,
+                     scales=MULTI_SCALES if cfg.multi_scale else (1,), flip=cfg.multi_scale)  # the training crop's
     for image, other in tqdm(loader, desc="eval", disable=rank != 0 or not sys.stderr.isatty(), leave=False):
         image = image.to(device, non_blocking=True)
         with autocast:
-            prediction = predict(model, normalise(image.float()), classes, cfg).argmax(dim=1)[0]
-        yield image, other[0], prediction
+            scores = segmentation.predict(model, normalise(image.float()), classes, **inference)
+        yield image, other[0], scores.argmax(dim=1)[0]
     model.train()
 
 
 def evaluate(model, val, class_names, cfg, device, autocast, rank, world, pictures_to=None):
-    """Exact mIoU, per-class IoU, labelled pixels over val (rank r: images r, r + world, ...); rank 0 saves pictures."""
+    """Exact mIoU, per-class IoU (TP / (TP + FP + FN) of a confusion matrix; NaN for a class absent from both), labelled
+    pixels over val (rank r: images r, r + world, ...); rank 0 saves pictures: image, label, prediction."""
     classes, shown = len(class_names), []
-    matrix = torch.zeros(classes, classes, dtype=torch.long, device=device)
+    matrix = torch.zeros(classes ** 2, dtype=torch.long, device=device)  # (true, predicted) counts, flattened
     for image, label, prediction in predictions(model, val, classes, cfg, device, autocast, rank, world):
         label = label.to(device, non_blocking=True).long()
-        matrix += confusion(prediction, label, classes)
-        if pictures_to and rank == 0 and len(shown) < 3 * cfg.pictures:  # 3 tiles a picture: image, label, prediction
-            shown += [image[0] / 255, colourise(label) / 255, colourise(prediction) / 255]
+        keep = label != IGNORE
+        matrix += torch.bincount(label[keep] * classes + prediction[keep], minlength=classes ** 2)
+        if pictures_to and rank == 0 and len(shown) < 3 * cfg.pictures:
+            colours = PALETTE.to(device)[torch.stack([label, prediction])]  # (2, H, W, 3)
+            shown += [image[0], *colours.permute(0, 3, 1, 2)]  # each (3, H, W)
     if world > 1:
         dist.all_reduce(matrix)
     if shown:
-        torchvision.utils.save_image(torch.stack(shown), pictures_to, nrow=3)
-    per_class = iou(matrix)
+        torchvision.utils.save_image(torch.stack(shown) / 255, pictures_to, nrow=3)
+    matrix = matrix.view(classes, classes)  # (true, predicted)
+    tp = matrix.diag().double()
+    per_class = 100 * tp / (matrix.sum(0) + matrix.sum(1) - tp)
     return dict(miou=per_class.nanmean().item(), pixels=int(matrix.sum()),  # absent classes: None (JSON has no NaN)
                 iou={n: None if math.isnan(v) else round(v, 2) for n, v in zip(class_names, per_class.tolist())})
 
@@ -730,83 +662,92 @@ def write_predictions(model, images, cfg, device, autocast, rank, world):
 
 # ---- Training --------------------------------------------------------------------------------------------------
 def run(cfg, rank, world, device):
-    """Train (or only evaluate) as cfg says; returns the last evaluation's metrics."""
+    """A run in named steps: the checkpoint, data, model, optimiser and schedule, the starting point; then
+    predictions, an evaluation or training. Returns the last evaluation's metrics."""
     if cfg.table:
         return segmentation.print_tables() if rank == 0 else None
     log = logger(rank)
     if cfg.batch_size % world:
         raise InputError(f"--batch-size {cfg.batch_size} (global) is not divisible by the {world} processes")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    checkpoint, state = resume_state(cfg, rank, world)
+    path, state = resume(cfg, rank, world, WEIGHTS_DEPEND_ON, TRAINING_DEPENDS_ON, log)
     train, val, class_names = datasets(cfg)
     model = build_model(cfg, len(class_names), world, device)
-    announce(cfg, log, world, device, model, checkpoint)
+    announce(cfg, log, world, device, model, path)
     optimizer, scheduler = optimiser_and_schedule(cfg, model)
     _, autocast, scaler = precision(cfg, device)
-    parts = dict(optimizer=optimizer, scheduler=scheduler, scaler=scaler)  # what a checkpoint holds beside the model
-    if state:
-        load_weights(model, state["model"], checkpoint)
-        for name, part in parts.items():
-            if state[name] and not cfg.eval_only:  # the scaler's is empty unless the run used fp16
-                part.load_state_dict(state[name])
-    elif cfg.finetune:  # the weights alone: this run's schedule and optimiser start afresh
+    parts = Parts(model, distribute(model, cfg, world), optimizer, scheduler, scaler, autocast,
+                  functools.partial(evaluate, model, val, class_names, cfg, device, autocast, rank, world),
+                  None if cfg.eval_only else training_loader(train, cfg, rank, world, device),
+                  {} if cfg.eval_only else dict(training_images=len(train)))
+    start = restore(path, state, cfg, parts, log)
+    if cfg.finetune and not state:  # the weights alone: this run's schedule and optimiser start afresh
         load_weights(model, read_checkpoint(cfg.finetune, cfg, WEIGHTS_DEPEND_ON, [])["model"], cfg.finetune)
-    output, start = Path(cfg.output), state["iteration"] if state else 0
     if rank == 0:
-        output.mkdir(parents=True, exist_ok=True)
-    evaluation = functools.partial(evaluate, model, val, class_names, cfg, device, autocast, rank, world)
+        Path(cfg.output).mkdir(parents=True, exist_ok=True)
     if cfg.eval_only and cfg.predict:
         result = write_predictions(model, val, cfg, device, autocast, rank, world)
         log(f"wrote the labelIds of {result['written']} {cfg.eval_split} images to {cfg.predict}")
         return result
     if cfg.eval_only:
-        metrics = evaluation(output / "eval.png")
+        metrics = parts.evaluation(Path(cfg.output) / "eval.png")
         log(f"eval: mIoU {metrics['miou']:.2f}% ({'multi-scale + flip' if cfg.multi_scale else 'single scale'})")
         return metrics
-    loader = training_loader(train, cfg, rank, world, device)
-    trained, metrics = distribute(model, cfg, world), None
+    return training(cfg, rank, world, device, parts, start, log)
+
+
+# What a run holds: the model (trained: it under DDP / compile), its optimiser, schedule, precision, evaluation and
+# training batches, and the plan: what the data order depends on beyond the options, unchanged in a resumed run
+Parts = namedtuple("Parts", "model trained optimizer scheduler scaler autocast evaluation loader plan")
+SAVED = ("model", "optimizer", "scheduler", "scaler")  # the parts whose state a checkpoint holds
+
+
+def training(cfg, rank, world, device, parts, start, log):
+    """Iterations start + 1 to --iterations in chunks of --eval-every, each followed by an evaluation, the record in
+    log.jsonl and a checkpoint (rank 0). Returns the last metrics. A chunk's draws follow from (seed, chunk, rank)
+    and the items' keys: a run resumed at a chunk's start repeats it."""
+    output, metrics = Path(cfg.output), None
+    criterion = segmentation.ohem_cross_entropy if cfg.ohem else functools.partial(F.cross_entropy, ignore_index=IGNORE)
     for first in range(start, cfg.iterations, cfg.eval_every):
-        last, started = min(first + cfg.eval_every, cfg.iterations), time.perf_counter()
-        loss = train_chunk(trained, loader, optimizer, scheduler, scaler, autocast, cfg, rank, world, device, first,
-                           last)
-        seconds = time.perf_counter() - started
+        last, chunk = min(first + cfg.eval_every, cfg.iterations), first // cfg.eval_every
+        torch.manual_seed(seed_of(cfg.seed, chunk, rank))  # dropout's
+        parts.loader.sampler.set_epoch(chunk)
+        progress = Progress(cfg, rank, world, device, first, last, cfg.batch_size, f"train to {last}", cfg.output)
+        for images, labels in progress.batches(itertools.islice(parts.loader, last - first)):
+            images = images.to(device, non_blocking=True, memory_format=cfg.layout)
+            with parts.autocast:
+                loss = criterion(parts.trained(images), labels.to(device, non_blocking=True).long())
+            parts.optimizer.zero_grad(set_to_none=True)
+            parts.scaler.scale(loss).backward()
+            parts.scaler.step(parts.optimizer)
+            parts.scaler.update()
+            parts.scheduler.step()
+            progress.update(dict(loss=loss), parts.scheduler.get_last_lr()[0])
+        seconds, loss = time.perf_counter() - progress.started, progress.close()["loss"]
         if world > 1:  # without SyncBatchNorm (CPU) the ranks' statistics differ: evaluate rank 0's
-            for buffer in model.buffers():
+            for buffer in parts.model.buffers():
                 dist.broadcast(buffer, src=0)
-        metrics = dict(iteration=last, loss=loss, seconds=seconds, **evaluation(output / f"predictions-{last:07d}.png"))
-        if rank == 0:
-            state = {name: part.state_dict() for name, part in dict(model=model, **parts).items()}
-            path = save_checkpoint(dict(state, iteration=last, config=dataclasses.asdict(cfg)),
-                                   output / f"checkpoint-{last:07d}.pth")
+        metrics = dict(iteration=last, loss=loss, seconds=seconds,
+                       **parts.evaluation(output / f"predictions-{last:07d}.png"))
+        if rank == 0:  # the record first: a kill between the two loses none
             with open(output / "log.jsonl", "a") as file:
                 file.write(json.dumps(metrics) + "\n")
+            path = save_checkpoint(output / f"checkpoint-{last:07d}.pth", cfg, parts, step=last)
             log(f"iteration {last}/{cfg.iterations}: loss {loss:.3f}, mIoU {metrics['miou']:.2f}%; saved {path}")
         if world > 1:
             dist.barrier()
     return metrics
 
 
-def resume_state(cfg, rank, world):
-    """(the checkpoint to start from, its contents), or (None, None): rank 0 chooses, --output must be seen by all."""
-    choice = [find_checkpoint(cfg) if rank == 0 else None]
-    if world > 1:
-        dist.broadcast_object_list(choice, src=0)
-    if choice[0] is None and cfg.eval_only:
-        raise InputError(f"--eval-only --resume auto: no checkpoint in {cfg.output}")
-    return choice[0], choice[0] and read_checkpoint(choice[0], cfg, WEIGHTS_DEPEND_ON, TRAINING_DEPENDS_ON)
-
-
 def announce(cfg, log, world, device, model, checkpoint):
     """What the run trains, on what and from where; a backbone from scratch on real data gets a warning (stderr)."""
     if not cfg.data:
-        log(f"No --data: training on the built-in synthetic scenes ({len(Scenes.classes)} classes, {cfg.base_size} x "
-            f"{cfg.base_size}, {cfg.synthetic_train} images).")
-    elif not cfg.pretrained and not cfg.finetune and checkpoint is None:
+        log(f"No --data: the built-in synthetic scenes ({len(Scenes.classes)} classes, {cfg.synthetic_train} images).")
+    elif not (cfg.pretrained or cfg.finetune or checkpoint):
         log("WARNING: no --pretrained: the backbone starts from scratch (random weights), where the paper starts "
             "it from ImageNet weights; expect a far lower mIoU than its tables.", file=sys.stderr, flush=True)
     log(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {world} process(es) on "
-        f"{device.type}" + (f"; resuming {checkpoint}" if checkpoint else
-                            f"; starting from the weights of {cfg.finetune}" if cfg.finetune else ""))
+        f"{device.type}")
 
 
 def optimiser_and_schedule(cfg, model):
@@ -826,39 +767,6 @@ def training_loader(train, cfg, rank, world, device):
     if len(loader) == 0:
         raise InputError(f"{cfg.data or 'the synthetic set'}: {len(train)} training images are fewer than one batch")
     return loader
-
-
-def train_chunk(model, loader, optimizer, scheduler, scaler, autocast, cfg, rank, world, device, first, last):
-    """Iterations first + 1 .. last; returns their mean loss. Draws follow from (seed, chunk, rank) and item keys."""
-    chunk = first // cfg.eval_every
-    torch.manual_seed(seed_of(cfg.seed, chunk, rank))  # dropout's: a run resumed at first repeats it
-    loader.sampler.set_epoch(chunk)
-    progress = Progress(cfg, rank, world, device, first, last, cfg.batch_size, f"train to {last}", cfg.output)
-    criterion = ohem_cross_entropy if cfg.ohem else functools.partial(F.cross_entropy, ignore_index=IGNORE)
-    for images, labels in progress.batches(itertools.islice(loader, last - first)):
-        images = images.to(device, non_blocking=True, memory_format=cfg.layout)
-        with autocast:
-            loss = criterion(model(images), labels.to(device, non_blocking=True).long())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        progress.update(dict(loss=loss), scheduler.get_last_lr()[0])
-    return progress.close()["loss"]
-
-
-def ohem_cross_entropy(logits, labels, threshold=OHEM_THRESHOLD, min_kept=OHEM_MIN_KEPT):
-    """Pixel OHEM (the CCNet and DANet code bases): the mean cross-entropy over the labelled pixels whose probability of
-    their class is under threshold or, when fewer than min_kept are, over the min_kept hardest (all the labelled ones
-    if fewer; ties with the last one kept too). Over this process's batch, without a host sync.
-    logits (B, classes, H, W), labels (B, H, W) -> a scalar."""
-    losses = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")  # (B, H, W), 0 where ignored
-    labelled = labels != IGNORE
-    probability = torch.exp(-losses).masked_fill(~labelled, math.inf)  # an ignored pixel is never among the hardest
-    kth = probability.flatten().kthvalue(min(min_kept, probability.numel())).values  # inf: fewer labelled than that
-    kept = labelled & torch.where(kth < threshold, probability < threshold, probability <= kth)
-    return (losses * kept).sum() / kept.sum().clamp_min(1)
 
 
 if __name__ == "__main__":

@@ -55,8 +55,8 @@ import dgmn2
 
 # ================================================================================================================
 # The shared block: the same text in the three training scripts (test_all.py compares them), so that each stays
-# self-contained. The script around it defines Config, SYNTHETIC (the defaults without --data), CHOICES, check(cfg)
-# and run(cfg, rank, world, device).
+# self-contained. The script around it defines Config, SYNTHETIC (the defaults without --data), CHOICES, SAVED (the
+# parts of a run whose state a checkpoint holds, the model first), check(cfg) and run(cfg, rank, world, device).
 
 
 class InputError(Exception):
@@ -186,11 +186,14 @@ class Progress:
         return dict(loss=sum(means), **(dict(zip(self.names, means)) if len(means) > 1 else {}))
 
 
-def save_checkpoint(state, path):
-    """Written to a temporary file, synced, then renamed (a kill never leaves a broken checkpoint); older ones go."""
+def save_checkpoint(path, cfg, parts, **position):
+    """The state of the SAVED parts (None for a part that is None), their plan, position (the step, ...) and the
+    config, written to a temporary file, synced, then renamed (a kill never leaves a broken checkpoint); the older
+    checkpoints go."""
+    state = {name: None if (part := getattr(parts, name)) is None else part.state_dict() for name in SAVED}
     path, temporary = Path(path), Path(path).with_suffix(".tmp")
     with open(temporary, "wb") as file:
-        torch.save(state, file)
+        torch.save(dict(state, plan=parts.plan, **position, config=dataclasses.asdict(cfg)), file)
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, path)
@@ -200,30 +203,38 @@ def save_checkpoint(state, path):
     return path
 
 
-def find_checkpoint(cfg):
-    """--resume, or the newest checkpoint in --output for "auto" (None if none); another run's --output is refused."""
-    found = sorted(Path(cfg.output).glob("checkpoint-*.pth"))
-    if cfg.resume and cfg.resume != "auto" and not Path(cfg.resume).is_file():
-        raise InputError(f"{cfg.resume}: no such checkpoint")
-    if found and not cfg.resume and not cfg.eval_only:
-        raise InputError(f"{cfg.output} holds another run's checkpoints: continue it with --resume auto, or choose "
-                         "another --output")
-    return (found[-1] if found else None) if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None
-
-
 def read_checkpoint(path, cfg, weights_depend_on, training_depends_on):
     """A checkpoint of this script, refused in one line if saved with other values of the options listed."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unpickling failure is one bad file
         raise InputError(f"{path}: not a readable checkpoint ({str(error).strip().splitlines()[0]})") from None
-    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "scaler", "config"} <= state.keys():
+    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "step", "plan", "config"} <= state.keys():
         raise InputError(f"{path}: not a checkpoint of {Path(__file__).name} (backbone weights go to --pretrained)")
     for name in [*weights_depend_on, *([] if cfg.eval_only else training_depends_on)]:
         saved = state["config"].get(name, getattr(type(cfg), name))  # an option added since: its default
         if saved != getattr(cfg, name):
             raise InputError(f"{path}: saved with --{name.replace('_', '-')} {saved!r}, not {getattr(cfg, name)!r}")
     return state
+
+
+def resume(cfg, rank, world, weights_depend_on, training_depends_on, log):
+    """(the checkpoint to start from, its contents) or (None, None): --resume, or for "auto" the newest in --output.
+    Rank 0 chooses (every node must see --output); a new run refuses an --output that holds another run's."""
+    found = sorted(Path(cfg.output).glob("checkpoint-*.pth")) if rank == 0 else []
+    if rank == 0 and cfg.resume not in ("", "auto") and not Path(cfg.resume).is_file():
+        raise InputError(f"{cfg.resume}: no such checkpoint")
+    if found and not cfg.resume and not cfg.eval_only:
+        raise InputError(f"{cfg.output} holds another run's checkpoints: continue it with --resume auto, or choose "
+                         "another --output")
+    path = [(found[-1] if found else None) if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None]
+    if world > 1:
+        dist.broadcast_object_list(path, src=0)
+    if path[0] is None and cfg.resume == "auto":
+        if cfg.eval_only:
+            raise InputError(f"--eval-only --resume auto: no checkpoint in {cfg.output}")
+        log(f"--resume auto: no checkpoint in {cfg.output} yet, starting from scratch.")
+    return path[0], path[0] and read_checkpoint(path[0], cfg, weights_depend_on, training_depends_on)
 
 
 def load_weights(module, weights, source):
@@ -236,6 +247,24 @@ def load_weights(module, weights, source):
     if misfit:
         raise InputError(f"{source}: does not fit this model (first: {misfit[0]})")
     module.load_state_dict(weights)
+
+
+def restore(path, state, cfg, parts, log):
+    """The step to start from: 0 without a checkpoint; else its weights go into parts.model and, to train on, its
+    state into the other SAVED parts (but one saved empty, as the scaler's without fp16) if its plan (what the schedule
+    and the data order depend on beyond the options: the data's size) is parts.plan."""
+    if state is None:
+        return 0
+    load_weights(parts.model, state["model"], path)
+    if not cfg.eval_only:
+        changed = [f"{k} {state['plan'].get(k)}, now {v}" for k, v in parts.plan.items() if state["plan"].get(k) != v]
+        if changed:
+            raise InputError(f"{path}: saved with {'; '.join(changed)} (other options or data)")
+        for name in SAVED[1:]:  # after the model
+            if getattr(parts, name) is not None and state[name]:
+                getattr(parts, name).load_state_dict(state[name])
+        log(f"Resumed from {path} at step {state['step']}.")
+    return state["step"]
 
 
 def main(cfg):
@@ -269,6 +298,7 @@ def command_line():
         if "RANK" in os.environ:  # now: shutting the process group down would wait for the failed peers
             os._exit(1)
         sys.exit(1)
+
 
 # End of the shared block
 # ================================================================================================================
@@ -668,26 +698,9 @@ def make_model(cfg, state, train, names, device, log):
     return model.to(device, memory_format=memory_format), num_classes
 
 
-def restore(state, checkpoint, cfg, plan, model, optimizer, scheduler, scaler, log):
-    """The checkpoint's weights and, to go on training, its optimizer, schedule and loss scale; returns its step."""
-    load_weights(model, state["model"], checkpoint)
-    if not cfg.eval_only:
-        if state["plan"] != plan:  # what the rest of the run depends on
-            changed = [k for k in plan if state["plan"].get(k) != plan[k]]
-            raise InputError(f"{checkpoint}: saved with " + ", ".join(f"{k} {state['plan'].get(k)}" for k in changed)
-                             + "; now " + ", ".join(f"{k} {plan[k]}" for k in changed) + " (other flags or data)")
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-        except ValueError as error:
-            raise InputError(f"{checkpoint}: its optimizer state does not fit ({error})") from None
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"] or scaler.state_dict())  # empty unless the run used fp16
-        log(f"Resumed from {checkpoint} at iteration {state['iteration']}.")
-    return state["iteration"]
-
-
 # What the training loop holds: the model (trained: it under DDP / compile) and its training, evaluation and checkpoints
 Parts = namedtuple("Parts", "model trained optimizer scheduler scaler autocast evaluation batches plan num_classes")
+SAVED = ("model", "optimizer", "scheduler", "scaler")  # the parts whose state a checkpoint holds
 
 
 def train_steps(cfg, rank, world, device, parts, first, last):
@@ -729,9 +742,8 @@ def training(cfg, rank, world, device, parts, start, log):
         if rank == 0:  # the record first: a kill between the two loses none
             with open(output / "log.jsonl", "a") as file:
                 file.write(json.dumps(record) + "\n")
-            state = {name: getattr(parts, name).state_dict() for name in ("model", "optimizer", "scheduler", "scaler")}
-            path = save_checkpoint(dict(**state, plan=parts.plan, iteration=last, num_classes=parts.num_classes,
-                                        config=dataclasses.asdict(cfg)), output / f"checkpoint-{last:07d}.pth")
+            path = save_checkpoint(output / f"checkpoint-{last:07d}.pth", cfg, parts, step=last,
+                                   num_classes=parts.num_classes)
             scores = summary({t: m for t, m in record.items() if t in ("bbox", "segm")})
             log(f"iteration {last}/{total}: loss {record['loss']:.3f}{'; ' + scores if scores else ''}; saved {path}")
         if world > 1:
@@ -746,11 +758,9 @@ def run(cfg, rank, world, device):
         return detection.print_table() if rank == 0 else None
     if cfg.batch_size % world:
         raise InputError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by the {world} processes")
-    log, checkpoint = logger(rank), find_checkpoint(cfg)  # every rank reads --output: it holds the checkpoints
-    if checkpoint is None and cfg.eval_only:
-        raise InputError(f"--eval-only --resume auto: no checkpoint in {cfg.output}")
-    state = checkpoint and read_checkpoint(checkpoint, cfg, ["model", "dgmn_rates", "dgmn_groups"],
-                                           ["batch_size", "seed", "save_every", "weight_decay"])
+    log = logger(rank)
+    path, state = resume(cfg, rank, world, ["model", "dgmn_rates", "dgmn_groups"],
+                         ["batch_size", "seed", "save_every", "weight_decay"], log)
     train, val, names, ground_truth = datasets(cfg, detection.MODELS[cfg.model].detector == "maskrcnn", rank, world)
     model, num_classes = make_model(cfg, state, train, names, device, log)
     sizes = None if cfg.eval_only else [train.dataset.coco.imgs[i] for i in train.dataset.ids]  # no image read
@@ -761,23 +771,24 @@ def run(cfg, rank, world, device):
     plan = recipe(cfg, per_epoch)
     optimizer, scheduler = optimizer_and_schedule(model, plan, cfg.weight_decay)
     _, autocast, scaler = precision(cfg, device)
-    start = restore(state, checkpoint, cfg, plan, model, optimizer, scheduler, scaler, log) if state else 0
-    Path(cfg.output).mkdir(parents=True, exist_ok=True)
     evaluation = functools.partial(evaluate, model, evaluation_loader(val, cfg, rank, world, device), names,
                                    ground_truth, cfg, device, autocast, rank, world, Path(cfg.output))
+    parts = Parts(model, distribute(model, cfg, world), optimizer, scheduler, scaler, autocast, evaluation, None, plan,
+                  num_classes)
+    start = restore(path, state, cfg, parts, log)
+    Path(cfg.output).mkdir(parents=True, exist_ok=True)
     if cfg.eval_only:
         metrics = evaluation("eval")
         log(f"eval: {summary(metrics)}" if rank == 0 else "")
         return metrics
     if start >= plan["iterations"]:
-        log(f"{checkpoint} has finished all {plan['iterations']} iterations: nothing to train.")
+        log(f"{path} has finished all {plan['iterations']} iterations: nothing to train.")
         return None
     log(f"{world} process(es) on {device.type}; {plan['optimizer']}, lr {plan['lr']:g}, {plan['iterations']} "
         f"iterations of {cfg.batch_size} images ({per_epoch} an epoch), lr x 0.1 after {plan['steps']}")
     loader = DataLoader(train, batch_sampler=batches(groups, cfg.batch_size // world, cfg.seed, rank, world, start),
                         collate_fn=collate, num_workers=cfg.workers, pin_memory=device.type == "cuda")
-    parts = Parts(model, distribute(model, cfg, world), optimizer, scheduler, scaler, autocast, evaluation,
-                  iter(loader), plan, num_classes)  # the iterator draws a seed: before train_steps reseeds
+    parts = parts._replace(batches=iter(loader))  # the iterator draws a seed: before train_steps reseeds
     return training(cfg, rank, world, device, parts, start, log)
 
 

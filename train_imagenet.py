@@ -45,8 +45,8 @@ import sampler
 
 # ================================================================================================================
 # The shared block: the same text in the three training scripts (test_all.py compares them), so that each stays
-# self-contained. The script around it defines Config, SYNTHETIC (the defaults without --data), CHOICES, check(cfg)
-# and run(cfg, rank, world, device).
+# self-contained. The script around it defines Config, SYNTHETIC (the defaults without --data), CHOICES, SAVED (the
+# parts of a run whose state a checkpoint holds, the model first), check(cfg) and run(cfg, rank, world, device).
 
 
 class InputError(Exception):
@@ -176,11 +176,14 @@ class Progress:
         return dict(loss=sum(means), **(dict(zip(self.names, means)) if len(means) > 1 else {}))
 
 
-def save_checkpoint(state, path):
-    """Written to a temporary file, synced, then renamed (a kill never leaves a broken checkpoint); older ones go."""
+def save_checkpoint(path, cfg, parts, **position):
+    """The state of the SAVED parts (None for a part that is None), their plan, position (the step, ...) and the
+    config, written to a temporary file, synced, then renamed (a kill never leaves a broken checkpoint); the older
+    checkpoints go."""
+    state = {name: None if (part := getattr(parts, name)) is None else part.state_dict() for name in SAVED}
     path, temporary = Path(path), Path(path).with_suffix(".tmp")
     with open(temporary, "wb") as file:
-        torch.save(state, file)
+        torch.save(dict(state, plan=parts.plan, **position, config=dataclasses.asdict(cfg)), file)
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, path)
@@ -190,30 +193,38 @@ def save_checkpoint(state, path):
     return path
 
 
-def find_checkpoint(cfg):
-    """--resume, or the newest checkpoint in --output for "auto" (None if none); another run's --output is refused."""
-    found = sorted(Path(cfg.output).glob("checkpoint-*.pth"))
-    if cfg.resume and cfg.resume != "auto" and not Path(cfg.resume).is_file():
-        raise InputError(f"{cfg.resume}: no such checkpoint")
-    if found and not cfg.resume and not cfg.eval_only:
-        raise InputError(f"{cfg.output} holds another run's checkpoints: continue it with --resume auto, or choose "
-                         "another --output")
-    return (found[-1] if found else None) if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None
-
-
 def read_checkpoint(path, cfg, weights_depend_on, training_depends_on):
     """A checkpoint of this script, refused in one line if saved with other values of the options listed."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unpickling failure is one bad file
         raise InputError(f"{path}: not a readable checkpoint ({str(error).strip().splitlines()[0]})") from None
-    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "scaler", "config"} <= state.keys():
+    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "step", "plan", "config"} <= state.keys():
         raise InputError(f"{path}: not a checkpoint of {Path(__file__).name} (backbone weights go to --pretrained)")
     for name in [*weights_depend_on, *([] if cfg.eval_only else training_depends_on)]:
         saved = state["config"].get(name, getattr(type(cfg), name))  # an option added since: its default
         if saved != getattr(cfg, name):
             raise InputError(f"{path}: saved with --{name.replace('_', '-')} {saved!r}, not {getattr(cfg, name)!r}")
     return state
+
+
+def resume(cfg, rank, world, weights_depend_on, training_depends_on, log):
+    """(the checkpoint to start from, its contents) or (None, None): --resume, or for "auto" the newest in --output.
+    Rank 0 chooses (every node must see --output); a new run refuses an --output that holds another run's."""
+    found = sorted(Path(cfg.output).glob("checkpoint-*.pth")) if rank == 0 else []
+    if rank == 0 and cfg.resume not in ("", "auto") and not Path(cfg.resume).is_file():
+        raise InputError(f"{cfg.resume}: no such checkpoint")
+    if found and not cfg.resume and not cfg.eval_only:
+        raise InputError(f"{cfg.output} holds another run's checkpoints: continue it with --resume auto, or choose "
+                         "another --output")
+    path = [(found[-1] if found else None) if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None]
+    if world > 1:
+        dist.broadcast_object_list(path, src=0)
+    if path[0] is None and cfg.resume == "auto":
+        if cfg.eval_only:
+            raise InputError(f"--eval-only --resume auto: no checkpoint in {cfg.output}")
+        log(f"--resume auto: no checkpoint in {cfg.output} yet, starting from scratch.")
+    return path[0], path[0] and read_checkpoint(path[0], cfg, weights_depend_on, training_depends_on)
 
 
 def load_weights(module, weights, source):
@@ -226,6 +237,24 @@ def load_weights(module, weights, source):
     if misfit:
         raise InputError(f"{source}: does not fit this model (first: {misfit[0]})")
     module.load_state_dict(weights)
+
+
+def restore(path, state, cfg, parts, log):
+    """The step to start from: 0 without a checkpoint; else its weights go into parts.model and, to train on, its
+    state into the other SAVED parts (but one saved empty, as the scaler's without fp16) if its plan (what the schedule
+    and the data order depend on beyond the options: the data's size) is parts.plan."""
+    if state is None:
+        return 0
+    load_weights(parts.model, state["model"], path)
+    if not cfg.eval_only:
+        changed = [f"{k} {state['plan'].get(k)}, now {v}" for k, v in parts.plan.items() if state["plan"].get(k) != v]
+        if changed:
+            raise InputError(f"{path}: saved with {'; '.join(changed)} (other options or data)")
+        for name in SAVED[1:]:  # after the model
+            if getattr(parts, name) is not None and state[name]:
+                getattr(parts, name).load_state_dict(state[name])
+        log(f"Resumed from {path} at step {state['step']}.")
+    return state["step"]
 
 
 def main(cfg):
@@ -259,6 +288,7 @@ def command_line():
         if "RANK" in os.environ:  # now: shutting the process group down would wait for the failed peers
             os._exit(1)
         sys.exit(1)
+
 
 # End of the shared block
 # ================================================================================================================
@@ -513,8 +543,11 @@ def loaders(cfg, rank, world, log):
 
 
 # ---- The run: model, optimiser and schedule, starting point, training, evaluation ------------------------------
-# What a run holds: the model (trained: it under DDP / compile), optimiser, schedule, precision, loss, EMA, data
-Parts = namedtuple("Parts", "model trained optimizer scheduler scaler autocast criterion ema train_loader val_loader")
+# What a run holds: the model (trained: it under DDP / compile), optimiser, schedule, precision, loss, EMA, data and
+# the plan: what the schedule and the data order depend on beyond the options, unchanged in a resumed run
+Parts = namedtuple("Parts", "model trained optimizer scheduler scaler autocast criterion ema train_loader "
+                   "val_loader plan")
+SAVED = ("model", "optimizer", "scheduler", "scaler", "ema")  # the parts whose state a checkpoint holds
 
 
 def build_model(cfg, num_classes, device, log):
@@ -552,33 +585,12 @@ def optimiser(cfg, model, steps_per_epoch):
     return optimizer, SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
 
 
-def starting_point(cfg, rank, world, parts, steps_per_epoch, log):
-    """The checkpoint to start from, if any (rank 0 chooses: --output must be seen by every node): to train on, its
-    weights, optimiser, schedule, loss scale and EMA; to evaluate, its EMA weights, else its weights. -> epoch."""
-    choice = [find_checkpoint(cfg) if rank == 0 and not cfg.bench else None]
-    if world > 1:
-        dist.broadcast_object_list(choice, src=0)
-    checkpoint = choice[0]
-    if checkpoint is None and cfg.resume == "auto":
-        if cfg.eval_only:
-            raise InputError(f"--eval-only --resume auto: no checkpoint in {cfg.output}")
-        log(f"--resume auto: no checkpoint in {cfg.output} yet, starting from scratch.")
-    state = read_checkpoint(checkpoint, cfg, ["model"], []) if checkpoint else None
-    if cfg.eval_only and state:
-        averaged = {k.removeprefix("module."): v for k, v in (state["ema"] or {}).items() if k != "n_averaged"}
-        load_weights(parts.model, averaged or state["model"], checkpoint)
-        log(f"Evaluating the {'EMA' if averaged else 'trained (no EMA in the checkpoint)'} weights of {checkpoint}.")
-    elif state:
-        if (state["global_batch"], state["steps_per_epoch"]) != (cfg.batch_size, steps_per_epoch):
-            raise InputError(f"{checkpoint}: saved at a global batch of {state['global_batch']} "
-                             f"({state['steps_per_epoch']} steps an epoch), now {cfg.batch_size} ({steps_per_epoch}): "
-                             "its schedule would not continue")
-        load_weights(parts.model, state["model"], checkpoint)
-        for name in ("optimizer", "scheduler", "scaler", "ema"):
-            if state[name] and getattr(parts, name):  # the scaler's is empty unless the run used fp16
-                getattr(parts, name).load_state_dict(state[name])
-        log(f"Resumed from {checkpoint} at epoch {state['epoch']}, step {state['step']}.")
-    return state["epoch"] if state else 0
+def evaluated_weights(path, state, parts, log):
+    """--eval-only --resume: the checkpoint's EMA weights replace the trained ones that restore() loaded, if saved."""
+    averaged = {k.removeprefix("module."): v for k, v in (state["ema"] or {}).items() if k != "n_averaged"}
+    if averaged:
+        load_weights(parts.model, averaged, path)
+    log(f"Evaluating the {'EMA' if averaged else 'trained (no EMA in the checkpoint)'} weights of {path}.")
 
 
 def to_device(images, labels, cfg, device):
@@ -638,13 +650,13 @@ def train_one_epoch(epoch, cfg, rank, world, device, parts):
                 lr=parts.scheduler.get_last_lr()[0], images_per_s=len(loader) * cfg.batch_size / seconds)
 
 
-def train(cfg, rank, world, device, parts, start_epoch, log):
-    """Epochs from start_epoch: train, evaluate (the EMA weights too), save the checkpoint and the epoch's line in
-    log.jsonl (rank 0). Returns the last epoch's record."""
+def train(cfg, rank, world, device, parts, start, log):
+    """Epochs from the one of step start: train, evaluate (the EMA weights too), save the checkpoint and the epoch's
+    line in log.jsonl (rank 0). Returns the last epoch's record."""
     output, record = Path(cfg.output), None
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start // len(parts.train_loader), cfg.epochs):
         record = train_one_epoch(epoch, cfg, rank, world, device, parts)
         if world > 1:  # BatchNorm statistics moved on each rank after DDP's last broadcast: evaluate rank 0's
             for buffer in [*parts.model.buffers(), *(parts.ema.module.buffers() if parts.ema else [])]:
@@ -654,12 +666,7 @@ def train(cfg, rank, world, device, parts, start_epoch, log):
             ema = evaluate(parts.ema.module, parts.val_loader, device, parts.autocast, cfg, world)
             record.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
         if rank == 0:
-            path = save_checkpoint(dict(model=parts.model.state_dict(), optimizer=parts.optimizer.state_dict(),
-                                        scheduler=parts.scheduler.state_dict(), scaler=parts.scaler.state_dict(),
-                                        ema=parts.ema.state_dict() if parts.ema else None, epoch=epoch + 1,
-                                        step=record["step"], global_batch=cfg.batch_size,
-                                        steps_per_epoch=len(parts.train_loader), config=dataclasses.asdict(cfg)),
-                                   output / f"checkpoint-{epoch + 1:04d}.pth")
+            path = save_checkpoint(output / f"checkpoint-{epoch + 1:04d}.pth", cfg, parts, step=record["step"])
             with open(output / "log.jsonl", "a") as file:
                 file.write(json.dumps(record) + "\n")
             log(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.3f}, top-1 {record['top1']:.2f}%, "
@@ -682,13 +689,17 @@ def run(cfg, rank, world, device):
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
         if cfg.ema_decay else None
     parts = Parts(model, distribute(model, cfg, world), optimizer, scheduler, scaler, autocast,
-                  nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), ema, train_loader, val_loader)
-    start_epoch = starting_point(cfg, rank, world, parts, steps_per_epoch, log)
+                  nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), ema, train_loader, val_loader,
+                  dict(steps_per_epoch=steps_per_epoch))
+    path, state = (None, None) if cfg.bench else resume(cfg, rank, world, ["model"], ["batch_size"], log)
+    start = restore(path, state, cfg, parts, log)
+    if cfg.eval_only and state:
+        evaluated_weights(path, state, parts, log)
     log(f"{world} process(es) on {device.type}, global batch {cfg.batch_size}, autocast {dtype}")
     if cfg.bench:
         return bench(cfg, parts, dtype, device, world, log)
     if not cfg.eval_only:
-        return train(cfg, rank, world, device, parts, start_epoch, log)
+        return train(cfg, rank, world, device, parts, start, log)
     metrics = evaluate(model, val_loader, device, autocast, cfg, world)
     log(f"eval: top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% on {metrics['images']} images")
     return metrics

@@ -368,15 +368,11 @@ def load_pretrained(model, state):
         dgmn2.load_official(backbone, state)
         return
     weights = state["model"] if ours else state if isinstance(state, dict) else {}
-    weights = {name: t for name, t in weights.items() if not name.startswith(("head.", "fc."))}  # the classifiers
-    expected = backbone.state_dict()
-    misfit = [f"{name} {tuple(t.shape)}, ours {tuple(expected[name].shape)}" for name, t in weights.items()
-              if name in expected and torch.is_tensor(t) and t.shape != expected[name].shape]
-    misfit += [f"{name} missing" for name in expected if name not in weights]
-    misfit += [f"{name} unexpected" for name in weights if name not in expected]
-    if misfit:
-        raise ValueError(f"does not fit the backbone of this model (first: {misfit[0]})")
-    backbone.load_state_dict(weights)
+    try:
+        backbone.load_state_dict({name: t for name, t in weights.items() if not name.startswith(("head.", "fc."))})
+    except RuntimeError as error:  # missing, unexpected or misshapen tensors: the first kind found
+        found = str(error).splitlines()[1].strip()
+        raise ValueError(f"does not fit the backbone of this model ({found[:150]}{'...' * (len(found) > 150)})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

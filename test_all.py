@@ -2809,7 +2809,7 @@ def test_coco_layout_drops_unusable_images_and_crowds(tmp_path):
     data = write_coco(tmp_path / "coco")
     train, val, names, _ = train_coco.datasets(detection_run(tmp_path, data=str(data)), masks=True)
     assert names == {1: "person", 7: "train", 90: "toothbrush"} and len(val) == 4
-    assert [train.dataset.ids[i] for i in range(len(train))] == [100, 104]  # 101: none, 102: crowd, 103: 1 px wide
+    assert [train.ids[i] for i in range(len(train))] == [100, 104]  # 101: none, 102: crowd, 103: 1 px wide
     image, target = train[1]
     assert image.shape == (3, 48, 48) and image.dtype == torch.float32
     assert target["labels"].tolist() == [90] and target["masks"].shape == (1, 48, 48)  # the crowd region is gone
@@ -2835,7 +2835,7 @@ def test_pretrained_backbones_load_from_local_files(tmp_path):
     from torchvision.models import resnet50
     torch.save(resnet50().state_dict(), tmp_path / "resnet50.pth")
     detector = detection.build("maskrcnn-r50-dgmn-c5", 5, min_size=64, max_size=64, pretrained=True)
-    state = train_coco.read_weights(str(tmp_path / "resnet50.pth"))  # reading the file is the script's
+    state = dgmn2.load_checkpoint(str(tmp_path / "resnet50.pth"))
     detection.load_pretrained(detector, state)
     torch.testing.assert_close(detector.backbone.body.layer4[0].conv2.weight, state["layer4.0.conv2.weight"])
     assert not detector.backbone.body.layer1[0].conv1.weight.requires_grad  # Detectron's 1x: stem and res2 frozen
@@ -2843,7 +2843,7 @@ def test_pretrained_backbones_load_from_local_files(tmp_path):
     tiny = detection.build("maskrcnn-dgmn2-tiny", 5, min_size=64, max_size=64, pretrained=True)
     release = dict(model=release_tiny_checkpoint().state_dict(), epoch=299, args=argparse.Namespace(model="tiny"))
     torch.save(release, tmp_path / "dgmn2_tiny.pth")  # as the release's script saves it
-    detection.load_pretrained(tiny, train_coco.read_weights(str(tmp_path / "dgmn2_tiny.pth")))
+    detection.load_pretrained(tiny, dgmn2.load_checkpoint(str(tmp_path / "dgmn2_tiny.pth")))
     assert tiny.backbone.body.stages[0].layers[0].attn.rel_pos.transposed  # the release's rule came with its weights
     with pytest.raises(ValueError, match="not a torchvision ResNet-50 state dict"):
         detection.load_pretrained(detector, {"conv1.weight": torch.zeros(1)})
@@ -2985,7 +2985,7 @@ def test_training_data_loaders_pin_memory_and_keep_evaluation_workers(tmp_path):
     _, val, _, ground_truth = train_coco.datasets(cfg, masks=True)
     loader = train_coco.evaluation_loader(val, cfg, 1, 2, torch.device("cpu"))
     assert loader.persistent_workers and not loader.pin_memory and list(loader.dataset.indices) == [1, 3]
-    assert ground_truth is val.dataset.coco  # evaluation matches against the dataset's own COCO object
+    assert ground_truth is val.coco  # evaluation matches against the dataset's own COCO object
     assert [len(images) for images, _ in loader] == [1, 1]  # batch 2 over 2 processes: 1 image each
 
 

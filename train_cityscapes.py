@@ -6,10 +6,8 @@ Paper targets, mIoU on Cityscapes val (single scale / multi-scale + flip): DGMN2
 FPN 78.09/79.40, 80.65/81.58, 80.60/81.79, 81.75/82.64 (the SETR heads: segmentation.MODELS); dilated FCN ResNet-101
 75.0, + DGMN (DA+DW+DS) 80.4.
 
-    torchrun --nproc_per_node 8 train_cityscapes.py --model dgmn2-tiny --data /path/to/cityscapes \\
-        --pretrained dgmn2_tiny.pth                                         # Table 11 (AdamW 1e-4, 40k iterations)
     torchrun --nproc_per_node 8 train_cityscapes.py --model dgmn2-tiny-mla --data /path/to/cityscapes \\
-        --pretrained dgmn2_tiny.pth                                         # Table 11, SETR-MLA at output stride 8
+        --pretrained dgmn2_tiny.pth                     # Table 11: SETR-MLA at output stride 8, AdamW 1e-4, 40k steps
     torchrun --nproc_per_node 8 train_cityscapes.py --model fcn-dgmn --data /path/to/cityscapes \\
         --pretrained resnet101.pth                                          # Table 2 (SGD 0.01, 40k iterations)
     torchrun --nproc_per_node 8 train_cityscapes.py --model dgmn2-large-mla --data /path/to/cityscapes \\
@@ -49,7 +47,8 @@ import segmentation
 # ================================================================================================================
 # The shared block: the same text in the three training scripts (test_all.py compares them), so that each stays
 # self-contained. The script around it defines Config, SYNTHETIC (the defaults without --data), CHOICES, SAVED (the
-# parts of a run whose state a checkpoint holds, the model first), check(cfg) and run(cfg, rank, world, device).
+# parts of a run whose state a checkpoint holds, the model first; their namedtuple has the plan: what the schedule
+# and the data order depend on beyond the options), check(cfg) and run(cfg, rank, world, device).
 
 
 class InputError(Exception):
@@ -117,14 +116,10 @@ def distribute(model, cfg, world):
     return torch.compile(model) if cfg.compile else model
 
 
-def logger(rank):
-    return print if rank == 0 else lambda *args, **kwargs: None
-
-
 class Progress:
     """A training loop's log without a host sync a step: the loss terms are summed on the device and, every
-    cfg.log_every steps and at the last, averaged over the ranks, checked and shown (a tqdm bar on a terminal, else a
-    line with the ETA, images/s, data wait and GPU memory). A non-finite loss stops every rank at the same step."""
+    cfg.log_every steps and at the last, averaged over the ranks, checked and shown by rank 0 in a line with the ETA,
+    images/s, data wait and GPU memory. A non-finite loss stops every rank at the same step."""
 
     def __init__(self, cfg, rank, world, device, first, last, images_per_step, where, output):
         self.cfg, self.rank, self.world, self.device, self.where, self.output = cfg, rank, world, device, where, output
@@ -132,7 +127,6 @@ class Progress:
         self.last, self.images_per_step, self.names = last, images_per_step, []
         self.sums = self.totals = self.wait = 0
         self.started = self.since = time.perf_counter()
-        self.bar = tqdm(total=last - first, desc=where, leave=False, disable=rank != 0 or not sys.stderr.isatty())
 
     def batches(self, iterable):
         """The batches of iterable; the time spent waiting for them is the data wait."""
@@ -162,27 +156,23 @@ class Progress:
         self.totals = self.totals + torch.tensor(means, dtype=torch.float64) * steps
         terms = f" ({', '.join(f'{n} {m:.3f}' for n, m in zip(self.names, means))})" if len(means) > 1 else ""
         memory = f", {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GB" if self.device.type == "cuda" else ""
-        eta = datetime.timedelta(seconds=round((now - self.started) / (self.step - self.first)
-                                               * (self.last - self.step)))
-        line = (f"loss {sum(means):.3f}{terms}, lr {lr:.2e}, {steps * self.images_per_step / (now - self.since):.1f} "
-                f"images/s, data wait {1000 * self.wait / steps:.0f} ms/step{memory}, ETA {eta}")
-        if self.bar.disable and self.rank == 0:
-            print(f"{self.where}, {named}: {line}", flush=True)
-        self.bar.set_postfix_str(line, refresh=False)
-        self.bar.update(steps)
+        left = (now - self.started) / (self.step - self.first) * (self.last - self.step)  # seconds, at this pace
+        rate = steps * self.images_per_step / (now - self.since)
+        if self.rank == 0:
+            print(f"{self.where}, {named}: loss {sum(means):.3f}{terms}, lr {lr:.2e}, {rate:.1f} images/s, data wait "
+                  f"{1000 * self.wait / steps:.0f} ms/step{memory}, ETA {datetime.timedelta(seconds=round(left))}",
+                  flush=True)
         self.sums, self.synced, self.since, self.wait = 0, self.step, now, 0.0
 
     def close(self):
-        """The bar goes; returns dict(loss=the mean of the summed terms over the steps run, and each term)."""
-        self.bar.close()
+        """dict(loss=the mean of the summed terms over the steps run, and each term)."""
         means = (self.totals / (self.step - self.first)).tolist() if self.step > self.first else []
         return dict(loss=sum(means), **(dict(zip(self.names, means)) if len(means) > 1 else {}))
 
 
 def save_checkpoint(path, cfg, parts, **position):
-    """The state of the SAVED parts (None for a part that is None), their plan, position (the step, ...) and the
-    config, written to a temporary file, synced, then renamed (a kill never leaves a broken checkpoint); the older
-    checkpoints go."""
+    """The SAVED parts' state, their plan, position (the step, ...) and the config, written to a temporary file, synced
+    and renamed (a kill never leaves a broken checkpoint); the older checkpoints go."""
     state = {name: None if (part := getattr(parts, name)) is None else part.state_dict() for name in SAVED}
     path, temporary = Path(path), Path(path).with_suffix(".tmp")
     with open(temporary, "wb") as file:
@@ -190,9 +180,8 @@ def save_checkpoint(path, cfg, parts, **position):
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, path)
-    for old in path.parent.glob("checkpoint-*.pth"):
-        if old != path:
-            old.unlink()
+    for old in set(path.parent.glob("checkpoint-*.pth")) - {path}:
+        old.unlink()
     return path
 
 
@@ -243,9 +232,8 @@ def load_weights(module, weights, source):
 
 
 def restore(path, state, cfg, parts, log):
-    """The step to start from: 0 without a checkpoint; else its weights go into parts.model and, to train on, its
-    state into the other SAVED parts (but one saved empty, as the scaler's without fp16) if its plan (what the schedule
-    and the data order depend on beyond the options: the data's size) is parts.plan."""
+    """The step to start from: 0 without a checkpoint; else its weights go into parts.model and, to train on, its state
+    into the other SAVED parts (unless saved empty: the scaler's without fp16) if its plan is parts.plan."""
     if state is None:
         return 0
     load_weights(parts.model, state["model"], path)
@@ -312,13 +300,11 @@ PALETTE = torch.tensor([c.color for c in TRAIN_CLASSES] + [[0, 0, 0]] * (256 - 1
 
 @dataclasses.dataclass
 class Config:
-    model: str = option("dgmn2-tiny", "DGMN2 + Semantic FPN, dgmn2-VARIANT-HEAD with a SETR head (Table 11), or an FCN "
-                        "of Table 2 (--table lists them)")
+    model: str = option("dgmn2-tiny", "DGMN2 + FPN, dgmn2-VARIANT-HEAD (SETR, Table 11), an FCN of Table 2; --table")
     data: str = option("", "the Cityscapes root (leftImg8bit/, gtFine/, gtCoarse/); empty: synthetic scenes")
     mode: str = option("fine", "training labels: fine (gtFine/train) or coarse (gtCoarse/train_extra, Table 12)")
     trainval: bool = option(False, "--mode fine: train on train and val together (Table 12's first and third steps)")
-    finetune: str = option("", "a checkpoint of this script whose model weights start this run, with a new schedule "
-                           "and optimiser (Table 12's second and third steps); a --resume found replaces it")
+    finetune: str = option("", "a checkpoint of ours whose weights start this run with a new schedule (Table 12)")
     output: str = option("runs/cityscapes", "the folder of the checkpoints, log.jsonl and the prediction pictures")
     pretrained: str = option("", "backbone weights: torchvision's ResNet-101, the release's or our DGMN2; empty: none")
     iterations: int = option(40_000, "training iterations (optimiser steps)")
@@ -350,8 +336,7 @@ class Config:
     resume: str = option("", "a checkpoint to continue from, or auto: the newest in --output (if any)")
     eval_only: bool = option(False, "evaluate the --resume checkpoint and stop")
     eval_split: str = option("val", "the split that --eval-only evaluates or --predict writes (test: --predict only)")
-    predict: str = option("", "with --eval-only: instead of evaluating, write each image's predicted labelIds to "
-                          "DIR/CITY/*_leftImg8bit.png, the format of the Cityscapes test server (Table 12)")
+    predict: str = option("", "with --eval-only: write the predicted labelIds to DIR as the test server takes them")
     synthetic_train: int = option(2000, "training scenes of the built-in synthetic set")
     synthetic_val: int = option(100, "validation scenes of the built-in synthetic set")
     table: bool = option(False, "print the models' parameters and FLOPs beside the paper's (Tables 2, 11); exit")
@@ -372,17 +357,13 @@ def check(cfg):
     for name, models in [("dgmn_rates", dgmn_fcns), ("dgmn_groups", dgmn_fcns), ("ohem", fcns), ("multi_grid", fcns)]:
         if getattr(cfg, name) != getattr(Config, name) and cfg.model not in models:
             raise InputError(f"--{name.replace('_', '-')} applies to {', '.join(models)}, not to --model {cfg.model}")
-    row, setr_stride = segmentation.MODELS[cfg.model], segmentation.SETR_OUTPUT_STRIDE
+    row = segmentation.MODELS[cfg.model]  # --output-stride is segmentation.build()'s to check
     refusals = [
         (not re.fullmatch(r"([1-9]\d*(,[1-9]\d*)*)?", cfg.dgmn_rates), f"--dgmn-rates {cfg.dgmn_rates!r}: give "
          "positive integers separated by commas, e.g. 1,6,12"),
         (cfg.eval_stride > cfg.crop, f"--eval-stride {cfg.eval_stride} exceeds the window --crop {cfg.crop}: pixels "
          "missed"),
         (cfg.eval_only and not cfg.resume, "--eval-only needs the model to evaluate: --resume CKPT"),
-        (cfg.output_stride and cfg.model in fcns, f"--output-stride applies to the DGMN2 models, not to --model "
-         f"{cfg.model}"),
-        (getattr(row, "head", "fpn") != "fpn" and cfg.output_stride not in (0, setr_stride), f"--output-stride "
-         f"{cfg.output_stride}: the SETR heads take DGMN2 at output stride {setr_stride} (Section 6.3)"),
         (cfg.dgmn_groups < 0 or cfg.dgmn_groups and channels % cfg.dgmn_groups, f"--dgmn-groups {cfg.dgmn_groups}: 0 "
          f"(no dynamic weights) or a divisor of {channels}"),
         (cfg.dgmn_groups not in (0, Config.dgmn_groups) and (getattr(row, "dgmn", None) or {}).get(
@@ -412,7 +393,7 @@ class Scenes(Dataset):
     """A learnable stand-in for Cityscapes, scene i a function of (seed, i): sky, ground and 2-4 random shapes (disc,
     square, triangle, bar) in their class's colours, with noise, labelled pixel by pixel. -> ((3, S, S), (S, S))."""
     classes = ["sky", "ground", "disc", "square", "triangle", "bar"]
-    colours = torch.tensor([[0.9, 0.2, 0.2], [0.2, 0.8, 0.2], [0.9, 0.8, 0.1], [0.8, 0.3, 0.9]])  # of the shapes
+    colours = torch.tensor([[0.9, 0.2, 0.2], [0.2, 0.8, 0.2], [0.9, 0.8, 0.1], [0.8, 0.3, 0.9]])  # each shape's
 
     def __init__(self, size, length, seed):
         self.size, self.length, self.seed = size, length, seed
@@ -436,8 +417,7 @@ class Scenes(Dataset):
             u, v = (cos * (x - cx) + sin * (y - cy)) / scale, (-sin * (x - cx) + cos * (y - cy)) / scale
             inside = [u ** 2 + v ** 2 < 0.8, (u.abs() < 0.7) & (v.abs() < 0.7),
                       (v < 0.6) & (v > 1.9 * u.abs() - 0.9), (u.abs() < 0.95) & (v.abs() < 0.25)][kind - 2]
-            hue = self.colours[kind - 2][:, None, None]  # (3, 1, 1): each class has its own colour family
-            image = torch.where(inside, (0.7 * hue + 0.3 * uniform(3, 1, 1)).clamp(0, 1), image)
+            image = torch.where(inside, 0.7 * self.colours[kind - 2][:, None, None] + 0.3 * uniform(3, 1, 1), image)
             label = torch.where(inside, kind, label)
         image = (image + 0.04 * torch.randn(3, S, S, generator=g)).clamp(0, 1)
         return (image * 255).round().to(torch.uint8), label.to(torch.uint8)
@@ -485,9 +465,8 @@ class CityscapesImages(Dataset):
 
 
 def datasets(cfg):
-    """(the training set, None under --eval-only; the evaluated set; class names). Training: --mode's annotations
-    (coarse: train_extra; fine: train, and val under --trainval); evaluated: --eval-split, or its images alone for
-    --predict."""
+    """(the training set (None under --eval-only): --mode's labels, coarse: train_extra, fine: train (and val under
+    --trainval); the evaluated set: --eval-split's, its images alone for --predict; the class names)."""
     if not cfg.data:
         train, val = Scenes(cfg.base_size, cfg.synthetic_train, 1), Scenes(cfg.base_size, cfg.synthetic_val, 2)
         return ConcatDataset([train, val]) if cfg.trainval else train, val, Scenes.classes
@@ -495,8 +474,7 @@ def datasets(cfg):
         raise InputError(f"{cfg.data}: no such data directory")
     evaluated = (CityscapesImages if cfg.predict else CityscapesTrainIds)(cfg.data, cfg.eval_split)
     splits = ["train_extra"] if cfg.mode == "coarse" else ["train", "val"] if cfg.trainval else ["train"]
-    train = None if cfg.eval_only else \
-        ConcatDataset([CityscapesTrainIds(cfg.data, split, cfg.mode) for split in splits])
+    train = None if cfg.eval_only else ConcatDataset([CityscapesTrainIds(cfg.data, s, cfg.mode) for s in splits])
     return train, evaluated, [c.name for c in TRAIN_CLASSES]
 
 
@@ -666,7 +644,7 @@ def run(cfg, rank, world, device):
     predictions, an evaluation or training. Returns the last evaluation's metrics."""
     if cfg.table:
         return segmentation.print_tables() if rank == 0 else None
-    log = logger(rank)
+    log = print if rank == 0 else lambda *args, **kwargs: None
     if cfg.batch_size % world:
         raise InputError(f"--batch-size {cfg.batch_size} (global) is not divisible by the {world} processes")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -683,8 +661,7 @@ def run(cfg, rank, world, device):
     start = restore(path, state, cfg, parts, log)
     if cfg.finetune and not state:  # the weights alone: this run's schedule and optimiser start afresh
         load_weights(model, read_checkpoint(cfg.finetune, cfg, WEIGHTS_DEPEND_ON, [])["model"], cfg.finetune)
-    if rank == 0:
-        Path(cfg.output).mkdir(parents=True, exist_ok=True)
+    Path(cfg.output).mkdir(parents=True, exist_ok=True)
     if cfg.eval_only and cfg.predict:
         result = write_predictions(model, val, cfg, device, autocast, rank, world)
         log(f"wrote the labelIds of {result['written']} {cfg.eval_split} images to {cfg.predict}")

@@ -1,10 +1,9 @@
 """COCO detection and instance segmentation: the recipes (Sections 6.2, 8.1.2) that train detection.py's models, with
 torchvision's RetinaNet and Mask R-CNN: DGMN2 + FPN backbones (Tables 7, 8) and ResNet / ResNeXt-FPN with DGMN modules
 or the modules DGMN is compared with (Sections 5.1-5.3, Tables 3, 5, 15, 16); pycocotools evaluation, DDP through
-torchrun. Paper targets on COCO val2017 (box AP / mask AP), 1x schedule:
-    RetinaNet DGMN2-Tiny/Small/Medium/Large         39.7, 42.5, 43.7, 44.7                      (Table 7)
-    Mask R-CNN DGMN2-Tiny/Small/Medium/Large        40.1 / 37.2, 43.4 / 39.7, 44.4 / 40.2, 46.2 / 41.6  (Table 8)
-    Mask R-CNN R-50-FPN 37.8 / 34.4, + DGMN (C5) 40.2 / 36.0; R-101, X-101 (--table lists all)  (Tables 3, 16)
+torchrun. Paper targets on COCO val2017 (box AP / mask AP), 1x schedule: RetinaNet DGMN2-Tiny/Small/Medium/Large
+39.7, 42.5, 43.7, 44.7 (Table 7); Mask R-CNN DGMN2-T/S/M/L 40.1 / 37.2, 43.4 / 39.7, 44.4 / 40.2, 46.2 / 41.6 (Table
+8); Mask R-CNN R-50-FPN 37.8 / 34.4, + DGMN (C5) 40.2 / 36.0; R-101, X-101 (Tables 3, 16; --table lists all).
 
     torchrun --nproc_per_node 8 train_coco.py --model maskrcnn-dgmn2-tiny --data /path/to/coco \\
         --pretrained dgmn2_tiny.pth                     # Table 8: AdamW 1e-4, 12 epochs, lr / 10 after epochs 8 and 11
@@ -12,9 +11,6 @@ torchrun. Paper targets on COCO val2017 (box AP / mask AP), 1x schedule:
         --pretrained resnet50.pth                       # Table 3: SGD 0.02, 90k iterations, lr / 10 at 60k and 80k
     torchrun train_coco.py                  # no --data: the built-in synthetic shapes, a few minutes on a CPU
     python train_coco.py --table            # every model's parameters and FLOPs beside the paper's (detection.py's)
-
-"After epochs 8 and 11" is the release's mmdetection step=[8, 11], which Section 6.2 calls "at epochs 9 and 11".
-Nothing is downloaded: --pretrained takes local files.
 """
 
 import argparse
@@ -42,11 +38,9 @@ from pycocotools.cocoeval import COCOeval
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import ChainedScheduler, LinearLR, MultiStepLR
 from torch.utils._pytree import tree_map_only
-from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
-from torchvision.ops import box_convert
+from torch.utils.data import DataLoader, Subset
+import torchvision
 from torchvision.transforms import v2
-from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from tqdm import tqdm
 
 import detection
@@ -56,7 +50,8 @@ import dgmn2
 # ================================================================================================================
 # The shared block: the same text in the three training scripts (test_all.py compares them), so that each stays
 # self-contained. The script around it defines Config, SYNTHETIC (the defaults without --data), CHOICES, SAVED (the
-# parts of a run whose state a checkpoint holds, the model first), check(cfg) and run(cfg, rank, world, device).
+# parts of a run whose state a checkpoint holds, the model first; their namedtuple has the plan: what the schedule
+# and the data order depend on beyond the options), check(cfg) and run(cfg, rank, world, device).
 
 
 class InputError(Exception):
@@ -124,14 +119,10 @@ def distribute(model, cfg, world):
     return torch.compile(model) if cfg.compile else model
 
 
-def logger(rank):
-    return print if rank == 0 else lambda *args, **kwargs: None
-
-
 class Progress:
     """A training loop's log without a host sync a step: the loss terms are summed on the device and, every
-    cfg.log_every steps and at the last, averaged over the ranks, checked and shown (a tqdm bar on a terminal, else a
-    line with the ETA, images/s, data wait and GPU memory). A non-finite loss stops every rank at the same step."""
+    cfg.log_every steps and at the last, averaged over the ranks, checked and shown by rank 0 in a line with the ETA,
+    images/s, data wait and GPU memory. A non-finite loss stops every rank at the same step."""
 
     def __init__(self, cfg, rank, world, device, first, last, images_per_step, where, output):
         self.cfg, self.rank, self.world, self.device, self.where, self.output = cfg, rank, world, device, where, output
@@ -139,7 +130,6 @@ class Progress:
         self.last, self.images_per_step, self.names = last, images_per_step, []
         self.sums = self.totals = self.wait = 0
         self.started = self.since = time.perf_counter()
-        self.bar = tqdm(total=last - first, desc=where, leave=False, disable=rank != 0 or not sys.stderr.isatty())
 
     def batches(self, iterable):
         """The batches of iterable; the time spent waiting for them is the data wait."""
@@ -169,27 +159,23 @@ class Progress:
         self.totals = self.totals + torch.tensor(means, dtype=torch.float64) * steps
         terms = f" ({', '.join(f'{n} {m:.3f}' for n, m in zip(self.names, means))})" if len(means) > 1 else ""
         memory = f", {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GB" if self.device.type == "cuda" else ""
-        eta = datetime.timedelta(seconds=round((now - self.started) / (self.step - self.first)
-                                               * (self.last - self.step)))
-        line = (f"loss {sum(means):.3f}{terms}, lr {lr:.2e}, {steps * self.images_per_step / (now - self.since):.1f} "
-                f"images/s, data wait {1000 * self.wait / steps:.0f} ms/step{memory}, ETA {eta}")
-        if self.bar.disable and self.rank == 0:
-            print(f"{self.where}, {named}: {line}", flush=True)
-        self.bar.set_postfix_str(line, refresh=False)
-        self.bar.update(steps)
+        left = (now - self.started) / (self.step - self.first) * (self.last - self.step)  # seconds, at this pace
+        rate = steps * self.images_per_step / (now - self.since)
+        if self.rank == 0:
+            print(f"{self.where}, {named}: loss {sum(means):.3f}{terms}, lr {lr:.2e}, {rate:.1f} images/s, data wait "
+                  f"{1000 * self.wait / steps:.0f} ms/step{memory}, ETA {datetime.timedelta(seconds=round(left))}",
+                  flush=True)
         self.sums, self.synced, self.since, self.wait = 0, self.step, now, 0.0
 
     def close(self):
-        """The bar goes; returns dict(loss=the mean of the summed terms over the steps run, and each term)."""
-        self.bar.close()
+        """dict(loss=the mean of the summed terms over the steps run, and each term)."""
         means = (self.totals / (self.step - self.first)).tolist() if self.step > self.first else []
         return dict(loss=sum(means), **(dict(zip(self.names, means)) if len(means) > 1 else {}))
 
 
 def save_checkpoint(path, cfg, parts, **position):
-    """The state of the SAVED parts (None for a part that is None), their plan, position (the step, ...) and the
-    config, written to a temporary file, synced, then renamed (a kill never leaves a broken checkpoint); the older
-    checkpoints go."""
+    """The SAVED parts' state, their plan, position (the step, ...) and the config, written to a temporary file, synced
+    and renamed (a kill never leaves a broken checkpoint); the older checkpoints go."""
     state = {name: None if (part := getattr(parts, name)) is None else part.state_dict() for name in SAVED}
     path, temporary = Path(path), Path(path).with_suffix(".tmp")
     with open(temporary, "wb") as file:
@@ -197,9 +183,8 @@ def save_checkpoint(path, cfg, parts, **position):
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, path)
-    for old in path.parent.glob("checkpoint-*.pth"):
-        if old != path:
-            old.unlink()
+    for old in set(path.parent.glob("checkpoint-*.pth")) - {path}:
+        old.unlink()
     return path
 
 
@@ -250,9 +235,8 @@ def load_weights(module, weights, source):
 
 
 def restore(path, state, cfg, parts, log):
-    """The step to start from: 0 without a checkpoint; else its weights go into parts.model and, to train on, its
-    state into the other SAVED parts (but one saved empty, as the scaler's without fp16) if its plan (what the schedule
-    and the data order depend on beyond the options: the data's size) is parts.plan."""
+    """The step to start from: 0 without a checkpoint; else its weights go into parts.model and, to train on, its state
+    into the other SAVED parts (unless saved empty: the scaler's without fp16) if its plan is parts.plan."""
     if state is None:
         return 0
     load_weights(parts.model, state["model"], path)
@@ -310,8 +294,7 @@ class Config:
     output: str = option("runs/coco", "the run's folder: checkpoints, log.jsonl, detections-*.json, pictures")
     pretrained: str = option("", "backbone weights: the release's or train_imagenet.py's DGMN2, torchvision's ResNet")
     dgmn_rates: str = option("", "DGMN's sampling rates, e.g. 1,4,8 (Table 15); empty: COCO's 1,4,8,12 (Section 5.1)")
-    dgmn_groups: int = option(detection.DGMN_GROUPS,
-                              "DGMN's filter groups G (Table 15); 0: no dynamic weights, its G = 0")
+    dgmn_groups: int = option(detection.DGMN_GROUPS, "DGMN's filter groups G (Table 15); 0: no dynamic weights")
     iterations: int = option(0, "training steps; 0: the recipe's, 12 epochs (DGMN2) or 90,000 (ResNets)")
     lr_steps: str = option("", "the steps after which the lr is multiplied by 0.1 (60000,80000); empty: the recipe's")
     batch_size: int = option(16, "the global batch: images a step over all processes together, as the paper counts")
@@ -346,30 +329,30 @@ CHOICES = dict(model=list(detection.MODELS), optimizer=["auto", "adamw", "sgd"],
 POSITIVE = ["batch_size", "min_size", "max_size", "rois", "save_every", "log_every", "synthetic_train", "synthetic_val"]
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[:6]
 BIAS_LR_FACTOR = 2  # Detectron's and maskrcnn-benchmark's SGD: biases at twice the lr, without weight decay
-DRAW_SCORE = 0.5  # detections drawn in the pictures
 FLIP = v2.RandomHorizontalFlip()  # the training augmentation
 
 
 def check(cfg):
+    """Options out of range or that do not go together: InputError."""
     for name in [*POSITIVE, "iterations", "eval_every", "warmup", "lr", "warmup_factor", "weight_decay", "workers",
                  "pictures", "dgmn_groups"]:
         if getattr(cfg, name) < (name in POSITIVE):
             raise InputError(f"--{name.replace('_', '-')} must be {'positive' if name in POSITIVE else 'at least 0'}, "
                              f"got {getattr(cfg, name)}")
-    if cfg.warmup_factor > 1:
-        raise InputError(f"--warmup-factor {cfg.warmup_factor}: a fraction of the learning rate, at most 1")
-    if not re.fullmatch(r"(\d+(,\d+)*)?", cfg.lr_steps) or cfg.lr_steps and any(
-            a >= b for a, b in itertools.pairwise(int(s) for s in cfg.lr_steps.split(","))):
-        raise InputError(f"--lr-steps {cfg.lr_steps!r}: give increasing iterations separated by commas, e.g. "
-                         "60000,80000")
-    if cfg.min_size > cfg.max_size:
-        raise InputError(f"--min-size {cfg.min_size} exceeds --max-size {cfg.max_size}")
-    if cfg.eval_only and not cfg.resume:
-        raise InputError("--eval-only needs the model to evaluate: --resume CKPT")
-    if not re.fullmatch(r"([1-9]\d*(,[1-9]\d*)*)?", cfg.dgmn_rates):
-        raise InputError(f"--dgmn-rates {cfg.dgmn_rates!r}: give positive rates separated by commas, e.g. 1,4,8")
-    if (cfg.dgmn_rates or cfg.dgmn_groups != detection.DGMN_GROUPS) and detection.MODELS[cfg.model].module != "dgmn":
-        raise InputError(f"--dgmn-rates and --dgmn-groups set DGMN modules: {cfg.model} has none")
+    steps = [int(s) for s in re.findall(r"\d+", cfg.lr_steps)]
+    refusals = [
+        (cfg.warmup_factor > 1, f"--warmup-factor {cfg.warmup_factor}: a fraction of the learning rate, at most 1"),
+        (not re.fullmatch(r"(\d+(,\d+)*)?", cfg.lr_steps) or steps != sorted(set(steps)), f"--lr-steps "
+         f"{cfg.lr_steps!r}: give increasing iterations separated by commas, e.g. 60000,80000"),
+        (cfg.min_size > cfg.max_size, f"--min-size {cfg.min_size} exceeds --max-size {cfg.max_size}"),
+        (cfg.eval_only and not cfg.resume, "--eval-only needs the model to evaluate: --resume CKPT"),
+        (not re.fullmatch(r"([1-9]\d*(,[1-9]\d*)*)?", cfg.dgmn_rates), f"--dgmn-rates {cfg.dgmn_rates!r}: give "
+         "positive rates separated by commas, e.g. 1,4,8"),
+        ((cfg.dgmn_rates or cfg.dgmn_groups != detection.DGMN_GROUPS) and detection.MODELS[cfg.model].module != "dgmn",
+         f"--dgmn-rates and --dgmn-groups set DGMN modules: {cfg.model} has none")]
+    for refused, message in refusals:
+        if refused:
+            raise InputError(message)
 
 
 def recipe(cfg, iterations_per_epoch):
@@ -377,12 +360,11 @@ def recipe(cfg, iterations_per_epoch):
     resnet = detection.MODELS[cfg.model].backbone in detection.RESNETS
     optimizer = cfg.optimizer if cfg.optimizer != "auto" else "sgd" if resnet else "adamw"
     if resnet:  # Section 8.1.2: Detectron's 1x, 90k iterations at batch 16, lr / 10 at 60k and 80k
-        iterations, step_fractions, warmup_factor = 90_000, (2 / 3, 8 / 9), 0.3
-    else:  # Section 6.2 and the release's configs: 12 epochs, lr / 10 after epochs 8 and 11
-        iterations, step_fractions, warmup_factor = 12 * iterations_per_epoch, (8 / 12, 11 / 12), 0.001
+        iterations, fractions, warmup_factor = 90_000, (2 / 3, 8 / 9), 0.3
+    else:  # Section 6.2, the release's configs: 12 epochs, lr / 10 after epochs 8, 11 (step=[8, 11]; "at 9 and 11")
+        iterations, fractions, warmup_factor = 12 * iterations_per_epoch, (8 / 12, 11 / 12), 0.001
     iterations = cfg.iterations or iterations
-    steps = [int(s) for s in cfg.lr_steps.split(",")] if cfg.lr_steps else [round(f * iterations)
-                                                                              for f in step_fractions]
+    steps = [int(s) for s in cfg.lr_steps.split(",")] if cfg.lr_steps else [round(f * iterations) for f in fractions]
     return dict(optimizer=optimizer, lr=cfg.lr or dict(adamw=1e-4, sgd=0.02)[optimizer], iterations=iterations,
                 steps=steps, warmup=cfg.warmup, warmup_factor=cfg.warmup_factor or warmup_factor,
                 eval_every=cfg.eval_every or iterations_per_epoch)
@@ -405,7 +387,7 @@ def optimizer_and_schedule(model, plan, weight_decay):
 
 # ---- The built-in synthetic set, written in COCO's format ------------------------------------------------------
 SHAPES = ("disc", "square", "triangle", "bar")  # category ids 1-4
-SHAPE_COLOURS = torch.tensor([[0.9, 0.2, 0.2], [0.2, 0.8, 0.2], [0.9, 0.8, 0.1], [0.8, 0.3, 0.9]])
+SHAPE_COLOURS = torch.tensor([[0.9, 0.2, 0.2], [0.2, 0.8, 0.2], [0.9, 0.8, 0.1], [0.8, 0.3, 0.9]])  # each class's
 
 
 def synthetic_scene(S, generator):
@@ -433,8 +415,7 @@ def synthetic_scene(S, generator):
             continue
         inside &= ~taken
         if inside.sum() >= 16:
-            hue = SHAPE_COLOURS[kind].view(3, 1, 1)  # each class has its own colour family
-            image = torch.where(inside, 0.7 * hue + 0.3 * rand(3, 1, 1), image)
+            image = torch.where(inside, 0.7 * SHAPE_COLOURS[kind].view(3, 1, 1) + 0.3 * rand(3, 1, 1), image)
             taken |= inside
             instances.append((kind + 1, inside))
     image = (image + 0.04 * torch.randn(3, S, S, generator=generator)).clamp(0, 1)
@@ -471,15 +452,27 @@ def write_synthetic(root, size, lengths, seed=1):
 
 
 # ---- Data: torchvision's CocoDetection, targets as the detectors take them, batches grouped by aspect ratio ----
+class Coco(torchvision.datasets.CocoDetection):
+    """CocoDetection with an unreadable image reported by its path."""
+    def _load_image(self, id):
+        try:
+            return super()._load_image(id)
+        except OSError as error:
+            raise InputError(f"{Path(self.root, self.coco.imgs[id]['file_name'])}: unreadable ({error})") from None
+
+
 def load_coco(root, split, target_keys, train):
-    """CocoDetection of a split as tv_tensors; to train, crowds, 1 px boxes and then unannotated images dropped."""
+    """A split as the detectors take it, items (float (3, H, W) image in [0, 1], dict of tv_tensors); to train, crowds,
+    1 px boxes, unannotated images dropped, each item's boxes clamped, degenerate ones dropped (the flip: FLIP)."""
     images, annotations = Path(root) / f"{split}2017", Path(root) / "annotations" / f"instances_{split}2017.json"
     if not annotations.is_file() or not images.is_dir():
         raise InputError(f"{annotations}: no such annotation file" if not annotations.is_file() else
                          f"{images}: no such image directory")
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools reports its loading on stdout
-            dataset = CocoDetection(str(images), str(annotations))
+            tidy = [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes()] if train else []
+            dataset = Coco(str(images), str(annotations), transforms=v2.Compose(
+                [v2.ToImage(), *tidy, v2.ToDtype(torch.float32, scale=True)]))
         for image_id in dataset.ids if train else []:
             dataset.coco.imgToAnns[image_id] = [a for a in dataset.coco.imgToAnns[image_id] if not a.get("iscrowd")
                                                 and a["bbox"][2] > 1 and a["bbox"][3] > 1]
@@ -488,25 +481,7 @@ def load_coco(root, split, target_keys, train):
         raise InputError(f"{annotations}: not a COCO annotation file ({type(error).__name__}: {error})") from None
     if not dataset.ids:
         raise InputError(f"{annotations}: no {'usable annotated ' if train else ''}images")
-    return wrap_dataset_for_transforms_v2(dataset, target_keys=target_keys)
-
-
-class Prepared(Dataset):
-    """Items as the detectors take them: (float (3, H, W) image in [0, 1], dict of the targets); to train, the boxes
-    clamped and the degenerate ones dropped (the flip is the training step's: FLIP)."""
-
-    def __init__(self, dataset, train):
-        tidy = [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes()] if train else []
-        self.dataset, self.transform = dataset, v2.Compose([v2.ToImage(), *tidy, v2.ToDtype(torch.float32, scale=True)])
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        try:
-            return self.transform(*self.dataset[index])
-        except OSError as error:
-            raise InputError(f"image {self.dataset.ids[index]} of {self.dataset.root}: unreadable ({error})") from None
+    return torchvision.datasets.wrap_dataset_for_transforms_v2(dataset, target_keys=target_keys)
 
 
 def collate(batch):
@@ -518,18 +493,16 @@ def datasets(cfg, masks, rank=0, world=1):
     root = cfg.data or Path(cfg.output) / f"synthetic-{cfg.min_size}px"
     if cfg.data and not Path(cfg.data).is_dir():
         raise InputError(f"{cfg.data}: no such data directory")
-    if not cfg.data:
-        logger(rank)(f"No --data: the built-in synthetic shapes ({len(SHAPES)} classes, {cfg.min_size} x "
-                     f"{cfg.min_size}, {cfg.synthetic_train} training images) in COCO's format under {root}.")
-        if rank == 0:
-            write_synthetic(root, cfg.min_size, dict(val=cfg.synthetic_val, **({} if cfg.eval_only else dict(
-                train=cfg.synthetic_train))))
-        if world > 1:
-            dist.barrier()
+    if not cfg.data and rank == 0:
+        print(f"No --data: the built-in synthetic shapes ({len(SHAPES)} classes) in COCO's format under {root}.")
+        lengths = dict(val=cfg.synthetic_val, train=0 if cfg.eval_only else cfg.synthetic_train)
+        write_synthetic(root, cfg.min_size, lengths)
+    if not cfg.data and world > 1:  # the others wait for rank 0's files
+        dist.barrier()
     keys = {"image_id", "boxes", "labels"} | ({"masks"} if masks else set())
-    train = None if cfg.eval_only else Prepared(load_coco(root, "train", keys, train=True), train=True)
-    val = Prepared(load_coco(root, "val", {"image_id"}, train=False), train=False)
-    return train, val, {c["id"]: c["name"] for c in val.dataset.coco.cats.values()}, val.dataset.coco
+    train = None if cfg.eval_only else load_coco(root, "train", keys, train=True)
+    val = load_coco(root, "val", {"image_id"}, train=False)
+    return train, val, {c["id"]: c["name"] for c in val.coco.cats.values()}, val.coco
 
 
 def epoch_batches(groups, local_batch, seed, epoch, rank, world):
@@ -568,18 +541,10 @@ def build_model(cfg, num_classes, pretrained=False):
         raise InputError(f"--model {cfg.model}: {error}") from None
 
 
-def read_weights(path):
-    """--pretrained's file, loaded; detection.load_pretrained() puts its weights into the model."""
-    try:
-        return dgmn2.load_checkpoint(path)
-    except ValueError as error:
-        raise InputError(f"--pretrained {error}") from None
-
-
 # ---- Evaluation: each rank detects and matches its own images; rank 0 merges the matches and scores them once --
 def to_coco_results(output, image_id):
     """One image's detections as COCO results: (bbox results with xywh boxes, segm results with RLE masks at 0.5)."""
-    boxes = box_convert(output["boxes"], "xyxy", "xywh").tolist()
+    boxes = torchvision.ops.box_convert(output["boxes"], "xyxy", "xywh").tolist()
     labels, scores = output["labels"].tolist(), output["scores"].tolist()
     bbox = [dict(image_id=image_id, category_id=c, bbox=[round(v, 2) for v in b], score=round(s, 4))
             for b, c, s in zip(boxes, labels, scores)]
@@ -623,17 +588,18 @@ def summary(metrics):
 PALETTE = [tuple(c) for c in torch.randint(64, 256, (256, 3), generator=torch.Generator().manual_seed(0)).tolist()]
 
 
-def draw(image, output, names):
-    """uint8 (3, H, W) image with the detections scoring at least DRAW_SCORE: masks, boxes, names and scores."""
-    keep = output["scores"] >= DRAW_SCORE
+def draw(image, output, names, threshold=0.5):
+    """uint8 (3, H, W) image with the detections scoring at least threshold: masks, boxes, names and scores."""
+    keep = output["scores"] >= threshold
     if not keep.any():
         return image
     labels = output["labels"][keep].tolist()
     colours = [PALETTE[c % len(PALETTE)] for c in labels]
     if "masks" in output:
-        image = draw_segmentation_masks(image, output["masks"][keep, 0] > 0.5, alpha=0.5, colors=colours)
+        image = torchvision.utils.draw_segmentation_masks(image, output["masks"][keep, 0] > 0.5, alpha=0.5,
+                                                          colors=colours)
     captions = [f"{names.get(c, c)} {s:.2f}" for c, s in zip(labels, output["scores"][keep].tolist())]
-    return draw_bounding_boxes(image, output["boxes"][keep], captions, colors=colours, width=2)
+    return torchvision.utils.draw_bounding_boxes(image, output["boxes"][keep], captions, colors=colours, width=2)
 
 
 def evaluation_loader(val, cfg, rank, world, device):
@@ -644,13 +610,12 @@ def evaluation_loader(val, cfg, rank, world, device):
 
 @torch.no_grad()
 def evaluate(model, val, names, ground_truth, cfg, device, autocast, rank, world, output=None, tag=""):
-    """COCO box (and mask) metrics over val (or its evaluation_loader()); with output, rank 0 writes detections-*.json,
-    pictures-{tag}/. Returns dict(bbox={metric: AP}[, segm=...]) on rank 0, None elsewhere."""
-    loader = val if isinstance(val, DataLoader) else evaluation_loader(val, cfg, rank, world, device)
+    """COCO box (and mask) metrics over val (this rank's evaluation_loader()); with output, rank 0 writes
+    detections-*.json, pictures-{tag}/. Returns dict(bbox={metric: AP}[, segm=...]) on rank 0, None elsewhere."""
     pictures = output / f"pictures-{tag}" if output is not None and rank == 0 and cfg.pictures else None
     model.eval()
     results, image_ids = dict(bbox=[], segm=[]), []
-    for images, targets in tqdm(loader, desc="eval", leave=False, disable=rank != 0 or not sys.stderr.isatty()):
+    for images, targets in tqdm(val, desc="eval", leave=False, disable=rank != 0 or not sys.stderr.isatty()):
         with autocast:
             detections = model([image.to(device, non_blocking=True) for image in images])
         for image, target, detected in zip(images, targets, detections):
@@ -678,61 +643,52 @@ def evaluate(model, val, names, ground_truth, cfg, device, autocast, rank, world
 
 # ---- Training: run() in named steps ----------------------------------------------------------------------------
 def make_model(cfg, state, train, names, device, log):
-    """(the detector on the device, with --pretrained's weights, and its number of classes)."""
-    weights = read_weights(cfg.pretrained) if cfg.pretrained and not state else None  # a checkpoint has them
-    num_classes = state["num_classes"] if state else 1 + max(names.keys() | train.dataset.coco.cats.keys())
+    """(the detector on the device, with --pretrained's weights unless a checkpoint has them, its number of classes)."""
+    num_classes = state["num_classes"] if state else 1 + max(names.keys() | train.coco.cats.keys())
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    pretrained = bool(state["config"]["pretrained"]) if state else weights is not None  # ResNets: frozen BN or not
+    pretrained = bool(state["config"]["pretrained"] if state else cfg.pretrained)  # ResNets: frozen BN or not
     model = build_model(cfg, num_classes, pretrained)
-    if weights is not None:
+    if cfg.pretrained and not state:
         try:
-            detection.load_pretrained(model, weights)
-        except ValueError as error:
-            raise InputError(f"--pretrained {cfg.pretrained}: {error}") from None
+            detection.load_pretrained(model, dgmn2.load_checkpoint(cfg.pretrained))
+        except ValueError as error:  # load_checkpoint's name the file, load_pretrained's do not
+            message = str(error).removeprefix(cfg.pretrained + ": ")
+            raise InputError(f"--pretrained {cfg.pretrained}: {message}") from None
     elif cfg.data and not state:
         log("No --pretrained: the backbone trains from scratch (the paper starts from ImageNet weights).")
-    spec = detection.MODELS[cfg.model]
     log(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters at {num_classes} classes "
-        f"(paper: {spec.params_m or '-'}M at {detection.PAPER_CLASSES}, {spec.table}; python detection.py)")
+        f"(paper: {detection.MODELS[cfg.model].params_m or '-'}M at {detection.PAPER_CLASSES}; python detection.py)")
     memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
     return model.to(device, memory_format=memory_format), num_classes
 
 
-# What the training loop holds: the model (trained: it under DDP / compile) and its training, evaluation and checkpoints
+# What a run holds: the model (trained: it under DDP / compile), its training and evaluation, the plan (the recipe)
 Parts = namedtuple("Parts", "model trained optimizer scheduler scaler autocast evaluation batches plan num_classes")
 SAVED = ("model", "optimizer", "scheduler", "scaler")  # the parts whose state a checkpoint holds
 
 
-def train_steps(cfg, rank, world, device, parts, first, last):
-    """Steps first + 1 to last, on the run's batches; returns the mean loss and loss terms (Progress.close())."""
-    # Every random choice from here to the next checkpoint (the flips, the detectors' sampling of anchors and RoIs) is
-    # the main process's and follows from (seed, step, rank): a resumed run repeats what the interrupted one did.
-    torch.manual_seed(seed_of(cfg.seed, first, rank))
-    progress = Progress(cfg, rank, world, device, first, last, cfg.batch_size, f"iterations {first}-{last}", cfg.output)
-    for images, targets in itertools.islice(progress.batches(parts.batches), last - first):
-        images, targets = tree_map_only(torch.Tensor, lambda t: t.to(device, non_blocking=True), (images, targets))
-        images, targets = zip(*map(FLIP, images, targets))  # here, not in the workers: the reseeds above decide it
-        lr = parts.optimizer.param_groups[0]["lr"]
-        with parts.autocast:
-            losses = parts.trained(images, targets)  # the detector's loss terms, each weighted 1
-        parts.optimizer.zero_grad(set_to_none=True)
-        parts.scaler.scale(sum(losses.values())).backward()
-        parts.scaler.step(parts.optimizer)
-        parts.scaler.update()
-        parts.scheduler.step()
-        progress.update(losses, lr)
-    return progress.close()
-
-
 def training(cfg, rank, world, device, parts, start, log):
     """Steps start + 1 to the plan's last, in stretches that end at every save_every and eval_every steps and at the
-    last: there an evaluation (at eval_every and the last), the record and a checkpoint. Returns the last metrics."""
+    last: there an evaluation (at eval_every and the last), the record and a checkpoint. Returns the last metrics.
+    A stretch's random choices (flips, the detectors' samples of anchors and RoIs) are the main process's and follow
+    from (seed, step, rank): a resumed run repeats what the interrupted one did."""
     total, every, output, metrics = parts.plan["iterations"], parts.plan["eval_every"], Path(cfg.output), None
     ends = {*range(cfg.save_every, total, cfg.save_every), *range(every, total, every), total}
     for first, last in itertools.pairwise([start, *sorted(end for end in ends if end > start)]):
-        started = time.time()
-        losses = train_steps(cfg, rank, world, device, parts, first, last)
-        record = dict(iteration=last, **losses, seconds=round(time.time() - started, 1))
+        torch.manual_seed(seed_of(cfg.seed, first, rank))
+        progress = Progress(cfg, rank, world, device, first, last, cfg.batch_size, f"train to {last}", cfg.output)
+        for images, targets in itertools.islice(progress.batches(parts.batches), last - first):
+            images, targets = tree_map_only(torch.Tensor, lambda t: t.to(device, non_blocking=True), (images, targets))
+            images, targets = zip(*map(FLIP, images, targets))  # here, not in the workers: the reseeds decide it
+            with parts.autocast:
+                losses = parts.trained(images, targets)  # the detector's loss terms, each weighted 1
+            parts.optimizer.zero_grad(set_to_none=True)
+            parts.scaler.scale(sum(losses.values())).backward()
+            parts.scaler.step(parts.optimizer)
+            parts.scaler.update()
+            parts.scheduler.step()
+            progress.update(losses, parts.scheduler.get_last_lr()[0])
+        record = dict(iteration=last, **progress.close(), seconds=round(time.perf_counter() - progress.started, 1))
         if last % every == 0 or last == total:
             if world > 1:  # BN statistics differ by rank: evaluate rank 0's
                 for buffer in parts.model.buffers():
@@ -758,13 +714,13 @@ def run(cfg, rank, world, device):
         return detection.print_table() if rank == 0 else None
     if cfg.batch_size % world:
         raise InputError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by the {world} processes")
-    log = logger(rank)
+    log = print if rank == 0 else lambda *args, **kwargs: None
     path, state = resume(cfg, rank, world, ["model", "dgmn_rates", "dgmn_groups"],
                          ["batch_size", "seed", "save_every", "weight_decay"], log)
     train, val, names, ground_truth = datasets(cfg, detection.MODELS[cfg.model].detector == "maskrcnn", rank, world)
     model, num_classes = make_model(cfg, state, train, names, device, log)
-    sizes = None if cfg.eval_only else [train.dataset.coco.imgs[i] for i in train.dataset.ids]  # no image read
-    groups = [int(size["width"] >= size["height"]) for size in sizes or []]  # aspect groups: landscape or portrait
+    sizes = [] if cfg.eval_only else [train.coco.imgs[i] for i in train.ids]  # no image read
+    groups = [int(size["width"] >= size["height"]) for size in sizes]  # aspect groups: landscape or portrait
     per_epoch = len(groups) // world // (cfg.batch_size // world) if sizes else 1
     if per_epoch == 0:
         raise InputError(f"{cfg.data or 'the synthetic set'}: {len(train)} training images are fewer than one batch")
@@ -781,9 +737,6 @@ def run(cfg, rank, world, device):
         metrics = evaluation("eval")
         log(f"eval: {summary(metrics)}" if rank == 0 else "")
         return metrics
-    if start >= plan["iterations"]:
-        log(f"{path} has finished all {plan['iterations']} iterations: nothing to train.")
-        return None
     log(f"{world} process(es) on {device.type}; {plan['optimizer']}, lr {plan['lr']:g}, {plan['iterations']} "
         f"iterations of {cfg.batch_size} images ({per_epoch} an epoch), lr x 0.1 after {plan['steps']}")
     loader = DataLoader(train, batch_sampler=batches(groups, cfg.batch_size // world, cfg.seed, rank, world, start),

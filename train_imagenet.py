@@ -37,7 +37,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_colla
 from torchvision.datasets import ImageFolder
 from torchvision.models import swin_t
 from torchvision.transforms import InterpolationMode, v2
-from tqdm import tqdm
 
 import dgmn2
 import sampler
@@ -46,7 +45,8 @@ import sampler
 # ================================================================================================================
 # The shared block: the same text in the three training scripts (test_all.py compares them), so that each stays
 # self-contained. The script around it defines Config, SYNTHETIC (the defaults without --data), CHOICES, SAVED (the
-# parts of a run whose state a checkpoint holds, the model first), check(cfg) and run(cfg, rank, world, device).
+# parts of a run whose state a checkpoint holds, the model first; their namedtuple has the plan: what the schedule
+# and the data order depend on beyond the options), check(cfg) and run(cfg, rank, world, device).
 
 
 class InputError(Exception):
@@ -114,14 +114,10 @@ def distribute(model, cfg, world):
     return torch.compile(model) if cfg.compile else model
 
 
-def logger(rank):
-    return print if rank == 0 else lambda *args, **kwargs: None
-
-
 class Progress:
     """A training loop's log without a host sync a step: the loss terms are summed on the device and, every
-    cfg.log_every steps and at the last, averaged over the ranks, checked and shown (a tqdm bar on a terminal, else a
-    line with the ETA, images/s, data wait and GPU memory). A non-finite loss stops every rank at the same step."""
+    cfg.log_every steps and at the last, averaged over the ranks, checked and shown by rank 0 in a line with the ETA,
+    images/s, data wait and GPU memory. A non-finite loss stops every rank at the same step."""
 
     def __init__(self, cfg, rank, world, device, first, last, images_per_step, where, output):
         self.cfg, self.rank, self.world, self.device, self.where, self.output = cfg, rank, world, device, where, output
@@ -129,7 +125,6 @@ class Progress:
         self.last, self.images_per_step, self.names = last, images_per_step, []
         self.sums = self.totals = self.wait = 0
         self.started = self.since = time.perf_counter()
-        self.bar = tqdm(total=last - first, desc=where, leave=False, disable=rank != 0 or not sys.stderr.isatty())
 
     def batches(self, iterable):
         """The batches of iterable; the time spent waiting for them is the data wait."""
@@ -159,27 +154,23 @@ class Progress:
         self.totals = self.totals + torch.tensor(means, dtype=torch.float64) * steps
         terms = f" ({', '.join(f'{n} {m:.3f}' for n, m in zip(self.names, means))})" if len(means) > 1 else ""
         memory = f", {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GB" if self.device.type == "cuda" else ""
-        eta = datetime.timedelta(seconds=round((now - self.started) / (self.step - self.first)
-                                               * (self.last - self.step)))
-        line = (f"loss {sum(means):.3f}{terms}, lr {lr:.2e}, {steps * self.images_per_step / (now - self.since):.1f} "
-                f"images/s, data wait {1000 * self.wait / steps:.0f} ms/step{memory}, ETA {eta}")
-        if self.bar.disable and self.rank == 0:
-            print(f"{self.where}, {named}: {line}", flush=True)
-        self.bar.set_postfix_str(line, refresh=False)
-        self.bar.update(steps)
+        left = (now - self.started) / (self.step - self.first) * (self.last - self.step)  # seconds, at this pace
+        rate = steps * self.images_per_step / (now - self.since)
+        if self.rank == 0:
+            print(f"{self.where}, {named}: loss {sum(means):.3f}{terms}, lr {lr:.2e}, {rate:.1f} images/s, data wait "
+                  f"{1000 * self.wait / steps:.0f} ms/step{memory}, ETA {datetime.timedelta(seconds=round(left))}",
+                  flush=True)
         self.sums, self.synced, self.since, self.wait = 0, self.step, now, 0.0
 
     def close(self):
-        """The bar goes; returns dict(loss=the mean of the summed terms over the steps run, and each term)."""
-        self.bar.close()
+        """dict(loss=the mean of the summed terms over the steps run, and each term)."""
         means = (self.totals / (self.step - self.first)).tolist() if self.step > self.first else []
         return dict(loss=sum(means), **(dict(zip(self.names, means)) if len(means) > 1 else {}))
 
 
 def save_checkpoint(path, cfg, parts, **position):
-    """The state of the SAVED parts (None for a part that is None), their plan, position (the step, ...) and the
-    config, written to a temporary file, synced, then renamed (a kill never leaves a broken checkpoint); the older
-    checkpoints go."""
+    """The SAVED parts' state, their plan, position (the step, ...) and the config, written to a temporary file, synced
+    and renamed (a kill never leaves a broken checkpoint); the older checkpoints go."""
     state = {name: None if (part := getattr(parts, name)) is None else part.state_dict() for name in SAVED}
     path, temporary = Path(path), Path(path).with_suffix(".tmp")
     with open(temporary, "wb") as file:
@@ -187,9 +178,8 @@ def save_checkpoint(path, cfg, parts, **position):
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, path)
-    for old in path.parent.glob("checkpoint-*.pth"):
-        if old != path:
-            old.unlink()
+    for old in set(path.parent.glob("checkpoint-*.pth")) - {path}:
+        old.unlink()
     return path
 
 
@@ -240,9 +230,8 @@ def load_weights(module, weights, source):
 
 
 def restore(path, state, cfg, parts, log):
-    """The step to start from: 0 without a checkpoint; else its weights go into parts.model and, to train on, its
-    state into the other SAVED parts (but one saved empty, as the scaler's without fp16) if its plan (what the schedule
-    and the data order depend on beyond the options: the data's size) is parts.plan."""
+    """The step to start from: 0 without a checkpoint; else its weights go into parts.model and, to train on, its state
+    into the other SAVED parts (unless saved empty: the scaler's without fp16) if its plan is parts.plan."""
     if state is None:
         return 0
     load_weights(parts.model, state["model"], path)
@@ -654,8 +643,7 @@ def train(cfg, rank, world, device, parts, start, log):
     """Epochs from the one of step start: train, evaluate (the EMA weights too), save the checkpoint and the epoch's
     line in log.jsonl (rank 0). Returns the last epoch's record."""
     output, record = Path(cfg.output), None
-    if rank == 0:
-        output.mkdir(parents=True, exist_ok=True)
+    output.mkdir(parents=True, exist_ok=True)
     for epoch in range(start // len(parts.train_loader), cfg.epochs):
         record = train_one_epoch(epoch, cfg, rank, world, device, parts)
         if world > 1:  # BatchNorm statistics moved on each rank after DDP's last broadcast: evaluate rank 0's
@@ -677,7 +665,7 @@ def train(cfg, rank, world, device, parts, start, log):
 def run(cfg, rank, world, device):
     """A run in named steps: data, model, optimiser and schedule, the starting point; then a benchmark, an
     evaluation or training. Returns the last evaluation's metrics (None for --bench)."""
-    log = logger(rank)
+    log = print if rank == 0 else lambda *args, **kwargs: None
     if cfg.batch_size % world:
         raise InputError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
     train_loader, val_loader, num_classes = (None, None, 1000) if cfg.bench else loaders(cfg, rank, world, log)

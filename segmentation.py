@@ -371,8 +371,9 @@ def load_pretrained(model, state):
     try:
         backbone.load_state_dict({name: t for name, t in weights.items() if not name.startswith(("head.", "fc."))})
     except RuntimeError as error:  # missing, unexpected or misshapen tensors: the first kind found
-        found = str(error).splitlines()[1].strip()
-        raise ValueError(f"does not fit the backbone of this model ({found[:150]}{'...' * (len(found) > 150)})") from None
+        found = str(error).splitlines()[1].strip()  # the first kind of misfit, its names cut short
+        raise ValueError(f"does not fit the backbone of this model ({found[:150]}{'...' * (len(found) > 150)})") \
+            from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

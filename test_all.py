@@ -2055,12 +2055,18 @@ def test_sliding_window_equals_whole_image_inference():
 def test_miou_from_a_hand_checked_confusion_matrix():
     label = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
     prediction = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 2]])
-    matrix = train_cityscapes.confusion(prediction, label, 3)
-    expected = torch.tensor([[1, 1, 0], [0, 2, 1], [1, 0, 1]])  # rows: true class; the ignored pixel is left out
-    assert torch.equal(matrix, expected)
-    # IoU: class 0 = 1 / (2 + 2 - 1), class 1 = 2 / (3 + 3 - 2), class 2 = 1 / (2 + 2 - 1)
-    expected_iou = torch.tensor([100 / 3, 50.0, 100 / 3], dtype=torch.float64)
-    torch.testing.assert_close(train_cityscapes.iou(matrix), expected_iou)
+    # confusion (rows: true class; the ignored pixel left out): [[1, 1, 0], [0, 2, 1], [1, 0, 1]], so the IoU of
+    # class 0 = 1 / (2 + 2 - 1), class 1 = 2 / (3 + 3 - 2), class 2 = 1 / (2 + 2 - 1)
+
+    class Fixed(nn.Module):  # one 4 x 4 window over the 2 x 4 image: the prediction's one-hot scores, padded
+        def forward(self, windows):
+            return F.pad(F.one_hot(prediction, 3).permute(2, 0, 1).float(), (0, 0, 0, 2))[None]
+
+    cfg = cs.Config(crop=4, eval_stride=4, eval_batch=1, workers=0)
+    metrics = cs.evaluate(Fixed(), [(torch.zeros(3, 2, 4, dtype=torch.uint8), label)], ["a", "b", "c"], cfg,
+                          torch.device("cpu"), torch.autocast("cpu", enabled=False), 0, 1)
+    assert metrics["pixels"] == 7 and metrics["iou"] == dict(a=round(100 / 3, 2), b=50.0, c=round(100 / 3, 2))
+    assert metrics["miou"] == pytest.approx((100 / 3 + 50 + 100 / 3) / 3)
 
 
 @pytest.mark.slow

@@ -204,7 +204,7 @@ def test_dot_matches_grid_sample_inner_products(path, G, Go):
 
 
 @pytest.mark.parametrize("op", ["sample", "aggregate", "dot"])
-@pytest.mark.parametrize("offset_groups", [1, 2])
+@pytest.mark.parametrize("offset_groups", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_gradcheck(path, op, offset_groups):
     B, C, H, W, G, dilation = 1, 4, 4, 5, 2, 1  # a batch of one: 76 (one walk group) or 140 points on the border
     x, q = torch.randn(B, C, H, W, dtype=torch.float64), torch.randn(B, C, H, W, dtype=torch.float64)
@@ -513,9 +513,12 @@ def test_the_benchmark_relative_logits_are_the_models():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_benchmark_paths_compute_the_same_function(dtype):
+def test_the_benchmark_paths_compute_the_same_function(dtype, monkeypatch):
     """Each row of python sampler.py times one function three ways: the reference, grid_sample and the kernel agree
-    on outputs and gradients at DGMN2-Tiny's stage 4 (also under bf16 autocast, as the models run) and DGMN's shape."""
+    on outputs and gradients at DGMN2-Tiny's stage 4 (also under bf16 autocast, as the models run) and DGMN's row,
+    its map shrunk (the dilation kept)."""
+    monkeypatch.setitem(sampler.DGMN_SETTING, "channels", 128)
+    monkeypatch.setitem(sampler.DGMN_SETTING, "side", 49)
     torch.manual_seed(0)
     cases = list(sampler._cases(1, dtype, "cpu"))
     for name, fn, inputs, moved in cases[3:] if dtype == torch.float32 else cases[3:4]:  # bf16: the attention
@@ -1537,11 +1540,81 @@ def test_naive_head_is_a_pointwise_classifier_of_the_last_map():
                                                              align_corners=True))
 
 
+def test_sliding_window_equals_whole_image_inference():
+    torch.manual_seed(0)
+    model = dgmn2.dgmn2_tiny(num_classes=0)
+    net = segmentation.SemanticFPN(model, 5).eval()
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(segmentation.slide(net, image, 5, window=64, stride=48), net(image))
+        pointwise = nn.Conv2d(3, 5, 1)  # overlapping windows of a per-pixel model average equal values
+        image = torch.randn(1, 3, 50, 77)
+        torch.testing.assert_close(segmentation.slide(pointwise, image, 5, window=32, stride=20),
+                                   pointwise(image))
+
+
+def test_batched_sliding_windows_equal_one_window_a_forward():
+    torch.manual_seed(0)
+    net = segmentation.SemanticFPN(dgmn2.dgmn2_tiny(num_classes=0), 5).eval()
+    image = torch.randn(1, 3, 40, 45)  # 2 x 2 windows of 32
+    with torch.no_grad():
+        one = segmentation.slide(net, image, 5, window=32, stride=20, batch=1)
+        torch.testing.assert_close(segmentation.slide(net, image, 5, window=32, stride=20, batch=3), one)
+        border = nn.Sequential(nn.Conv2d(3, 5, 5, padding=2), nn.BatchNorm2d(5), nn.Conv2d(5, 5, 3, padding=1)).eval()
+        image = torch.randn(1, 3, 70, 97)  # 4 x 6 windows of 24, each sees its own borders
+        one = segmentation.slide(border, image, 5, window=24, stride=15, batch=1)
+        for batch in (5, 8, 100):
+            torch.testing.assert_close(segmentation.slide(border, image, 5, window=24, stride=15, batch=batch), one)
+        channels_last = segmentation.slide(border, image, 5, window=24, stride=15, batch=7, layout=torch.channels_last)
+        torch.testing.assert_close(channels_last, one, atol=1e-5, rtol=1e-5)
+
+
+def ohem_by_hand(logits, labels, threshold, min_kept):
+    """A loop over the labelled pixels: under threshold, or the min_kept hardest if fewer are."""
+    probabilities = logits.softmax(dim=1)
+    pixels = [(probabilities[b, labels[b, i, j], i, j].item(), b, i, j) for b in range(labels.shape[0])
+              for i in range(labels.shape[1]) for j in range(labels.shape[2]) if labels[b, i, j] != cs.IGNORE]
+    kept = [p for p in pixels if p[0] < threshold]
+    if len(kept) < min_kept:
+        kept = sorted(pixels)[:min_kept]
+    return sum(-math.log(p) for p, *_ in kept) / len(kept), {pixel[1:] for pixel in kept}
+
+
+def test_ohem_equals_an_explicit_computation_in_each_branch():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 4, 5, generator=g) * 3
+    labels = torch.randint(0, 3, (2, 4, 5), generator=g)
+    labels[0, 0, :3] = labels[1, 2, 1] = cs.IGNORE
+    labelled = int((labels != cs.IGNORE).sum())
+    assert labelled == 36  # of which 27 are under 0.7 and 20 under 0.2: the three cases take the three branches
+    for threshold, min_kept, kept_count in [(0.7, 5, 27), (0.2, 25, 25), (0.2, 100, labelled)]:
+        expected, kept = ohem_by_hand(logits, labels, threshold, min_kept)
+        assert len(kept) == kept_count
+        x = logits.clone().requires_grad_()
+        loss = segmentation.ohem_cross_entropy(x, labels, threshold, min_kept)
+        torch.testing.assert_close(loss.item(), expected, rtol=1e-5, atol=1e-6)
+        loss.backward()
+        with_gradient = {tuple(p) for p in x.grad.abs().sum(dim=1).nonzero().tolist()}
+        assert with_gradient == kept  # no other pixel, ignored ones least of all, takes part
+
+
+def test_pretrained_takes_the_release_checkpoint_with_its_argparse_namespace(tmp_path):
+    path = tmp_path / "dgmn2_tiny_model.pth"
+    torch.save(dict(model=release_tiny_checkpoint().state_dict(), args=argparse.Namespace(lr=1e-3)), path)
+    with pytest.raises(Exception):  # a plain weights-only load refuses the Namespace
+        torch.load(path, weights_only=True)
+    ours, reference = segmentation.build("dgmn2-tiny"), dgmn2.build("tiny", num_classes=0)
+    segmentation.load_pretrained(ours, dgmn2.load_checkpoint(str(path)))
+    dgmn2.load_official(reference, str(path))
+    torch.testing.assert_close(ours.backbone.state_dict(), reference.state_dict(), rtol=0, atol=0)
+
+
 # ====================================================================================================================
 # detection.py: the COCO models of Tables 3, 5, 7, 8 and 16, their parameters and FLOPs
 
 
-@pytest.mark.parametrize("model", ["retinanet-dgmn2-tiny", "maskrcnn-dgmn2-tiny", "maskrcnn-r50-dgmn-c5"])
+@pytest.mark.parametrize("model", ["retinanet-dgmn2-tiny", "maskrcnn-dgmn2-tiny",
+                                   pytest.param("maskrcnn-r50-dgmn-c5", marks=pytest.mark.slow)])
 def test_every_detector_parameter_gets_a_gradient(model):
     torch.manual_seed(0)
     detector = detection.build(model, 5, min_size=64, max_size=64)
@@ -1634,7 +1707,8 @@ NEW_MODELS = ["maskrcnn-r50-gcnet", "maskrcnn-r50-dmp", "maskrcnn-r50-nonlocal",
 DEEPER = ["maskrcnn-r101", "maskrcnn-r101-dgmn-c5", "maskrcnn-x101", "maskrcnn-x101-dgmn-c5", "maskrcnn-x101-64x4d"]
 
 
-@pytest.mark.parametrize("model", NEW_MODELS)
+@pytest.mark.parametrize("model", [m if m == "maskrcnn-r50-dgmn" else pytest.param(m, marks=pytest.mark.slow)
+                                   for m in NEW_MODELS])  # one in the quick check
 def test_every_baseline_backbone_parameter_learns_in_two_steps(model):
     """Two SGD steps of the backbone (the ResNet-50 with its module, the FPN) on a loss over every FPN level: by the
     second every parameter has had a gradient (zero-initialised parts, such as GCNet's last conv or the non-local
@@ -1669,6 +1743,7 @@ def test_r50_dgmn_c4c5_has_section_5_3s_51_1m_parameters_in_the_release_layout()
     assert trainable - plain - module_weights == 9 * 4 * (18 + 1)  # and per module and rate: walk biases, a scale
 
 
+@pytest.mark.slow
 def test_deeper_backbones_count_as_the_paper_and_run():
     for name, paper in [("maskrcnn-r101", 63.1), ("maskrcnn-x101-64x4d", 101.9)]:  # Section 5.3, Table 8
         assert abs(count_on_meta(name)[0] / 1e6 - paper) < 0.01 * paper
@@ -1752,6 +1827,7 @@ def test_synthetic_default_trains_two_steps(tmp_path):
     assert json.loads((tmp_path / "run" / "log.jsonl").read_text())["top1"] == metrics["top1"]
 
 
+@pytest.mark.slow
 def test_bench_times_dgmn2_beside_swin_t(tmp_path, capsys):
     assert train_imagenet.main(tiny_run(tmp_path, bench=1, batch_size=2)) is None
     out = capsys.readouterr().out
@@ -1859,6 +1935,11 @@ def test_bad_input_gives_one_line(tmp_path):
         with pytest.raises(train_imagenet.InputError, match=message) as error:
             train_imagenet.main(tiny_run(tmp_path, **overrides))
         assert "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_a_resume_that_does_not_fit_gives_one_line(tmp_path):
+    data = write_image_folder(tmp_path / "data")
     train_imagenet.main(tiny_run(tmp_path))
     with pytest.raises(train_imagenet.InputError, match="holds another run's checkpoints: continue it with --resume"):
         train_imagenet.main(tiny_run(tmp_path))
@@ -1887,16 +1968,40 @@ def test_command_line_errors_exit_with_one_line(tmp_path):
     assert run.returncode == 2 and "invalid choice: 'huge'" in run.stderr and "Traceback" not in run.stderr
 
 
+def torchrun(script, *args, processes=2):
+    started = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                          str(processes), str(Path(__file__).with_name(script)), *map(str, args)], capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    return run, time.perf_counter() - started
+
+
 @pytest.mark.slow
-def test_torchrun_two_processes_count_each_image_once(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(Path(__file__).with_name("train_imagenet.py")), "--synthetic-train", "32",
-                          "--synthetic-val", "11", "--batch-size", "8", "--epochs", "1", "--workers", "0",
-                          "--output", str(tmp_path / "run")], capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+def test_imagenet_under_torchrun(tmp_path):
+    """Two processes: each validation image is counted once; bad input met by rank 0 alone before the ranks' first
+    exchange, or by one rank mid-epoch, ends every rank within seconds, one line printed once and no traceback."""
+    run, _ = torchrun("train_imagenet.py", "--synthetic-train", 32, "--synthetic-val", 11, "--batch-size", 8,
+                      "--epochs", 1, "--workers", 0, "--output", tmp_path / "run")
     assert run.returncode == 0, run.stderr[-2000:]
     log = json.loads((tmp_path / "run" / "log.jsonl").read_text())
     assert log["images"] == 11 and log["step"] == 4  # 32 images, a global batch of 8: 4 per process
+    run, seconds = torchrun("train_imagenet.py", "--resume", tmp_path / "missing.pth", "--output", tmp_path / "run")
+    errors = [line for line in run.stderr.splitlines() if "error:" in line]
+    assert run.returncode != 0
+    assert errors == [f"train_imagenet.py: error: {tmp_path / 'missing.pth'}: no such checkpoint"]
+    # torchrun's own report of the failed worker is a traceback of the launcher; none comes from the ranks
+    assert run.stderr.count("Traceback") == run.stderr.count("ChildFailedError:") <= 1, run.stderr[-3000:]
+    assert seconds < 60
+    data = write_image_folder(tmp_path / "data")  # one rank alone meets the unreadable image, mid-epoch
+    (data / "train" / "dog" / "1.png").write_bytes(b"not an image")
+    run, seconds = torchrun("train_imagenet.py", "--data", data, "--img-size", "32", "--batch-size", "4",
+                            "--repeated-aug", "1", "--workers", "0", "--output", tmp_path / "bad")
+    errors = [line for line in run.stderr.splitlines() if "error:" in line]
+    bad = data / "train" / "dog" / "1.png"
+    assert run.returncode != 0 and len(errors) == 1
+    assert errors[0].endswith(f"1.png: unreadable image (cannot identify image file '{bad}')")
+    assert run.stderr.count("Traceback") == run.stderr.count("ChildFailedError:") <= 1, run.stderr[-3000:]
+    assert seconds < 60
 
 
 def test_repeated_augmentation_deals_each_image_three_times_across_ranks():
@@ -1965,11 +2070,12 @@ def test_drop_path_starts_at_its_epoch(tmp_path, monkeypatch):
         set_rate(model, rate)
 
     monkeypatch.setattr(dgmn2.DGMN2, "set_drop_path_rate", record)
-    train_imagenet.main(tiny_run(tmp_path, epochs=3, drop_path=0.1, drop_path_epoch=2))
-    assert rates[-3:] == [0.0, 0.0, 0.1]  # set at each epoch (before: at construction)
+    train_imagenet.main(tiny_run(tmp_path, epochs=2, drop_path=0.1, drop_path_epoch=1, synthetic_val=2))
+    assert rates[-2:] == [0.0, 0.1]  # set at each epoch (before: at construction)
     assert train_imagenet.Config().drop_path_epoch == 100  # the release's recipe by default
 
 
+@pytest.mark.slow
 def test_eval_only_evaluates_the_ema_weights(tmp_path, capsys):
     trained = train_imagenet.main(tiny_run(tmp_path, ema_decay=0.5))
     evaluated = train_imagenet.main(tiny_run(tmp_path, eval_only=True, resume="auto"))
@@ -2037,19 +2143,6 @@ def test_cityscapes_layout_trains_and_maps_train_ids(tmp_path):
     assert cfg.optimizer == "auto" and cfg.crop == 32 and cfg.scale_max == 2.0  # the paper's recipe otherwise
     metrics = train_cityscapes.main(cfg)
     assert metrics["iteration"] == 1 and len(metrics["iou"]) == 19
-
-
-def test_sliding_window_equals_whole_image_inference():
-    torch.manual_seed(0)
-    model = dgmn2.dgmn2_tiny(num_classes=0)
-    net = segmentation.SemanticFPN(model, 5).eval()
-    image = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(segmentation.slide(net, image, 5, window=64, stride=48), net(image))
-        pointwise = nn.Conv2d(3, 5, 1)  # overlapping windows of a per-pixel model average equal values
-        image = torch.randn(1, 3, 50, 77)
-        torch.testing.assert_close(segmentation.slide(pointwise, image, 5, window=32, stride=20),
-                                   pointwise(image))
 
 
 def test_miou_from_a_hand_checked_confusion_matrix():
@@ -2341,22 +2434,6 @@ def test_scales_and_windows_are_drawn_as_resize_then_crop():
     assert set(tops) == set(range(H - 16 + 1))  # every position, as RandomCrop draws it
 
 
-def test_batched_sliding_windows_equal_one_window_a_forward():
-    torch.manual_seed(0)
-    net = segmentation.SemanticFPN(dgmn2.dgmn2_tiny(num_classes=0), 5).eval()
-    image = torch.randn(1, 3, 40, 45)  # 2 x 2 windows of 32
-    with torch.no_grad():
-        one = segmentation.slide(net, image, 5, window=32, stride=20, batch=1)
-        torch.testing.assert_close(segmentation.slide(net, image, 5, window=32, stride=20, batch=3), one)
-        border = nn.Sequential(nn.Conv2d(3, 5, 5, padding=2), nn.BatchNorm2d(5), nn.Conv2d(5, 5, 3, padding=1)).eval()
-        image = torch.randn(1, 3, 70, 97)  # 4 x 6 windows of 24, each sees its own borders
-        one = segmentation.slide(border, image, 5, window=24, stride=15, batch=1)
-        for batch in (5, 8, 100):
-            torch.testing.assert_close(segmentation.slide(border, image, 5, window=24, stride=15, batch=batch), one)
-        channels_last = segmentation.slide(border, image, 5, window=24, stride=15, batch=7, layout=torch.channels_last)
-        torch.testing.assert_close(channels_last, one, atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.slow
 def test_real_data_without_pretrained_warns_that_the_backbone_starts_from_scratch(tmp_path, capsys):
     data = write_cityscapes(tmp_path / "cityscapes")
@@ -2404,49 +2481,9 @@ def test_new_options_and_their_help():
         train_cityscapes.main(segmentation_run(Path("/nonexistent"), eval_batch=0))
 
 
-def test_pretrained_takes_the_release_checkpoint_with_its_argparse_namespace(tmp_path):
-    path = tmp_path / "dgmn2_tiny_model.pth"
-    torch.save(dict(model=release_tiny_checkpoint().state_dict(), args=argparse.Namespace(lr=1e-3)), path)
-    with pytest.raises(Exception):  # a plain weights-only load refuses the Namespace
-        torch.load(path, weights_only=True)
-    ours, reference = segmentation.build("dgmn2-tiny"), dgmn2.build("tiny", num_classes=0)
-    segmentation.load_pretrained(ours, dgmn2.load_checkpoint(str(path)))
-    dgmn2.load_official(reference, str(path))
-    torch.testing.assert_close(ours.backbone.state_dict(), reference.state_dict(), rtol=0, atol=0)
-
-
 def test_table_2_baselines_are_offered_by_model():
     for model in FCN_BASELINES:
         assert model in cs.CHOICES["model"] and cs.parse_args(["--model", model]).model == model
-
-
-def ohem_by_hand(logits, labels, threshold, min_kept):
-    """A loop over the labelled pixels: under threshold, or the min_kept hardest if fewer are."""
-    probabilities = logits.softmax(dim=1)
-    pixels = [(probabilities[b, labels[b, i, j], i, j].item(), b, i, j) for b in range(labels.shape[0])
-              for i in range(labels.shape[1]) for j in range(labels.shape[2]) if labels[b, i, j] != cs.IGNORE]
-    kept = [p for p in pixels if p[0] < threshold]
-    if len(kept) < min_kept:
-        kept = sorted(pixels)[:min_kept]
-    return sum(-math.log(p) for p, *_ in kept) / len(kept), {pixel[1:] for pixel in kept}
-
-
-def test_ohem_equals_an_explicit_computation_in_each_branch():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 3, 4, 5, generator=g) * 3
-    labels = torch.randint(0, 3, (2, 4, 5), generator=g)
-    labels[0, 0, :3] = labels[1, 2, 1] = cs.IGNORE
-    labelled = int((labels != cs.IGNORE).sum())
-    assert labelled == 36  # of which 27 are under 0.7 and 20 under 0.2: the three cases take the three branches
-    for threshold, min_kept, kept_count in [(0.7, 5, 27), (0.2, 25, 25), (0.2, 100, labelled)]:
-        expected, kept = ohem_by_hand(logits, labels, threshold, min_kept)
-        assert len(kept) == kept_count
-        x = logits.clone().requires_grad_()
-        loss = segmentation.ohem_cross_entropy(x, labels, threshold, min_kept)
-        torch.testing.assert_close(loss.item(), expected, rtol=1e-5, atol=1e-6)
-        loss.backward()
-        with_gradient = {tuple(p) for p in x.grad.abs().sum(dim=1).nonzero().tolist()}
-        assert with_gradient == kept  # no other pixel, ignored ones least of all, takes part
 
 
 def test_multi_grid_dilates_res5_by_1_2_4():
@@ -2560,13 +2597,11 @@ def test_a_model_files_bad_argument_is_a_value_error_in_one_line():
         with torch.device("meta"), pytest.raises(ValueError, match=re.escape(message)) as error:
             segmentation.build(**kwargs)
         assert "\n" not in str(error.value) and str(error.value), kwargs
-    # The training script turns one into its one-line InputError (check() catches these options before)
+    # The training script turns one into its one-line InputError
     refused = cs.Config(model="dgmn2-tiny-pup", output_stride=16)
     with pytest.raises(cs.InputError, match="^--model dgmn2-tiny-pup: output_stride 16: the SETR heads take") as error:
         cs.build_model(refused, 19, 1, torch.device("cpu"))
     assert "\n" not in str(error.value)
-    with pytest.raises(cs.InputError, match="--output-stride 16: the SETR heads take DGMN2 at output stride 8"):
-        cs.check(refused)
 
 
 SETR_MODELS = [f"dgmn2-{variant}-{head}" for head in ("naive", "pup", "mla") for variant in dgmn2.VARIANTS]
@@ -2604,7 +2639,7 @@ def real_run(tmp_path, data, **overrides):
 
 def test_predict_writes_label_ids_that_map_back_to_the_models_prediction(tmp_path):
     data = extend_cityscapes(tmp_path / "cityscapes")
-    saved = real_run(tmp_path, data, model="dgmn2-tiny")
+    saved = real_run(tmp_path, data, model="dgmn2-tiny", crop=48, eval_stride=48)  # few windows at each scale
     torch.manual_seed(0)
     model = cs.build_model(saved, len(cs.TRAIN_CLASSES), 1, torch.device("cpu")).eval()
     checkpoint = tmp_path / "checkpoint-0000001.pth"
@@ -2625,8 +2660,8 @@ def test_predict_writes_label_ids_that_map_back_to_the_models_prediction(tmp_pat
             assert set(written.unique().tolist()) <= {c.id for c in cs.TRAIN_CLASSES}
             with torch.no_grad():
                 scores = segmentation.predict(model, cs.normalise(image.float()), len(cs.TRAIN_CLASSES), cfg.crop,
-                                              cfg.eval_stride, scales=cs.MULTI_SCALES if multi_scale else (1,),
-                                              flip=multi_scale)
+                                              cfg.eval_stride, cfg.eval_batch,
+                                              scales=cs.MULTI_SCALES if multi_scale else (1,), flip=multi_scale)
             ours = scores.argmax(dim=1)[0]
             assert torch.equal(lut[written.long()].long(), ours)
 
@@ -2654,6 +2689,7 @@ def test_coarse_mode_reads_gtcoarse_and_trainval_adds_val(tmp_path):
     assert metrics["iteration"] == 1 and math.isfinite(metrics["loss"])
 
 
+@pytest.mark.slow
 def test_finetune_starts_a_new_run_from_another_runs_weights(tmp_path):
     first = segmentation_run(tmp_path / "a", model="dgmn2-tiny-naive", iterations=1, eval_every=1)
     cs.main(first)
@@ -2681,10 +2717,10 @@ def test_finetune_starts_a_new_run_from_another_runs_weights(tmp_path):
 def test_new_options_are_refused_in_one_line_where_they_do_not_apply(tmp_path):
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"")
-    cases = [(dict(model="dgmn2-tiny-pup", output_stride=16), "--output-stride 16: the SETR heads take DGMN2 at "
-              "output stride 8"),
-             (dict(model="dgmn2-large-mla", output_stride=32), "--output-stride 32: the SETR heads"),
-             (dict(model="fcn", output_stride=8), "--output-stride applies to the DGMN2 models, not to --model fcn"),
+    cases = [(dict(model="dgmn2-tiny-pup", output_stride=16), "--model dgmn2-tiny-pup: output_stride 16: the SETR "
+              "heads take DGMN2 at output stride 8"),  # segmentation.build()'s words, as the script reports them
+             (dict(model="dgmn2-large-mla", output_stride=32), "output_stride 32: the SETR heads"),
+             (dict(model="fcn", output_stride=8), "--model fcn: output_stride applies to the DGMN2 models, not to fcn"),
              (dict(output_stride=4), "unknown --output-stride 4"),
              (dict(mode="coarse"), "--mode coarse needs --data"),
              (dict(mode="coarse", trainval=True, data=str(tmp_path)), "--trainval applies to --mode fine"),
@@ -2768,7 +2804,8 @@ class GroundTruthDetector(nn.Module):
 def evaluate_detector(data, detector, rank=0, world=1, output=None):
     cfg = detection_run(data, model="maskrcnn-dgmn2-tiny", data=str(data), eval_only=True, resume="x")
     _, val, names, annotation_file = train_coco.datasets(cfg, masks=True)
-    return train_coco.evaluate(detector, val, names, annotation_file, cfg, torch.device("cpu"),
+    loader = train_coco.evaluation_loader(val, cfg, rank, world, torch.device("cpu"))
+    return train_coco.evaluate(detector, loader, names, annotation_file, cfg, torch.device("cpu"),
                                contextlib.nullcontext(), rank, world, output, "test")
 
 
@@ -2867,7 +2904,8 @@ def test_detection_recipes_are_the_papers():
     assert shorter["steps"] == [6000, 8000]  # the decays keep their place in a shorter run
     synthetic = train_coco.parse_args(["--iterations", "120"])  # no --data: the recipe's step fractions
     assert train_coco.recipe(synthetic, 250)["steps"] == [80, 110]
-    assert lr_factors(r50, (0, 250, 500, 59_999, 60_000, 80_000)) == pytest.approx([0.3, 0.65, 1, 1, 0.1, 0.01])
+    scaled = {**r50, "warmup": 10, "steps": [60, 80]}  # the recipe's shape in fewer steps
+    assert lr_factors(scaled, (0, 5, 10, 59, 60, 80)) == pytest.approx([0.3, 0.65, 1, 1, 0.1, 0.01])
     assert lr_factors({**r50, "warmup": 0}, (0, 1)) == [1, 1]
 
 
@@ -3143,6 +3181,7 @@ def test_channels_last_and_compile_are_off_by_default_and_say_why():
     assert cfg.channels_last and cfg.compile
 
 
+@pytest.mark.slow
 @NEEDS_PYCOCOTOOLS
 def test_channels_last_trains(tmp_path):
     metrics = train_coco.main(detection_run(tmp_path, channels_last=True, eval_every=2))
@@ -3311,35 +3350,6 @@ def test_progress_syncs_logs_and_stops_every_log_every_steps(capsys, tmp_path):
     with pytest.raises(train_imagenet.TrainingError, match=r"the loss is nan at steps 1-3 \(epoch 1\); stopped, "
                                                            "the last good checkpoint is none yet"):
         progress.update(dict(loss=torch.tensor(1.0)), lr=0.1)
-
-
-def torchrun(script, *args, processes=2):
-    started = time.perf_counter()
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                          str(processes), str(Path(__file__).with_name(script)), *map(str, args)], capture_output=True,
-                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    return run, time.perf_counter() - started
-
-
-@pytest.mark.slow
-def test_bad_input_under_torchrun_ends_every_rank_with_one_line(tmp_path):
-    run, seconds = torchrun("train_imagenet.py", "--resume", tmp_path / "missing.pth", "--output", tmp_path / "run")
-    errors = [line for line in run.stderr.splitlines() if "error:" in line]
-    assert run.returncode != 0
-    assert errors == [f"train_imagenet.py: error: {tmp_path / 'missing.pth'}: no such checkpoint"]
-    # torchrun's own report of the failed worker is a traceback of the launcher; none comes from the ranks
-    assert run.stderr.count("Traceback") == run.stderr.count("ChildFailedError:") <= 1, run.stderr[-3000:]
-    assert seconds < 60
-    data = write_image_folder(tmp_path / "data")  # one rank alone meets the unreadable image, mid-epoch
-    (data / "train" / "dog" / "1.png").write_bytes(b"not an image")
-    run, seconds = torchrun("train_imagenet.py", "--data", data, "--img-size", "32", "--batch-size", "4",
-                            "--repeated-aug", "1", "--workers", "0", "--output", tmp_path / "bad")
-    errors = [line for line in run.stderr.splitlines() if "error:" in line]
-    bad = data / "train" / "dog" / "1.png"
-    assert run.returncode != 0 and len(errors) == 1
-    assert errors[0].endswith(f"1.png: unreadable image (cannot identify image file '{bad}')")
-    assert run.stderr.count("Traceback") == run.stderr.count("ChildFailedError:") <= 1, run.stderr[-3000:]
-    assert seconds < 60
 
 
 # ====================================================================================================================

@@ -209,7 +209,7 @@ def load_pretrained(model, state):
     """Backbone weights without the classifier into a detector of build(): the release's or train_imagenet.py's DGMN2
     (a checkpoint with its "config"), torchvision's ResNet or ResNeXt (all but the inserted modules: INSERTED).
     state: the loaded file. A state that does not fit raises ValueError, naming the first tensor at fault."""
-    body, ours = model.backbone.body, isinstance(state, dict) and "config" in state
+    body, ours = model.backbone.body, isinstance(state, dict) and {"config", "model"} <= state.keys()
     if isinstance(body, dgmn2.DGMN2) and not ours:
         return dgmn2.load_official(body, state)
     weights = state["model"] if ours else state if isinstance(state, dict) else {}

@@ -2,7 +2,9 @@
 (Section 6.3, Table 11), and the dilated FCN ResNet-101 (Section 5.1) with the DGMN module or a module of Table 2
 (DCNv2, ASPP, non-local), with DeepLab v3's multi-grid (Table 13) and DGMN's rates and groups (Tables 14, 15) as
 options. One model table, MODELS, holds the paper's parameters, FLOPs and mIoU beside each model; build(name) makes
-one. train_cityscapes.py trains and evaluates them.
+one, load_pretrained gives it its ImageNet backbone, slide and predict run it over a whole image (sliding windows,
+scales and flips, Section 8.1.1) and ohem_cross_entropy is the FCNs' OHEM loss (Table 13). train_cityscapes.py trains
+and evaluates them.
 
 Symbols, used throughout: B batch, H x W the input image, C channels, H_s x W_s the map of DGMN2's stage s (1-4),
 C_s its channels, classes the classifier's outputs.
@@ -363,7 +365,7 @@ def load_pretrained(model, state):
     """Backbone weights without the classifier into a model of build(): the release's or train_imagenet.py's DGMN2 (a
     checkpoint with its "config"), or torchvision's ResNet-101. state: the loaded file (dgmn2.load_checkpoint). A
     state that does not fit raises ValueError, naming the first tensor at fault."""
-    backbone, ours = model.backbone, isinstance(state, dict) and "config" in state
+    backbone, ours = model.backbone, isinstance(state, dict) and {"config", "model"} <= state.keys()
     if isinstance(backbone, dgmn2.DGMN2) and not ours:
         dgmn2.load_official(backbone, state)
         return

@@ -3030,7 +3030,7 @@ def test_training_data_loaders_pin_memory_and_keep_evaluation_workers(tmp_path):
     loader = train_coco.evaluation_loader(val, cfg, 1, 2, torch.device("cpu"))
     assert loader.persistent_workers and not loader.pin_memory and list(loader.dataset.indices) == [1, 3]
     assert ground_truth is val.coco  # evaluation matches against the dataset's own COCO object
-    assert [len(images) for images, _ in loader] == [1, 1]  # batch 2 over 2 processes: 1 image each
+    assert [len(batch) for batch in loader] == [1, 1]  # batch 2 over 2 processes: 1 image each
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -191,7 +191,7 @@ def read_checkpoint(path, cfg, weights_depend_on, training_depends_on):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unpickling failure is one bad file
         raise InputError(f"{path}: not a readable checkpoint ({str(error).strip().splitlines()[0]})") from None
-    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "step", "plan", "config"} <= state.keys():
+    if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
         raise InputError(f"{path}: not a checkpoint of {Path(__file__).name} (backbone weights go to --pretrained)")
     for name in [*weights_depend_on, *([] if cfg.eval_only else training_depends_on)]:
         saved = state["config"].get(name, getattr(type(cfg), name))  # an option added since: its default
@@ -238,14 +238,16 @@ def restore(path, state, cfg, parts, log):
         return 0
     load_weights(parts.model, state["model"], path)
     if not cfg.eval_only:
+        if not {"step", "plan", *SAVED} <= state.keys():
+            raise InputError(f"{path}: saved by an older version (no step or plan): start a new --output")
         changed = [f"{k} {state['plan'].get(k)}, now {v}" for k, v in parts.plan.items() if state["plan"].get(k) != v]
         if changed:
             raise InputError(f"{path}: saved with {'; '.join(changed)} (other options or data)")
         for name in SAVED[1:]:  # after the model
             if getattr(parts, name) is not None and state[name]:
                 getattr(parts, name).load_state_dict(state[name])
-        log(f"Resumed from {path} at step {state['step']}.")
-    return state["step"]
+    log(f"{'Evaluating' if cfg.eval_only else 'Resuming'} {path}, saved at step {state.get('step', '?')}.")
+    return state.get("step", 0)
 
 
 def main(cfg):
@@ -625,17 +627,13 @@ def evaluate(model, val, class_names, cfg, device, autocast, rank, world, pictur
 
 def write_predictions(model, images, cfg, device, autocast, rank, world):
     """--predict DIR: the predicted classes of each of images (a CityscapesImages) as labelIds, Cityscapes' submission
-    format, in DIR/CITY/NAME_leftImg8bit.png; each image by one rank. Returns dict(written=images written)."""
+    format, in DIR/CITY/NAME_leftImg8bit.png; each image by one rank (a failure raises). -> dict(written=images)."""
     label_ids = torch.tensor([c.id for c in TRAIN_CLASSES], dtype=torch.uint8, device=device)  # by train id
-    written = torch.zeros((), dtype=torch.long, device=device)
     for _, index, prediction in predictions(model, images, len(TRAIN_CLASSES), cfg, device, autocast, rank, world):
         path = Path(cfg.predict) / images.names[index]
         path.parent.mkdir(parents=True, exist_ok=True)
         torchvision.io.write_png(label_ids[prediction][None].cpu(), str(path))  # (1, H, W): one grey channel
-        written += 1
-    if world > 1:
-        dist.all_reduce(written)
-    return dict(written=int(written))
+    return dict(written=len(images))
 
 
 # ---- Training --------------------------------------------------------------------------------------------------
@@ -661,6 +659,7 @@ def run(cfg, rank, world, device):
     start = restore(path, state, cfg, parts, log)
     if cfg.finetune and not state:  # the weights alone: this run's schedule and optimiser start afresh
         load_weights(model, read_checkpoint(cfg.finetune, cfg, WEIGHTS_DEPEND_ON, [])["model"], cfg.finetune)
+        log(f"Fine-tuning the weights of {cfg.finetune} (a checkpoint in --output would take their place).")
     Path(cfg.output).mkdir(parents=True, exist_ok=True)
     if cfg.eval_only and cfg.predict:
         result = write_predictions(model, val, cfg, device, autocast, rank, world)
@@ -717,7 +716,7 @@ def training(cfg, rank, world, device, parts, start, log):
 
 
 def announce(cfg, log, world, device, model, checkpoint):
-    """What the run trains, on what and from where; a backbone from scratch on real data gets a warning (stderr)."""
+    """What the run trains and on what; a backbone from scratch on real data gets a warning (stderr)."""
     if not cfg.data:
         log(f"No --data: the built-in synthetic scenes ({len(Scenes.classes)} classes, {cfg.synthetic_train} images).")
     elif not (cfg.pretrained or cfg.finetune or checkpoint):

@@ -194,7 +194,7 @@ def read_checkpoint(path, cfg, weights_depend_on, training_depends_on):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unpickling failure is one bad file
         raise InputError(f"{path}: not a readable checkpoint ({str(error).strip().splitlines()[0]})") from None
-    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "step", "plan", "config"} <= state.keys():
+    if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
         raise InputError(f"{path}: not a checkpoint of {Path(__file__).name} (backbone weights go to --pretrained)")
     for name in [*weights_depend_on, *([] if cfg.eval_only else training_depends_on)]:
         saved = state["config"].get(name, getattr(type(cfg), name))  # an option added since: its default
@@ -241,14 +241,16 @@ def restore(path, state, cfg, parts, log):
         return 0
     load_weights(parts.model, state["model"], path)
     if not cfg.eval_only:
+        if not {"step", "plan", *SAVED} <= state.keys():
+            raise InputError(f"{path}: saved by an older version (no step or plan): start a new --output")
         changed = [f"{k} {state['plan'].get(k)}, now {v}" for k, v in parts.plan.items() if state["plan"].get(k) != v]
         if changed:
             raise InputError(f"{path}: saved with {'; '.join(changed)} (other options or data)")
         for name in SAVED[1:]:  # after the model
             if getattr(parts, name) is not None and state[name]:
                 getattr(parts, name).load_state_dict(state[name])
-        log(f"Resumed from {path} at step {state['step']}.")
-    return state["step"]
+    log(f"{'Evaluating' if cfg.eval_only else 'Resuming'} {path}, saved at step {state.get('step', '?')}.")
+    return state.get("step", 0)
 
 
 def main(cfg):
@@ -484,10 +486,6 @@ def load_coco(root, split, target_keys, train):
     return torchvision.datasets.wrap_dataset_for_transforms_v2(dataset, target_keys=target_keys)
 
 
-def collate(batch):
-    return tuple(zip(*batch))  # (images, targets): the detectors take lists of differently sized images
-
-
 def datasets(cfg, masks, rank=0, world=1):
     """(train, val, category names by id, val's COCO ground truth) of --data, else of the synthetic set."""
     root = cfg.data or Path(cfg.output) / f"synthetic-{cfg.min_size}px"
@@ -495,8 +493,8 @@ def datasets(cfg, masks, rank=0, world=1):
         raise InputError(f"{cfg.data}: no such data directory")
     if not cfg.data and rank == 0:
         print(f"No --data: the built-in synthetic shapes ({len(SHAPES)} classes) in COCO's format under {root}.")
-        lengths = dict(val=cfg.synthetic_val, train=0 if cfg.eval_only else cfg.synthetic_train)
-        write_synthetic(root, cfg.min_size, lengths)
+        write_synthetic(root, cfg.min_size, dict(val=cfg.synthetic_val, **({} if cfg.eval_only else dict(
+            train=cfg.synthetic_train))))
     if not cfg.data and world > 1:  # the others wait for rank 0's files
         dist.barrier()
     keys = {"image_id", "boxes", "labels"} | ({"masks"} if masks else set())
@@ -604,7 +602,7 @@ def draw(image, output, names, threshold=0.5):
 
 def evaluation_loader(val, cfg, rank, world, device):
     """Rank r's validation images: r, r + world, ...; the workers persist from one evaluation to the next."""
-    return DataLoader(Subset(val, range(rank, len(val), world)), max(cfg.batch_size // world, 1), collate_fn=collate,
+    return DataLoader(Subset(val, range(rank, len(val), world)), max(cfg.batch_size // world, 1), collate_fn=list,
                       num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
 
 
@@ -615,7 +613,8 @@ def evaluate(model, val, names, ground_truth, cfg, device, autocast, rank, world
     pictures = output / f"pictures-{tag}" if output is not None and rank == 0 and cfg.pictures else None
     model.eval()
     results, image_ids = dict(bbox=[], segm=[]), []
-    for images, targets in tqdm(val, desc="eval", leave=False, disable=rank != 0 or not sys.stderr.isatty()):
+    for batch in tqdm(val, desc="eval", leave=False, disable=rank != 0 or not sys.stderr.isatty()):
+        images, targets = zip(*batch)  # batches are lists of (image, target): the images differ in size
         with autocast:
             detections = model([image.to(device, non_blocking=True) for image in images])
         for image, target, detected in zip(images, targets, detections):
@@ -677,7 +676,8 @@ def training(cfg, rank, world, device, parts, start, log):
     for first, last in itertools.pairwise([start, *sorted(end for end in ends if end > start)]):
         torch.manual_seed(seed_of(cfg.seed, first, rank))
         progress = Progress(cfg, rank, world, device, first, last, cfg.batch_size, f"train to {last}", cfg.output)
-        for images, targets in itertools.islice(progress.batches(parts.batches), last - first):
+        for batch in itertools.islice(progress.batches(parts.batches), last - first):
+            images, targets = zip(*batch)  # lists of (image, target): the images differ in size
             images, targets = tree_map_only(torch.Tensor, lambda t: t.to(device, non_blocking=True), (images, targets))
             images, targets = zip(*map(FLIP, images, targets))  # here, not in the workers: the reseeds decide it
             with parts.autocast:
@@ -740,8 +740,8 @@ def run(cfg, rank, world, device):
     log(f"{world} process(es) on {device.type}; {plan['optimizer']}, lr {plan['lr']:g}, {plan['iterations']} "
         f"iterations of {cfg.batch_size} images ({per_epoch} an epoch), lr x 0.1 after {plan['steps']}")
     loader = DataLoader(train, batch_sampler=batches(groups, cfg.batch_size // world, cfg.seed, rank, world, start),
-                        collate_fn=collate, num_workers=cfg.workers, pin_memory=device.type == "cuda")
-    parts = parts._replace(batches=iter(loader))  # the iterator draws a seed: before train_steps reseeds
+                        collate_fn=list, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    parts = parts._replace(batches=iter(loader))  # the iterator draws a seed: before training() reseeds
     return training(cfg, rank, world, device, parts, start, log)
 
 

@@ -189,7 +189,7 @@ def read_checkpoint(path, cfg, weights_depend_on, training_depends_on):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unpickling failure is one bad file
         raise InputError(f"{path}: not a readable checkpoint ({str(error).strip().splitlines()[0]})") from None
-    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "step", "plan", "config"} <= state.keys():
+    if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
         raise InputError(f"{path}: not a checkpoint of {Path(__file__).name} (backbone weights go to --pretrained)")
     for name in [*weights_depend_on, *([] if cfg.eval_only else training_depends_on)]:
         saved = state["config"].get(name, getattr(type(cfg), name))  # an option added since: its default
@@ -236,14 +236,16 @@ def restore(path, state, cfg, parts, log):
         return 0
     load_weights(parts.model, state["model"], path)
     if not cfg.eval_only:
+        if not {"step", "plan", *SAVED} <= state.keys():
+            raise InputError(f"{path}: saved by an older version (no step or plan): start a new --output")
         changed = [f"{k} {state['plan'].get(k)}, now {v}" for k, v in parts.plan.items() if state["plan"].get(k) != v]
         if changed:
             raise InputError(f"{path}: saved with {'; '.join(changed)} (other options or data)")
         for name in SAVED[1:]:  # after the model
             if getattr(parts, name) is not None and state[name]:
                 getattr(parts, name).load_state_dict(state[name])
-        log(f"Resumed from {path} at step {state['step']}.")
-    return state["step"]
+    log(f"{'Evaluating' if cfg.eval_only else 'Resuming'} {path}, saved at step {state.get('step', '?')}.")
+    return state.get("step", 0)
 
 
 def main(cfg):
@@ -576,7 +578,7 @@ def optimiser(cfg, model, steps_per_epoch):
 
 def evaluated_weights(path, state, parts, log):
     """--eval-only --resume: the checkpoint's EMA weights replace the trained ones that restore() loaded, if saved."""
-    averaged = {k.removeprefix("module."): v for k, v in (state["ema"] or {}).items() if k != "n_averaged"}
+    averaged = {k.removeprefix("module."): v for k, v in (state.get("ema") or {}).items() if k != "n_averaged"}
     if averaged:
         load_weights(parts.model, averaged, path)
     log(f"Evaluating the {'EMA' if averaged else 'trained (no EMA in the checkpoint)'} weights of {path}.")

@@ -18,6 +18,7 @@ C_s its channels, classes the classifier's outputs.
 import functools
 import itertools
 import math
+import textwrap
 from dataclasses import dataclass
 
 import torch
@@ -360,6 +361,8 @@ def build(name, num_classes=NUM_CLASSES, output_stride=None, multi_grid=False, d
 # ----------------------------------------------------------------------------------------------------------------
 # Pretrained backbones
 
+MESSAGE_WIDTH = 150  # characters of load_state_dict's list of misfits kept in the one-line error
+
 
 def load_pretrained(model, state):
     """Backbone weights without the classifier into a model of build(): the release's or train_imagenet.py's DGMN2 (a
@@ -372,10 +375,9 @@ def load_pretrained(model, state):
     weights = state["model"] if ours else state if isinstance(state, dict) else {}
     try:
         backbone.load_state_dict({name: t for name, t in weights.items() if not name.startswith(("head.", "fc."))})
-    except RuntimeError as error:  # missing, unexpected or misshapen tensors: the first kind found
-        found = str(error).splitlines()[1].strip()  # the first kind of misfit, its names cut short
-        raise ValueError(f"does not fit the backbone of this model ({found[:150]}{'...' * (len(found) > 150)})") \
-            from None
+    except RuntimeError as error:  # missing, unexpected or misshapen tensors
+        found = textwrap.shorten(str(error).splitlines()[1], MESSAGE_WIDTH)  # the first kind of misfit
+        raise ValueError(f"does not fit the backbone of this model ({found})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -3316,6 +3316,22 @@ def test_the_shared_block_is_the_same_text_in_every_script():
             assert repeated not in text, (script.__name__, repeated)
 
 
+def test_restore_refuses_an_older_checkpoint_or_another_plan_and_returns_the_step():
+    model = nn.Linear(2, 2)
+    parts = train_imagenet.Parts(model, *[None] * 9, plan=dict(steps_per_epoch=5))
+    cfg, said = train_imagenet.Config(), []
+    older = dict(model=model.state_dict(), optimizer={}, scheduler={}, scaler={}, ema=None, epoch=1, config={})
+    with pytest.raises(train_imagenet.InputError, match=r"old.pth: saved by an older version \(no step or plan\)"):
+        train_imagenet.restore("old.pth", older, cfg, parts, said.append)
+    ours = dict(older, step=7, plan=dict(steps_per_epoch=4))
+    with pytest.raises(train_imagenet.InputError, match=r"saved with steps_per_epoch 4, now 5 \(other options"):
+        train_imagenet.restore("c.pth", ours, cfg, parts, said.append)
+    assert train_imagenet.restore("c.pth", dict(ours, plan=parts.plan), cfg, parts, said.append) == 7
+    assert train_imagenet.restore("o.pth", older, dataclasses.replace(cfg, eval_only=True), parts, said.append) == 0
+    assert said == ["Resuming c.pth, saved at step 7.", "Evaluating o.pth, saved at step ?."]
+    assert train_imagenet.restore("none", None, cfg, parts, said.append) == 0
+
+
 @NEEDS_PYCOCOTOOLS
 def test_help_explains_every_option(capsys):
     for script in SCRIPTS:

@@ -1037,7 +1037,8 @@ def macs_counted_here(model, shape):
         model(torch.empty(shape, device="meta"))
     for hook in hooks:
         hook.remove()
-    bilinear = sum(4 * 2 * B * N * 9 * C for B, N, C in tokens)
+    K = dgmn2.KERNEL_SIZE ** 2
+    bilinear = sum(4 * 2 * B * N * K * C for B, N, C in tokens)  # keys and values
     return counter.get_total_flops() // 2 + bilinear, bilinear
 
 
@@ -2029,7 +2030,7 @@ def kill_then_resume(script, cfg, monkeypatch):
         script.main(cfg)
     monkeypatch.setattr(script, "save_checkpoint", save)
     steps = []
-    counting = register_optimizer_step_post_hook(lambda *_: steps.append(1))  # every optimiser
+    counting = register_optimizer_step_post_hook(lambda *_: steps.append(1))  # global: whichever optimiser it builds
     try:
         script.main(dataclasses.replace(cfg, resume="auto"))
     finally:

@@ -34,8 +34,10 @@ from torchvision.ops import deform_conv2d
 from torchvision.transforms import v2
 
 import detection
+import deformable_detr
 import dgmn
 import dgmn2
+import matching
 import sampler
 import segmentation
 import train_cityscapes
@@ -1940,6 +1942,357 @@ def test_detection_imports_neither_a_training_script_nor_pycocotools():
 
 
 # ====================================================================================================================
+# deformable_detr.py and matching.py: Table 9
+
+
+def bilinear_read(image, x, y):
+    """One bilinear read of image (D, H, W) at pixel coordinates x, y (centres at integers), zero outside."""
+    D, H, W = image.shape
+    x0, y0 = math.floor(x), math.floor(y)
+    total = torch.zeros(D, dtype=image.dtype)
+    for dy, dx in itertools.product((0, 1), (0, 1)):
+        yy, xx = y0 + dy, x0 + dx
+        if 0 <= yy < H and 0 <= xx < W:
+            total = total + (1 - abs(y - yy)) * (1 - abs(x - xx)) * image[:, yy, xx]
+    return total
+
+
+def deformable_inputs(B=2, Q=3, M=2, D=3, shapes=((3, 4), (2, 3)), P=2, seed=0):
+    """value (B, N, M, D), locations (B, Q, M, L, P, 2) inside and beyond [0, 1], off the pixels' kinks; weights."""
+    g = torch.Generator().manual_seed(seed)
+    N, L = sum(h * w for h, w in shapes), len(shapes)
+    value = torch.randn(B, N, M, D, generator=g, dtype=torch.float64)
+    shape = (B, Q, M, L, P, 2)
+    pixels = torch.randint(-1, 5, shape, generator=g) + 0.1 + 0.8 * torch.rand(shape, generator=g)
+    size = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float64).view(1, 1, 1, L, 1, 2)
+    locations = ((pixels + 0.5) / size).double()  # pixel p's centre at (p + 0.5) / size
+    weights = torch.rand(B, Q, M, L, P, generator=g, dtype=torch.float64)
+    return value, list(shapes), locations, weights
+
+
+def test_deformable_attention_reads_as_a_loop_of_bilinear_reads():
+    value, shapes, locations, weights = deformable_inputs()
+    B, Q, M, L, P, _ = locations.shape
+    expected = torch.zeros(B, Q, M, value.shape[-1], dtype=torch.float64)
+    starts = [0] + list(itertools.accumulate(h * w for h, w in shapes))
+    for b, q, m, level, p in itertools.product(range(B), range(Q), range(M), range(L), range(P)):
+        H, W = shapes[level]
+        image = value[b, starts[level]:starts[level + 1], m].T.reshape(-1, H, W)  # (D, H, W)
+        x, y = locations[b, q, m, level, p].tolist()
+        expected[b, q, m] += weights[b, q, m, level, p] * bilinear_read(image, x * W - 0.5, y * H - 0.5)
+    torch.testing.assert_close(deformable_detr.sample_levels(value, shapes, locations, weights),
+                               expected.flatten(2))
+
+
+def test_deformable_attention_gradcheck_and_padded_values_read_as_zeros():
+    value, shapes, locations, weights = deformable_inputs(B=1, Q=2, D=2)
+    inputs = [t.requires_grad_() for t in (value, locations, weights)]
+    assert torch.autograd.gradcheck(lambda v, loc, w: deformable_detr.sample_levels(v, shapes, loc, w), inputs)
+    torch.manual_seed(0)
+    attention = deformable_detr.DeformableAttention(16, heads=2, levels=2, points=2).double()
+    query, values = torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(2, 18, 16, dtype=torch.float64)
+    reference = torch.rand(2, 5, 2, 2, dtype=torch.float64)
+    padding = torch.zeros(2, 18, dtype=torch.bool)
+    padding[1, 10:] = True  # the second image's last tokens are padding
+    changed = values.clone()
+    changed[1, 10:] = 100.0
+    out = attention(query, reference, values, [(3, 4), (2, 3)], padding)
+    torch.testing.assert_close(attention(query, reference, changed, [(3, 4), (2, 3)], padding), out)
+    assert not torch.allclose(attention(query, reference, changed, [(3, 4), (2, 3)], padding & False), out)
+
+
+def test_deformable_attention_starts_as_upstream():
+    attention = deformable_detr.DeformableAttention()
+    bias = attention.sampling_offsets.bias.view(8, 4, 4, 2)  # (M, L, P, xy)
+    rays = bias[:, 0, 0]  # point 1 of level 0: each head's unit step, its larger coordinate +-1
+    torch.testing.assert_close(rays.abs().max(-1).values, torch.ones(8))
+    angles = torch.atan2(rays[:, 1], rays[:, 0]) % (2 * math.pi)
+    torch.testing.assert_close(angles, torch.arange(8) * math.pi / 4)
+    torch.testing.assert_close(bias, rays[:, None, None] * torch.arange(1.0, 5).view(1, 1, 4, 1).expand(8, 4, 4, 1))
+    assert not attention.sampling_offsets.weight.any() and not attention.attention_weights.weight.any()
+    detr = detection.build("deformable-detr-dgmn2-tiny", 91)
+    head, box = detr.class_heads[0], detr.box_heads[0].layers[-1]
+    torch.testing.assert_close(head.bias, torch.full((91,), -math.log(99)))
+    assert not box.weight.any() and box.bias.tolist() == [0, 0, -2, -2]
+    plus = detection.build("deformable-detr-plus-dgmn2-small", 91)
+    assert all(not h.layers[-1].bias.any() for h in plus.box_heads) and len(plus.box_heads) == 7
+
+
+@pytest.mark.slow
+def test_table_9_parameters_and_flops():
+    """Parameters exactly as counted from the release (its 91 classes, the R-50 rows' trainable ones); the base rows'
+    FLOPs within 2% of Table 9 with the bilinear reads counted (detection.COUNTING), the "+" rows' printed."""
+    expected = {"deformable-detr-r50": 39_847_265, "deformable-detr-dgmn2-tiny": 23_992_529,
+                "deformable-detr-dgmn2-small": 32_859_425, "deformable-detr-dgmn2-medium": 47_702_777,
+                "deformable-detr-plus-r50": 40_959_129, "deformable-detr-plus-dgmn2-small": 33_971_289}
+    assert [n for n in detection.MODELS if n.startswith("deformable")] == list(expected)
+    for name, count in expected.items():
+        params, macs = detection.cost(name)
+        assert params == count, name
+        spec = detection.MODELS[name]
+        assert abs(params / 1e6 - spec.params_m) < 0.06 and spec.table == "Table 9"  # R-50: 39.85 for 39.9
+        if "plus" not in name:
+            assert abs(macs / 1e9 / spec.gflops - 1) < 0.02, (name, macs)
+
+
+def box_corners(box):
+    """(x0, y0, x1, y1) of a (cx, cy, w, h) box given as 4 floats."""
+    cx, cy, w, h = box
+    return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+
+
+def giou_from_corners(a, b):
+    """GIoU of two (cx, cy, w, h) boxes: IoU less the share of their enclosing box that neither covers."""
+    (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = box_corners(a), box_corners(b)
+    inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
+    union = (ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter
+    hull = (max(ax1, bx1) - min(ax0, bx0)) * (max(ay1, by1) - min(ay0, by0))
+    return inter / union - (hull - union) / hull
+
+
+def focal_by_hand(logit, on):
+    """Sigmoid focal loss (alpha 0.25, gamma 2) of one logit against target 1 (on) or 0."""
+    p = 1 / (1 + math.exp(-logit))
+    return 0.25 * (1 - p) ** 2 * -math.log(p) if on else 0.75 * p ** 2 * -math.log(1 - p)
+
+
+def matching_cost_by_hand(logits, box, label, goal):
+    """Deformable DETR's matching cost of one query (K logits, a box) and one target (its class, its box)."""
+    p = 1 / (1 + math.exp(-logits[label]))
+    focal = 0.25 * (1 - p) ** 2 * -math.log(p + 1e-8) - 0.75 * p ** 2 * -math.log(1 - p + 1e-8)
+    l1 = sum(abs(x - y) for x, y in zip(box, goal))
+    return 2 * focal + 5 * l1 - 2 * giou_from_corners(box, goal)
+
+
+def random_boxes(n, g):
+    """n (cx, cy, w, h) boxes, centres anywhere in the image, sides 0.1 to 0.5: (n, 4)."""
+    return torch.cat([torch.rand(n, 2, generator=g), 0.1 + 0.4 * torch.rand(n, 2, generator=g)], -1)
+
+
+def random_batch(Q, counts, K=3, seed=0):
+    """Predictions dict(logits (B, Q, K), boxes (B, Q, 4)) and B targets of counts[b] boxes each."""
+    g = torch.Generator().manual_seed(seed)
+    prediction = dict(logits=torch.randn(len(counts), Q, K, generator=g),
+                      boxes=torch.stack([random_boxes(Q, g) for _ in counts]))
+    targets = [dict(labels=torch.randint(0, K, (T,), generator=g), boxes=random_boxes(T, g)) for T in counts]
+    return prediction, targets
+
+
+def test_the_matcher_finds_the_cheapest_of_all_injective_assignments():
+    Q = 5
+    for T, seed in itertools.product(range(7), range(4)):  # fewer targets than queries, as many, more
+        prediction, targets = random_batch(Q, [T, 6 - T], seed=seed)
+        matches = matching.hungarian_match(prediction["logits"], prediction["boxes"], targets)
+        assert len(matches) == 2
+        for b, (target, (queries, chosen)) in enumerate(zip(targets, matches)):
+            logits, boxes = prediction["logits"][b], prediction["boxes"][b]
+            n = len(target["labels"])
+            cost = [[matching_cost_by_hand(logits[q].tolist(), boxes[q].tolist(), int(target["labels"][t]),
+                                           target["boxes"][t].tolist()) for t in range(n)] for q in range(Q)]
+            if n <= Q:  # each target to its own query
+                pairs = ([(q, t) for t, q in enumerate(order)] for order in itertools.permutations(range(Q), n))
+            else:  # each query to its own target
+                pairs = (list(enumerate(order)) for order in itertools.permutations(range(n), Q))
+            best = min(sum(cost[q][t] for q, t in assignment) for assignment in pairs)
+            assert queries.dtype == chosen.dtype == torch.int64 and len(queries) == len(chosen) == min(Q, n)
+            assert len(set(queries.tolist())) == len(set(chosen.tolist())) == min(Q, n)  # one to one
+            found = sum(cost[q][t] for q, t in zip(queries.tolist(), chosen.tolist()))
+            assert found == pytest.approx(best, rel=1e-5, abs=1e-5)
+
+
+def test_the_set_loss_by_hand_and_its_normalisation_by_the_batchs_boxes():
+    logits = torch.tensor([[[0.3, 1.5], [-0.7, -2.0]]])  # query 0 is near the target, query 1 far from it
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.1, 0.9, 0.1, 0.1]]])
+    target = dict(labels=torch.tensor([1]), boxes=torch.tensor([[0.45, 0.55, 0.3, 0.2]]))
+    losses = matching.set_loss(dict(logits=logits, boxes=boxes), [target], num_boxes=1)
+    (l00, l01), (l10, l11) = logits[0].tolist()
+    focal = (focal_by_hand(l00, False) + focal_by_hand(l01, True)  # the matched query: class 1 on
+             + focal_by_hand(l10, False) + focal_by_hand(l11, False))  # the unmatched one: no class
+    assert losses["loss_class"].item() == pytest.approx(2 * focal, rel=1e-5)
+    assert losses["loss_l1"].item() == pytest.approx(5 * (0.05 + 0.05 + 0.1 + 0.2), rel=1e-5)
+    giou = giou_from_corners([0.5, 0.5, 0.2, 0.4], [0.45, 0.55, 0.3, 0.2])
+    assert losses["loss_giou"].item() == pytest.approx(2 * (1 - giou), rel=1e-5)
+    for num_boxes in (2, 3.5):
+        scaled = matching.set_loss(dict(logits=logits, boxes=boxes), [target], num_boxes)
+        assert all(scaled[k].item() == pytest.approx(losses[k].item() / num_boxes, rel=1e-6) for k in losses)
+    prediction, targets = random_batch(6, [3, 1])  # the sums of both images over the batch's 4 boxes
+    batch = matching.set_losses(prediction, targets)
+    alone = [matching.set_loss({k: v[b:b + 1] for k, v in prediction.items()}, [targets[b]], 1) for b in range(2)]
+    assert all(batch[k].item() == pytest.approx((alone[0][k] + alone[1][k]).item() / 4, rel=1e-5) for k in batch)
+    twice = matching.set_losses({k: torch.cat([v, v]) for k, v in prediction.items()}, targets + targets)
+    assert all(twice[k].item() == pytest.approx(batch[k].item(), rel=1e-5) for k in batch)
+
+
+def test_every_layer_and_the_encoder_have_their_losses_exactly_when_asked():
+    prediction, targets = random_batch(6, [2, 3], seed=1)
+    num_boxes = matching.count_boxes(targets, "cpu")
+    terms = ("class", "l1", "giou")
+    assert set(matching.set_losses(prediction, targets)) == {f"loss_{t}" for t in terms}
+    aux = [random_batch(6, [2, 3], seed=seed)[0] for seed in range(2, 7)]  # 5 earlier layers, each its own boxes
+    layers = matching.set_losses(prediction, targets, aux=aux)
+    assert set(layers) == {f"loss_{t}{s}" for t in terms for s in ("", "_0", "_1", "_2", "_3", "_4")}
+    for index, layer in enumerate(aux):  # each matched on its own, divided by the batch's boxes
+        alone = matching.set_loss(layer, targets, num_boxes)
+        assert all(layers[f"{k}_{index}"] == alone[k] for k in alone)
+    encoder = random_batch(6, [2, 3], seed=7)[0]
+    labels = [t["labels"].clone() for t in targets]
+    proposals = matching.set_losses(prediction, targets, encoder=encoder)
+    assert set(proposals) == {f"loss_{t}{s}" for t in terms for s in ("", "_enc")}
+    agnostic = matching.set_loss(encoder, [dict(t, labels=torch.zeros_like(t["labels"])) for t in targets], num_boxes)
+    assert all(proposals[f"{k}_enc"] == agnostic[k] for k in agnostic)
+    assert all(torch.equal(t["labels"], old) for t, old in zip(targets, labels))  # the targets stay as they were
+    logits, boxes = torch.tensor([[[0.4, -0.3]]]), torch.tensor([[[0.5, 0.5, 0.2, 0.2]]])  # a proposal of class 1
+    one = [dict(labels=torch.tensor([1]), boxes=torch.tensor([[0.5, 0.5, 0.2, 0.2]]))]
+    enc = matching.set_losses(dict(logits=logits, boxes=boxes), one, encoder=dict(logits=logits, boxes=boxes))
+    assert enc["loss_class_enc"].item() == pytest.approx(2 * (focal_by_hand(0.4, True) + focal_by_hand(-0.3, False)))
+    assert enc["loss_class"].item() == pytest.approx(2 * (focal_by_hand(0.4, False) + focal_by_hand(-0.3, True)))
+
+
+def test_count_boxes_is_the_batchs_boxes_at_least_one():
+    assert not torch.distributed.is_initialized()
+    assert matching.count_boxes(random_batch(4, [3, 0, 2])[1], "cpu") == 5
+    assert matching.count_boxes(random_batch(4, [0, 0])[1], "cpu") == 1
+    assert matching.count_boxes(random_batch(4, [1])[1], "cpu") == 1
+
+
+class Pointwise(nn.Module):
+    """A backbone whose features at a pixel depend on that pixel alone: an image's features do not change with
+    the padding around it (DGMN2's and ResNet's do, through their convolutions)."""
+
+    def __init__(self):
+        super().__init__()
+        self.channels, self.strides = [8, 16, 32], [8, 16, 32]
+        self.convs = nn.ModuleList(nn.Conv2d(3, c, 1) for c in self.channels)
+
+    def forward(self, images):
+        return [conv(images[..., s // 2::s, s // 2::s]) for conv, s in zip(self.convs, self.strides)]
+
+
+@pytest.mark.parametrize("plus", [False, True])
+def test_an_images_detections_do_not_change_when_batched_with_a_larger_one(plus):
+    torch.manual_seed(0)
+    model = deformable_detr.DeformableDETR(Pointwise(), 5, box_refine=plus, two_stage=plus, queries=20, min_size=64,
+                                           max_size=192).eval()
+    small, large = torch.rand(3, 64, 64), torch.rand(3, 64, 192)  # no resize; padded by 128 columns in the batch
+    with torch.no_grad():
+        alone, batched = model([small])[0], model([small, large])[0]
+    assert alone["boxes"].shape == (100, 4)
+    for key in ("boxes", "scores", "labels"):
+        torch.testing.assert_close(batched[key], alone[key])
+
+
+def detr_batch():
+    targets = [dict(boxes=torch.tensor([[4.0, 8, 30, 40], [36, 30, 62, 60]]), labels=torch.tensor([1, 4])),
+               dict(boxes=torch.tensor([[10.0, 5, 50, 20]]), labels=torch.tensor([2]))]
+    g = torch.Generator().manual_seed(0)
+    return [torch.rand(3, 64, 64, generator=g), torch.rand(3, 48, 80, generator=g)], targets
+
+
+@pytest.mark.parametrize("name", ["deformable-detr-dgmn2-tiny", pytest.param("deformable-detr-plus-r50",
+                                                                               marks=pytest.mark.slow)])
+def test_every_deformable_detr_parameter_gets_a_gradient_in_two_steps(name):
+    torch.manual_seed(0)
+    model = detection.build(name, 5, min_size=64, max_size=96, pretrained=True)
+    images, targets = detr_batch()
+    optimizer = torch.optim.AdamW(model.parameters(), 1e-4)
+    seen = set()
+    for _ in range(2):
+        losses = model(images, targets)
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        seen |= {n for n, p in model.named_parameters() if p.grad is not None and p.grad.any()}
+        optimizer.step()
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == seen
+    plus = "plus" in name
+    assert {"loss_class", "loss_l1", "loss_giou", "loss_class_4"} <= losses.keys()
+    assert ("loss_class_enc" in losses) == plus and "loss_class_5" not in losses
+
+
+def test_deformable_detr_detects_inside_the_image_in_its_pixels():
+    torch.manual_seed(0)
+    model = detection.build("deformable-detr-dgmn2-tiny", 5, min_size=64, max_size=96).eval()
+    images, _ = detr_batch()
+    with torch.no_grad():
+        outputs = model(images)
+    for image, output in zip(images, outputs):
+        H, W = image.shape[-2:]
+        boxes = output["boxes"]
+        assert boxes.shape == (100, 4) and output["scores"].shape == output["labels"].shape == (100,)
+        assert (boxes >= 0).all() and (boxes[:, 0::2] <= W).all() and (boxes[:, 1::2] <= H).all()
+        assert (boxes[:, 2:] >= boxes[:, :2]).all() and boxes[:, 2].max() > 0.8 * W  # in this image's pixels
+        assert output["labels"].max() < 5 and output["scores"].diff().le(0).all()  # sorted, the top pairs
+
+
+def test_deformable_detr_takes_a_dgmn2_checkpoint_and_torchvisions_resnet50(tmp_path):
+    model = detection.build("deformable-detr-dgmn2-tiny", 91)
+    imagenet = dgmn2.build("tiny")  # a train_imagenet.py checkpoint: the classifier is left out
+    detection.load_pretrained(model, dict(model=imagenet.state_dict(), config=dict(model="tiny")))
+    for name, tensor in model.backbone.body.state_dict().items():
+        torch.testing.assert_close(tensor, imagenet.state_dict()[name])
+    r50 = detection.build("deformable-detr-r50", 91)
+    resnet = torchvision.models.resnet50()
+    detection.load_pretrained(r50, resnet.state_dict())
+    torch.testing.assert_close(r50.backbone.body.layer4[0].conv1.weight, resnet.layer4[0].conv1.weight)
+    body = r50.backbone.body  # upstream's frozen stem and layer 1
+    assert not body.layer1[0].conv1.weight.requires_grad and body.layer2[0].conv1.weight.requires_grad
+
+
+@NEEDS_PYCOCOTOOLS
+def test_the_deformable_detr_recipe_is_upstreams():
+    cfg = train_coco.Config(model="deformable-detr-dgmn2-tiny", data="coco", min_size=64, max_size=64)
+    plan = train_coco.recipe(cfg, 100)  # 100 batches an epoch (recipe reads --data's name only)
+    assert (plan["optimizer"], plan["lr"], plan["iterations"], plan["steps"], plan["warmup"], plan["clip"]) == \
+        ("adamw", 2e-4, 5000, [4000], 0, 0.1)
+    model = train_coco.build_model(cfg, 5)
+    optimizer, _ = train_coco.optimizer_and_schedule(model, plan, cfg.weight_decay)
+    slow = {id(p) for n, p in model.named_parameters()
+            if n.startswith("backbone.") or "sampling_offsets" in n or "reference_points" in n}
+    for group in optimizer.param_groups:
+        assert group["weight_decay"] == 1e-4
+        assert group["lr"] == (2e-5 if {id(p) for p in group["params"]} <= slow else 2e-4)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    assert train_coco.recipe(train_coco.Config(model="retinanet-dgmn2-tiny"), 100)["warmup"] == 500
+    synthetic = [train_coco.recipe(train_coco.parse_args(["--model", m]), 250)["iterations"]
+                 for m in ("retinanet-dgmn2-tiny", "deformable-detr-dgmn2-tiny")]
+    assert synthetic == [500, 1500]  # without --data
+
+
+def test_deformable_detr_loss_falls_on_a_fixed_batch():
+    """Two images, ten steps of upstream's optimiser (its parameter groups, lr 2e-4, gradient norm 0.1)."""
+    torch.manual_seed(0)
+    model = detection.build("deformable-detr-dgmn2-tiny", 5, min_size=64, max_size=96)
+    images, targets = detr_batch()
+    optimizer, losses = torch.optim.AdamW(model.param_groups(2e-4, 1e-4)), []
+    for _ in range(10):
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_the_upstream_augmentation_flips_resizes_and_crops_boxes_with_the_image():
+    from torchvision import tv_tensors
+    image = tv_tensors.Image(torch.rand(3, 100, 160))
+    target = dict(boxes=tv_tensors.BoundingBoxes([[10.0, 10, 60, 50], [100, 20, 150, 90]], format="XYXY",
+                                                 canvas_size=(100, 160)), labels=torch.tensor([1, 2]))
+    sizes = set()
+    augment = deformable_detr.augmentation(min_size=100)
+    for seed in range(40):
+        torch.manual_seed(seed)
+        out_image, out_target = augment(image, target)
+        H, W = out_image.shape[-2:]
+        sizes.add((H, W))
+        boxes = out_target["boxes"]
+        assert len(boxes) == len(out_target["labels"]) and (boxes[:, 2:] <= torch.tensor([W, H])).all()
+        if (H, W) != (100, 160):  # cropped: each side within the scaled crop range, at most the resized image's
+            assert 48 <= min(H, W) and max(H, W) <= 75
+    assert (100, 160) in sizes and len(sizes) > 10  # half the time untouched (flipped or not), else crops of many sizes
+
+
+# ====================================================================================================================
 # train_imagenet.py: Section 6.1
 
 
@@ -3075,7 +3428,8 @@ def test_coco_layout_drops_unusable_images_and_crowds(tmp_path):
 
 @pytest.mark.slow
 @NEEDS_PYCOCOTOOLS
-@pytest.mark.parametrize("model", ["retinanet-dgmn2-tiny", "maskrcnn-dgmn2-tiny", "maskrcnn-r50-dgmn-c5"])
+@pytest.mark.parametrize("model", ["retinanet-dgmn2-tiny", "maskrcnn-dgmn2-tiny", "maskrcnn-r50-dgmn-c5",
+                                   "deformable-detr-dgmn2-tiny", "deformable-detr-plus-r50"])
 def test_each_detector_trains_two_iterations(tmp_path, model):
     metrics = train_coco.main(detection_run(tmp_path, model=model))
     types = {"bbox", "segm"} if model.startswith("maskrcnn") else {"bbox"}
@@ -3688,7 +4042,8 @@ def test_ci_gpu_fails_a_failed_build_and_runs_nothing_after_it(tmp_path):
     assert rows[0][:2] == ("CUDA build", "FAILED (exit 1)")
     assert [row[0] for row in rows[1:]] == ["CUDA tests", "sampler benchmark", "profile DGMN2-Small",
                                             "bench DGMN2-tiny vs swin_t", "bench DGMN2-small vs swin_t",
-                                            "bench DGMN2-tiny vs swin_t, channels-last", "torch.compile DGMN2-Tiny"]
+                                            "bench DGMN2-tiny vs swin_t, channels-last", "torch.compile DGMN2-Tiny",
+                                            "Deformable DETR + DGMN2-Small"]
     assert all(row[1] == "NOT RUN: the CUDA build failed (its error is in gpu.log)" for row in rows[1:])
     assert "none: no step that measures ran to its end" in summary
     assert "torch reference path" not in log and run.stdout.endswith(summary)

@@ -3,12 +3,15 @@ torchvision's RetinaNet and Mask R-CNN: DGMN2 + FPN backbones (Tables 7, 8) and 
 or the modules DGMN is compared with (Sections 5.1-5.3, Tables 3, 5, 15, 16); pycocotools evaluation, DDP through
 torchrun. Paper targets on COCO val2017 (box AP / mask AP), 1x schedule: RetinaNet DGMN2-Tiny/Small/Medium/Large
 39.7, 42.5, 43.7, 44.7 (Table 7); Mask R-CNN DGMN2-T/S/M/L 40.1 / 37.2, 43.4 / 39.7, 44.4 / 40.2, 46.2 / 41.6 (Table
-8); Mask R-CNN R-50-FPN 37.8 / 34.4, + DGMN (C5) 40.2 / 36.0; R-101, X-101 (Tables 3, 16; --table lists all).
+8); Mask R-CNN R-50-FPN 37.8 / 34.4, + DGMN (C5) 40.2 / 36.0; R-101, X-101 (Tables 3, 16; --table lists all);
+Deformable DETR (its own recipe, 50 epochs) DGMN2-T/S/M 44.4, 47.3, 48.4, "+" DGMN2-S 48.5 (Table 9).
 
     torchrun --nproc_per_node 8 train_coco.py --model maskrcnn-dgmn2-tiny --data /path/to/coco \\
         --pretrained dgmn2_tiny.pth                     # Table 8: AdamW 1e-4, 12 epochs, lr / 10 after epochs 8 and 11
     torchrun --nproc_per_node 8 train_coco.py --model maskrcnn-r50-dgmn-c5 --data /path/to/coco \\
         --pretrained resnet50.pth                       # Table 3: SGD 0.02, 90k iterations, lr / 10 at 60k and 80k
+    torchrun --nproc_per_node 8 train_coco.py --model deformable-detr-dgmn2-small --data /path/to/coco \
+        --pretrained dgmn2_small.pth --batch-size 16    # Table 9: AdamW 2e-4, 50 epochs, lr / 10 after 40
     torchrun train_coco.py                  # no --data: the built-in synthetic shapes, a few minutes on a CPU
     python train_coco.py --table            # every model's parameters and FLOPs beside the paper's (detection.py's)
 """
@@ -43,6 +46,7 @@ import torchvision
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+import deformable_detr
 import detection
 import dgmn2
 
@@ -291,19 +295,22 @@ def command_line():
 # The options (the models and their paper numbers: detection.py), the recipes
 @dataclasses.dataclass
 class Config:
-    model: str = option("retinanet-dgmn2-tiny", "the detector and its backbone (--table lists them all)")
+    model: str = option("retinanet-dgmn2-tiny", "the detector and its backbone (--table lists them all); "
+                        "deformable-detr-*: Deformable DETR, trained by its own recipe (Table 9)")
     data: str = option("", "the COCO root (train2017/, val2017/, annotations/); empty: the synthetic shapes")
     output: str = option("runs/coco", "the run's folder: checkpoints, log.jsonl, detections-*.json, pictures")
     pretrained: str = option("", "backbone weights: the release's or train_imagenet.py's DGMN2, torchvision's ResNet")
     dgmn_rates: str = option("", "DGMN's sampling rates, e.g. 1,4,8 (Table 15); empty: COCO's 1,4,8,12 (Section 5.1)")
     dgmn_groups: int = option(detection.DGMN_GROUPS, "DGMN's filter groups G (Table 15); 0: no dynamic weights")
-    iterations: int = option(0, "training steps; 0: the recipe's, 12 epochs (DGMN2) or 90,000 (ResNets)")
+    iterations: int = option(0, "training steps; 0: the recipe's, 12 epochs (DGMN2), 90,000 (ResNets), 50 epochs "
+                             "(Deformable DETR); without --data 500 (Deformable DETR 1500)")
     lr_steps: str = option("", "the steps after which the lr is multiplied by 0.1 (60000,80000); empty: the recipe's")
     batch_size: int = option(16, "the global batch: images a step over all processes together, as the paper counts")
-    optimizer: str = option("auto", "auto: the paper's, AdamW for DGMN2, SGD (biases: 2 x lr, no decay) for ResNets")
-    lr: float = option(0.0, "the peak learning rate; 0: the optimizer's paper value, 1e-4 (AdamW) or 0.02 (SGD)")
+    optimizer: str = option("auto", "auto: the paper's, AdamW for DGMN2 and Deformable DETR (its backbone, sampling "
+                            "offsets and reference points at 0.1 x lr), SGD (biases: 2 x lr, no decay) for ResNets")
+    lr: float = option(0.0, "the peak learning rate; 0: the paper's, 1e-4 (AdamW; Deformable DETR 2e-4), 0.02 (SGD)")
     weight_decay: float = option(1e-4, "the weight decay (of every parameter but SGD's biases)")
-    warmup: int = option(500, "steps of linear learning-rate warm-up")
+    warmup: int = option(-1, "steps of linear learning-rate warm-up; -1: 500, none for Deformable DETR")
     warmup_factor: float = option(0.0, "the lr's fraction at step 0 of the warm-up; 0: 0.001 (DGMN2), 0.3 (ResNets)")
     min_size: int = option(800, "the shorter image side the detector resizes to (synthetic images are this size)")
     max_size: int = option(1333, "the longer image side at most after that resize")
@@ -325,18 +332,18 @@ class Config:
 
 
 # AdamW at the recipe's lr, 1e-4: at 2e-4 RetinaNet from scratch diverged at seed 0 (8.7 box AP against 34.6)
-SYNTHETIC = dict(iterations=500, batch_size=4, optimizer="adamw", warmup=50, min_size=128, max_size=128, rois=64,
+SYNTHETIC = dict(batch_size=4, optimizer="adamw", warmup=50, min_size=128, max_size=128, rois=64,
                  eval_every=100, save_every=100, workers=1, output="runs/synthetic-coco")
 CHOICES = dict(model=list(detection.MODELS), optimizer=["auto", "adamw", "sgd"], amp=["auto", "bf16", "fp16", "off"])
 POSITIVE = ["batch_size", "min_size", "max_size", "rois", "save_every", "log_every", "synthetic_train", "synthetic_val"]
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[:6]
 BIAS_LR_FACTOR = 2  # Detectron's and maskrcnn-benchmark's SGD: biases at twice the lr, without weight decay
-FLIP = v2.RandomHorizontalFlip()  # the training augmentation
+FLIP = v2.RandomHorizontalFlip()  # the training augmentation (Deformable DETR's: deformable_detr.augmentation)
 
 
 def check(cfg):
     """Options out of range or that do not go together: InputError."""
-    for name in [*POSITIVE, "iterations", "eval_every", "warmup", "lr", "warmup_factor", "weight_decay", "workers",
+    for name in [*POSITIVE, "iterations", "eval_every", "lr", "warmup_factor", "weight_decay", "workers",
                  "pictures", "dgmn_groups"]:
         if getattr(cfg, name) < (name in POSITIVE):
             raise InputError(f"--{name.replace('_', '-')} must be {'positive' if name in POSITIVE else 'at least 0'}, "
@@ -344,6 +351,7 @@ def check(cfg):
     steps = [int(s) for s in re.findall(r"\d+", cfg.lr_steps)]
     refusals = [
         (cfg.warmup_factor > 1, f"--warmup-factor {cfg.warmup_factor}: a fraction of the learning rate, at most 1"),
+        (cfg.warmup < -1, f"--warmup must be at least 0 (or -1: the recipe's), got {cfg.warmup}"),
         (not re.fullmatch(r"(\d+(,\d+)*)?", cfg.lr_steps) or steps != sorted(set(steps)), f"--lr-steps "
          f"{cfg.lr_steps!r}: give increasing iterations separated by commas, e.g. 60000,80000"),
         (cfg.min_size > cfg.max_size, f"--min-size {cfg.min_size} exceeds --max-size {cfg.max_size}"),
@@ -358,23 +366,30 @@ def check(cfg):
 
 
 def recipe(cfg, iterations_per_epoch):
-    """The optimizer and schedule: what cfg sets, else the paper's recipe for the model's backbone. A dict."""
-    resnet = detection.MODELS[cfg.model].backbone in detection.RESNETS
+    """The optimizer and schedule: what cfg sets, else the paper's recipe for the model. A dict."""
+    detr = detection.MODELS[cfg.model].detector in detection.DETR_FAMILY
+    resnet = detection.MODELS[cfg.model].backbone in detection.RESNETS and not detr
     optimizer = cfg.optimizer if cfg.optimizer != "auto" else "sgd" if resnet else "adamw"
-    if resnet:  # Section 8.1.2: Detectron's 1x, 90k iterations at batch 16, lr / 10 at 60k and 80k
+    if detr:  # Section 6.2, upstream Deformable DETR: 50 epochs, lr / 10 after 40, no warm-up, gradient norm 0.1
+        iterations, fractions, warmup_factor = 50 * iterations_per_epoch, (40 / 50,), 1.0
+    elif resnet:  # Section 8.1.2: Detectron's 1x, 90k iterations at batch 16, lr / 10 at 60k and 80k
         iterations, fractions, warmup_factor = 90_000, (2 / 3, 8 / 9), 0.3
     else:  # Section 6.2, the release's configs: 12 epochs, lr / 10 after epochs 8, 11 (step=[8, 11]; "at 9 and 11")
         iterations, fractions, warmup_factor = 12 * iterations_per_epoch, (8 / 12, 11 / 12), 0.001
+    if not cfg.data:  # the synthetic set, minutes on a CPU: Deformable DETR, which learns slowly, three times as long
+        iterations = 1500 if detr else 500
     iterations = cfg.iterations or iterations
     steps = [int(s) for s in cfg.lr_steps.split(",")] if cfg.lr_steps else [round(f * iterations) for f in fractions]
-    return dict(optimizer=optimizer, lr=cfg.lr or dict(adamw=1e-4, sgd=0.02)[optimizer], iterations=iterations,
-                steps=steps, warmup=cfg.warmup, warmup_factor=cfg.warmup_factor or warmup_factor,
-                eval_every=cfg.eval_every or iterations_per_epoch)
+    return dict(optimizer=optimizer, lr=cfg.lr or dict(adamw=2e-4 if detr else 1e-4, sgd=0.02)[optimizer],
+                iterations=iterations, steps=steps, warmup=cfg.warmup if cfg.warmup >= 0 else 0 if detr else 500,
+                warmup_factor=cfg.warmup_factor or warmup_factor, eval_every=cfg.eval_every or iterations_per_epoch,
+                clip=0.1 if detr else 0.0)
 
 
 def optimizer_and_schedule(model, plan, weight_decay):
-    """The plan's optimizer (SGD as Detectron's 1x, AdamW in one group) and schedule: a linear warm-up from
-    plan["warmup_factor"] (Section 8.1.2's "0.02 x 0.3"), times 0.1 after each of plan["steps"]."""
+    """The plan's optimizer (SGD as Detectron's 1x, AdamW in one group or in the model's own: Deformable DETR's) and
+    schedule: a linear warm-up from plan["warmup_factor"] (Section 8.1.2's "0.02 x 0.3"), times 0.1 after each of
+    plan["steps"]."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # ResNets' frozen stem, res2 stay out
     if plan["optimizer"] == "sgd":
         groups = [dict(params=[p for n, p in trainable if not n.endswith(".bias")]),
@@ -382,7 +397,9 @@ def optimizer_and_schedule(model, plan, weight_decay):
                        weight_decay=0.0)]
         optimizer = torch.optim.SGD(groups, lr=plan["lr"], momentum=0.9, weight_decay=weight_decay)
     else:
-        optimizer = torch.optim.AdamW([p for _, p in trainable], lr=plan["lr"], weight_decay=weight_decay)
+        groups = model.param_groups(plan["lr"], weight_decay) if hasattr(model, "param_groups") else \
+            [p for _, p in trainable]
+        optimizer = torch.optim.AdamW(groups, lr=plan["lr"], weight_decay=weight_decay)
     warmup = LinearLR(optimizer, plan["warmup_factor"] if plan["warmup"] else 1.0, total_iters=max(plan["warmup"], 1))
     return optimizer, ChainedScheduler([warmup, MultiStepLR(optimizer, plan["steps"], gamma=0.1)])  # factors multiply
 
@@ -672,6 +689,8 @@ def training(cfg, rank, world, device, parts, start, log):
     A stretch's random choices (flips, the detectors' samples of anchors and RoIs) are the main process's and follow
     from (seed, step, rank): a resumed run repeats what the interrupted one did."""
     total, every, output, metrics = parts.plan["iterations"], parts.plan["eval_every"], Path(cfg.output), None
+    detr = detection.MODELS[cfg.model].detector in detection.DETR_FAMILY
+    augment = deformable_detr.augmentation(cfg.min_size) if detr else FLIP
     ends = {*range(cfg.save_every, total, cfg.save_every), *range(every, total, every), total}
     for first, last in itertools.pairwise([start, *sorted(end for end in ends if end > start)]):
         torch.manual_seed(seed_of(cfg.seed, first, rank))
@@ -679,11 +698,14 @@ def training(cfg, rank, world, device, parts, start, log):
         for batch in itertools.islice(progress.batches(parts.batches), last - first):
             images, targets = zip(*batch)  # lists of (image, target): the images differ in size
             images, targets = tree_map_only(torch.Tensor, lambda t: t.to(device, non_blocking=True), (images, targets))
-            images, targets = zip(*map(FLIP, images, targets))  # here, not in the workers: the reseeds decide it
+            images, targets = zip(*map(augment, images, targets))  # here, not in the workers: the reseeds decide it
             with parts.autocast:
                 losses = parts.trained(images, targets)  # the detector's loss terms, each weighted 1
             parts.optimizer.zero_grad(set_to_none=True)
             parts.scaler.scale(sum(losses.values())).backward()
+            if parts.plan["clip"]:  # Deformable DETR's
+                parts.scaler.unscale_(parts.optimizer)
+                torch.nn.utils.clip_grad_norm_(parts.trained.parameters(), parts.plan["clip"])
             parts.scaler.step(parts.optimizer)
             parts.scaler.update()
             parts.scheduler.step()

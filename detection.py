@@ -28,6 +28,7 @@ from torchvision.models.detection import MaskRCNN, RetinaNet
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+from torchvision.transforms import v2
 
 try:  # inside a package: the model files copied into a project
     from . import deformable_detr, dgmn, dgmn2, sampler
@@ -216,18 +217,27 @@ MODELS = {
 DETR_FAMILY = ("deformable-detr", "deformable-detr-plus")
 
 
+def augmentation(name, min_size=800):
+    """The training augmentation of MODELS[name]'s recipe, a v2 transform of (image, target) before the detector's own
+    resize: Deformable DETR's (scaled to min_size), else a horizontal flip."""
+    if MODELS[name].detector in DETR_FAMILY:
+        return deformable_detr.augmentation(min_size)
+    return v2.RandomHorizontalFlip()
+
+
 def float32_output(module, inputs, output):
     """A forward hook: the module's output tensors (in dicts, lists, tuples) in float32 (see build)."""
     return tree_map_only(torch.Tensor, torch.Tensor.float, output)
 
 
-def build(name, num_classes, *, min_size=800, max_size=1333, rois=512, pretrained=False, dgmn_rates=dgmn.COCO_RATES,
-          dgmn_groups=DGMN_GROUPS):
+def build(name, num_classes, *, min_size=800, max_size=1333, rois=512, queries=deformable_detr.QUERIES,
+          pretrained=False, dgmn_rates=dgmn.COCO_RATES, dgmn_groups=DGMN_GROUPS):
     """The detector of MODELS[name]: num_classes with the background (COCO: 91 ids, 0 the background), images resized
     to min_size on the shorter side, at most max_size on the longer; Mask R-CNN's box and mask heads learn from rois
-    regions an image. pretrained: a ResNet built to start from ImageNet weights (load_pretrained) freezes its BN, stem
-    and res2 as Detectron's 1x; DGMN2 trains whole either way (Deformable DETR's ResNet is frozen as upstream's, its
-    stem, layer 1 and BN, either way). dgmn_rates, dgmn_groups: the DGMN modules' (Table 15).
+    regions an image, Deformable DETR's decoder from `queries` queries. pretrained: a ResNet built to start from
+    ImageNet weights (load_pretrained) freezes its BN, stem and res2 as Detectron's 1x; DGMN2 trains whole either way
+    (Deformable DETR's ResNet is frozen as upstream's, its stem, layer 1 and BN, either way). dgmn_rates,
+    dgmn_groups: the DGMN modules' (Table 15).
     Training: (list of B float (3, H, W) images in [0, 1], list of B targets: boxes (N, 4) xyxy, labels (N,)
     [, masks (N, H, W)]) -> dict of losses. Evaluation: images -> list of B dicts: boxes (N, 4), labels (N,),
     scores (N,) [, masks (N, 1, H, W)]."""
@@ -237,7 +247,8 @@ def build(name, num_classes, *, min_size=800, max_size=1333, rois=512, pretraine
     if spec.detector in DETR_FAMILY:  # its boxes and logits leave in float32 whatever the autocast
         backbone = ResNetStages(spec.backbone) if spec.backbone in RESNETS else DGMN2Stages(spec.backbone)
         plus = spec.detector == "deformable-detr-plus"
-        return deformable_detr.DeformableDETR(backbone, num_classes, box_refine=plus, two_stage=plus, **sizes)
+        return deformable_detr.DeformableDETR(backbone, num_classes, box_refine=plus, two_stage=plus,
+                                              queries=queries, **sizes)
     if spec.backbone in RESNETS:
         backbone = resnet_backbone(spec, pretrained, dgmn_rates, dgmn_groups)
     else:
@@ -253,6 +264,29 @@ def build(name, num_classes, *, min_size=800, max_size=1333, rois=512, pretraine
     for module in [backbone, *predictors]:
         module.register_forward_hook(float32_output)
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pictures of the detections
+
+
+PALETTE = [tuple(c) for c in torch.randint(64, 256, (256, 3), generator=torch.Generator().manual_seed(0)).tolist()]
+
+
+def draw(image, output, names, threshold=0.5):
+    """uint8 (3, H, W) image with the detections (a detector's output for it, on any device) scoring at least
+    threshold: masks, boxes, names (names: {label: name}) and scores."""
+    output = {k: v.cpu() for k, v in output.items()}
+    keep = output["scores"] >= threshold
+    if not keep.any():
+        return image
+    labels = output["labels"][keep].tolist()
+    colours = [PALETTE[c % len(PALETTE)] for c in labels]
+    if "masks" in output:
+        image = torchvision.utils.draw_segmentation_masks(image, output["masks"][keep, 0] > 0.5, alpha=0.5,
+                                                          colors=colours)
+    captions = [f"{names.get(c, c)} {s:.2f}" for c, s in zip(labels, output["scores"][keep].tolist())]
+    return torchvision.utils.draw_bounding_boxes(image, output["boxes"][keep], captions, colors=colours, width=2)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -46,7 +46,6 @@ import torchvision
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-import deformable_detr
 import detection
 import dgmn2
 
@@ -303,18 +302,20 @@ class Config:
     dgmn_rates: str = option("", "DGMN's sampling rates, e.g. 1,4,8 (Table 15); empty: COCO's 1,4,8,12 (Section 5.1)")
     dgmn_groups: int = option(detection.DGMN_GROUPS, "DGMN's filter groups G (Table 15); 0: no dynamic weights")
     iterations: int = option(0, "training steps; 0: the recipe's, 12 epochs (DGMN2), 90,000 (ResNets), 50 epochs "
-                             "(Deformable DETR); without --data 500 (Deformable DETR 1500)")
+                             "(Deformable DETR)")
     lr_steps: str = option("", "the steps after which the lr is multiplied by 0.1 (60000,80000); empty: the recipe's")
     batch_size: int = option(16, "the global batch: images a step over all processes together, as the paper counts")
     optimizer: str = option("auto", "auto: the paper's, AdamW for DGMN2 and Deformable DETR (its backbone, sampling "
                             "offsets and reference points at 0.1 x lr), SGD (biases: 2 x lr, no decay) for ResNets")
     lr: float = option(0.0, "the peak learning rate; 0: the paper's, 1e-4 (AdamW; Deformable DETR 2e-4), 0.02 (SGD)")
     weight_decay: float = option(1e-4, "the weight decay (of every parameter but SGD's biases)")
-    warmup: int = option(-1, "steps of linear learning-rate warm-up; -1: 500, none for Deformable DETR")
-    warmup_factor: float = option(0.0, "the lr's fraction at step 0 of the warm-up; 0: 0.001 (DGMN2), 0.3 (ResNets)")
+    warmup: int = option(500, "steps of linear learning-rate warm-up")
+    warmup_factor: float = option(0.0, "the lr's fraction at step 0 of the warm-up; 0: 0.001 (DGMN2), 0.3 (ResNets), "
+                                  "1: none (Deformable DETR)")
     min_size: int = option(800, "the shorter image side the detector resizes to (synthetic images are this size)")
     max_size: int = option(1333, "the longer image side at most after that resize")
     rois: int = option(512, "Mask R-CNN: regions sampled per image for the box and mask heads' losses")
+    queries: int = option(300, "Deformable DETR: decoder queries, each a candidate object; synthetic images hold 2-4")
     eval_every: int = option(0, "steps between evaluations on the validation set; 0: once an epoch")
     save_every: int = option(1000, "steps between checkpoints")
     log_every: int = option(20, "steps between log lines (the loss terms are averaged over them and checked)")
@@ -332,18 +333,18 @@ class Config:
 
 
 # AdamW at the recipe's lr, 1e-4: at 2e-4 RetinaNet from scratch diverged at seed 0 (8.7 box AP against 34.6)
-SYNTHETIC = dict(batch_size=4, optimizer="adamw", warmup=50, min_size=128, max_size=128, rois=64,
-                 eval_every=100, save_every=100, workers=1, output="runs/synthetic-coco")
+SYNTHETIC = dict(iterations=500, batch_size=4, optimizer="adamw", warmup=50, min_size=128, max_size=128, rois=64,
+                 queries=100, eval_every=100, save_every=100, workers=1, output="runs/synthetic-coco")
 CHOICES = dict(model=list(detection.MODELS), optimizer=["auto", "adamw", "sgd"], amp=["auto", "bf16", "fp16", "off"])
-POSITIVE = ["batch_size", "min_size", "max_size", "rois", "save_every", "log_every", "synthetic_train", "synthetic_val"]
+POSITIVE = ["batch_size", "min_size", "max_size", "rois", "queries", "save_every", "log_every", "synthetic_train",
+            "synthetic_val"]
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[:6]
 BIAS_LR_FACTOR = 2  # Detectron's and maskrcnn-benchmark's SGD: biases at twice the lr, without weight decay
-FLIP = v2.RandomHorizontalFlip()  # the training augmentation (Deformable DETR's: deformable_detr.augmentation)
 
 
 def check(cfg):
     """Options out of range or that do not go together: InputError."""
-    for name in [*POSITIVE, "iterations", "eval_every", "lr", "warmup_factor", "weight_decay", "workers",
+    for name in [*POSITIVE, "iterations", "eval_every", "warmup", "lr", "warmup_factor", "weight_decay", "workers",
                  "pictures", "dgmn_groups"]:
         if getattr(cfg, name) < (name in POSITIVE):
             raise InputError(f"--{name.replace('_', '-')} must be {'positive' if name in POSITIVE else 'at least 0'}, "
@@ -351,7 +352,6 @@ def check(cfg):
     steps = [int(s) for s in re.findall(r"\d+", cfg.lr_steps)]
     refusals = [
         (cfg.warmup_factor > 1, f"--warmup-factor {cfg.warmup_factor}: a fraction of the learning rate, at most 1"),
-        (cfg.warmup < -1, f"--warmup must be at least 0 (or -1: the recipe's), got {cfg.warmup}"),
         (not re.fullmatch(r"(\d+(,\d+)*)?", cfg.lr_steps) or steps != sorted(set(steps)), f"--lr-steps "
          f"{cfg.lr_steps!r}: give increasing iterations separated by commas, e.g. 60000,80000"),
         (cfg.min_size > cfg.max_size, f"--min-size {cfg.min_size} exceeds --max-size {cfg.max_size}"),
@@ -376,20 +376,16 @@ def recipe(cfg, iterations_per_epoch):
         iterations, fractions, warmup_factor = 90_000, (2 / 3, 8 / 9), 0.3
     else:  # Section 6.2, the release's configs: 12 epochs, lr / 10 after epochs 8, 11 (step=[8, 11]; "at 9 and 11")
         iterations, fractions, warmup_factor = 12 * iterations_per_epoch, (8 / 12, 11 / 12), 0.001
-    if not cfg.data:  # the synthetic set, minutes on a CPU: Deformable DETR, which learns slowly, three times as long
-        iterations = 1500 if detr else 500
     iterations = cfg.iterations or iterations
     steps = [int(s) for s in cfg.lr_steps.split(",")] if cfg.lr_steps else [round(f * iterations) for f in fractions]
     return dict(optimizer=optimizer, lr=cfg.lr or dict(adamw=2e-4 if detr else 1e-4, sgd=0.02)[optimizer],
-                iterations=iterations, steps=steps, warmup=cfg.warmup if cfg.warmup >= 0 else 0 if detr else 500,
-                warmup_factor=cfg.warmup_factor or warmup_factor, eval_every=cfg.eval_every or iterations_per_epoch,
-                clip=0.1 if detr else 0.0)
+                iterations=iterations, steps=steps, warmup=cfg.warmup, warmup_factor=cfg.warmup_factor or warmup_factor,
+                eval_every=cfg.eval_every or iterations_per_epoch, clip=0.1 if detr else 0.0)
 
 
 def optimizer_and_schedule(model, plan, weight_decay):
-    """The plan's optimizer (SGD as Detectron's 1x, AdamW in one group or in the model's own: Deformable DETR's) and
-    schedule: a linear warm-up from plan["warmup_factor"] (Section 8.1.2's "0.02 x 0.3"), times 0.1 after each of
-    plan["steps"]."""
+    """The plan's optimizer (SGD as Detectron's 1x, AdamW in one group or the model's param_groups) and schedule: a
+    linear warm-up from plan["warmup_factor"] (Section 8.1.2's "0.02 x 0.3"), times 0.1 after each of plan["steps"]."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # ResNets' frozen stem, res2 stay out
     if plan["optimizer"] == "sgd":
         groups = [dict(params=[p for n, p in trainable if not n.endswith(".bias")]),
@@ -482,7 +478,7 @@ class Coco(torchvision.datasets.CocoDetection):
 
 def load_coco(root, split, target_keys, train):
     """A split as the detectors take it, items (float (3, H, W) image in [0, 1], dict of tv_tensors); to train, crowds,
-    1 px boxes, unannotated images dropped, each item's boxes clamped, degenerate ones dropped (the flip: FLIP)."""
+    1 px boxes, unannotated images dropped, boxes clamped, degenerate ones dropped (then detection.augmentation)."""
     images, annotations = Path(root) / f"{split}2017", Path(root) / "annotations" / f"instances_{split}2017.json"
     if not annotations.is_file() or not images.is_dir():
         raise InputError(f"{annotations}: no such annotation file" if not annotations.is_file() else
@@ -551,7 +547,7 @@ def build_model(cfg, num_classes, pretrained=False):
     rates = dict(dgmn_rates=tuple(int(r) for r in cfg.dgmn_rates.split(","))) if cfg.dgmn_rates else {}
     try:
         return detection.build(cfg.model, num_classes, min_size=cfg.min_size, max_size=cfg.max_size, rois=cfg.rois,
-                               pretrained=pretrained, dgmn_groups=cfg.dgmn_groups, **rates)
+                               queries=cfg.queries, pretrained=pretrained, dgmn_groups=cfg.dgmn_groups, **rates)
     except ValueError as error:
         raise InputError(f"--model {cfg.model}: {error}") from None
 
@@ -600,23 +596,6 @@ def summary(metrics):
     return ", ".join(f"{t} AP {'-' if m['AP'] is None else format(m['AP'], '.1f')}" for t, m in metrics.items())
 
 
-PALETTE = [tuple(c) for c in torch.randint(64, 256, (256, 3), generator=torch.Generator().manual_seed(0)).tolist()]
-
-
-def draw(image, output, names, threshold=0.5):
-    """uint8 (3, H, W) image with the detections scoring at least threshold: masks, boxes, names and scores."""
-    keep = output["scores"] >= threshold
-    if not keep.any():
-        return image
-    labels = output["labels"][keep].tolist()
-    colours = [PALETTE[c % len(PALETTE)] for c in labels]
-    if "masks" in output:
-        image = torchvision.utils.draw_segmentation_masks(image, output["masks"][keep, 0] > 0.5, alpha=0.5,
-                                                          colors=colours)
-    captions = [f"{names.get(c, c)} {s:.2f}" for c, s in zip(labels, output["scores"][keep].tolist())]
-    return torchvision.utils.draw_bounding_boxes(image, output["boxes"][keep], captions, colors=colours, width=2)
-
-
 def evaluation_loader(val, cfg, rank, world, device):
     """Rank r's validation images: r, r + world, ...; the workers persist from one evaluation to the next."""
     return DataLoader(Subset(val, range(rank, len(val), world)), max(cfg.batch_size // world, 1), collate_fn=list,
@@ -639,7 +618,7 @@ def evaluate(model, val, names, ground_truth, cfg, device, autocast, rank, world
                 results[iou_type] += found
             if pictures and len(image_ids) < cfg.pictures:
                 pictures.mkdir(parents=True, exist_ok=True)
-                picture = draw((image * 255).round().to(torch.uint8), {k: v.cpu() for k, v in detected.items()}, names)
+                picture = detection.draw((image * 255).round().to(torch.uint8), detected, names)
                 v2.functional.to_pil_image(picture).save(pictures / f"{target['image_id']}.png")
             image_ids.append(target["image_id"])
     model.train()
@@ -689,8 +668,7 @@ def training(cfg, rank, world, device, parts, start, log):
     A stretch's random choices (flips, the detectors' samples of anchors and RoIs) are the main process's and follow
     from (seed, step, rank): a resumed run repeats what the interrupted one did."""
     total, every, output, metrics = parts.plan["iterations"], parts.plan["eval_every"], Path(cfg.output), None
-    detr = detection.MODELS[cfg.model].detector in detection.DETR_FAMILY
-    augment = deformable_detr.augmentation(cfg.min_size) if detr else FLIP
+    augment = detection.augmentation(cfg.model, cfg.min_size)
     ends = {*range(cfg.save_every, total, cfg.save_every), *range(every, total, every), total}
     for first, last in itertools.pairwise([start, *sorted(end for end in ends if end > start)]):
         torch.manual_seed(seed_of(cfg.seed, first, rank))

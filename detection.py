@@ -348,12 +348,17 @@ def detr_cost(model, image):
     return counter.get_total_flops() // 2 + 4 * products
 
 
+def paper_classes(name):
+    """The classes (the background among them) of the heads the paper's parameter count of MODELS[name] holds."""
+    spec = MODELS[name]
+    return DETR_CLASSES if spec.detector in DETR_FAMILY else PAPER_CLASSES + (spec.detector == "maskrcnn")
+
+
 def cost(name):
     """(parameters, multiply-adds) of the model as COUNTING says."""
     spec = MODELS[name]
-    classes = DETR_CLASSES if spec.detector in DETR_FAMILY else PAPER_CLASSES + (spec.detector == "maskrcnn")
     with torch.device("meta"):
-        model = build(name, classes, pretrained=True)
+        model = build(name, paper_classes(name), pretrained=True)
         image = torch.empty(1, 3, *FLOPS_IMAGE)
         if spec.detector in DETR_FAMILY:
             return sum(p.numel() for p in model.parameters() if p.requires_grad), detr_cost(model.eval(), image)

@@ -652,7 +652,7 @@ def make_model(cfg, state, train, names, device, log):
     elif cfg.data and not state:
         log("No --pretrained: the backbone trains from scratch (the paper starts from ImageNet weights).")
     log(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters at {num_classes} classes "
-        f"(paper: {detection.MODELS[cfg.model].params_m or '-'}M at {detection.PAPER_CLASSES}; python detection.py)")
+        f"(paper: {detection.MODELS[cfg.model].params_m or '-'}M at {detection.paper_classes(cfg.model)})")
     memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
     return model.to(device, memory_format=memory_format), num_classes
 
@@ -715,7 +715,7 @@ def run(cfg, rank, world, device):
     if cfg.batch_size % world:
         raise InputError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by the {world} processes")
     log = print if rank == 0 else lambda *args, **kwargs: None
-    path, state = resume(cfg, rank, world, ["model", "dgmn_rates", "dgmn_groups"],
+    path, state = resume(cfg, rank, world, ["model", "dgmn_rates", "dgmn_groups", "queries"],
                          ["batch_size", "seed", "save_every", "weight_decay"], log)
     train, val, names, ground_truth = datasets(cfg, detection.MODELS[cfg.model].detector == "maskrcnn", rank, world)
     model, num_classes = make_model(cfg, state, train, names, device, log)

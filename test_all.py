@@ -54,7 +54,8 @@ except ModuleNotFoundError as missing:
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 NEEDS_PYCOCOTOOLS = pytest.mark.skipif(train_coco is None, reason="train_coco.py needs pycocotools")
-MODEL_FILES = ["sampler.py", "sampler_cuda.cu", "dgmn.py", "dgmn2.py", "segmentation.py", "detection.py"]
+MODEL_FILES = ["sampler.py", "sampler_cuda.cu", "dgmn.py", "dgmn2.py", "segmentation.py", "detection.py",
+               "deformable_detr.py", "matching.py"]
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 
@@ -1130,9 +1131,10 @@ import importlib, sys
 import torch
 import dgmn2, sampler
 sys.path.insert(0, {str(tmp_path)!r})
-from myproject.models import detection, dgmn, dgmn2 as copied, sampler as copied_sampler, segmentation
+from myproject.models import detection, dgmn, dgmn2 as copied, matching, sampler as copied_sampler, segmentation
 assert copied.sampler is copied_sampler is dgmn.sampler and copied_sampler is not sampler
 assert segmentation.dgmn2 is detection.dgmn2 is copied and "train_coco" not in sys.modules
+assert detection.deformable_detr.matching is matching and matching.__name__ == "myproject.models.matching"
 first = copied_sampler._OPS
 importlib.reload(copied_sampler)
 assert len({{sampler._OPS, first, copied_sampler._OPS}}) == 3  # each its own ops: redefining one has crashed

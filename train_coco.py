@@ -10,7 +10,7 @@ Deformable DETR (its own recipe, 50 epochs) DGMN2-T/S/M 44.4, 47.3, 48.4, "+" DG
         --pretrained dgmn2_tiny.pth                     # Table 8: AdamW 1e-4, 12 epochs, lr / 10 after epochs 8 and 11
     torchrun --nproc_per_node 8 train_coco.py --model maskrcnn-r50-dgmn-c5 --data /path/to/coco \\
         --pretrained resnet50.pth                       # Table 3: SGD 0.02, 90k iterations, lr / 10 at 60k and 80k
-    torchrun --nproc_per_node 8 train_coco.py --model deformable-detr-dgmn2-small --data /path/to/coco \
+    torchrun --nproc_per_node 8 train_coco.py --model deformable-detr-dgmn2-small --data /path/to/coco \\
         --pretrained dgmn2_small.pth --batch-size 16    # Table 9: AdamW 2e-4, 50 epochs, lr / 10 after 40
     torchrun train_coco.py                  # no --data: the built-in synthetic shapes, a few minutes on a CPU
     python train_coco.py --table            # every model's parameters and FLOPs beside the paper's (detection.py's)

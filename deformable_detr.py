@@ -116,9 +116,8 @@ class DeformableAttention(nn.Module):
         steps = torch.arange(1, self.points + 1).view(1, 1, -1, 1)
         with torch.no_grad():
             self.sampling_offsets.bias.copy_((rays[:, None, None] * steps).expand(-1, self.levels, -1, -1).flatten())
-        for layer in (self.attention_weights,):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
         for layer in (self.value_proj, self.output_proj):
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -310,7 +309,7 @@ class DeformableDETR(nn.Module):
             nn.init.constant_(head.bias, -math.log((1 - PRIOR) / PRIOR))
         for head in self.box_heads:
             nn.init.zeros_(head.layers[-1].weight)
-            nn.init.constant_(head.layers[-1].bias, 0.0)
+            nn.init.zeros_(head.layers[-1].bias)
             if not self.two_stage:
                 nn.init.constant_(head.layers[-1].bias[2:], -2.0)
 

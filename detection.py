@@ -2,13 +2,13 @@
 with a ResNet-50 / ResNet-101 / ResNeXt-101-FPN backbone that takes DGMN modules (Sections 5.1-5.3, Tables 3, 5, 15,
 16) or one of the modules DGMN is compared with in Table 3 (deformable message passing, GCNet's global context block,
 the non-local block, criss-cross attention, DCNv2), each placed as the paper places it; Deformable DETR
-(deformable_detr.py) on DGMN2 or ResNet-50 (Section 6.2, Table 9). Also the parameters and FLOPs as the paper counts
-them, beside its numbers.
+(deformable_detr.py) and Sparse R-CNN (sparse_rcnn.py) on DGMN2 or ResNet-50 (Section 6.2, Tables 9, 10). Also the
+parameters and FLOPs as the paper counts them, beside its numbers.
 
 Symbols, used throughout: B batch, C channels, H x W a map (or an image), K the nodes of a 3 x 3 kernel (9),
 N detections of an image.
 
-    python detection.py         every model's parameters and FLOPs beside the paper's (Tables 3, 5, 7, 8, 16)
+    python detection.py         every model's parameters and FLOPs beside the paper's (Tables 3, 5, 7-10, 16)
 
     model = detection.build("maskrcnn-r50-dgmn-c5", num_classes=91, pretrained=True)
     detection.load_pretrained(model, torch.load("resnet50.pth"))   # torchvision's ImageNet ResNet-50
@@ -31,12 +31,13 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 from torchvision.transforms import v2
 
 try:  # inside a package: the model files copied into a project
-    from . import deformable_detr, dgmn, dgmn2, sampler
+    from . import deformable_detr, dgmn, dgmn2, sampler, sparse_rcnn
 except ImportError:  # at the top level of this repository
     import deformable_detr
     import dgmn
     import dgmn2
     import sampler
+    import sparse_rcnn
 
 DGMN_GROUPS = 4  # Section 5.1: G = 4 filter groups
 DETECTIONS_PER_IMAGE = 100  # COCO scores 100 detections a picture
@@ -109,38 +110,40 @@ class DGMN2FPN(nn.Module):
 
 
 class DGMN2Stages(nn.Module):
-    """Deformable DETR's DGMN2 (the release's): stages 2-4, strides 8, 16, 32, no FPN, nothing frozen.
-    (B, 3, H, W) -> [(B, C_s, H / s, W / s)]."""
+    """DGMN2's stage maps at levels (0-3: strides 4-32) as they are, no FPN, nothing frozen: Deformable DETR's stages
+    2-4 (the release's), Sparse R-CNN's 1-4. (B, 3, H, W) -> [(B, C_s, H / s, W / s)]."""
 
-    def __init__(self, variant):
+    def __init__(self, variant, levels=(1, 2, 3)):
         super().__init__()
-        self.body = dgmn2.build(variant, num_classes=0)
-        self.channels, self.strides = self.body.channels[1:], [8, 16, 32]
+        self.body, self.levels = dgmn2.build(variant, num_classes=0), levels
+        self.channels, self.strides = [self.body.channels[i] for i in levels], [4 * 2 ** i for i in levels]
 
     def forward(self, images):
-        return self.body.forward_features(images)[1:]
+        maps = self.body.forward_features(images)
+        return [maps[i] for i in self.levels]
 
 
 class ResNetStages(nn.Module):
-    """Deformable DETR's ResNet (upstream's): torchvision's layers 2-4, strides 8, 16, 32, with FrozenBatchNorm2d, the
-    stem and layer 1 frozen. (B, 3, H, W) -> [(B, C_s, H / s, W / s)]."""
+    """A ResNet's layers (1-4: strides 4-32) as they are, with FrozenBatchNorm2d, the stem and layer 1 frozen
+    (upstream's Deformable DETR: layers 2-4; Sparse R-CNN: 1-4). (B, 3, H, W) -> [(B, C_s, H / s, W / s)]."""
 
-    def __init__(self, name):
+    def __init__(self, name, layers=(2, 3, 4)):
         super().__init__()
         self.body = getattr(torchvision.models, name)(norm_layer=FrozenBatchNorm2d)
         self.body.fc, self.body.name = nn.Identity(), RESNETS[name]  # no classifier; load_pretrained's errors
         for module in (self.body.conv1, self.body.layer1):
             module.requires_grad_(False)
-        self.channels, self.strides = [self.body.layer2[-1].conv3.out_channels, self.body.layer3[-1].conv3.out_channels,
-                                       self.body.layer4[-1].conv3.out_channels], [8, 16, 32]
+        self.layers = layers
+        self.channels = [getattr(self.body, f"layer{i}")[-1].conv3.out_channels for i in layers]
+        self.strides = [2 ** (i + 1) for i in layers]
 
     def forward(self, images):
         body = self.body
-        x = body.layer1(body.maxpool(body.relu(body.bn1(body.conv1(images)))))
-        maps = []
-        for layer in (body.layer2, body.layer3, body.layer4):
-            x = layer(x)
-            maps.append(x)
+        x, maps = body.maxpool(body.relu(body.bn1(body.conv1(images)))), []
+        for i in range(1, max(self.layers) + 1):
+            x = getattr(body, f"layer{i}")(x)
+            if i in self.layers:
+                maps.append(x)
         return maps
 
 
@@ -164,7 +167,7 @@ def resnet_backbone(spec, pretrained, rates, groups):
 @dataclass(frozen=True)
 class Detector:
     """A detector, its backbone and the modules in it, beside the paper's numbers (None where the paper gives none)."""
-    detector: str                    # "retinanet" | "maskrcnn" | "deformable-detr" | "deformable-detr-plus"
+    detector: str                    # "retinanet", "maskrcnn", "deformable-detr" (or -plus) or "sparse-rcnn"
     backbone: str                    # a DGMN2 variant, or a torchvision ResNet / ResNeXt of RESNETS
     box_ap: float                    # the paper's COCO box AP (val unless the table says test-dev)
     mask_ap: float | None            # the paper's COCO mask AP
@@ -213,14 +216,18 @@ MODELS = {
                               ("dgmn2-medium", "medium", 47.7, 268.9, 48.4)]},
     **{f"deformable-detr-plus-{v}": Detector("deformable-detr-plus", b, ap, None, "Table 9", params_m=p, gflops=g)
        for v, b, p, g, ap in [("r50", "resnet50", 41.0, 215.9, 46.9), ("dgmn2-small", "small", 34.0, 214.3, 48.5)]},
+    # Table 10: Sparse R-CNN, 300 proposals
+    "sparse-rcnn-r50": Detector("sparse-rcnn", "resnet50", 45.0, None, "Table 10", params_m=106.1, gflops=112.82),
+    "sparse-rcnn-dgmn2-small": Detector("sparse-rcnn", "small", 48.2, None, "Table 10", params_m=102.6, gflops=114.86),
 }
 DETR_FAMILY = ("deformable-detr", "deformable-detr-plus")
+SET_PREDICTION = (*DETR_FAMILY, "sparse-rcnn")  # trained by matching.py's loss, upstream's augmentation
 
 
 def augmentation(name, min_size=800):
     """The training augmentation of MODELS[name]'s recipe, a v2 transform of (image, target) before the detector's own
-    resize: Deformable DETR's (scaled to min_size), else a horizontal flip."""
-    if MODELS[name].detector in DETR_FAMILY:
+    resize: Deformable DETR's and Sparse R-CNN's (upstream's both, scaled to min_size), else a horizontal flip."""
+    if MODELS[name].detector in SET_PREDICTION:
         return deformable_detr.augmentation(min_size)
     return v2.RandomHorizontalFlip()
 
@@ -234,10 +241,10 @@ def build(name, num_classes, *, min_size=800, max_size=1333, rois=512, queries=d
           pretrained=False, dgmn_rates=dgmn.COCO_RATES, dgmn_groups=DGMN_GROUPS):
     """The detector of MODELS[name]: num_classes with the background (COCO: 91 ids, 0 the background), images resized
     to min_size on the shorter side, at most max_size on the longer; Mask R-CNN's box and mask heads learn from rois
-    regions an image, Deformable DETR's decoder from `queries` queries. pretrained: a ResNet built to start from
-    ImageNet weights (load_pretrained) freezes its BN, stem and res2 as Detectron's 1x; DGMN2 trains whole either way
-    (Deformable DETR's ResNet is frozen as upstream's, its stem, layer 1 and BN, either way). dgmn_rates,
-    dgmn_groups: the DGMN modules' (Table 15).
+    regions an image, Deformable DETR's decoder from `queries` queries, Sparse R-CNN's heads from as many proposals.
+    pretrained: a ResNet built to start from ImageNet weights (load_pretrained) freezes its BN, stem and res2 as
+    Detectron's 1x; DGMN2 trains whole either way (Deformable DETR's and Sparse R-CNN's ResNet is frozen as
+    upstream's, its stem, layer 1 and BN, either way). dgmn_rates, dgmn_groups: the DGMN modules' (Table 15).
     Training: (list of B float (3, H, W) images in [0, 1], list of B targets: boxes (N, 4) xyxy, labels (N,)
     [, masks (N, H, W)]) -> dict of losses. Evaluation: images -> list of B dicts: boxes (N, 4), labels (N,),
     scores (N,) [, masks (N, 1, H, W)]."""
@@ -249,6 +256,10 @@ def build(name, num_classes, *, min_size=800, max_size=1333, rois=512, queries=d
         plus = spec.detector == "deformable-detr-plus"
         return deformable_detr.DeformableDETR(backbone, num_classes, box_refine=plus, two_stage=plus,
                                               queries=queries, **sizes)
+    if spec.detector == "sparse-rcnn":  # every stage into its FPN; boxes and logits in float32 too
+        backbone = ResNetStages(spec.backbone, (1, 2, 3, 4)) if spec.backbone in RESNETS else \
+            DGMN2Stages(spec.backbone, (0, 1, 2, 3))
+        return sparse_rcnn.SparseRCNN(backbone, num_classes, proposals=queries, **sizes)
     if spec.backbone in RESNETS:
         backbone = resnet_backbone(spec, pretrained, dgmn_rates, dgmn_groups)
     else:
@@ -318,6 +329,9 @@ def load_pretrained(model, state):
 PAPER_CLASSES = 80  # the paper's heads score COCO's 80 classes (Mask R-CNN's also the background); ours its 91 ids
 DETR_CLASSES = 91  # Deformable DETR's (upstream's) score COCO's 91 ids
 FLOPS_IMAGE = (800, 1333)  # Section 6.2: FLOPs at an 800 x 1333 input
+SPARSE_IMAGE = (800, 1344)  # that input padded to a multiple of 32, as Sparse R-CNN runs it
+STAGES, PROPOSALS, POOL = sparse_rcnn.STAGES, sparse_rcnn.PROPOSALS, sparse_rcnn.POOL
+EXTRA_CLASS_PARAMS = STAGES * (DETR_CLASSES - PAPER_CLASSES) * (sparse_rcnn.HIDDEN + 1)  # a class: its weights, bias
 BOX_ROIS, MASK_ROIS = 1000, 100  # mmdetection's dummy forward: the box head on 1000 proposals, the mask head on 100
 COUNTING = f"""Counted on the meta device (nothing is computed), as mmcv's get_model_complexity_info counts mmdetection:
 - parameters: those that train from pretrained weights (frozen BN holds buffers; the frozen stem and res2 are left
@@ -332,20 +346,34 @@ COUNTING = f"""Counted on the meta device (nothing is computed), as mmcv's get_m
   the bilinear reads the paper's counts hold (Table 9's base rows land within 1% with them, 1.3-1.7% under without):
   DGMN2's, 4 multiply-adds a sampled element and channel, and the deformable attention's, 5 (4 neighbours and the
   attention weight). The "+" rows' paper FLOPs add 9.2G to the base rows' for ResNet-50 and DGMN2-Small alike, where
-  ours add 5.2G (the proposals' scoring on every token and the decoder's box MLPs): the rest is not recovered.
+  ours add 5.2G (the proposals' scoring on every token and the decoder's box MLPs): the rest is not recovered;
+- Sparse R-CNN (Table 10): its trainable parameters, the heads at upstream's {PAPER_CLASSES} classes (train_coco.py
+  gives it COCO's {DETR_CLASSES} ids: {EXTRA_CLASS_PARAMS:,} parameters more); FLOPs: the backbone and the FPN on the
+  image padded to {SPARSE_IMAGE[0]} x {SPARSE_IMAGE[1]} (a multiple of 32, as the detector pads it), the {STAGES} heads
+  on {PROPOSALS} proposals (RoIAlign not run), DGMN2's bilinear reads as above. No convention we tried gives the
+  paper's 112.82G and 114.86G (ours are about 1.5 times them): compare the two rows' ratio, printed below the table.
 Gaps: ours / the paper's - 1."""
 
 
-def detr_cost(model, image):
-    """Deformable DETR's multiply-adds on one image, as COUNTING says: the matrix products (DGMN2's sampler products
-    among them), DGMN2's bilinear reads (4 a sampled element and channel, as dgmn2.model_macs) and the deformable
-    attention's reads (deformable_detr.SAMPLING_MACS a sampled element and channel)."""
+def macs_with_reads(run):
+    """The multiply-adds of run() as COUNTING says for the set-prediction detectors: the matrix products (DGMN2's
+    sampler products among them), DGMN2's bilinear reads (4 a sampled element and channel, as dgmn2.model_macs) and
+    the deformable attention's reads (deformable_detr.SAMPLING_MACS a sampled element and channel)."""
     readings = {torch.ops.aten.grid_sampler_2d: deformable_detr.sampling_flops}
     with sampler.backend("kernel"), FlopCounterMode(display=False, custom_mapping=readings) as counter:
-        model.predict(image, torch.zeros(1, *image.shape[-2:], dtype=torch.bool))
+        run()
     products = sum(flops for op, flops in counter.get_flop_counts()["Global"].items()
                    if str(op).startswith("dgmn_sampler")) // 2
     return counter.get_total_flops() // 2 + 4 * products
+
+
+def sparse_rcnn_heads(model, image):
+    """Sparse R-CNN on one padded image as COUNTING counts it: the backbone and FPN, then each head on RoI features
+    that RoIAlign would give (its reads are not counted; on the meta device it cannot choose the boxes' levels)."""
+    model.fpn(model.backbone(image), torch.zeros(1, *image.shape[-2:], dtype=torch.bool))
+    boxes, features = model.start([image.shape[-2:]], image.device)
+    for head in model.heads:
+        _, boxes, features = head(torch.empty(boxes.shape[1], features.shape[2], POOL, POOL), boxes, features)
 
 
 def paper_classes(name):
@@ -360,8 +388,12 @@ def cost(name):
     with torch.device("meta"):
         model = build(name, paper_classes(name), pretrained=True)
         image = torch.empty(1, 3, *FLOPS_IMAGE)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if spec.detector == "sparse-rcnn":
+            return trainable, macs_with_reads(lambda: sparse_rcnn_heads(model, torch.empty(1, 3, *SPARSE_IMAGE)))
         if spec.detector in DETR_FAMILY:
-            return sum(p.numel() for p in model.parameters() if p.requires_grad), detr_cost(model.eval(), image)
+            padding = torch.zeros(1, *FLOPS_IMAGE, dtype=torch.bool)
+            return trainable, macs_with_reads(lambda: model.eval().predict(image, padding))
         dcn_flops = {torch.ops.torchvision.deform_conv2d: dgmn.deform_conv_flops}  # as the conv it generalises
         with FlopCounterMode(display=False, custom_mapping=dcn_flops) as counter:
             features = list(model.backbone(image).values())
@@ -373,19 +405,24 @@ def cost(name):
                 heads.box_predictor(heads.box_head(torch.empty(BOX_ROIS, channels, *heads.box_roi_pool.output_size)))
                 heads.mask_predictor(heads.mask_head(torch.empty(MASK_ROIS, channels,
                                                                  *heads.mask_roi_pool.output_size)))
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), counter.get_total_flops() // 2
+    return trainable, counter.get_total_flops() // 2
 
 
 def print_table():
-    """Every model's parameters and FLOPs beside the paper's (Tables 3, 5, 7, 8, 16, Section 5.3)."""
+    """Every model's parameters and FLOPs beside the paper's (Tables 3, 5, 7-10, 16, Section 5.3), and Table 10's
+    ratio of FLOPs."""
     print(COUNTING + "\n")
     print("| model | params (M) | paper | gap | GFLOPs | paper | gap | box AP paper | mask AP paper | source |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    macs = {}
     for name, spec in MODELS.items():
-        params, macs = cost(name)
+        params, macs[name] = cost(name)
         columns = [f"{ours:.1f} | {paper or '-'} | {f'{100 * (ours / paper - 1):+.1f}%' if paper else '-'}"
-                   for ours, paper in [(params / 1e6, spec.params_m), (macs / 1e9, spec.gflops)]]
+                   for ours, paper in [(params / 1e6, spec.params_m), (macs[name] / 1e9, spec.gflops)]]
         print(f"| {name} | {' | '.join(columns)} | {spec.box_ap} | {spec.mask_ap or '-'} | {spec.table} |", flush=True)
+    small, r50 = "sparse-rcnn-dgmn2-small", "sparse-rcnn-r50"
+    print(f"\nTable 10's FLOPs, DGMN2-Small / ResNet-50: ours {macs[small] / macs[r50]:.3f}, the paper's "
+          f"{MODELS[small].gflops / MODELS[r50].gflops:.3f}")
 
 
 if __name__ == "__main__":

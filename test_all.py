@@ -38,6 +38,7 @@ import deformable_detr
 import dgmn
 import dgmn2
 import matching
+import sparse_rcnn
 import sampler
 import segmentation
 import train_cityscapes
@@ -55,7 +56,7 @@ except ModuleNotFoundError as missing:
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 NEEDS_PYCOCOTOOLS = pytest.mark.skipif(train_coco is None, reason="train_coco.py needs pycocotools")
 MODEL_FILES = ["sampler.py", "sampler_cuda.cu", "dgmn.py", "dgmn2.py", "segmentation.py", "detection.py",
-               "deformable_detr.py", "matching.py"]
+               "deformable_detr.py", "sparse_rcnn.py", "matching.py"]
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 
@@ -1134,7 +1135,8 @@ sys.path.insert(0, {str(tmp_path)!r})
 from myproject.models import detection, dgmn, dgmn2 as copied, matching, sampler as copied_sampler, segmentation
 assert copied.sampler is copied_sampler is dgmn.sampler and copied_sampler is not sampler
 assert segmentation.dgmn2 is detection.dgmn2 is copied and "train_coco" not in sys.modules
-assert detection.deformable_detr.matching is matching and matching.__name__ == "myproject.models.matching"
+assert detection.deformable_detr.matching is detection.sparse_rcnn.matching is matching
+assert matching.__name__ == "myproject.models.matching"
 first = copied_sampler._OPS
 importlib.reload(copied_sampler)
 assert len({{sampler._OPS, first, copied_sampler._OPS}}) == 3  # each its own ops: redefining one has crashed
@@ -2183,6 +2185,33 @@ def test_an_images_detections_do_not_change_when_batched_with_a_larger_one(plus)
         torch.testing.assert_close(batched[key], alone[key])
 
 
+def two_steps(model):
+    """Two AdamW steps on detr_batch(): (the last step's losses, the parameters that received a non-zero gradient)."""
+    images, targets = detr_batch()
+    optimizer, seen = torch.optim.AdamW(model.parameters(), 1e-4), set()
+    for _ in range(2):
+        losses = model(images, targets)
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        seen |= {n for n, p in model.named_parameters() if p.grad is not None and p.grad.any()}
+        optimizer.step()
+    return losses, seen
+
+
+def ten_steps(model, optimizer, clip):
+    """Ten steps on detr_batch() with the gradient norm clipped to clip: the losses (floats)."""
+    images, targets = detr_batch()
+    losses = []
+    for _ in range(10):
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def detr_batch():
     targets = [dict(boxes=torch.tensor([[4.0, 8, 30, 40], [36, 30, 62, 60]]), labels=torch.tensor([1, 4])),
                dict(boxes=torch.tensor([[10.0, 5, 50, 20]]), labels=torch.tensor([2]))]
@@ -2195,31 +2224,25 @@ def detr_batch():
 def test_every_deformable_detr_parameter_gets_a_gradient_in_two_steps(name):
     torch.manual_seed(0)
     model = detection.build(name, 5, min_size=64, max_size=96, queries=30, pretrained=True)
-    images, targets = detr_batch()
-    optimizer = torch.optim.AdamW(model.parameters(), 1e-4)
-    seen = set()
-    for _ in range(2):
-        losses = model(images, targets)
-        optimizer.zero_grad()
-        sum(losses.values()).backward()
-        seen |= {n for n, p in model.named_parameters() if p.grad is not None and p.grad.any()}
-        optimizer.step()
+    losses, seen = two_steps(model)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == seen
     plus = "plus" in name
     assert {"loss_class", "loss_l1", "loss_giou", "loss_class_4"} <= losses.keys()
     assert ("loss_class_enc" in losses) == plus and "loss_class_5" not in losses
 
 
-def test_deformable_detr_detects_inside_the_image_in_its_pixels():
+@pytest.mark.parametrize("name, queries", [("deformable-detr-dgmn2-tiny", 300), ("sparse-rcnn-dgmn2-small", 12)])
+def test_the_set_prediction_detectors_detect_inside_the_image_in_its_pixels(name, queries):
+    """The top 100 query-class pairs (all 60 of 12 proposals x 5 classes), in each image's own pixels."""
     torch.manual_seed(0)
-    model = detection.build("deformable-detr-dgmn2-tiny", 5, min_size=64, max_size=96).eval()
+    model = detection.build(name, 5, min_size=64, max_size=96, queries=queries).eval()
     images, _ = detr_batch()
     with torch.no_grad():
         outputs = model(images)
     for image, output in zip(images, outputs):
         H, W = image.shape[-2:]
-        boxes = output["boxes"]
-        assert boxes.shape == (100, 4) and output["scores"].shape == output["labels"].shape == (100,)
+        boxes, count = output["boxes"], min(100, 5 * queries)
+        assert boxes.shape == (count, 4) and output["scores"].shape == output["labels"].shape == (count,)
         assert (boxes >= 0).all() and (boxes[:, 0::2] <= W).all() and (boxes[:, 1::2] <= H).all()
         assert (boxes[:, 2:] >= boxes[:, :2]).all() and boxes[:, 2].max() > 0.8 * W  # in this image's pixels
         assert output["labels"].max() < 5 and output["scores"].diff().le(0).all()  # sorted, the top pairs
@@ -2260,15 +2283,7 @@ def test_deformable_detr_loss_falls_on_a_fixed_batch():
     """Two images, ten steps of upstream's optimiser (its parameter groups, lr 2e-4, gradient norm 0.1)."""
     torch.manual_seed(0)
     model = detection.build("deformable-detr-dgmn2-tiny", 5, min_size=64, max_size=96, queries=30)
-    images, targets = detr_batch()
-    optimizer, losses = torch.optim.AdamW(model.param_groups(2e-4, 1e-4)), []
-    for _ in range(10):
-        loss = sum(model(images, targets).values())
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 0.1)
-        optimizer.step()
-        losses.append(loss.item())
+    losses = ten_steps(model, torch.optim.AdamW(model.param_groups(2e-4, 1e-4)), clip=0.1)
     assert losses[-1] < 0.8 * losses[0], losses
 
 
@@ -2292,12 +2307,14 @@ def test_the_upstream_augmentation_flips_resizes_and_crops_boxes_with_the_image(
 
 
 def test_each_detector_trains_on_its_recipes_augmentation():
-    """detection.augmentation, what train_coco.py applies: RetinaNet and Mask R-CNN flip, Deformable DETR crops."""
+    """detection.augmentation, what train_coco.py applies: RetinaNet and Mask R-CNN flip, Deformable DETR and Sparse
+    R-CNN crop."""
     from torchvision import tv_tensors
     image = tv_tensors.Image(torch.rand(3, 100, 160))
     target = dict(boxes=tv_tensors.BoundingBoxes([[10.0, 10, 60, 50]], format="XYXY", canvas_size=(100, 160)),
                   labels=torch.tensor([1]))
-    for name, sizes_seen in [("retinanet-dgmn2-tiny", 1), ("maskrcnn-r50", 1), ("deformable-detr-dgmn2-tiny", 10)]:
+    for name, sizes_seen in [("retinanet-dgmn2-tiny", 1), ("maskrcnn-r50", 1), ("deformable-detr-dgmn2-tiny", 10),
+                             ("sparse-rcnn-dgmn2-small", 10)]:
         augment, sizes, flipped = detection.augmentation(name, min_size=100), set(), set()
         for seed in range(30):
             torch.manual_seed(seed)
@@ -2306,6 +2323,189 @@ def test_each_detector_trains_on_its_recipes_augmentation():
             if out.shape == image.shape:
                 flipped.add(torch.equal(out, image.flip(-1)) and out_target["boxes"][0, 0].item() == 100)
         assert (len(sizes) == 1) == (sizes_seen == 1) and len(sizes) >= sizes_seen and flipped == {False, True}, name
+
+
+# ====================================================================================================================
+# sparse_rcnn.py: Table 10
+
+
+@pytest.mark.slow
+def test_table_10_parameters_and_flops():
+    """Parameters exactly as counted from the release (80 classes; R-50: the trainable ones); FLOPs within 1% of the
+    facts' independent estimate at 800 x 1344 without DGMN2's full relative-position tables: R-50 87.6 + FPN 60.9 +
+    heads 26.9 = 175.4G, DGMN2-S 99.7 - 10.9 (those tables) + 54.8 + 26.9, plus 2.2 of bilinear reads = 172.7G."""
+    expected = {"sparse-rcnn-r50": (106_067_368, 175.4e9), "sparse-rcnn-dgmn2-small": (102_569_320, 172.7e9)}
+    assert [n for n in detection.MODELS if n.startswith("sparse")] == list(expected)
+    for name, (count, macs_expected) in expected.items():
+        params, macs = detection.cost(name)
+        spec = detection.MODELS[name]
+        assert params == count and abs(params / 1e6 - spec.params_m) < 0.05 and spec.table == "Table 10", name
+        assert abs(macs / macs_expected - 1) < 0.01, (name, macs)
+    assert detection.EXTRA_CLASS_PARAMS == sum(p.numel() for p in detection.build("sparse-rcnn-dgmn2-small", 91)
+                                               .parameters()) - 102_569_320
+
+
+def test_the_dynamic_interaction_is_two_generated_1x1_convolutions_a_proposal():
+    torch.manual_seed(0)
+    C, E, S, R = 8, 4, 3, 5
+    interaction = sparse_rcnn.DynamicInteraction(C, E, S).double()
+    for norm in (interaction.norm1, interaction.norm2, interaction.norm3):  # not at their start: weights count
+        nn.init.normal_(norm.weight)
+        nn.init.normal_(norm.bias)
+    features, rois = torch.randn(R, C, dtype=torch.float64), torch.randn(R, C, S, S, dtype=torch.float64)
+    out = interaction(features, rearrange(rois, "r c s t -> r (s t) c"))
+    for r in range(R):
+        generated = interaction.generate(features[r])
+        first = generated[:C * E].view(C, E).T[:, :, None, None]  # (E, C, 1, 1): a conv from C to E channels
+        second = generated[C * E:].view(E, C).T[:, :, None, None]  # (C, E, 1, 1)
+        x = F.conv2d(rois[r:r + 1], first)  # (1, E, S, S)
+        x = F.relu(F.layer_norm(x.permute(0, 2, 3, 1), (E,), interaction.norm1.weight, interaction.norm1.bias))
+        x = F.conv2d(x.permute(0, 3, 1, 2), second)
+        x = F.relu(F.layer_norm(x.permute(0, 2, 3, 1), (C,), interaction.norm2.weight, interaction.norm2.bias))
+        flat = x.reshape(-1)  # (S S C): position-major, channels within
+        expected = F.relu(interaction.norm3(interaction.out(flat)))
+        torch.testing.assert_close(out[r], expected)
+
+
+def test_roi_features_on_one_level_are_aligned_roi_align_and_the_level_rule_is_fpns():
+    boxes = torch.tensor([[0.0, 0, 224, 224], [10, 10, 122, 122], [0, 0, 448, 448], [0, 0, 900, 900], [5, 5, 20, 20],
+                          [0, 0, 111, 113]])
+    assert sparse_rcnn.roi_levels(boxes, 2, 5).tolist() == [2, 1, 3, 3, 0, 0]  # P4, P3, P5, P5 (clamped), P2, P2
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.randn(2, 3, 64 // s, 64 // s, generator=g) for s in (1, 2, 4, 8)]  # strides 4 ... 32: 256 px
+    corners = torch.rand(2, 4, 2, generator=g) * 120
+    boxes = torch.cat([corners, corners + 30 + torch.rand(2, 4, 2, generator=g) * 40], -1)  # sides 30-70: P2
+    pooled = sparse_rcnn.roi_features(maps, [4, 8, 16, 32], boxes)
+    rois = torch.cat([torch.arange(2).repeat_interleave(4)[:, None].float(), boxes.flatten(0, 1)], 1)
+    expected = torchvision.ops.roi_align(maps[0], rois, 7, 1 / 4, 2, aligned=True)
+    torch.testing.assert_close(pooled, expected)
+    assert not torch.allclose(pooled, torchvision.ops.roi_align(maps[0], rois, 7, 1 / 4, 2, aligned=False))
+
+
+def test_box_deltas_move_and_scale_boxes_as_r_cnn_does():
+    boxes = torch.tensor([[10.0, 20, 50, 100]])  # centre (30, 60), 40 x 80
+    deltas = torch.tensor([[0.5, -1.0, math.log(2.0), 0.0]])  # weights (2, 2, 1, 1): dx 0.25, dy -0.5, w x 2
+    out = sparse_rcnn.apply_deltas(deltas, boxes)
+    torch.testing.assert_close(out, torch.tensor([[0.0, -20, 80, 60]]))  # centre (40, 20), 80 x 80
+    huge = sparse_rcnn.apply_deltas(torch.tensor([[0.0, 0, 100, 100]]), boxes)  # clamped at log(1e5 / 16)
+    torch.testing.assert_close(huge[0, 2] - huge[0, 0], torch.tensor(40 * 1e5 / 16))
+
+
+def test_the_set_loss_reads_l1_on_corners_when_asked_and_giou_alike():
+    prediction, targets = random_batch(6, [3, 2], seed=3)
+    corners = {k: v for k, v in prediction.items()}
+    corners["boxes"] = torchvision.ops.box_convert(prediction["boxes"], "cxcywh", "xyxy")
+    targets_xyxy = [dict(t, boxes=torchvision.ops.box_convert(t["boxes"], "cxcywh", "xyxy")) for t in targets]
+    centres, xyxy = matching.set_loss(prediction, targets, 5), matching.set_loss(corners, targets_xyxy, 5, "xyxy")
+    matches = matching.hungarian_match(corners["logits"], corners["boxes"], targets_xyxy, "xyxy")
+    l1 = sum((corners["boxes"][b, q] - targets_xyxy[b]["boxes"][t]).abs().sum()
+             for b, (queries, chosen) in enumerate(matches) for q, t in zip(queries, chosen))
+    assert xyxy["loss_l1"].item() == pytest.approx(5 * l1.item() / 5, rel=1e-5)
+    assert xyxy["loss_l1"].item() != pytest.approx(centres["loss_l1"].item(), rel=1e-3)
+    if [m[0].tolist() for m in matches] == [m[0].tolist() for m in matching.hungarian_match(
+            prediction["logits"], prediction["boxes"], targets)]:  # the same pairs: the same GIoU and class terms
+        for key in ("loss_giou", "loss_class"):
+            assert xyxy[key].item() == pytest.approx(centres[key].item(), rel=1e-5)
+
+
+def test_sparse_rcnn_starts_as_upstream():
+    model = detection.build("sparse-rcnn-dgmn2-small", 80)
+    assert model.proposal_boxes.weight.tolist() == [[0.5, 0.5, 1.0, 1.0]] * 300
+    boxes, features = model.start([(100, 150), (80, 60)], "cpu")  # the whole of each image
+    assert boxes[:, 0].tolist() == [[0.0, 0, 150, 100], [0, 0, 60, 80]] and features.shape == (2, 300, 256)
+    for head in model.heads:
+        torch.testing.assert_close(head.class_logits.bias, torch.full((80,), -math.log(99)))
+    assert len(model.heads) == 6 and model.heads[0].interaction.generate.out_features == 2 * 256 * 64
+    assert model.strides == [4, 8, 16, 32] and not model.heads[0].box_branch[0][0].bias
+
+
+class Pointwise4(Pointwise):
+    """Pointwise at strides 4 ... 32: Sparse R-CNN's four levels."""
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.channels, self.strides = [4, 8, 8, 16], [4, 8, 16, 32]
+        self.convs = nn.ModuleList(nn.Conv2d(3, c, 1) for c in self.channels)
+
+
+def test_an_images_sparse_rcnn_detections_do_not_change_when_batched_with_a_larger_one():
+    torch.manual_seed(0)
+    model = sparse_rcnn.SparseRCNN(Pointwise4(), 5, proposals=20, min_size=64, max_size=192).eval()
+    for head in model.heads:  # moved boxes: proposals reaching across the image's border as well
+        nn.init.normal_(head.box_deltas.weight, std=0.05)
+    for conv in [*model.fpn.laterals, *model.fpn.outputs]:  # biases as trained ones: the padding holds no zeros
+        nn.init.normal_(conv.bias)
+    model = model.double()  # in float32 the batch changes the order of the sums: differences of 1e-4 over six heads
+    small, large = torch.rand(3, 64, 64).double(), torch.rand(3, 64, 192).double()  # no resize; padded in the batch
+    with torch.no_grad():
+        alone, batched = model([small])[0], model([small, large])[0]
+    assert alone["boxes"].shape == (100, 4)
+    for key in ("boxes", "scores", "labels"):
+        torch.testing.assert_close(batched[key], alone[key])
+
+
+@pytest.mark.parametrize("name", ["sparse-rcnn-dgmn2-small", pytest.param("sparse-rcnn-r50", marks=pytest.mark.slow)])
+def test_every_sparse_rcnn_parameter_gets_a_gradient_in_two_steps(name):
+    torch.manual_seed(0)
+    model = detection.build(name, 5, min_size=64, max_size=96, queries=12)
+    with torch.no_grad():  # proposals of every size (up to 8 x the image), so that every level pools some RoIs
+        model.proposal_boxes.weight[:, 2:] = torch.linspace(0.1, 8.0, 24).view(12, 2)
+    losses, seen = two_steps(model)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == seen
+    assert set(losses) == {f"loss_{t}{s}" for t in ("class", "l1", "giou") for s in ("", "_0", "_1", "_2", "_3", "_4")}
+    model.zero_grad()
+    model(*detr_batch())["loss_l1"].backward()  # the last head's boxes: earlier heads' boxes come detached
+    assert [head.box_deltas.weight.grad is not None for head in model.heads] == [False] * 5 + [True]
+
+
+@pytest.mark.slow
+def test_sparse_rcnn_loss_falls_on_a_fixed_batch():
+    """Two images, ten steps of upstream's optimiser (AdamW, gradient norm 1.0; lr 1e-4 for a short run)."""
+    torch.manual_seed(0)
+    model = detection.build("sparse-rcnn-dgmn2-small", 5, min_size=64, max_size=96, queries=12)
+    losses = ten_steps(model, torch.optim.AdamW(model.parameters(), 1e-4, weight_decay=1e-4), clip=1.0)
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_sparse_rcnn_takes_a_dgmn2_checkpoint_and_torchvisions_resnet50():
+    model = detection.build("sparse-rcnn-dgmn2-small", 91)
+    imagenet = dgmn2.build("small")
+    detection.load_pretrained(model, dict(model=imagenet.state_dict(), config=dict(model="small")))
+    for name, tensor in model.backbone.body.state_dict().items():
+        torch.testing.assert_close(tensor, imagenet.state_dict()[name])
+    r50, resnet = detection.build("sparse-rcnn-r50", 91), torchvision.models.resnet50()
+    detection.load_pretrained(r50, resnet.state_dict())
+    torch.testing.assert_close(r50.backbone.body.layer1[0].conv1.weight, resnet.layer1[0].conv1.weight)
+    assert not r50.backbone.body.layer1[0].conv1.weight.requires_grad and r50.backbone.channels[0] == 256
+
+
+@pytest.mark.parametrize("name", ["deformable-detr-dgmn2-tiny", "sparse-rcnn-dgmn2-small"])
+def test_the_set_prediction_detectors_learn_from_an_image_without_objects(name):
+    """COCO's unannotated training images, which upstream's keep: every query learns "no class", no box term."""
+    torch.manual_seed(0)
+    model = detection.build(name, 5, min_size=64, max_size=96, queries=12)
+    images, targets = detr_batch()
+    empty = dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.int64))
+    assert all(torch.isfinite(loss) for loss in model(images, [targets[0], empty]).values())
+    alone = model([images[1]], [empty])
+    sum(alone.values()).backward()
+    assert alone["loss_l1"] == alone["loss_giou"] == 0 and alone["loss_class"] > 0
+    assert model.class_heads[-1].bias.grad.any() if name.startswith("deformable") else \
+        model.heads[-1].class_logits.bias.grad.any()
+
+
+@NEEDS_PYCOCOTOOLS
+def test_the_sparse_rcnn_recipe_is_upstreams():
+    cfg = train_coco.Config(model="sparse-rcnn-dgmn2-small", min_size=64, max_size=64, queries=30)
+    plan = train_coco.recipe(cfg, 270)  # 270 batches an epoch: 36 epochs, lr / 10 after 28 and 33 1/3
+    assert (plan["optimizer"], plan["lr"], plan["iterations"], plan["steps"], plan["warmup"], plan["warmup_factor"],
+            plan["clip"]) == ("adamw", 2.5e-5, 36 * 270, [7560, 9000], 1000, 0.01, 1.0)
+    assert train_coco.recipe(dataclasses.replace(cfg, warmup=0), 270)["warmup"] == 0  # none, not the recipe's
+    model = train_coco.build_model(cfg, 91)
+    optimizer, _ = train_coco.optimizer_and_schedule(model, plan, cfg.weight_decay)
+    assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in optimizer.param_groups] == \
+        [(2.5e-5 * 0.01, 1e-4, len(list(model.parameters())))]  # one group, the warm-up's first lr
+    assert model.proposal_boxes.num_embeddings == 30
 
 
 # ====================================================================================================================
@@ -3386,7 +3586,7 @@ class GroundTruthDetector(nn.Module):
 
 def evaluate_detector(data, detector, rank=0, world=1, output=None):
     cfg = detection_run(data, model="maskrcnn-dgmn2-tiny", data=str(data), eval_only=True, resume="x")
-    _, val, names, annotation_file = train_coco.datasets(cfg, masks=True)
+    _, val, names, annotation_file = train_coco.datasets(cfg)
     loader = train_coco.evaluation_loader(val, cfg, rank, world, torch.device("cpu"))
     return train_coco.evaluate(detector, loader, names, annotation_file, cfg, torch.device("cpu"),
                                contextlib.nullcontext(), rank, world, output, "test")
@@ -3433,19 +3633,25 @@ def test_detections_of_every_rank_are_evaluated_once(tmp_path):
 @NEEDS_PYCOCOTOOLS
 def test_coco_layout_drops_unusable_images_and_crowds(tmp_path):
     data = write_coco(tmp_path / "coco")
-    train, val, names, _ = train_coco.datasets(detection_run(tmp_path, data=str(data)), masks=True)
+    train, val, names, _ = train_coco.datasets(detection_run(tmp_path, data=str(data), model="maskrcnn-dgmn2-tiny"))
     assert names == {1: "person", 7: "train", 90: "toothbrush"} and len(val) == 4
     assert [train.ids[i] for i in range(len(train))] == [100, 104]  # 101: none, 102: crowd, 103: 1 px wide
     image, target = train[1]
     assert image.shape == (3, 48, 48) and image.dtype == torch.float32
     assert target["labels"].tolist() == [90] and target["masks"].shape == (1, 48, 48)  # the crowd region is gone
     assert target["masks"].sum() == 24 * 36 and target["boxes"].tolist() in ([[20, 4, 44, 40]], [[4, 4, 28, 40]])
+    for model in ("deformable-detr-dgmn2-tiny", "sparse-rcnn-dgmn2-small"):  # upstream's keep every image
+        train, *_ = train_coco.datasets(detection_run(tmp_path, data=str(data), model=model))
+        assert [train.ids[i] for i in range(len(train))] == [100, 101, 102, 103, 104]
+        for i in (1, 2, 3):  # nothing usable: no boxes, no labels (and no crowd region)
+            _, target = train[i]
+            assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,) and "masks" not in target
 
 
 @pytest.mark.slow
 @NEEDS_PYCOCOTOOLS
 @pytest.mark.parametrize("model", ["retinanet-dgmn2-tiny", "maskrcnn-dgmn2-tiny", "maskrcnn-r50-dgmn-c5",
-                                   "deformable-detr-dgmn2-tiny", "deformable-detr-plus-r50"])
+                                   "deformable-detr-dgmn2-tiny", "deformable-detr-plus-r50", "sparse-rcnn-dgmn2-small"])
 def test_each_detector_trains_two_iterations(tmp_path, model):
     metrics = train_coco.main(detection_run(tmp_path, model=model))
     types = {"bbox", "segm"} if model.startswith("maskrcnn") else {"bbox"}
@@ -3552,6 +3758,7 @@ def test_detection_bad_input_gives_one_line(tmp_path):
              (dict(lr_steps="3,3"), "--lr-steps '3,3': give increasing iterations"),
              (dict(resume=str(foreign)), "foreign.pth: not a checkpoint of train_coco.py"),
              (dict(min_size=200), "--min-size 200 exceeds --max-size 64"),
+             (dict(warmup=-2), "--warmup -2: give steps, or -1 for the recipe's"),
              (dict(pretrained=str(tmp_path / "none.pth")), "--pretrained .*none.pth: no such checkpoint file"),
              (dict(pretrained=str(misfit)), "--pretrained .*misfit.pth: not the release's format"),  # detection.py's
              (dict(pretrained=str(misfit), model="maskrcnn-r50"), "misfit.pth: not a torchvision ResNet-50 state")]
@@ -3621,7 +3828,7 @@ def test_grouped_batches_complete_the_leftovers_from_the_start_of_the_share():
 def test_training_data_loaders_pin_memory_and_keep_evaluation_workers(tmp_path):
     data = write_coco(tmp_path / "coco")
     cfg = detection_run(tmp_path, data=str(data), workers=1)
-    _, val, _, ground_truth = train_coco.datasets(cfg, masks=True)
+    _, val, _, ground_truth = train_coco.datasets(cfg)
     loader = train_coco.evaluation_loader(val, cfg, 1, 2, torch.device("cpu"))
     assert loader.persistent_workers and not loader.pin_memory and list(loader.dataset.indices) == [1, 3]
     assert ground_truth is val.coco  # evaluation matches against the dataset's own COCO object
@@ -4060,7 +4267,7 @@ def test_ci_gpu_fails_a_failed_build_and_runs_nothing_after_it(tmp_path):
     assert [row[0] for row in rows[1:]] == ["CUDA tests", "sampler benchmark", "profile DGMN2-Small",
                                             "bench DGMN2-tiny vs swin_t", "bench DGMN2-small vs swin_t",
                                             "bench DGMN2-tiny vs swin_t, channels-last", "torch.compile DGMN2-Tiny",
-                                            "Deformable DETR + DGMN2-Small"]
+                                            "Deformable DETR, Sparse R-CNN + DGMN2-Small"]
     assert all(row[1] == "NOT RUN: the CUDA build failed (its error is in gpu.log)" for row in rows[1:])
     assert "none: no step that measures ran to its end" in summary
     assert "torch reference path" not in log and run.stdout.endswith(summary)

@@ -1,19 +1,15 @@
 """COCO detection and instance segmentation: the recipes (Sections 6.2, 8.1.2) that train detection.py's models, with
 torchvision's RetinaNet and Mask R-CNN: DGMN2 + FPN backbones (Tables 7, 8) and ResNet / ResNeXt-FPN with DGMN modules
 or the modules DGMN is compared with (Sections 5.1-5.3, Tables 3, 5, 15, 16); pycocotools evaluation, DDP through
-torchrun. Paper targets on COCO val2017 (box AP / mask AP), 1x schedule: RetinaNet DGMN2-Tiny/Small/Medium/Large
-39.7, 42.5, 43.7, 44.7 (Table 7); Mask R-CNN DGMN2-T/S/M/L 40.1 / 37.2, 43.4 / 39.7, 44.4 / 40.2, 46.2 / 41.6 (Table
-8); Mask R-CNN R-50-FPN 37.8 / 34.4, + DGMN (C5) 40.2 / 36.0; R-101, X-101 (Tables 3, 16; --table lists all);
-Deformable DETR (its own recipe, 50 epochs) DGMN2-T/S/M 44.4, 47.3, 48.4, "+" DGMN2-S 48.5 (Table 9).
+torchrun. Paper targets on COCO val2017 (box AP / mask AP), 1x schedule: RetinaNet DGMN2-Tiny/Small/Medium/Large 39.7,
+42.5, 43.7, 44.7 (Table 7); Mask R-CNN DGMN2-T/S/M/L 40.1 / 37.2, 43.4 / 39.7, 44.4 / 40.2, 46.2 / 41.6 (Table 8); Mask
+R-CNN R-50-FPN 37.8 / 34.4, + DGMN (C5) 40.2 / 36.0; R-101, X-101 (Tables 3, 16); Deformable DETR (50 epochs)
+DGMN2-T/S/M 44.4, 47.3, 48.4, "+" DGMN2-S 48.5 (Table 9); Sparse R-CNN (36 epochs) DGMN2-S 48.2 (Table 10).
 
-    torchrun --nproc_per_node 8 train_coco.py --model maskrcnn-dgmn2-tiny --data /path/to/coco \\
-        --pretrained dgmn2_tiny.pth                     # Table 8: AdamW 1e-4, 12 epochs, lr / 10 after epochs 8 and 11
-    torchrun --nproc_per_node 8 train_coco.py --model maskrcnn-r50-dgmn-c5 --data /path/to/coco \\
-        --pretrained resnet50.pth                       # Table 3: SGD 0.02, 90k iterations, lr / 10 at 60k and 80k
-    torchrun --nproc_per_node 8 train_coco.py --model deformable-detr-dgmn2-small --data /path/to/coco \\
-        --pretrained dgmn2_small.pth --batch-size 16    # Table 9: AdamW 2e-4, 50 epochs, lr / 10 after 40
+    torchrun --nproc_per_node 8 train_coco.py --model maskrcnn-dgmn2-tiny --data coco --pretrained dgmn2_tiny.pth
+    torchrun --nproc_per_node 8 train_coco.py --model deformable-detr-dgmn2-tiny --data coco --pretrained dgmn2_tiny.pth
+    torchrun --nproc_per_node 8 train_coco.py --model sparse-rcnn-dgmn2-small --data coco --pretrained dgmn2_small.pth
     torchrun train_coco.py                  # no --data: the built-in synthetic shapes, a few minutes on a CPU
-    python train_coco.py --table            # every model's parameters and FLOPs beside the paper's (detection.py's)
 """
 
 import argparse
@@ -294,28 +290,27 @@ def command_line():
 # The options (the models and their paper numbers: detection.py), the recipes
 @dataclasses.dataclass
 class Config:
-    model: str = option("retinanet-dgmn2-tiny", "the detector and its backbone (--table lists them all); "
-                        "deformable-detr-*: Deformable DETR, trained by its own recipe (Table 9)")
+    model: str = option("retinanet-dgmn2-tiny", "the detector and its backbone, so its recipe (--table lists them)")
     data: str = option("", "the COCO root (train2017/, val2017/, annotations/); empty: the synthetic shapes")
     output: str = option("runs/coco", "the run's folder: checkpoints, log.jsonl, detections-*.json, pictures")
     pretrained: str = option("", "backbone weights: the release's or train_imagenet.py's DGMN2, torchvision's ResNet")
     dgmn_rates: str = option("", "DGMN's sampling rates, e.g. 1,4,8 (Table 15); empty: COCO's 1,4,8,12 (Section 5.1)")
     dgmn_groups: int = option(detection.DGMN_GROUPS, "DGMN's filter groups G (Table 15); 0: no dynamic weights")
     iterations: int = option(0, "training steps; 0: the recipe's, 12 epochs (DGMN2), 90,000 (ResNets), 50 epochs "
-                             "(Deformable DETR)")
+                             "(Deformable DETR), 36 (Sparse R-CNN)")
     lr_steps: str = option("", "the steps after which the lr is multiplied by 0.1 (60000,80000); empty: the recipe's")
     batch_size: int = option(16, "the global batch: images a step over all processes together, as the paper counts")
-    optimizer: str = option("auto", "auto: the paper's, AdamW for DGMN2 and Deformable DETR (its backbone, sampling "
-                            "offsets and reference points at 0.1 x lr), SGD (biases: 2 x lr, no decay) for ResNets")
-    lr: float = option(0.0, "the peak learning rate; 0: the paper's, 1e-4 (AdamW; Deformable DETR 2e-4), 0.02 (SGD)")
+    optimizer: str = option("auto", "auto: the paper's, AdamW (Deformable DETR's backbone, sampling offsets and "
+                            "reference points at 0.1 x lr) but for ResNets, SGD (biases: 2 x lr, no decay)")
+    lr: float = option(0.0, "peak lr; 0: the paper's, AdamW 1e-4 (Deformable DETR 2e-4, Sparse R-CNN 2.5e-5), SGD 0.02")
     weight_decay: float = option(1e-4, "the weight decay (of every parameter but SGD's biases)")
-    warmup: int = option(500, "steps of linear learning-rate warm-up")
+    warmup: int = option(-1, "steps of linear learning-rate warm-up; -1: the recipe's, 500 (Sparse R-CNN 1000)")
     warmup_factor: float = option(0.0, "the lr's fraction at step 0 of the warm-up; 0: 0.001 (DGMN2), 0.3 (ResNets), "
-                                  "1: none (Deformable DETR)")
+                                  "1: none (Deformable DETR), 0.01 (Sparse R-CNN)")
     min_size: int = option(800, "the shorter image side the detector resizes to (synthetic images are this size)")
     max_size: int = option(1333, "the longer image side at most after that resize")
     rois: int = option(512, "Mask R-CNN: regions sampled per image for the box and mask heads' losses")
-    queries: int = option(300, "Deformable DETR: decoder queries, each a candidate object; synthetic images hold 2-4")
+    queries: int = option(300, "Deformable DETR's queries, Sparse R-CNN's proposals (synthetic images: 2-4 objects)")
     eval_every: int = option(0, "steps between evaluations on the validation set; 0: once an epoch")
     save_every: int = option(1000, "steps between checkpoints")
     log_every: int = option(20, "steps between log lines (the loss terms are averaged over them and checked)")
@@ -332,7 +327,6 @@ class Config:
     synthetic_val: int = option(100, "validation images of the synthetic set")
 
 
-# AdamW at the recipe's lr, 1e-4: at 2e-4 RetinaNet from scratch diverged at seed 0 (8.7 box AP against 34.6)
 SYNTHETIC = dict(iterations=500, batch_size=4, optimizer="adamw", warmup=50, min_size=128, max_size=128, rois=64,
                  queries=100, eval_every=100, save_every=100, workers=1, output="runs/synthetic-coco")
 CHOICES = dict(model=list(detection.MODELS), optimizer=["auto", "adamw", "sgd"], amp=["auto", "bf16", "fp16", "off"])
@@ -344,13 +338,14 @@ BIAS_LR_FACTOR = 2  # Detectron's and maskrcnn-benchmark's SGD: biases at twice 
 
 def check(cfg):
     """Options out of range or that do not go together: InputError."""
-    for name in [*POSITIVE, "iterations", "eval_every", "warmup", "lr", "warmup_factor", "weight_decay", "workers",
+    for name in [*POSITIVE, "iterations", "eval_every", "lr", "warmup_factor", "weight_decay", "workers",
                  "pictures", "dgmn_groups"]:
         if getattr(cfg, name) < (name in POSITIVE):
             raise InputError(f"--{name.replace('_', '-')} must be {'positive' if name in POSITIVE else 'at least 0'}, "
                              f"got {getattr(cfg, name)}")
     steps = [int(s) for s in re.findall(r"\d+", cfg.lr_steps)]
     refusals = [
+        (cfg.warmup < -1, f"--warmup {cfg.warmup}: give steps, or -1 for the recipe's"),
         (cfg.warmup_factor > 1, f"--warmup-factor {cfg.warmup_factor}: a fraction of the learning rate, at most 1"),
         (not re.fullmatch(r"(\d+(,\d+)*)?", cfg.lr_steps) or steps != sorted(set(steps)), f"--lr-steps "
          f"{cfg.lr_steps!r}: give increasing iterations separated by commas, e.g. 60000,80000"),
@@ -367,20 +362,25 @@ def check(cfg):
 
 def recipe(cfg, iterations_per_epoch):
     """The optimizer and schedule: what cfg sets, else the paper's recipe for the model. A dict."""
-    detr = detection.MODELS[cfg.model].detector in detection.DETR_FAMILY
-    resnet = detection.MODELS[cfg.model].backbone in detection.RESNETS and not detr
+    spec = detection.MODELS[cfg.model]
+    detr, sparse = spec.detector in detection.DETR_FAMILY, spec.detector == "sparse-rcnn"
+    resnet = spec.backbone in detection.RESNETS and not (detr or sparse)
     optimizer = cfg.optimizer if cfg.optimizer != "auto" else "sgd" if resnet else "adamw"
     if detr:  # Section 6.2, upstream Deformable DETR: 50 epochs, lr / 10 after 40, no warm-up, gradient norm 0.1
         iterations, fractions, warmup_factor = 50 * iterations_per_epoch, (40 / 50,), 1.0
+    elif sparse:  # upstream Sparse R-CNN's 3x: 270k iterations at batch 16 (36 epochs), lr / 10 at 210k and 250k
+        iterations, fractions, warmup_factor = 36 * iterations_per_epoch, (7 / 9, 25 / 27), 0.01
     elif resnet:  # Section 8.1.2: Detectron's 1x, 90k iterations at batch 16, lr / 10 at 60k and 80k
         iterations, fractions, warmup_factor = 90_000, (2 / 3, 8 / 9), 0.3
     else:  # Section 6.2, the release's configs: 12 epochs, lr / 10 after epochs 8, 11 (step=[8, 11]; "at 9 and 11")
         iterations, fractions, warmup_factor = 12 * iterations_per_epoch, (8 / 12, 11 / 12), 0.001
     iterations = cfg.iterations or iterations
     steps = [int(s) for s in cfg.lr_steps.split(",")] if cfg.lr_steps else [round(f * iterations) for f in fractions]
-    return dict(optimizer=optimizer, lr=cfg.lr or dict(adamw=2e-4 if detr else 1e-4, sgd=0.02)[optimizer],
-                iterations=iterations, steps=steps, warmup=cfg.warmup, warmup_factor=cfg.warmup_factor or warmup_factor,
-                eval_every=cfg.eval_every or iterations_per_epoch, clip=0.1 if detr else 0.0)
+    lr = cfg.lr or dict(adamw=2e-4 if detr else 2.5e-5 if sparse else 1e-4, sgd=0.02)[optimizer]
+    warmup = cfg.warmup if cfg.warmup >= 0 else 1000 if sparse else 500
+    return dict(optimizer=optimizer, lr=lr, iterations=iterations, steps=steps, warmup=warmup,
+                warmup_factor=cfg.warmup_factor or warmup_factor, eval_every=cfg.eval_every or iterations_per_epoch,
+                clip=0.1 if detr else 1.0 if sparse else 0.0)  # upstream's gradient-norm clipping (0: none)
 
 
 def optimizer_and_schedule(model, plan, weight_decay):
@@ -476,22 +476,28 @@ class Coco(torchvision.datasets.CocoDetection):
             raise InputError(f"{Path(self.root, self.coco.imgs[id]['file_name'])}: unreadable ({error})") from None
 
 
-def load_coco(root, split, target_keys, train):
+def unannotated(image, target):
+    """An image without annotations (the wrapper gives its id alone) as the detectors take it: no boxes, no labels."""
+    boxes = torchvision.tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=image.shape[-2:])
+    return image, target if "boxes" in target else dict(target, boxes=boxes, labels=torch.zeros(0, dtype=torch.int64))
+
+
+def load_coco(root, split, target_keys, train, keep_unannotated=False):
     """A split as the detectors take it, items (float (3, H, W) image in [0, 1], dict of tv_tensors); to train, crowds,
-    1 px boxes, unannotated images dropped, boxes clamped, degenerate ones dropped (then detection.augmentation)."""
+    1 px boxes, unannotated images unless kept dropped, boxes clamped, degenerate ones dropped (then augmented)."""
     images, annotations = Path(root) / f"{split}2017", Path(root) / "annotations" / f"instances_{split}2017.json"
     if not annotations.is_file() or not images.is_dir():
         raise InputError(f"{annotations}: no such annotation file" if not annotations.is_file() else
                          f"{images}: no such image directory")
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools reports its loading on stdout
-            tidy = [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes()] if train else []
+            tidy = [unannotated, v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes()] if train else []
             dataset = Coco(str(images), str(annotations), transforms=v2.Compose(
                 [v2.ToImage(), *tidy, v2.ToDtype(torch.float32, scale=True)]))
         for image_id in dataset.ids if train else []:
             dataset.coco.imgToAnns[image_id] = [a for a in dataset.coco.imgToAnns[image_id] if not a.get("iscrowd")
                                                 and a["bbox"][2] > 1 and a["bbox"][3] > 1]
-        dataset.ids = [i for i in dataset.ids if dataset.coco.imgToAnns[i] or not train]
+        dataset.ids = [i for i in dataset.ids if dataset.coco.imgToAnns[i] or not train or keep_unannotated]
     except Exception as error:  # any parse or schema failure is one bad file
         raise InputError(f"{annotations}: not a COCO annotation file ({type(error).__name__}: {error})") from None
     if not dataset.ids:
@@ -499,8 +505,9 @@ def load_coco(root, split, target_keys, train):
     return torchvision.datasets.wrap_dataset_for_transforms_v2(dataset, target_keys=target_keys)
 
 
-def datasets(cfg, masks, rank=0, world=1):
-    """(train, val, category names by id, val's COCO ground truth) of --data, else of the synthetic set."""
+def datasets(cfg, rank=0, world=1):
+    """(train, val, category names by id, val's COCO ground truth) of --data or the synthetic set; unannotated images
+    train the set-prediction detectors (upstream's), not the others (Detectron's)."""
     root = cfg.data or Path(cfg.output) / f"synthetic-{cfg.min_size}px"
     if cfg.data and not Path(cfg.data).is_dir():
         raise InputError(f"{cfg.data}: no such data directory")
@@ -510,8 +517,9 @@ def datasets(cfg, masks, rank=0, world=1):
             train=cfg.synthetic_train))))
     if not cfg.data and world > 1:  # the others wait for rank 0's files
         dist.barrier()
-    keys = {"image_id", "boxes", "labels"} | ({"masks"} if masks else set())
-    train = None if cfg.eval_only else load_coco(root, "train", keys, train=True)
+    detector = detection.MODELS[cfg.model].detector
+    keys = {"image_id", "boxes", "labels"} | ({"masks"} if detector == "maskrcnn" else set())
+    train = None if cfg.eval_only else load_coco(root, "train", keys, True, detector in detection.SET_PREDICTION)
     val = load_coco(root, "val", {"image_id"}, train=False)
     return train, val, {c["id"]: c["name"] for c in val.coco.cats.values()}, val.coco
 
@@ -653,8 +661,7 @@ def make_model(cfg, state, train, names, device, log):
         log("No --pretrained: the backbone trains from scratch (the paper starts from ImageNet weights).")
     log(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters at {num_classes} classes "
         f"(paper: {detection.MODELS[cfg.model].params_m or '-'}M at {detection.paper_classes(cfg.model)})")
-    memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
-    return model.to(device, memory_format=memory_format), num_classes
+    return (model.to(device, memory_format=torch.channels_last) if cfg.channels_last else model.to(device)), num_classes
 
 
 # What a run holds: the model (trained: it under DDP / compile), its training and evaluation, the plan (the recipe)
@@ -663,10 +670,9 @@ SAVED = ("model", "optimizer", "scheduler", "scaler")  # the parts whose state a
 
 
 def training(cfg, rank, world, device, parts, start, log):
-    """Steps start + 1 to the plan's last, in stretches that end at every save_every and eval_every steps and at the
-    last: there an evaluation (at eval_every and the last), the record and a checkpoint. Returns the last metrics.
-    A stretch's random choices (flips, the detectors' samples of anchors and RoIs) are the main process's and follow
-    from (seed, step, rank): a resumed run repeats what the interrupted one did."""
+    """Steps start + 1 to the plan's last in stretches ending at each save_every, each eval_every and the last: there
+    the record, a checkpoint and (at eval_every and the last) an evaluation. Returns the last metrics. Random choices
+    (flips, anchor and RoI samples) follow from (seed, step, rank): a resumed run repeats an uninterrupted one."""
     total, every, output, metrics = parts.plan["iterations"], parts.plan["eval_every"], Path(cfg.output), None
     augment = detection.augmentation(cfg.model, cfg.min_size)
     ends = {*range(cfg.save_every, total, cfg.save_every), *range(every, total, every), total}
@@ -681,7 +687,7 @@ def training(cfg, rank, world, device, parts, start, log):
                 losses = parts.trained(images, targets)  # the detector's loss terms, each weighted 1
             parts.optimizer.zero_grad(set_to_none=True)
             parts.scaler.scale(sum(losses.values())).backward()
-            if parts.plan["clip"]:  # Deformable DETR's
+            if parts.plan["clip"]:  # Deformable DETR's, Sparse R-CNN's
                 parts.scaler.unscale_(parts.optimizer)
                 torch.nn.utils.clip_grad_norm_(parts.trained.parameters(), parts.plan["clip"])
             parts.scaler.step(parts.optimizer)
@@ -717,7 +723,7 @@ def run(cfg, rank, world, device):
     log = print if rank == 0 else lambda *args, **kwargs: None
     path, state = resume(cfg, rank, world, ["model", "dgmn_rates", "dgmn_groups", "queries"],
                          ["batch_size", "seed", "save_every", "weight_decay"], log)
-    train, val, names, ground_truth = datasets(cfg, detection.MODELS[cfg.model].detector == "maskrcnn", rank, world)
+    train, val, names, ground_truth = datasets(cfg, rank, world)
     model, num_classes = make_model(cfg, state, train, names, device, log)
     sizes = [] if cfg.eval_only else [train.coco.imgs[i] for i in train.ids]  # no image read
     groups = [int(size["width"] >= size["height"]) for size in sizes]  # aspect groups: landscape or portrait

@@ -362,9 +362,7 @@ def macs_with_reads(run):
     readings = {torch.ops.aten.grid_sampler_2d: deformable_detr.sampling_flops}
     with sampler.backend("kernel"), FlopCounterMode(display=False, custom_mapping=readings) as counter:
         run()
-    products = sum(flops for op, flops in counter.get_flop_counts()["Global"].items()
-                   if str(op).startswith("dgmn_sampler")) // 2
-    return counter.get_total_flops() // 2 + 4 * products
+    return counter.get_total_flops() // 2 + 4 * sampler.sampled_multiply_adds(counter.get_flop_counts()["Global"])
 
 
 def sparse_rcnn_heads(model, image):

@@ -4,7 +4,8 @@ DGMN2-Tiny/Small/Medium/Large backbones (Section 4.2, Table 1), with the ImageNe
 Each query samples K = 9 nodes: a 3 x 3 grid around it moved by walks predicted from the query's own features
 (Eq. 4). Keys and values are read at those nodes with the bilinear sampler (Eq. 8), and the message is attention over
 them (Eq. 9):  softmax_k(q . k_k / sqrt(D) + rel_k) . v_k,  with rel the relative-position term of Fig. 4b.
-sampler.dot and sampler.aggregate compute q . k_k and attn . v_k without materialising the sampled keys and values.
+sampler.attention computes it as one op (its kernel path: logits and softmax in registers, the sampled keys and values
+never materialised); the release's transposed relative-position rule takes sampler.dot and sampler.aggregate.
 
 Symbols, used throughout: B batch, C channels (the stage's width), H x W the stage's map, N = H * W tokens,
 G heads, D = C / G head dim, K sampled nodes per query.
@@ -86,19 +87,28 @@ class RelativePosition(nn.Module):
         if prefix + "release_rule" in state_dict:
             self._transposed = bool(state_dict[prefix + "release_rule"])
 
+    def _resized(self, table, length):
+        """(rows0, D) -> (length + K - 1, D): the table for a map of this side, linear along the rows."""
+        rows = length + self.nodes - 1
+        if table.shape[0] == rows:
+            return table
+        return F.interpolate(table[None, None], size=(rows, table.shape[1]), mode="bilinear",
+                             align_corners=False)[0, 0]  # (1, 1, rows0, D) -> (1, 1, rows, D)
+
+    def tables(self, H, W):
+        """The width and height tables at an H x W map's size: (W + K - 1, D), (H + K - 1, D)."""
+        return self._resized(self.width, W), self._resized(self.height, H)
+
     def _by_slot(self, table, length):
         """(length + K - 1, D) rows along one axis -> (length, K, D): entry [p, s] is row s + length - 1 - p."""
-        rows = length + self.nodes - 1
-        if table.shape[0] != rows:  # (1, 1, rows0, D) -> (1, 1, rows, D): linear along the rows
-            table = F.interpolate(table[None, None], size=(rows, table.shape[1]), mode="bilinear",
-                                  align_corners=False)[0, 0]
         p, s = torch.arange(length, device=table.device), torch.arange(self.nodes, device=table.device)
         return table[s[None, :] + length - 1 - p[:, None]]  # (length, K, D)
 
     def forward(self, q):
         H, W = q.shape[-2:]
-        width = einsum(q, self._by_slot(self.width, W), "... d h w, w k d -> ... k h w")
-        height = einsum(q, self._by_slot(self.height, H), "... d h w, h k d -> ... k h w")
+        width, height = self.tables(H, W)
+        width = einsum(q, self._by_slot(width, W), "... d h w, w k d -> ... k h w")
+        height = einsum(q, self._by_slot(height, H), "... d h w, h k d -> ... k h w")
         if self.transposed:
             height = height.transpose(-1, -2)  # (..., K, W, H), read as if it were H x W
             if H != W:  # (..., K, W, H) -> (..., K, H, W)
@@ -146,9 +156,14 @@ class DGMN2Attention(nn.Module):
         return v, offsets, logits.softmax(dim=2)
 
     def forward(self, x, H, W):
-        v, offsets, attn = self.walks_and_weights(x, H, W)
-        out = sampler.aggregate(v, offsets, attn, offset_groups=self.heads)  # (B, C, H, W), channels-last
-        return self.proj(rearrange(out, "b c h w -> b (h w) c"))
+        if self.rel_pos.transposed:  # the release's rule stays composed: its height term is read transposed
+            v, offsets, attn = self.walks_and_weights(x, H, W)
+            out = sampler.aggregate(v, offsets, attn, offset_groups=self.heads)  # (B, C, H, W), channels-last
+            return self.proj(rearrange(out, "b c h w -> b (h w) c"))
+        # The symmetric rule: one fused op on the kernel path, reading qkv and the walks where the Linears wrote them.
+        walks = self.walk(rearrange(x, "b n (g d) -> b n g d", g=self.heads))  # (B, N, G, 2K)
+        out = sampler.attention(self.qkv(x), walks, *self.rel_pos.tables(H, W), (H, W), self.heads, self.scale)
+        return self.proj(out)  # (B, N, C)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -451,12 +466,11 @@ def model_macs(model, shape):
     which FlopCounterMode cannot see inside the sampler (the release's count leaves them out, but counts its relative
     positions' q against all W + K - 1 table rows where ours uses the K that are read)."""
     from torch.utils.flop_counter import FlopCounterMode
-    # On the meta device the kernel path runs the sampler ops' shape functions, which FlopCounterMode counts by name.
+    # On the meta device the kernel path runs the sampler ops' shape functions, which FlopCounterMode counts by name;
+    # each product that reads a sampled element of one channel is 4 bilinear multiply-adds more.
     with sampler.backend("kernel"), FlopCounterMode(display=False) as counter:
         model(torch.empty(shape, device="meta"))
-    counts = counter.get_flop_counts()["Global"]
-    products = sum(flops for op, flops in counts.items() if str(op).startswith("dgmn_sampler")) // 2
-    bilinear = 4 * products  # every product reads one sampled element of one channel
+    bilinear = 4 * sampler.sampled_multiply_adds(counter.get_flop_counts()["Global"])
     return counter.get_total_flops() // 2 + bilinear, bilinear
 
 

@@ -155,13 +155,13 @@ struct Node {
   bool finite;
 };
 
-// Node k of unit u: the ks x ks grid spaced `dilation` apart (Eq. 3's uniform sampling) moved by its walk (Eq. 4).
+// Node k of unit u, walked by (dy, dx): the ks x ks grid spaced `dilation` apart (Eq. 3's uniform sampling) moved by
+// its walk (Eq. 4).
 template <typename acc_t, typename index_t>
-HD inline Node<acc_t, index_t> node(const Geometry<index_t>& s, const Strided<const acc_t, 4, index_t>& offsets,
-                                    const Unit<index_t>& u, index_t k) {
-  const index_t half = s.ks / 2, walk = 2 * (u.o * s.K() + k);
-  const acc_t py = static_cast<acc_t>(u.y + (k / s.ks - half) * s.dilation) + offsets(u.b, walk, u.y, u.x);
-  const acc_t px = static_cast<acc_t>(u.x + (k % s.ks - half) * s.dilation) + offsets(u.b, walk + 1, u.y, u.x);
+HD inline Node<acc_t, index_t> node(const Geometry<index_t>& s, const Unit<index_t>& u, index_t k, acc_t dy, acc_t dx) {
+  const index_t half = s.ks / 2;
+  const acc_t py = static_cast<acc_t>(u.y + (k / s.ks - half) * s.dilation) + dy;
+  const acc_t px = static_cast<acc_t>(u.x + (k % s.ks - half) * s.dilation) + dx;
   Node<acc_t, index_t> n;
   n.finite = finite_(py) && finite_(px);
   const acc_t top = floor_(py), left = floor_(px);
@@ -180,6 +180,14 @@ HD inline Node<acc_t, index_t> node(const Geometry<index_t>& s, const Strided<co
     n.dw_dx[i] = right ? wy : -wy;
   }
   return n;
+}
+
+// The same, walked by offsets (B, 2K Go, H, W).
+template <typename acc_t, typename index_t>
+HD inline Node<acc_t, index_t> node(const Geometry<index_t>& s, const Strided<const acc_t, 4, index_t>& offsets,
+                                    const Unit<index_t>& u, index_t k) {
+  const index_t walk = 2 * (u.o * s.K() + k);
+  return node(s, u, k, offsets(u.b, walk, u.y, u.x), offsets(u.b, walk + 1, u.y, u.x));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -209,16 +217,10 @@ HD inline void each(const T* p, Count count, const F& f) {
   }
 }
 
-// sum_j a[j] * b[j] over a run. GPU: in registers, after one vector load of each where it fits. Host: in 16
-// independent sums (four vectors, so that no add waits for the one before), added up at the end.
-template <int R, typename acc_t, typename T, typename Count>
-HD inline acc_t inner(const T* a, const T* b, Count count) {
-#ifdef __CUDA_ARCH__
-  acc_t values[R], sum = 0;
-  each<R, acc_t>(b, count, [&](int j, acc_t value) { values[j] = value; });
-  each<R, acc_t>(a, count, [&](int j, acc_t value) { sum += value * values[j]; });
-  return sum;
-#else
+// sum_j a[j] * b[j] over j < count, on the host: in 16 independent sums (four vectors, so that no add waits for the
+// one before), added up at the end. a and b are pointers or register arrays.
+template <typename acc_t, typename A, typename B>
+inline acc_t host_inner(const A& a, const B& b, int count) {
   constexpr int kPartialSums = 16;
   acc_t part[kPartialSums] = {};
   int j0 = 0;
@@ -228,6 +230,43 @@ HD inline acc_t inner(const T* a, const T* b, Count count) {
   CHANNELS
   for (int j = 0; j < 4; ++j) part[j] = (part[j] + part[j + 4]) + (part[j + 8] + part[j + 12]);
   return (part[0] + part[1]) + (part[2] + part[3]);
+}
+
+// sum_j a[j] * b[j] over a run. GPU: in registers, after one vector load of each where it fits.
+template <int R, typename acc_t, typename T, typename Count>
+HD inline acc_t inner(const T* a, const T* b, Count count) {
+#ifdef __CUDA_ARCH__
+  acc_t values[R], sum = 0;
+  each<R, acc_t>(b, count, [&](int j, acc_t value) { values[j] = value; });
+  each<R, acc_t>(a, count, [&](int j, acc_t value) { sum += value * values[j]; });
+  return sum;
+#else
+  return host_inner<acc_t>(a, b, count);
+#endif
+}
+
+// The same with a run already held in registers.
+template <int R, typename acc_t, typename T, typename Count>
+HD inline acc_t inner(const acc_t (&held)[R], const T* b, Count count) {
+#ifdef __CUDA_ARCH__
+  acc_t sum = 0;
+  each<R, acc_t>(b, count, [&](int j, acc_t value) { sum += held[j] * value; });
+  return sum;
+#else
+  return host_inner<acc_t>(held, b, count);
+#endif
+}
+
+// The same with both runs in registers.
+template <int R, typename acc_t, typename Count>
+HD inline acc_t inner_held(const acc_t (&a)[R], const acc_t (&b)[R], Count count) {
+#ifdef __CUDA_ARCH__
+  acc_t sum = 0;
+  UNROLL
+  for (int j = 0; j < R; ++j) sum += a[j] * b[j];
+  return sum;
+#else
+  return host_inner<acc_t>(a, b, count);
 #endif
 }
 
@@ -320,6 +359,18 @@ HD inline T lane_sum(T v, int lanes) {
   return v;
 }
 
+// The same with the unit's lane count L a compile-time constant: the shuffle mask and the butterfly unroll.
+template <int L, typename T>
+HD inline T lane_sum(T v) {
+#ifdef __CUDA_ARCH__
+  constexpr unsigned kLanes = L == kWarp ? 0xffffffffu : (1u << L) - 1;
+  const unsigned segment = kLanes << (threadIdx.x & (kWarp - 1) & ~(L - 1));
+  UNROLL
+  for (int m = L / 2; m > 0; m /= 2) v += __shfl_xor_sync(segment, v, m);
+#endif
+  return v;
+}
+
 // ------------------------------------------------------------------------------------------------
 // Forward: aggregate and dot, one lane of one unit each call
 
@@ -333,7 +384,7 @@ struct Aggregate {
   Strided<const acc_t, 5, index_t> weights;
   Map<scalar_t, index_t> out;
 
-  template <int R>
+  template <int R, int L>  // L: unused, the lane count is a run-time value here
   HD void operator()(index_t i, int lane, int lanes) const {
     const Unit<index_t> u = unit(s, i);
     const index_t begin = u.g * s.group_channels();
@@ -356,7 +407,7 @@ struct Dot {
   Strided<const acc_t, 4, index_t> offsets;
   Strided<scalar_t, 5, index_t> logits;
 
-  template <int R>
+  template <int R, int L>  // L: unused, the lane count is a run-time value here
   HD void operator()(index_t i, int lane, int lanes) const {
     const Unit<index_t> u = unit(s, i);
     const index_t begin = u.g * s.group_channels();
@@ -394,7 +445,7 @@ struct Backward {
   Strided<acc_t, 5, index_t> grad_offsets;  // (B, G, 2K, H, W); null when not asked for
   Strided<acc_t, 5, index_t> grad_u;        // (B, G, K, H, W); null when not asked for
 
-  template <int R>
+  template <int R, int L>  // L: unused, the lane count is a run-time value here
   HD void operator()(index_t i, int lane, int lanes) const {
     const Unit<index_t> p = unit(s, i);
     const index_t begin = p.g * s.group_channels();
@@ -434,6 +485,240 @@ struct Backward {
 };
 
 // ------------------------------------------------------------------------------------------------
+// DGMN2's attention, fused: Eq. 8-9 with Fig. 4b's relative positions (the symmetric rule). Per query (b, y, x) and
+// head g, with K = kAttentionNodes nodes and the tables Rw (W + K - 1, D), Rh (H + K - 1, D):
+//   logit_k = scale q . node_k(k) + q . Rw[k + W-1 - x] + q . Rh[k + H-1 - y],  p = softmax_k(logit),
+//   out     = sum_k p_k node_k(v)
+// q, k and v are the three C-channel thirds of nn.Linear's (B, N, 3C) qkv and are read in place; the walks
+// (B, N, G, 2K), a walk per head, are read in their own dtype. Logits and the softmax stay in acc_t registers: only p
+// is written (acc_t, for the backward). A lane holds one run of its head (the entry points check that the head fits
+// its L lanes), so q is loaded once. Corners of zero bilinear weight are skipped (at zero walks, three of four).
+
+constexpr int kAttentionNodes = 9;  // the 3 x 3 grid, a compile-time K: the node loops unroll
+
+HD inline float exp_(float v) { return expf(v); }
+HD inline double exp_(double v) { return exp(v); }
+
+// The run of a head's channels [begin, end) that one lane holds. GPU: R channels from begin + lane R (none for the
+// lanes past the end). Host: the whole head, at most kHostRun channels.
+template <typename index_t, typename Count>
+struct Run {
+  index_t c;
+  bool active;
+  Count count;
+};
+
+template <int R, typename index_t>
+HD inline auto lane_run(index_t begin, index_t end, int lane) {
+#ifdef __CUDA_ARCH__
+  const index_t c = begin + lane * R;
+  return Run<index_t, std::integral_constant<int, R>>{c, c < end, {}};
+#else
+  (void)lane;
+  return Run<index_t, int>{begin, begin < end, static_cast<int>(end - begin)};
+#endif
+}
+
+// What the forward and the backward read: the geometry (C channels a third, G = Go heads), the thirds of qkv, the
+// walks and the tables.
+template <typename scalar_t, typename index_t>
+struct AttentionInputs {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int K = kAttentionNodes;
+  Geometry<index_t> s;
+  Map<const scalar_t, index_t> q, k, v;
+  Strided<const scalar_t, 4, index_t> walks;       // (B, N, G, 2K)
+  Strided<const acc_t, 2, index_t> width, height;  // (W + K - 1, D), (H + K - 1, D)
+  acc_t scale;
+
+  HD index_t pixel(const Unit<index_t>& u) const { return u.y * s.W + u.x; }
+  HD Node<acc_t, index_t> walked(const Unit<index_t>& u, int n) const {
+    const index_t i = pixel(u);
+    return node(s, u, static_cast<index_t>(n), static_cast<acc_t>(walks(u.b, i, u.g, 2 * n)),
+                static_cast<acc_t>(walks(u.b, i, u.g, 2 * n + 1)));
+  }
+  // The rows of slot n's relative-position vectors at query u, offset to channel d of the head.
+  HD const acc_t* width_row(const Unit<index_t>& u, int n, index_t d) const { return &width(n + s.W - 1 - u.x, d); }
+  HD const acc_t* height_row(const Unit<index_t>& u, int n, index_t d) const { return &height(n + s.H - 1 - u.y, d); }
+};
+
+template <typename scalar_t, typename index_t>
+struct Attention : AttentionInputs<scalar_t, index_t> {
+  using Base = AttentionInputs<scalar_t, index_t>;
+  using typename Base::acc_t;
+  using Base::K;
+  Map<scalar_t, index_t> out;        // (B, N, C)
+  Strided<acc_t, 4, index_t> probs;  // (B, N, G, K)
+
+  template <int R, int L>
+  HD void operator()(index_t i, int lane, int) const {
+    const auto& a = static_cast<const Base&>(*this);
+    const Unit<index_t> u = unit(a.s, i);
+    const index_t begin = u.g * a.s.group_channels();
+    const auto run = lane_run<R>(begin, begin + a.s.group_channels(), lane);
+    acc_t q[R], p[K];
+    if (run.active) each<R, acc_t>(a.q.at(u.b, u.y, u.x) + run.c, run.count, [&](int j, acc_t value) { q[j] = value; });
+    UNROLL
+    for (int n = 0; n < K; ++n) {
+      p[n] = 0;
+      if (!run.active) continue;
+      // logit_n = q . m with m = scale node_n(k) + Rw row + Rh row: one inner product per node, not one per term.
+      const Node<acc_t, index_t> nd = a.walked(u, n);
+      const acc_t* rw = a.width_row(u, n, run.c - begin);
+      const acc_t* rh = a.height_row(u, n, run.c - begin);
+      acc_t m[R];
+      CHANNELS
+      for (int j = 0; j < run.count; ++j) m[j] = rw[j] + rh[j];
+      UNROLL
+      for (int nb = 0; nb < 4; ++nb) {
+        if (!nd.inside[nb] || nd.w[nb] == 0) continue;
+        const acc_t w = a.scale * nd.w[nb];
+        each<R, acc_t>(a.k.at(u.b, nd.y[nb], nd.x[nb]) + run.c, run.count,
+                       [&](int j, acc_t value) { m[j] += w * value; });
+      }
+      p[n] = nd.finite ? inner_held(q, m, run.count) : static_cast<acc_t>(NAN);
+    }
+    // The softmax over the K logits, in registers; a NaN logit (a non-finite walk) makes the query's p NaN.
+    acc_t top = -static_cast<acc_t>(INFINITY), total = 0;
+    UNROLL
+    for (int n = 0; n < K; ++n) {
+      p[n] = lane_sum<L>(p[n]);
+      top = p[n] > top ? p[n] : top;
+    }
+    UNROLL
+    for (int n = 0; n < K; ++n) total += (p[n] = exp_(p[n] - top));
+    UNROLL
+    for (int n = 0; n < K; ++n) {
+      p[n] /= total;
+      if (lane == n % L) probs(u.b, a.pixel(u), u.g, n) = p[n];
+    }
+    if (!run.active) return;
+    acc_t sum[R];
+    zero(sum, run.count);
+    UNROLL
+    for (int n = 0; n < K; ++n) {
+      const Node<acc_t, index_t> nd = a.walked(u, n);
+      if (!nd.finite) {
+        CHANNELS
+        for (int j = 0; j < run.count; ++j) sum[j] += static_cast<acc_t>(NAN);
+      }
+      UNROLL
+      for (int nb = 0; nb < 4; ++nb) {
+        if (!nd.inside[nb] || nd.w[nb] == 0) continue;
+        const acc_t w = p[n] * nd.w[nb];
+        each<R, acc_t>(a.v.at(u.b, nd.y[nb], nd.x[nb]) + run.c, run.count,
+                       [&](int j, acc_t value) { sum[j] += w * value; });
+      }
+    }
+    store(out.at(u.b, u.y, u.x) + run.c, sum, run.count);
+  }
+};
+
+// The backward, in one pass over the nodes that gathers k and v once. With g the gradient of out, dp_k = g . node_k(v),
+// t = sum_k p_k dp_k, dS_k = p_k (dp_k - t) (the logits' gradient) and M_k = scale node_k(k) + Rw row + Rh row:
+//   grad q = sum_k dS_k M_k = sum_k p_k dp_k M_k - t sum_k p_k M_k    (two register sums, known before dS is)
+//   grad k at neighbour n of node k += dS_k scale w_n q,   grad v there += p_k w_n g
+//   grad dy_k = dS_k scale sum_n (dw_n / dy) (q . k_n) + p_k sum_n (dw_n / dy) (g . v_n)   (likewise dx)
+// grad q is written in qkv's dtype into its third of grad qkv; k and v are scattered in acc_t (float atomics on the
+// GPU; on the host each thread owns whole (image, head) strips). dS is written too: the tables' gradients are its
+// products with q, which sampler.py takes with two einsums.
+template <typename scalar_t, typename index_t>
+struct AttentionBackward : AttentionInputs<scalar_t, index_t> {
+  using Base = AttentionInputs<scalar_t, index_t>;
+  using typename Base::acc_t;
+  using Base::K;
+  Strided<const acc_t, 4, index_t> probs;          // (B, N, G, K)
+  Map<const scalar_t, index_t> grad_out;            // (B, N, C)
+  Map<scalar_t, index_t> grad_q;                    // written
+  Map<acc_t, index_t> grad_k, grad_v;               // scattered into (zeroed first)
+  Strided<acc_t, 4, index_t> grad_walks, grad_logits;  // (B, N, G, 2K), (B, N, G, K)
+
+  template <int R, int L>
+  HD void operator()(index_t i, int lane, int) const {
+    const auto& a = static_cast<const Base&>(*this);
+    const Unit<index_t> u = unit(a.s, i);
+    const index_t begin = u.g * a.s.group_channels(), pixel = a.pixel(u);
+    const auto run = lane_run<R>(begin, begin + a.s.group_channels(), lane);
+    const scalar_t* q_at = a.q.at(u.b, u.y, u.x) + run.c;
+    const scalar_t* g_at = grad_out.at(u.b, u.y, u.x) + run.c;
+    acc_t q[R], g[R], pdm[R], pm[R];  // q, g, sum_k p_k dp_k M_k, sum_k p_k M_k
+    acc_t p[K], dp[K], qk_dy[K], qk_dx[K], gv_dy[K], gv_dx[K];  // this lane's parts of the sums over n above
+    if (run.active) {
+      each<R, acc_t>(q_at, run.count, [&](int j, acc_t value) { q[j] = value; });
+      each<R, acc_t>(g_at, run.count, [&](int j, acc_t value) { g[j] = value; });
+      zero(pdm, run.count);
+      zero(pm, run.count);
+    }
+    UNROLL
+    for (int n = 0; n < K; ++n) {
+      p[n] = probs(u.b, pixel, u.g, n);
+      acc_t part = 0, m[R];
+      qk_dy[n] = qk_dx[n] = gv_dy[n] = gv_dx[n] = 0;
+      if (run.active) {
+        const Node<acc_t, index_t> nd = a.walked(u, n);
+        part = nd.finite ? 0 : static_cast<acc_t>(NAN);
+        zero(m, run.count);
+        UNROLL
+        for (int nb = 0; nb < 4; ++nb) {
+          if (!nd.inside[nb]) continue;
+          const scalar_t* kn = a.k.at(u.b, nd.y[nb], nd.x[nb]) + run.c;
+          const scalar_t* vn = a.v.at(u.b, nd.y[nb], nd.x[nb]) + run.c;
+          const acc_t gv = inner<R, acc_t>(g, vn, run.count), qk = inner<R, acc_t>(q, kn, run.count);
+          part += nd.w[nb] * gv;
+          gv_dy[n] += nd.dw_dy[nb] * gv;
+          gv_dx[n] += nd.dw_dx[nb] * gv;
+          qk_dy[n] += nd.dw_dy[nb] * qk;
+          qk_dx[n] += nd.dw_dx[nb] * qk;
+          if (nd.w[nb] == 0) continue;
+          const acc_t w = a.scale * nd.w[nb];
+          each<R, acc_t>(kn, run.count, [&](int j, acc_t value) { m[j] += w * value; });
+          scatter<R>(grad_v.at(u.b, nd.y[nb], nd.x[nb]) + run.c, p[n] * nd.w[nb], g_at, run.count);
+        }
+        const acc_t* rw = a.width_row(u, n, run.c - begin);
+        const acc_t* rh = a.height_row(u, n, run.c - begin);
+        CHANNELS
+        for (int j = 0; j < run.count; ++j) m[j] += rw[j] + rh[j];
+      }
+      dp[n] = lane_sum<L>(part);
+      if (!run.active) continue;
+      const acc_t pd = p[n] * dp[n];
+      CHANNELS
+      for (int j = 0; j < run.count; ++j) {
+        pdm[j] += pd * m[j];
+        pm[j] += p[n] * m[j];
+      }
+    }
+    acc_t t = 0;
+    UNROLL
+    for (int n = 0; n < K; ++n) t += p[n] * dp[n];
+    if (run.active) {
+      acc_t gq[R];
+      CHANNELS
+      for (int j = 0; j < run.count; ++j) gq[j] = pdm[j] - t * pm[j];
+      store(grad_q.at(u.b, u.y, u.x) + run.c, gq, run.count);
+    }
+    UNROLL
+    for (int n = 0; n < K; ++n) {
+      const acc_t ds = p[n] * (dp[n] - t);
+      // dS and p are the same on every lane: the walk gradients' lane sums are taken once, after weighting.
+      const acc_t dy = lane_sum<L>(ds * a.scale * qk_dy[n] + p[n] * gv_dy[n]);
+      const acc_t dx = lane_sum<L>(ds * a.scale * qk_dx[n] + p[n] * gv_dx[n]);
+      if (lane == n % L) {
+        grad_walks(u.b, pixel, u.g, 2 * n) = dy;
+        grad_walks(u.b, pixel, u.g, 2 * n + 1) = dx;
+        grad_logits(u.b, pixel, u.g, n) = ds;
+      }
+      if (!run.active || ds == 0) continue;
+      const Node<acc_t, index_t> nd = a.walked(u, n);
+      UNROLL
+      for (int nb = 0; nb < 4; ++nb)
+        if (nd.inside[nb] && nd.w[nb] != 0)
+          scatter<R>(grad_k.at(u.b, nd.y[nb], nd.x[nb]) + run.c, ds * a.scale * nd.w[nb], q_at, run.count);
+    }
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
 // Launch
 
 // How a unit's channels are split over threads on the GPU: `lanes` threads, runs of `run` channels.
@@ -442,42 +727,59 @@ struct Split {
 };
 
 #ifdef __CUDACC__
-template <int R, typename Op>
+// L: the lanes of a unit as a compile-time constant, or 0 for the run-time 1 << lanes_log2.
+template <int R, int L, typename Op>
 __global__ void __launch_bounds__(kThreads) each_lane(Op op, int64_t units, int lanes_log2) {
   const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const int64_t i = t >> lanes_log2;
   if (i >= units) return;  // a unit's lanes are one aligned segment of a warp: they leave together
-  const int lanes = 1 << lanes_log2;
-  op.template operator()<R>(static_cast<decltype(op.s.B)>(i), static_cast<int>(t & (lanes - 1)), lanes);
+  const int lanes = L ? L : 1 << lanes_log2;
+  op.template operator()<R, L>(static_cast<decltype(op.s.B)>(i), static_cast<int>(t & (lanes - 1)), lanes);
 }
 
-template <int R, typename Op>
+template <int R, int L, typename Op>
 void launch(const Op& op, int64_t units, int lanes) {
   int lanes_log2 = 0;
   while ((1 << lanes_log2) < lanes) ++lanes_log2;
   const int64_t blocks = (units * lanes + kThreads - 1) / kThreads;
   if (blocks == 0) return;
   TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "sampler_cuda.cu: the problem is too large for one launch");
-  each_lane<R><<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(op, units,
-                                                                                                  lanes_log2);
+  each_lane<R, L><<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(op, units,
+                                                                                                     lanes_log2);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The fused attention's launch: its lane count a compile-time constant (vector runs: as many lanes as a head needs;
+// single channels: a warp).
+template <int VectorRun, typename Op>
+void launch_fixed_lanes(const Op& op, int64_t units, Split split) {
+  if (split.run != VectorRun) return launch<1, kWarp>(op, units, kWarp);
+  switch (split.lanes) {
+    case 1: return launch<VectorRun, 1>(op, units, 1);
+    case 2: return launch<VectorRun, 2>(op, units, 2);
+    case 4: return launch<VectorRun, 4>(op, units, 4);
+    case 8: return launch<VectorRun, 8>(op, units, 8);
+    case 16: return launch<VectorRun, 16>(op, units, 16);
+    default: return launch<VectorRun, kWarp>(op, units, kWarp);
+  }
 }
 #endif
 
-// Runs every lane of every unit. With `strips` (the backward), host threads take whole strips of one image and one
-// group each, so that no two threads scatter to the same place.
-template <int VectorRun, typename Op>
+// Runs every lane of every unit. With `strips` (the backwards), host threads take whole strips of one image and one
+// group each, so that no two threads scatter to the same place. FixedLanes: the fused attention's launch.
+template <int VectorRun, bool FixedLanes = false, typename Op>
 void run(const Op& op, Split split, bool strips) {
   const int64_t units = op.s.units();
   if (units == 0) return;
 #ifdef __CUDACC__
-  if (split.run == VectorRun) launch<VectorRun>(op, units, split.lanes);
-  else launch<1>(op, units, split.lanes);
+  if constexpr (FixedLanes) launch_fixed_lanes<VectorRun>(op, units, split);
+  else if (split.run == VectorRun) launch<VectorRun, 0>(op, units, split.lanes);
+  else launch<1, 0>(op, units, split.lanes);
 #else
   (void)split;
   if (!strips) {
     at::parallel_for(0, units, kHostGrain, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) op.template operator()<kHostRun>(i, 0, 1);
+      for (int64_t i = lo; i < hi; ++i) op.template operator()<kHostRun, 1>(i, 0, 1);
     });
     return;
   }
@@ -486,7 +788,7 @@ void run(const Op& op, Split split, bool strips) {
     for (int64_t strip = lo; strip < hi; ++strip) {
       const int64_t b = strip / G, g = strip % G;
       for (int64_t pixel = 0; pixel < pixels; ++pixel)
-        op.template operator()<kHostRun>((b * pixels + pixel) * G + g, 0, 1);
+        op.template operator()<kHostRun, 1>((b * pixels + pixel) * G + g, 0, 1);
     }
   });
 #endif
@@ -709,10 +1011,147 @@ std::vector<at::Tensor> backward(const at::Tensor& x_in, const at::Tensor& offse
           need_u ? grad_u.to(u_in.scalar_type()) : empty(u_in)};
 }
 
-// The ops of this build: torch.ops.<extension name>.{aggregate, dot, backward}, called by sampler.py's custom ops.
+// The fused attention's inputs, checked: qkv (B, N, 3C) with N = H W, walks (B, N, G, 2K) of qkv's dtype with
+// K = kAttentionNodes, tables (W + K - 1, D) and (H + K - 1, D) in qkv's opmath type. Returns the geometry.
+static Geometry<int64_t> attention_geometry(const at::Tensor& qkv, const at::Tensor& walks, const at::Tensor& width,
+                                            const at::Tensor& height, int64_t rows, int64_t heads) {
+  TORCH_CHECK(qkv.dim() == 3 && at::isFloatingType(qkv.scalar_type()) && qkv.size(2) % 3 == 0,
+              "sampler_cuda.cu: qkv must be a floating-point (B, N, 3C) tensor, got ", qkv.scalar_type(), " ",
+              qkv.sizes());
+  const int64_t B = qkv.size(0), N = qkv.size(1), C = qkv.size(2) / 3, K = kAttentionNodes;
+  TORCH_CHECK(rows > 0 && N % rows == 0, "sampler_cuda.cu: ", rows, " rows do not divide the ", N, " tokens");
+  TORCH_CHECK(heads > 0 && C % heads == 0, "sampler_cuda.cu: ", heads, " heads do not divide C = ", C);
+  const int64_t H = rows, W = N / rows, D = C / heads;
+  check_device("qkv", qkv, qkv);
+  check_device("walks", walks, qkv);
+  check_device("width", width, qkv);
+  check_device("height", height, qkv);
+  check_dims("walks", walks, {B, N, heads, 2 * K});
+  TORCH_CHECK(walks.scalar_type() == qkv.scalar_type(), "sampler_cuda.cu: walks must be ", qkv.scalar_type(),
+              " like qkv, got ", walks.scalar_type());
+  check_dims("width", width, {W + K - 1, D});
+  check_dims("height", height, {H + K - 1, D});
+  for (const at::Tensor& t : {width, height})
+    TORCH_CHECK(t.scalar_type() == acc_type(qkv) && t.stride(1) == 1, "sampler_cuda.cu: the tables must be ",
+                acc_type(qkv), " with contiguous rows, got ", t.scalar_type(), " with strides ", t.strides());
+  return Geometry<int64_t>{B, C, H, W, heads, heads, 3, 1};
+}
+
+// A (B, N, C') token tensor's channels [first, first + C) as a map (B, C, H, W).
+static at::Tensor as_map(const at::Tensor& tokens, int64_t first, const Geometry<int64_t>& s) {
+  return tokens.unflatten(1, {s.H, s.W}).permute({0, 3, 1, 2}).narrow(1, first, s.C);
+}
+
+// The GPU's split of a head for the fused attention: 16-byte runs where the maps allow, one run a lane.
+template <typename scalar_t>
+static Split attention_split(const Geometry<int64_t>& s, std::initializer_list<at::Tensor> maps) {
+  if (!kCuda) return {kHostRun, 1};
+  constexpr int vector = 16 / sizeof(scalar_t);
+  bool aligned = s.group_channels() % vector == 0;
+  for (const at::Tensor& t : maps) {
+    aligned = aligned && reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
+    for (int d = 0; d < t.dim() - 1; ++d) aligned = aligned && (t.size(d) == 1 || t.stride(d) % vector == 0);
+  }
+  const int run = aligned ? vector : 1;
+  int lanes = 1;
+  while (lanes < kWarp && lanes * run < s.group_channels()) lanes *= 2;
+  TORCH_CHECK(lanes * run >= s.group_channels(), "sampler_cuda.cu: the fused attention holds a head in one warp: ",
+              s.group_channels(), " channels a head are too many", aligned ? "" : " for unaligned qkv");
+  return {run, aligned ? lanes : kWarp};
+}
+
+// Channels contiguous (any token and image strides), else a copy; on the GPU, a misaligned view of wide heads too.
+static at::Tensor tokens_contiguous(const at::Tensor& t, int64_t head) {
+  const bool misaligned = reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 != 0;
+  return t.stride(2) == 1 && !(kCuda && head > kWarp && misaligned) ? t : t.contiguous();
+}
+
+// qkv (B, N, 3C), walks (B, N, G, 2K), width (W + K - 1, D), height (H + K - 1, D) -> out (B, N, C) in qkv's dtype,
+// p (B, N, G, K) in its opmath type.
+std::vector<at::Tensor> attention(const at::Tensor& qkv_in, const at::Tensor& walks_in, const at::Tensor& width,
+                                  const at::Tensor& height, int64_t rows, int64_t heads, double scale) {
+  const Geometry<int64_t> s = attention_geometry(qkv_in, walks_in, width, height, rows, heads);
+  const at::OptionalDeviceGuard guard(qkv_in.device());
+  const at::Tensor qkv = tokens_contiguous(qkv_in, s.group_channels());
+  at::Tensor out = at::empty({s.B, s.H * s.W, s.C}, qkv.options());
+  at::Tensor probs = at::empty({s.B, s.H * s.W, s.G, kAttentionNodes}, qkv.options().dtype(acc_type(qkv)));
+  DGMN_DISPATCH(qkv, fits_int32(s, {qkv, walks_in, out, probs}), vector, {
+    Attention<scalar_t, index_t> kernel;
+    kernel.s = narrow<index_t>(s);
+    kernel.q = In<scalar_t, index_t>(as_map(qkv, 0, s));
+    kernel.k = In<scalar_t, index_t>(as_map(qkv, s.C, s));
+    kernel.v = In<scalar_t, index_t>(as_map(qkv, 2 * s.C, s));
+    kernel.walks = Strided<const scalar_t, 4, index_t>(walks_in);
+    kernel.width = Strided<const acc_t, 2, index_t>(width);
+    kernel.height = Strided<const acc_t, 2, index_t>(height);
+    kernel.scale = static_cast<acc_t>(scale);
+    kernel.out = Map<scalar_t, index_t>(as_map(out, 0, s));
+    kernel.probs = Strided<acc_t, 4, index_t>(probs);
+    run<vector, true>(kernel, attention_split<scalar_t>(s, {qkv, out}), false);
+  });
+  return {out, probs};
+}
+
+// The gradients of attention(): qkv's (B, N, 3C) in its dtype, the walks' (B, N, G, 2K) in theirs and the logits'
+// (B, N, G, K) in the opmath type, from p (B, N, G, K) and the gradient of out (B, N, C).
+std::vector<at::Tensor> attention_backward(const at::Tensor& qkv_in, const at::Tensor& walks_in,
+                                           const at::Tensor& width, const at::Tensor& height,
+                                           const at::Tensor& probs, const at::Tensor& grad_in, int64_t rows,
+                                           int64_t heads, double scale) {
+  const Geometry<int64_t> s = attention_geometry(qkv_in, walks_in, width, height, rows, heads);
+  check_device("probs", probs, qkv_in);
+  check_device("grad", grad_in, qkv_in);
+  check_dims("probs", probs, {s.B, s.H * s.W, s.G, kAttentionNodes});
+  check_dims("grad", grad_in, {s.B, s.H * s.W, s.C});
+  TORCH_CHECK(probs.scalar_type() == acc_type(qkv_in) && grad_in.scalar_type() == qkv_in.scalar_type(),
+              "sampler_cuda.cu: probs must be ", acc_type(qkv_in), " and grad ", qkv_in.scalar_type(), ", got ",
+              probs.scalar_type(), " and ", grad_in.scalar_type());
+  if (kCuda)  // float atomics add in an order that varies from run to run
+    at::globalContext().alertNotDeterministic("dgmn_sampler::attention_backward (the fused attention on CUDA)");
+  const at::OptionalDeviceGuard guard(qkv_in.device());
+  const at::Tensor qkv = tokens_contiguous(qkv_in, s.group_channels());
+  const at::Tensor grad = tokens_contiguous(grad_in, s.group_channels());
+  const auto acc = qkv.options().dtype(acc_type(qkv));
+  at::Tensor grad_qkv = at::empty({s.B, s.H * s.W, 3 * s.C}, qkv.options());
+  // k's and v's gradients are scattered in acc_t: into grad qkv itself where that is its dtype, else into one buffer
+  // cast into it once.
+  const bool in_place = qkv.scalar_type() == acc_type(qkv);
+  const at::Tensor kv =
+      (in_place ? grad_qkv.narrow(2, s.C, 2 * s.C) : at::empty({s.B, s.H * s.W, 2 * s.C}, acc)).zero_();
+  at::Tensor grad_walks = at::empty({s.B, s.H * s.W, s.G, 2 * kAttentionNodes}, acc);
+  at::Tensor grad_logits = at::empty({s.B, s.H * s.W, s.G, kAttentionNodes}, acc);
+  DGMN_DISPATCH(qkv, fits_int32(s, {qkv, walks_in, probs, grad, grad_qkv, kv, grad_walks}), vector, {
+    AttentionBackward<scalar_t, index_t> kernel;
+    kernel.s = narrow<index_t>(s);
+    kernel.q = In<scalar_t, index_t>(as_map(qkv, 0, s));
+    kernel.k = In<scalar_t, index_t>(as_map(qkv, s.C, s));
+    kernel.v = In<scalar_t, index_t>(as_map(qkv, 2 * s.C, s));
+    kernel.walks = Strided<const scalar_t, 4, index_t>(walks_in);
+    kernel.width = Strided<const acc_t, 2, index_t>(width);
+    kernel.height = Strided<const acc_t, 2, index_t>(height);
+    kernel.scale = static_cast<acc_t>(scale);
+    kernel.probs = Strided<const acc_t, 4, index_t>(probs);
+    kernel.grad_out = In<scalar_t, index_t>(as_map(grad, 0, s));
+    kernel.grad_q = Map<scalar_t, index_t>(as_map(grad_qkv, 0, s));
+    kernel.grad_k = Map<acc_t, index_t>(as_map(kv, 0, s));
+    kernel.grad_v = Map<acc_t, index_t>(as_map(kv, s.C, s));
+    kernel.grad_walks = Strided<acc_t, 4, index_t>(grad_walks);
+    kernel.grad_logits = Strided<acc_t, 4, index_t>(grad_logits);
+    run<vector, true>(kernel, attention_split<scalar_t>(s, {qkv, grad, grad_qkv, kv}), true);
+  });
+  if (!in_place) grad_qkv.narrow(2, s.C, 2 * s.C).copy_(kv);
+  return {grad_qkv, grad_walks.to(walks_in.scalar_type()), grad_logits};
+}
+
+// The ops of this build: torch.ops.<extension name>.{aggregate, dot, backward, attention, attention_backward},
+// called by sampler.py's custom ops.
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("aggregate(Tensor x, Tensor offsets, Tensor weights, int walk_groups, int dilation) -> Tensor", &aggregate);
   m.def("dot(Tensor q, Tensor x, Tensor offsets, int groups, int walk_groups, int dilation) -> Tensor", &dot);
   m.def("backward(Tensor x, Tensor offsets, Tensor u, Tensor v, int walk_groups, int dilation, bool need_x, "
         "bool need_offsets, bool need_u) -> Tensor[]", &backward);
+  m.def("attention(Tensor qkv, Tensor walks, Tensor width, Tensor height, int rows, int heads, float scale) -> "
+        "Tensor[]", &attention);
+  m.def("attention_backward(Tensor qkv, Tensor walks, Tensor width, Tensor height, Tensor probs, Tensor grad, "
+        "int rows, int heads, float scale) -> Tensor[]", &attention_backward);
 }

@@ -610,7 +610,8 @@ def test_nvcc_compiles_the_kernel(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"))
     cpp_extension.load(name="dgmn_sampler_nvcc_check", sources=[str(sampler._SOURCE)], build_directory=str(tmp_path),
                        extra_cuda_cflags=["-O3"], is_python_module=False)
-    assert all(hasattr(torch.ops.dgmn_sampler_nvcc_check, op) for op in ("aggregate", "dot", "backward"))
+    assert all(hasattr(torch.ops.dgmn_sampler_nvcc_check, op)
+               for op in ("aggregate", "dot", "backward", "attention", "attention_backward"))
 
 
 def test_flop_counter_counts_both_paths_alike(path):
@@ -621,6 +622,137 @@ def test_flop_counter_counts_both_paths_alike(path):
     with FlopCounterMode(display=False) as counter:
         sampler.aggregate(x, offsets, sampler.dot(x, x, offsets, groups=2, offset_groups=2), offset_groups=2)
     assert counter.get_total_flops() == 2 * (2 * B * C * 9 * H * W)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# sampler.attention: DGMN2's attention as one fused op
+
+
+def attention_inputs(B, H, W, G, D, dtype=torch.float64, device="cpu", layout="contiguous", seed=0):
+    """qkv (B, N, 3C), walks (B, N, G, 2K), width (W + K - 1, D), height (H + K - 1, D) for attention(). Layouts:
+    "contiguous" (as the Linears write them), "strided" (qkv's tokens two apart, walks permuted) and "unaligned" (qkv
+    a slice of a wider tensor starting one element in: off the 16-byte grid of vector loads)."""
+    g = torch.Generator().manual_seed(seed)
+    C, K = G * D, 9
+    qkv = torch.randn(B, H * W, 3 * C, generator=g, dtype=dtype)
+    walks_ = walks(B, K, H, W, dtype=dtype, seed=seed, groups=G)  # (B, 2K G, H, W)
+    walks_ = rearrange(walks_, "b (g o) h w -> b (h w) g o", g=G).contiguous()
+    if layout == "strided":
+        qkv = torch.randn(B, H * W, 2, 3 * C, generator=g, dtype=dtype)[:, :, 1]
+        walks_ = walks_.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    elif layout == "unaligned":
+        qkv = torch.randn(B, H * W, 3 * C + 1, generator=g, dtype=dtype)[..., 1:]
+    tables = [torch.randn(side + K - 1, D, generator=g, dtype=dtype if dtype == torch.float64 else torch.float32)
+              for side in (W, H)]
+    return [t.to(device) for t in (qkv, walks_, *tables)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B, H, W, G, D", [(2, 5, 7, 2, 8), (1, 3, 1, 3, 5), (2, 6, 4, 1, 64), (1, 4, 5, 2, 24)])
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "unaligned"])
+def test_fused_attention_matches_the_composed_reference(device, B, H, W, G, D, layout):
+    """The fused op against the specification (the reference's dot, scale, relative position, softmax, aggregate):
+    values and every input's gradient in float64, at odd sizes, head dims 5 to 64, strided and unaligned qkv."""
+    inputs = attention_inputs(B, H, W, G, D, device=device, layout=layout)
+    assert sampler._fused(inputs[0], inputs[1], G)
+
+    def attention(*inputs):
+        return sampler.attention(*inputs, (H, W), G, D ** -0.5)
+
+    reference, fused = both_paths(attention, inputs)
+    for a, b in zip(fused, reference):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_attention_gradcheck():
+    B, H, W, G, D = 1, 4, 3, 2, 3
+    inputs = [t.requires_grad_() for t in attention_inputs(B, H, W, G, D)]
+    with sampler.backend("kernel"):
+        assert torch.autograd.gradcheck(lambda *t: sampler.attention(*t, (H, W), G, 0.7), inputs)
+
+
+def test_fused_attention_is_one_op_each_way():
+    """Forward and backward of a layer's attention are one kernel call each (no dot, aggregate or sampler backward)."""
+    qkv, walks_, width, height = (t.requires_grad_() for t in attention_inputs(2, 5, 6, 2, 8, dtype=torch.float32))
+    with sampler.backend("kernel"), torch.profiler.profile() as prof:
+        sampler.attention(qkv, walks_, width, height, (5, 6), 2, 0.35).sum().backward()
+    calls = [e.name.split("::")[-1] for e in prof.events() if e.name.startswith(sampler._OPS + "::")]
+    assert sorted(calls) == ["attention", "attention_backward"]
+
+
+def test_fused_attention_of_a_non_finite_walk_is_nan_at_its_query_only():
+    B, H, W, G, D = 2, 4, 5, 2, 8
+    qkv, walks_, width, height = attention_inputs(B, H, W, G, D, dtype=torch.float32)
+    broken = walks_.clone()
+    broken[1, 7, 1, 4] = math.nan  # image 1, token 7, head 1, node 2's dy
+    with sampler.backend("kernel"):
+        clean, out = (sampler.attention(qkv, w, width, height, (H, W), G, 0.3) for w in (walks_, broken))
+    nan = torch.zeros_like(out, dtype=torch.bool)
+    nan[1, 7, D:] = True
+    assert torch.equal(out.isnan(), nan)
+    torch.testing.assert_close(out[~nan], clean[~nan])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_attention_in_half_types_keeps_float32_logits(dtype):
+    """Half qkv and walks, float32 tables as under autocast: the fused op computes in float32 and rounds the output
+    once, so it equals the float32 op on the rounded inputs to within a rounding; logits beyond fp16's range (q . k
+    of 10^5) stay finite, where the composed path's fp16 logits overflow."""
+    B, H, W, G, D = 2, 5, 6, 2, 16
+    qkv, walks_, width, height = attention_inputs(B, H, W, G, D, dtype=torch.float32)
+    qkv, walks_ = qkv.to(dtype), walks_.to(dtype)
+
+    def attention(qkv, walks_, width, height):
+        return sampler.attention(qkv, walks_, width, height, (H, W), G, D ** -0.5)
+
+    with sampler.backend("kernel"):
+        half = outputs_and_grads(attention, (qkv, walks_, width, height))
+        full = outputs_and_grads(attention, (qkv.float(), walks_.float(), width, height))
+        eps = torch.finfo(dtype).eps
+        for h, f in zip(half, full):
+            torch.testing.assert_close(h.float(), f, rtol=2 * eps, atol=2 * eps * f.abs().max().item())
+        loud = qkv * 80  # |q . k| up to ~10^5 / sqrt(D)
+        assert attention(loud, walks_, width, height).isfinite().all()
+
+
+def test_attention_names_a_bad_input():
+    qkv, walks_, width, height = attention_inputs(1, 3, 4, 2, 4)
+    cases = [((qkv[..., :-1], walks_, width, height), "qkv must be"),
+             ((qkv, walks_[..., :-2], width, height), "walks must be"),
+             ((qkv, walks_, width[:-1], height), "width must be"),
+             ((qkv, walks_, width, height[:, :3]), "height must be")]
+    for inputs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            sampler.attention(*inputs, (3, 4), 2, 0.5)
+
+
+def test_flop_counter_counts_the_fused_attention_as_the_composed():
+    from torch.utils.flop_counter import FlopCounterMode
+    inputs = attention_inputs(2, 5, 6, 2, 8, dtype=torch.float32)
+    counts = []
+    for name in ("kernel", "torch"):
+        with sampler.backend(name), FlopCounterMode(display=False) as counter:
+            sampler.attention(*inputs, (5, 6), 2, 0.35)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] == 4 * 2 * (2 * 30 * 16 * 9)
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("G, layout", [(1, "contiguous"), (2, "contiguous"), (2, "unaligned")])
+def test_cuda_fused_attention_matches_reference(exact_cuda, dtype, G, layout):
+    """DGMN2's shapes on the GPU (16-byte lanes, compile-time lane counts; unaligned qkv is copied once)."""
+    B, H, W, D = 8, 28, 28, 64
+    qkv, walks_, width, height = attention_inputs(B, H, W, G, D, dtype=torch.float32, device="cuda", layout=layout)
+    inputs = (qkv.to(dtype), walks_.to(dtype), width, height)
+
+    def attention(*inputs):
+        return sampler.attention(*inputs, (H, W), G, D ** -0.5)
+
+    reference, kernel = both_paths(attention, inputs)
+    scale = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, b in zip(kernel, reference):
+        torch.testing.assert_close(a.float(), b.float(), rtol=scale, atol=scale * b.abs().max().item())
 
 
 # ====================================================================================================================
@@ -1254,6 +1386,13 @@ def test_reference_and_kernel_paths_agree():
     assert_paths_agree(model, images)
 
 
+
+def test_reference_and_fused_paths_agree():
+    """The default (symmetric) rule, whose attention is the fused op on the kernel path, through a whole model."""
+    torch.manual_seed(0)
+    model = dgmn2.dgmn2_tiny(num_classes=10).double()
+    assert_paths_agree(model, torch.randn(2, 3, 40, 56, dtype=torch.float64))
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast(path, dtype):
     torch.manual_seed(0)
@@ -1282,17 +1421,24 @@ def test_torch_compile_traces_a_layer(choice, transposed):
 
 
 def test_attention_reads_q_k_v_and_walks_where_the_linears_wrote_them(monkeypatch):
-    """No fold of heads into the batch and no copy: the sampler gets views of the qkv and walk Linears' outputs."""
+    """No fold of heads into the batch and no copy: the fused attention gets the qkv and walk Linears' outputs
+    themselves, and the release rule's dot and aggregate get views of them."""
     attention = dgmn2.DGMN2Attention(64, 2, (5, 7))
-    written, read = {}, []
+    written, read = {}, {}
     for name in ("qkv", "walk"):
         getattr(attention, name).register_forward_hook(lambda m, i, out, name=name: written.update({name: out}))
-    for name in ("dot", "aggregate"):
+    for name in ("attention", "dot", "aggregate"):
         original = getattr(sampler, name)
-        monkeypatch.setattr(sampler, name, lambda *args, original=original, **kwargs: read.append(args) or
-                            original(*args, **kwargs))
-    attention(torch.randn(2, 5 * 7, 64), 5, 7)
-    (q, k, offsets_dot, *_), (v, offsets_aggregate, attn) = read
+        monkeypatch.setattr(sampler, name, lambda *args, original=original, name=name, **kwargs:
+                            read.setdefault(name, []).append(args) or original(*args, **kwargs))
+    x = torch.randn(2, 5 * 7, 64)
+    attention(x, 5, 7)
+    qkv, walks_ = read.pop("attention")[0][:2]
+    assert qkv is written["qkv"] and walks_ is written["walk"]
+    read.clear()
+    attention.rel_pos.transposed = True
+    attention(x, 5, 7)
+    (q, k, offsets_dot, *_), (v, offsets_aggregate, attn) = read["dot"][0], read["aggregate"][0]
     storage = {name: out.untyped_storage().data_ptr() for name, out in written.items()}
     assert {t.untyped_storage().data_ptr() for t in (q, k, v)} == {storage["qkv"]}
     assert {t.untyped_storage().data_ptr() for t in (offsets_dot, offsets_aggregate)} == {storage["walk"]}

@@ -536,7 +536,11 @@ def _profile(variant="small", batch=64, img_size=224, top=10):
             launches, total = per_name.get(kernel, (0, 0.0))
             per_name[kernel] = launches + 1, total + us
         total_us = sum(us for _, us in timed)
-        lines += ["", f"{name}: {len(timed)} {unit} ({len(timed) / count:.0f} a layer), {total_us / 1e3:.2f} ms "
+        # the sampler's own: its kernels on the GPU (each_lane<...>), its built ops on the CPU
+        ours = sum(1 for kernel, _ in timed if ("each_lane" in kernel if cuda else
+                                                kernel.startswith(("dgmn_sampler_host", "dgmn_sampler_cuda"))))
+        lines += ["", f"{name}: {len(timed)} {unit} ({len(timed) / count:.0f} a layer, of which the sampler's "
+                      f"{ours / count:.0f}), {total_us / 1e3:.2f} ms "
                       f"of {'kernel' if cuda else 'op self'} time", "",
                   f"| {what} | {calls} | ms | share |", "|---|---|---|---|"]
         for kernel, (launches, us) in sorted(per_name.items(), key=lambda item: -item[1][1])[:top]:

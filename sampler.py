@@ -193,7 +193,8 @@ _SOURCE = Path(__file__).with_name("sampler_cuda.cu")
 @functools.cache
 def _extension(device_type):
     """The compiled kernels' ops for 'cuda' (nvcc) or 'cpu' (the same source compiled as C++ by the host compiler):
-    torch.ops.dgmn_sampler_cuda or torch.ops.dgmn_sampler_host, each with aggregate, dot and backward."""
+    torch.ops.dgmn_sampler_cuda or torch.ops.dgmn_sampler_host[_avx2 | _avx512], each with aggregate, dot, backward,
+    attention and attention_backward."""
     import logging
     logger = logging.getLogger("torch.utils.cpp_extension")
     level = logger.level
@@ -209,12 +210,17 @@ def _extension(device_type):
     if device_type == "cpu":
         # load_inline compiles the .cu as C++ and hashes its text, so an edited sampler_cuda.cu is rebuilt; the file
         # includes what it needs (torch/extension.h would triple the build time). ATen's parallel_for is inlined
-        # from its OpenMP header: without -fopenmp it would run on one thread. No -march=native: the cached build
-        # may be loaded by another machine sharing the home directory.
-        cpp_extension.load_inline(name="dgmn_sampler_host", cpp_sources=[_SOURCE.read_text()],
-                                  extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False,
-                                  no_implicit_headers=True)
-        return torch.ops.dgmn_sampler_host
+        # from its OpenMP header: without -fopenmp it would run on one thread. The vector instructions are those
+        # torch itself dispatches to on this CPU (AVX2 with FMA, or AVX-512), named in the build so that a machine
+        # sharing the home directory but not the CPU builds its own; not -march=native, which names no set.
+        isa = torch.backends.cpu.get_cpu_capability()
+        vector_flags = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw",
+                                                                "-mavx512vl", "-mavx512dq"]}.get(isa, [])
+        name = f"dgmn_sampler_host_{isa.lower()}" if vector_flags else "dgmn_sampler_host"
+        cpp_extension.load_inline(name=name, cpp_sources=[_SOURCE.read_text()],
+                                  extra_cflags=["-O3", "-fopenmp", *vector_flags], extra_ldflags=["-fopenmp"],
+                                  is_python_module=False, no_implicit_headers=True)
+        return getattr(torch.ops, name)
     raise ValueError(f"the sampler's kernels run on CUDA or CPU tensors, got {device_type}")
 
 

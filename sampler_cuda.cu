@@ -156,12 +156,12 @@ struct Node {
 };
 
 // Node k of unit u, walked by (dy, dx): the ks x ks grid spaced `dilation` apart (Eq. 3's uniform sampling) moved by
-// its walk (Eq. 4).
-template <typename acc_t, typename index_t>
+// its walk (Eq. 4). KS: ks as a compile-time constant (its divisions become multiplications), or 0 for s.ks.
+template <int KS = 0, typename acc_t, typename index_t>
 HD inline Node<acc_t, index_t> node(const Geometry<index_t>& s, const Unit<index_t>& u, index_t k, acc_t dy, acc_t dx) {
-  const index_t half = s.ks / 2;
-  const acc_t py = static_cast<acc_t>(u.y + (k / s.ks - half) * s.dilation) + dy;
-  const acc_t px = static_cast<acc_t>(u.x + (k % s.ks - half) * s.dilation) + dx;
+  const index_t ks = KS ? KS : s.ks, half = ks / 2;
+  const acc_t py = static_cast<acc_t>(u.y + (k / ks - half) * s.dilation) + dy;
+  const acc_t px = static_cast<acc_t>(u.x + (k % ks - half) * s.dilation) + dx;
   Node<acc_t, index_t> n;
   n.finite = finite_(py) && finite_(px);
   const acc_t top = floor_(py), left = floor_(px);
@@ -494,7 +494,7 @@ struct Backward {
 // is written (acc_t, for the backward). A lane holds one run of its head (the entry points check that the head fits
 // its L lanes), so q is loaded once. Corners of zero bilinear weight are skipped (at zero walks, three of four).
 
-constexpr int kAttentionNodes = 9;  // the 3 x 3 grid, a compile-time K: the node loops unroll
+constexpr int kAttentionSide = 3, kAttentionNodes = kAttentionSide * kAttentionSide;  // K: the node loops unroll
 
 HD inline float exp_(float v) { return expf(v); }
 HD inline double exp_(double v) { return exp(v); }
@@ -508,14 +508,17 @@ struct Run {
   Count count;
 };
 
-template <int R, typename index_t>
-HD inline auto lane_run(index_t begin, index_t end, int lane) {
+// Calls f(run) with the lane's run. On the host a head of exactly R channels gets a compile-time count, so that its
+// channel loops have a known trip count (no remainder).
+template <int R, typename index_t, typename F>
+HD inline void with_lane_run(index_t begin, index_t end, int lane, const F& f) {
 #ifdef __CUDA_ARCH__
   const index_t c = begin + lane * R;
-  return Run<index_t, std::integral_constant<int, R>>{c, c < end, {}};
+  f(Run<index_t, std::integral_constant<int, R>>{c, c < end, {}});
 #else
   (void)lane;
-  return Run<index_t, int>{begin, begin < end, static_cast<int>(end - begin)};
+  if (end - begin == R) return f(Run<index_t, std::integral_constant<int, R>>{begin, true, {}});
+  f(Run<index_t, int>{begin, begin < end, static_cast<int>(end - begin)});
 #endif
 }
 
@@ -534,8 +537,8 @@ struct AttentionInputs {
   HD index_t pixel(const Unit<index_t>& u) const { return u.y * s.W + u.x; }
   HD Node<acc_t, index_t> walked(const Unit<index_t>& u, int n) const {
     const index_t i = pixel(u);
-    return node(s, u, static_cast<index_t>(n), static_cast<acc_t>(walks(u.b, i, u.g, 2 * n)),
-                static_cast<acc_t>(walks(u.b, i, u.g, 2 * n + 1)));
+    return node<kAttentionSide>(s, u, static_cast<index_t>(n), static_cast<acc_t>(walks(u.b, i, u.g, 2 * n)),
+                                static_cast<acc_t>(walks(u.b, i, u.g, 2 * n + 1)));
   }
   // The rows of slot n's relative-position vectors at query u, offset to channel d of the head.
   HD const acc_t* width_row(const Unit<index_t>& u, int n, index_t d) const { return &width(n + s.W - 1 - u.x, d); }
@@ -552,10 +555,15 @@ struct Attention : AttentionInputs<scalar_t, index_t> {
 
   template <int R, int L>
   HD void operator()(index_t i, int lane, int) const {
+    const Unit<index_t> u = unit(this->s, i);
+    const index_t begin = u.g * this->s.group_channels();
+    with_lane_run<R>(begin, begin + this->s.group_channels(), lane,
+                     [&](const auto& run) { attend<R, L>(u, begin, run, lane); });
+  }
+
+  template <int R, int L, typename LaneRun>
+  HD void attend(const Unit<index_t>& u, index_t begin, const LaneRun& run, int lane) const {
     const auto& a = static_cast<const Base&>(*this);
-    const Unit<index_t> u = unit(a.s, i);
-    const index_t begin = u.g * a.s.group_channels();
-    const auto run = lane_run<R>(begin, begin + a.s.group_channels(), lane);
     acc_t q[R], p[K];
     if (run.active) each<R, acc_t>(a.q.at(u.b, u.y, u.x) + run.c, run.count, [&](int j, acc_t value) { q[j] = value; });
     UNROLL
@@ -635,10 +643,16 @@ struct AttentionBackward : AttentionInputs<scalar_t, index_t> {
 
   template <int R, int L>
   HD void operator()(index_t i, int lane, int) const {
+    const Unit<index_t> u = unit(this->s, i);
+    const index_t begin = u.g * this->s.group_channels();
+    with_lane_run<R>(begin, begin + this->s.group_channels(), lane,
+                     [&](const auto& run) { backpropagate<R, L>(u, begin, run, lane); });
+  }
+
+  template <int R, int L, typename LaneRun>
+  HD void backpropagate(const Unit<index_t>& u, index_t begin, const LaneRun& run, int lane) const {
     const auto& a = static_cast<const Base&>(*this);
-    const Unit<index_t> u = unit(a.s, i);
-    const index_t begin = u.g * a.s.group_channels(), pixel = a.pixel(u);
-    const auto run = lane_run<R>(begin, begin + a.s.group_channels(), lane);
+    const index_t pixel = a.pixel(u);
     const scalar_t* q_at = a.q.at(u.b, u.y, u.x) + run.c;
     const scalar_t* g_at = grad_out.at(u.b, u.y, u.x) + run.c;
     acc_t q[R], g[R], pdm[R], pm[R];  // q, g, sum_k p_k dp_k M_k, sum_k p_k M_k
@@ -1034,7 +1048,7 @@ static Geometry<int64_t> attention_geometry(const at::Tensor& qkv, const at::Ten
   for (const at::Tensor& t : {width, height})
     TORCH_CHECK(t.scalar_type() == acc_type(qkv) && t.stride(1) == 1, "sampler_cuda.cu: the tables must be ",
                 acc_type(qkv), " with contiguous rows, got ", t.scalar_type(), " with strides ", t.strides());
-  return Geometry<int64_t>{B, C, H, W, heads, heads, 3, 1};
+  return Geometry<int64_t>{B, C, H, W, heads, heads, kAttentionSide, 1};
 }
 
 // A (B, N, C') token tensor's channels [first, first + C) as a map (B, C, H, W).

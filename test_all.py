@@ -697,11 +697,11 @@ def test_fused_attention_of_a_non_finite_walk_is_nan_at_its_query_only():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_attention_in_half_types_keeps_float32_logits(dtype):
     """Half qkv and walks, float32 tables as under autocast: the fused op computes in float32 and rounds the output
-    once, so it equals the float32 op on the rounded inputs to within a rounding; logits beyond fp16's range (q . k
-    of 10^5) stay finite, where the composed path's fp16 logits overflow."""
+    once, so it equals the float32 op on the rounded inputs to within a rounding (rounding the logits would not);
+    logits beyond fp16's range stay finite, where the composed path's fp16 logits overflow."""
     B, H, W, G, D = 2, 5, 6, 2, 16
     qkv, walks_, width, height = attention_inputs(B, H, W, G, D, dtype=torch.float32)
-    qkv, walks_ = qkv.to(dtype), walks_.to(dtype)
+    qkv, walks_ = (4 * qkv).to(dtype), walks_.to(dtype)  # logits of about +-16: rounding them would show
 
     def attention(qkv, walks_, width, height):
         return sampler.attention(qkv, walks_, width, height, (H, W), G, D ** -0.5)
@@ -712,7 +712,7 @@ def test_fused_attention_in_half_types_keeps_float32_logits(dtype):
         eps = torch.finfo(dtype).eps
         for h, f in zip(half, full):
             torch.testing.assert_close(h.float(), f, rtol=2 * eps, atol=2 * eps * f.abs().max().item())
-        loud = qkv * 80  # |q . k| up to ~10^5 / sqrt(D)
+        loud = qkv * 80  # scaled logits of about +-10^5, beyond fp16's 65504
         assert attention(loud, walks_, width, height).isfinite().all()
 
 

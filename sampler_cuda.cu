@@ -4,6 +4,8 @@
 //   dot        logits[k] = sum_{c in g} q[c] * node_k[c]         (sample() is dot with q = 1 and G = C)
 //   backward   of L = sum_{k, c in g} u[k] v[c] node_k[c], the form of both: grad_x, grad_offsets, grad_u
 //              (the remaining gradient, sum_k u[k] node_k[c], is aggregate itself: sampler.py calls it).
+//   attention  DGMN2's whole attention (Eq. 8-9 with Fig. 4b's relative positions) per query and head, the logits
+//              and the softmax in registers, and attention_backward, its gradients in one pass.
 // None of them writes the (B, C, K, H, W) sampled nodes.
 //
 // Symbols: B batch, C channels, H x W map, G channel groups of C / G channels (a weight or a logit per group and
@@ -763,19 +765,15 @@ void launch(const Op& op, int64_t units, int lanes) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The fused attention's launch: its lane count a compile-time constant (vector runs: as many lanes as a head needs;
-// single channels: a warp).
+// The fused attention's launch: its lane count a compile-time constant, 8, 16 or 32 (vector runs: the fewest of
+// those that hold a head, DGMN2's 64 channels taking 8 lanes in bf16, 16 in float32; single channels: a warp). Fewer
+// choices than every power of two keep the build short; a narrower head leaves lanes idle.
 template <int VectorRun, typename Op>
 void launch_fixed_lanes(const Op& op, int64_t units, Split split) {
   if (split.run != VectorRun) return launch<1, kWarp>(op, units, kWarp);
-  switch (split.lanes) {
-    case 1: return launch<VectorRun, 1>(op, units, 1);
-    case 2: return launch<VectorRun, 2>(op, units, 2);
-    case 4: return launch<VectorRun, 4>(op, units, 4);
-    case 8: return launch<VectorRun, 8>(op, units, 8);
-    case 16: return launch<VectorRun, 16>(op, units, 16);
-    default: return launch<VectorRun, kWarp>(op, units, kWarp);
-  }
+  if (split.lanes > 16) return launch<VectorRun, kWarp>(op, units, kWarp);
+  if (split.lanes > 8) return launch<VectorRun, 16>(op, units, 16);
+  launch<VectorRun, 8>(op, units, 8);
 }
 #endif
 

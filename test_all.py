@@ -10,6 +10,7 @@ import argparse
 import colorsys
 import contextlib
 import dataclasses
+import functools
 import io
 import itertools
 import json
@@ -2169,6 +2170,12 @@ def test_deformable_attention_starts_as_upstream():
     assert all(not h.layers[-1].bias.any() for h in plus.box_heads) and len(plus.box_heads) == 7
 
 
+@functools.cache
+def detection_cost(name, cost=detection.cost):
+    """detection.cost(name), counted once for all the tests that read it (half a minute for every COCO model)."""
+    return cost(name)
+
+
 @pytest.mark.slow
 def test_table_9_parameters_and_flops():
     """Parameters exactly as counted from the release (its 91 classes, the R-50 rows' trainable ones); the base rows'
@@ -2178,7 +2185,7 @@ def test_table_9_parameters_and_flops():
                 "deformable-detr-plus-r50": 40_959_129, "deformable-detr-plus-dgmn2-small": 33_971_289}
     assert [n for n in detection.MODELS if n.startswith("deformable")] == list(expected)
     for name, count in expected.items():
-        params, macs = detection.cost(name)
+        params, macs = detection_cost(name)
         assert params == count, name
         spec = detection.MODELS[name]
         assert abs(params / 1e6 - spec.params_m) < 0.06 and spec.table == "Table 9"  # R-50: 39.85 for 39.9
@@ -2484,7 +2491,7 @@ def test_table_10_parameters_and_flops():
     expected = {"sparse-rcnn-r50": (106_067_368, 175.4e9), "sparse-rcnn-dgmn2-small": (102_569_320, 172.7e9)}
     assert [n for n in detection.MODELS if n.startswith("sparse")] == list(expected)
     for name, (count, macs_expected) in expected.items():
-        params, macs = detection.cost(name)
+        params, macs = detection_cost(name)
         spec = detection.MODELS[name]
         assert params == count and abs(params / 1e6 - spec.params_m) < 0.05 and spec.table == "Table 10", name
         assert abs(macs / macs_expected - 1) < 0.01, (name, macs)
@@ -4218,17 +4225,16 @@ def test_a_checkpoint_saved_before_an_option_existed_reads_it_as_its_default(tmp
 @pytest.mark.slow
 @NEEDS_PYCOCOTOOLS
 def test_the_scripts_table_is_detection_pys(capsys, monkeypatch):
-    counted = {}  # each model counted once (half a minute for all): the second table reuses the first's counts
-    monkeypatch.setattr(detection, "cost", lambda name, cost=detection.cost: counted.get(name) or counted.setdefault(
-        name, cost(name)))
+    asked = []  # each model counted once for both tables (and the tests above): detection_cost
+    monkeypatch.setattr(detection, "cost", lambda name: asked.append(name) or detection_cost(name))
     detection.print_table()
     table = capsys.readouterr().out
     assert train_coco.main(train_coco.parse_args(["--table"])) is None
     assert capsys.readouterr().out == table
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "| paper |" not in line]
-    assert [row[0][2:] for row in rows] == list(detection.MODELS) == list(counted)
+    assert [row[0][2:] for row in rows] == list(detection.MODELS) == asked[:len(detection.MODELS)]
     for row, (name, spec) in zip(rows, detection.MODELS.items()):  # ours beside the paper's, as counted
-        params, macs = counted[name]
+        params, macs = detection_cost(name)
         assert row[1:3] == [f"{params / 1e6:.1f}", str(spec.params_m or "-")]
         assert row[4:6] == [f"{macs / 1e9:.1f}", str(spec.gflops or "-")]
         for ours, paper, gap in [(params / 1e6, spec.params_m, row[3]), (macs / 1e9, spec.gflops, row[6])]:

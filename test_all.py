@@ -284,7 +284,11 @@ def test_kernel_matches_reference(device, dtype, C, G, Go, layout):
     for fn, inputs in calls:
         reference, kernel = both_paths(fn, inputs)
         for a, b in zip(kernel, reference):
-            torch.testing.assert_close(a, b)
+            if dtype == torch.float64:
+                torch.testing.assert_close(a, b)
+            else:  # sums of up to 72 x 9 x 4 terms added in other orders (FMA, vector partial sums): within 16 ulps
+                # of the tensor's largest (at 40 seeds, up to 1.1e-5 of values near 60, float32's fixed atol)
+                torch.testing.assert_close(a, b, rtol=1.3e-6, atol=2e-6 * b.abs().max().item())
 
 
 @CUDA

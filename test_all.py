@@ -1542,13 +1542,14 @@ def test_profile_lists_where_a_step_goes():
     heads = [(i, m) for i, m in heads if m]
     assert [m[1] for _, m in heads] == ["stage 1's first layer (16x16x64, 1 head)", "the whole model (8 layers)"]
     for (i, m), layers in zip(heads, (1, 8)):
-        assert round(int(m[2]) / layers) == int(m[3]) and m[4] == "2"  # the fused attention forward and backward
+        # the fused attention's forward and backward: the sampler's only ops (whether they make the top rows depends
+        # on the machine's speed)
+        assert round(int(m[2]) / layers) == int(m[3]) and m[4] == "2"
         rows = [re.fullmatch(r"\| (.+) \| (\d+) \| ([\d.]+) \| ([\d.]+)% \|", line) for line in lines[i + 4:i + 9]]
         times = [float(row[3]) for row in rows]
         assert times == sorted(times, reverse=True) and sum(int(row[2]) for row in rows) <= int(m[2])
         for row in rows:  # each share is its time over the run's total
             assert float(row[4]) == pytest.approx(100 * float(row[3]) / float(m[5]), abs=0.1)
-    assert any("dgmn_sampler" in line for line in lines)
 
 
 def test_from_checkpoint_builds_what_a_checkpoint_holds(tmp_path):

@@ -773,8 +773,8 @@ def _benchmark():
         if "fused" in measured:
             head = f"fused op fwd+bwd {best_t * 1e3:.2f} ms{bound}, {ker_t / best_t:.2f}x faster than the composed " \
                    f"kernel path ({ker_t * 1e3:.2f} ms)"
-        summary.append(f"{name}: {head}, {ref_t / best_t:.1f}x faster than the torch reference, "
-                       f"{peer_t / best_t:.1f}x faster than grid_sample with {peer_m / max(best_m, 1):.1f}x less memory")
+        summary.append(f"{name}: {head}, {ref_t / best_t:.1f}x faster than the torch reference, {peer_t / best_t:.1f}x "
+                       f"faster than grid_sample with {peer_m / max(best_m, 1):.1f}x less memory")
     print("\n" + "\n".join(summary))
 
 

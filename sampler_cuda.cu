@@ -524,6 +524,15 @@ HD inline void with_lane_run(index_t begin, index_t end, int lane, const F& f) {
 #endif
 }
 
+// Calls op.head<R, L>(u, begin, run, lane) for unit i: its query and head, the head's first channel, the lane's run.
+template <int R, int L, typename Op, typename index_t>
+HD inline void for_head(const Op& op, index_t i, int lane) {
+  const Unit<index_t> u = unit(op.s, i);
+  const index_t begin = u.g * op.s.group_channels();
+  with_lane_run<R>(begin, begin + op.s.group_channels(), lane,
+                   [&](const auto& run) { op.template head<R, L>(u, begin, run, lane); });
+}
+
 // What the forward and the backward read: the geometry (C channels a third, G = Go heads), the thirds of qkv, the
 // walks and the tables.
 template <typename scalar_t, typename index_t>
@@ -556,15 +565,10 @@ struct Attention : AttentionInputs<scalar_t, index_t> {
   Strided<acc_t, 4, index_t> probs;  // (B, N, G, K)
 
   template <int R, int L>
-  HD void operator()(index_t i, int lane, int) const {
-    const Unit<index_t> u = unit(this->s, i);
-    const index_t begin = u.g * this->s.group_channels();
-    with_lane_run<R>(begin, begin + this->s.group_channels(), lane,
-                     [&](const auto& run) { attend<R, L>(u, begin, run, lane); });
-  }
+  HD void operator()(index_t i, int lane, int) const { for_head<R, L>(*this, i, lane); }
 
   template <int R, int L, typename LaneRun>
-  HD void attend(const Unit<index_t>& u, index_t begin, const LaneRun& run, int lane) const {
+  HD void head(const Unit<index_t>& u, index_t begin, const LaneRun& run, int lane) const {
     const auto& a = static_cast<const Base&>(*this);
     acc_t q[R], p[K];
     if (run.active) each<R, acc_t>(a.q.at(u.b, u.y, u.x) + run.c, run.count, [&](int j, acc_t value) { q[j] = value; });
@@ -644,15 +648,10 @@ struct AttentionBackward : AttentionInputs<scalar_t, index_t> {
   Strided<acc_t, 4, index_t> grad_walks, grad_logits;  // (B, N, G, 2K), (B, N, G, K)
 
   template <int R, int L>
-  HD void operator()(index_t i, int lane, int) const {
-    const Unit<index_t> u = unit(this->s, i);
-    const index_t begin = u.g * this->s.group_channels();
-    with_lane_run<R>(begin, begin + this->s.group_channels(), lane,
-                     [&](const auto& run) { backpropagate<R, L>(u, begin, run, lane); });
-  }
+  HD void operator()(index_t i, int lane, int) const { for_head<R, L>(*this, i, lane); }
 
   template <int R, int L, typename LaneRun>
-  HD void backpropagate(const Unit<index_t>& u, index_t begin, const LaneRun& run, int lane) const {
+  HD void head(const Unit<index_t>& u, index_t begin, const LaneRun& run, int lane) const {
     const auto& a = static_cast<const Base&>(*this);
     const index_t pixel = a.pixel(u);
     const scalar_t* q_at = a.q.at(u.b, u.y, u.x) + run.c;
@@ -1078,6 +1077,22 @@ static at::Tensor tokens_contiguous(const at::Tensor& t, int64_t head) {
   return t.stride(2) == 1 && !(kCuda && head > kWarp && misaligned) ? t : t.contiguous();
 }
 
+// What both fused kernels read, from the checked tensors.
+template <typename scalar_t, typename index_t>
+static AttentionInputs<scalar_t, index_t> attention_inputs(const Geometry<int64_t>& s, const at::Tensor& qkv,
+                                                           const at::Tensor& walks, const at::Tensor& width,
+                                                           const at::Tensor& height, double scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  return {narrow<index_t>(s),
+          In<scalar_t, index_t>(as_map(qkv, 0, s)),
+          In<scalar_t, index_t>(as_map(qkv, s.C, s)),
+          In<scalar_t, index_t>(as_map(qkv, 2 * s.C, s)),
+          Strided<const scalar_t, 4, index_t>(walks),
+          Strided<const acc_t, 2, index_t>(width),
+          Strided<const acc_t, 2, index_t>(height),
+          static_cast<acc_t>(scale)};
+}
+
 // qkv (B, N, 3C), walks (B, N, G, 2K), width (W + K - 1, D), height (H + K - 1, D) -> out (B, N, C) in qkv's dtype,
 // p (B, N, G, K) in its opmath type.
 std::vector<at::Tensor> attention(const at::Tensor& qkv_in, const at::Tensor& walks_in, const at::Tensor& width,
@@ -1088,17 +1103,9 @@ std::vector<at::Tensor> attention(const at::Tensor& qkv_in, const at::Tensor& wa
   at::Tensor out = at::empty({s.B, s.H * s.W, s.C}, qkv.options());
   at::Tensor probs = at::empty({s.B, s.H * s.W, s.G, kAttentionNodes}, qkv.options().dtype(acc_type(qkv)));
   DGMN_DISPATCH(qkv, fits_int32(s, {qkv, walks_in, out, probs}), vector, {
-    Attention<scalar_t, index_t> kernel;
-    kernel.s = narrow<index_t>(s);
-    kernel.q = In<scalar_t, index_t>(as_map(qkv, 0, s));
-    kernel.k = In<scalar_t, index_t>(as_map(qkv, s.C, s));
-    kernel.v = In<scalar_t, index_t>(as_map(qkv, 2 * s.C, s));
-    kernel.walks = Strided<const scalar_t, 4, index_t>(walks_in);
-    kernel.width = Strided<const acc_t, 2, index_t>(width);
-    kernel.height = Strided<const acc_t, 2, index_t>(height);
-    kernel.scale = static_cast<acc_t>(scale);
-    kernel.out = Map<scalar_t, index_t>(as_map(out, 0, s));
-    kernel.probs = Strided<acc_t, 4, index_t>(probs);
+    const Attention<scalar_t, index_t> kernel{
+        attention_inputs<scalar_t, index_t>(s, qkv, walks_in, width, height, scale),
+        Map<scalar_t, index_t>(as_map(out, 0, s)), Strided<acc_t, 4, index_t>(probs)};
     run<vector, true>(kernel, attention_split<scalar_t>(s, {qkv, out}), false);
   });
   return {out, probs};
@@ -1133,22 +1140,12 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& qkv_in, const at::T
   at::Tensor grad_walks = at::empty({s.B, s.H * s.W, s.G, 2 * kAttentionNodes}, acc);
   at::Tensor grad_logits = at::empty({s.B, s.H * s.W, s.G, kAttentionNodes}, acc);
   DGMN_DISPATCH(qkv, fits_int32(s, {qkv, walks_in, probs, grad, grad_qkv, kv, grad_walks}), vector, {
-    AttentionBackward<scalar_t, index_t> kernel;
-    kernel.s = narrow<index_t>(s);
-    kernel.q = In<scalar_t, index_t>(as_map(qkv, 0, s));
-    kernel.k = In<scalar_t, index_t>(as_map(qkv, s.C, s));
-    kernel.v = In<scalar_t, index_t>(as_map(qkv, 2 * s.C, s));
-    kernel.walks = Strided<const scalar_t, 4, index_t>(walks_in);
-    kernel.width = Strided<const acc_t, 2, index_t>(width);
-    kernel.height = Strided<const acc_t, 2, index_t>(height);
-    kernel.scale = static_cast<acc_t>(scale);
-    kernel.probs = Strided<const acc_t, 4, index_t>(probs);
-    kernel.grad_out = In<scalar_t, index_t>(as_map(grad, 0, s));
-    kernel.grad_q = Map<scalar_t, index_t>(as_map(grad_qkv, 0, s));
-    kernel.grad_k = Map<acc_t, index_t>(as_map(kv, 0, s));
-    kernel.grad_v = Map<acc_t, index_t>(as_map(kv, s.C, s));
-    kernel.grad_walks = Strided<acc_t, 4, index_t>(grad_walks);
-    kernel.grad_logits = Strided<acc_t, 4, index_t>(grad_logits);
+    const AttentionBackward<scalar_t, index_t> kernel{
+        attention_inputs<scalar_t, index_t>(s, qkv, walks_in, width, height, scale),
+        Strided<const acc_t, 4, index_t>(probs),     In<scalar_t, index_t>(as_map(grad, 0, s)),
+        Map<scalar_t, index_t>(as_map(grad_qkv, 0, s)), Map<acc_t, index_t>(as_map(kv, 0, s)),
+        Map<acc_t, index_t>(as_map(kv, s.C, s)),     Strided<acc_t, 4, index_t>(grad_walks),
+        Strided<acc_t, 4, index_t>(grad_logits)};
     run<vector, true>(kernel, attention_split<scalar_t>(s, {qkv, grad, grad_qkv, kv}), true);
   });
   if (!in_place) grad_qkv.narrow(2, s.C, 2 * s.C).copy_(kv);

@@ -562,8 +562,8 @@ def test_the_benchmark_relative_logits_are_the_models():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_benchmark_paths_compute_the_same_function(dtype, monkeypatch):
     """Each row of python sampler.py times one function three or four ways: the reference, grid_sample, the kernels
-    and (DGMN2's rows) the fused op agree on outputs and gradients at DGMN2-Tiny's stage 4 (also under bf16 autocast, as the models run) and DGMN's row,
-    its map shrunk (the dilation kept)."""
+    and (DGMN2's rows) the fused op agree on outputs and gradients at DGMN2-Tiny's stage 4 (also under bf16 autocast,
+    as the models run) and DGMN's row, its map shrunk (the dilation kept)."""
     monkeypatch.setitem(sampler.DGMN_SETTING, "channels", 128)
     monkeypatch.setitem(sampler.DGMN_SETTING, "side", 49)
     torch.manual_seed(0)
@@ -1392,12 +1392,12 @@ def test_reference_and_kernel_paths_agree():
     assert_paths_agree(model, images)
 
 
-
 def test_reference_and_fused_paths_agree():
     """The default (symmetric) rule, whose attention is the fused op on the kernel path, through a whole model."""
     torch.manual_seed(0)
     model = dgmn2.dgmn2_tiny(num_classes=10).double()
     assert_paths_agree(model, torch.randn(2, 3, 40, 56, dtype=torch.float64))
+
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast(path, dtype):

@@ -101,8 +101,7 @@ class RelativePosition(nn.Module):
 
     def _by_slot(self, table, length):
         """(length + K - 1, D) rows along one axis -> (length, K, D): entry [p, s] is row s + length - 1 - p."""
-        p, s = torch.arange(length, device=table.device), torch.arange(self.nodes, device=table.device)
-        return table[s[None, :] + length - 1 - p[:, None]]  # (length, K, D)
+        return table[sampler._slot_rows(length, self.nodes, table.device)]
 
     def forward(self, q):
         H, W = q.shape[-2:]

@@ -518,8 +518,9 @@ def _check_attention(qkv, walks, width, height, size, heads):
         raise ValueError(f"qkv must be a floating-point (B, N, 3C) tensor with N = H W = {H} x {W} and C divided by "
                          f"{heads} heads, got {qkv.dtype} of shape {tuple(qkv.shape)}")
     B, N, D = qkv.shape[0], qkv.shape[1], qkv.shape[2] // (3 * heads)
-    ks = _kernel_size(walks.new_empty(1, walks.shape[-1], 1, 1), 1) if walks.dim() == 4 else None
-    if walks.dim() != 4 or tuple(walks.shape[:3]) != (B, N, heads) or ks is None or not walks.is_floating_point():
+    ks = math.isqrt(walks.shape[-1] // 2) if walks.dim() == 4 else 0
+    if walks.dim() != 4 or tuple(walks.shape[:3]) != (B, N, heads) or walks.shape[-1] != 2 * ks * ks or ks % 2 == 0 \
+            or not walks.is_floating_point():
         raise ValueError(f"walks must be a floating-point (B, N, G, 2K) tensor = ({B}, {N}, {heads}, 2K) with K = ks "
                          f"* ks for an odd ks, got {walks.dtype} of shape {tuple(walks.shape)}")
     K = ks * ks

@@ -878,6 +878,25 @@ static at::Tensor empty_per_query(const Geometry<int64_t>& s, int64_t per_unit, 
   return at::empty({s.B, s.H, s.W, s.G, per_unit}, options).permute({0, 3, 4, 1, 2});
 }
 
+// Whether every map can be read in runs of `vector` elements (16 bytes): the group's channels divide into runs, and
+// every pointer and every stride but the contiguous channels' is a multiple of a run.
+static bool vector_aligned(int vector, int64_t group_channels, std::initializer_list<at::Tensor> maps) {
+  bool aligned = group_channels % vector == 0;
+  for (const at::Tensor& t : maps) {
+    aligned = aligned && reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
+    for (int64_t d = 0; d < t.dim(); ++d)
+      aligned = aligned && (t.size(d) == 1 || t.stride(d) == 1 || t.stride(d) % vector == 0);
+  }
+  return aligned;
+}
+
+// The lanes for a group of channels in runs of `run`: the fewest (a power of two) that cover it, up to a warp.
+static int lanes_for(int run, int64_t group_channels) {
+  int lanes = 1;
+  while (lanes < kWarp && lanes * run < group_channels) lanes *= 2;
+  return lanes;
+}
+
 // The GPU's split of a unit's channels: runs of 16 bytes where every map's pointer and pixel strides allow it and
 // the group's channels divide into runs, else single channels; lanes for the runs, up to a warp. A problem too
 // small to fill the GPU with vector lanes takes single channels and more lanes.
@@ -885,23 +904,13 @@ template <typename scalar_t>
 static Split split(const Geometry<int64_t>& s, std::initializer_list<at::Tensor> maps) {
   if (!kCuda) return {kHostRun, 1};
   constexpr int vector = 16 / sizeof(scalar_t);
-  bool aligned = s.group_channels() % vector == 0;
-  for (const at::Tensor& t : maps) {
-    aligned = aligned && reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
-    for (int d : {0, 2, 3}) aligned = aligned && (t.size(d) == 1 || t.stride(d) % vector == 0);
-  }
-  auto lanes_for = [&](int run) {
-    int lanes = 1;
-    while (lanes < kWarp && lanes * run < s.group_channels()) lanes *= 2;
-    return lanes;
-  };
-  int run = aligned ? vector : 1;
+  int run = vector_aligned(vector, s.group_channels(), maps) ? vector : 1;
 #ifdef __CUDACC__
   int processors = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&processors, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  if (run > 1 && s.units() * lanes_for(run) < processors * kResidentThreads) run = 1;
+  if (run > 1 && s.units() * lanes_for(run, s.group_channels()) < processors * kResidentThreads) run = 1;
 #endif
-  return {run, lanes_for(run)};
+  return {run, lanes_for(run, s.group_channels())};
 }
 
 // Whether every element offset of these tensors, every thread index and every grid position fits in 32 bits.
@@ -1058,14 +1067,8 @@ template <typename scalar_t>
 static Split attention_split(const Geometry<int64_t>& s, std::initializer_list<at::Tensor> maps) {
   if (!kCuda) return {kHostRun, 1};
   constexpr int vector = 16 / sizeof(scalar_t);
-  bool aligned = s.group_channels() % vector == 0;
-  for (const at::Tensor& t : maps) {
-    aligned = aligned && reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
-    for (int d = 0; d < t.dim() - 1; ++d) aligned = aligned && (t.size(d) == 1 || t.stride(d) % vector == 0);
-  }
-  const int run = aligned ? vector : 1;
-  int lanes = 1;
-  while (lanes < kWarp && lanes * run < s.group_channels()) lanes *= 2;
+  const bool aligned = vector_aligned(vector, s.group_channels(), maps);
+  const int run = aligned ? vector : 1, lanes = lanes_for(run, s.group_channels());
   TORCH_CHECK(lanes * run >= s.group_channels(), "sampler_cuda.cu: the fused attention holds a head in one warp: ",
               s.group_channels(), " channels a head are too many", aligned ? "" : " for unaligned qkv");
   return {run, aligned ? lanes : kWarp};

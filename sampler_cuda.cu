@@ -40,6 +40,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #ifdef __CUDACC__
 #include <c10/cuda/CUDAException.h>
@@ -524,13 +525,14 @@ HD inline void with_lane_run(index_t begin, index_t end, int lane, const F& f) {
 #endif
 }
 
-// Calls op.head<R, L>(u, begin, run, lane) for unit i: its query and head, the head's first channel, the lane's run.
-template <int R, int L, typename Op, typename index_t>
-HD inline void for_head(const Op& op, index_t i, int lane) {
+// Calls op.head<R, L>(u, begin, run, lane, more...) for unit i: its query and head, the head's first channel, the
+// lane's run.
+template <int R, int L, typename Op, typename index_t, typename... More>
+HD inline void for_head(const Op& op, index_t i, int lane, const More&... more) {
   const Unit<index_t> u = unit(op.s, i);
   const index_t begin = u.g * op.s.group_channels();
   with_lane_run<R>(begin, begin + op.s.group_channels(), lane,
-                   [&](const auto& run) { op.template head<R, L>(u, begin, run, lane); });
+                   [&](const auto& run) { op.template head<R, L>(u, begin, run, lane, more...); });
 }
 
 // What the forward and the backward read: the geometry (C channels a third, G = Go heads), the thirds of qkv, the
@@ -628,14 +630,88 @@ struct Attention : AttentionInputs<scalar_t, index_t> {
   }
 };
 
+// Tiles: where the fused backward sums the gradients of k and v. A tile is Rows x Cols query pixels of one image
+// and one head, and a halo of kHalo pixels around them: as far as their nodes' corners reach while walks are shorter
+// than a pixel (a node sits a pixel from its query, its corners one more). What lands in the haloed tile is summed in
+// a buffer (GPU: the block's shared memory, by shared-memory atomics; host: the thread's own) and added to the maps
+// once the tile is done; what lands beyond it goes to the maps directly. On the GPU a query's head thus takes
+// 2 (Rows + 2 kHalo) (Cols + 2 kHalo) / (Rows Cols) global atomics a channel (6 for 4 x 8, in 16-byte atomics) where
+// it took up to 72 (9 nodes, 4 corners, k and v).
+constexpr int kHalo = 2;
+
+// The rows of a tile of `units` query pixels, the largest power of two whose square fits: 4 x 8 for 32, 8 x 8 for 64.
+constexpr int tile_rows(int units) {
+  int rows = 1;
+  while (4 * rows * rows <= units) rows *= 2;
+  return rows;
+}
+
+template <typename acc_t, typename index_t>
+struct Tile {
+  index_t b, g, y0, x0;  // image, head, the first query pixel
+  index_t rows, cols;    // the haloed tile: (Rows + 2 kHalo) x (Cols + 2 kHalo) pixels
+  index_t channels;      // D
+  acc_t* sums;           // (2, rows, cols, D): k's, then v's
+
+  HD index_t size() const { return 2 * rows * cols * channels; }
+  // Where channel d of the head of k (which = 0) or v (1) at pixel (y, x) is summed, or -1 beyond the halo.
+  HD index_t slot(int which, index_t y, index_t x, index_t d) const {
+    const index_t ty = y - y0 + kHalo, tx = x - x0 + kHalo;
+    if (ty < 0 || ty >= rows || tx < 0 || tx >= cols) return -1;
+    return ((which * rows + ty) * cols + tx) * channels + d;
+  }
+};
+
+// The tiles of a geometry, numbered ((b Ty + ty) Tx + tx) G + g (the heads of one place are neighbours).
+template <int Rows, int Cols, typename index_t>
+HD inline index_t tiles_per_image(const Geometry<index_t>& s) {
+  return (s.H + Rows - 1) / Rows * ((s.W + Cols - 1) / Cols);
+}
+
+template <int Rows, int Cols, typename acc_t, typename index_t>
+HD inline Tile<acc_t, index_t> tile_of(const Geometry<index_t>& s, index_t t, acc_t* sums) {
+  const index_t across = (s.W + Cols - 1) / Cols, down = (s.H + Rows - 1) / Rows;
+  Tile<acc_t, index_t> tl;
+  tl.g = t % s.G;
+  t /= s.G;
+  tl.x0 = t % across * Cols;
+  t /= across;
+  tl.y0 = t % down * Rows;
+  tl.b = t / down;
+  tl.rows = Rows + 2 * kHalo;
+  tl.cols = Cols + 2 * kHalo;
+  tl.channels = s.group_channels();
+  tl.sums = sums;
+  return tl;
+}
+
+// Calls op<R, L>(i, lane, t) for unit q of tile t (row-major); units past the map's edge do nothing.
+template <int R, int L, int Cols, typename Op, typename T>
+HD inline void tile_unit(const Op& op, const T& t, int q, int lane) {
+  const auto y = t.y0 + q / Cols, x = t.x0 + q % Cols;
+  if (y < op.s.H && x < op.s.W)
+    op.template operator()<R, L>(((t.b * op.s.H + y) * op.s.W + x) * op.s.G + t.g, lane, t);
+}
+
+// to[j] += scale * v[j] over a run of a tile's sums: shared-memory atomics on the GPU (a block's lanes share the
+// tile), plain adds on the host.
+template <int R, typename acc_t, typename T, typename Count>
+HD inline void scatter_tile(acc_t* to, acc_t scale, const T* v, Count count) {
+#ifdef __CUDA_ARCH__
+  each<R, acc_t>(v, count, [&](int j, acc_t value) { atomicAdd(to + j, scale * value); });
+#else
+  scatter<R>(to, scale, v, count);
+#endif
+}
+
 // The backward, in one pass over the nodes that gathers k and v once. With g the gradient of out, dp_k = g . node_k(v),
 // t = sum_k p_k dp_k, dS_k = p_k (dp_k - t) (the logits' gradient) and M_k = scale node_k(k) + Rw row + Rh row:
 //   grad q = sum_k dS_k M_k = sum_k p_k dp_k M_k - t sum_k p_k M_k    (two register sums, known before dS is)
 //   grad k at neighbour n of node k += dS_k scale w_n q,   grad v there += p_k w_n g
 //   grad dy_k = dS_k scale sum_n (dw_n / dy) (q . k_n) + p_k sum_n (dw_n / dy) (g . v_n)   (likewise dx)
-// grad q is written in qkv's dtype into its third of grad qkv; k and v are scattered in acc_t (float atomics on the
-// GPU; on the host each thread owns whole (image, head) strips). dS is written too: the tables' gradients are its
-// products with q, which sampler.py takes with two einsums.
+// grad q is written in qkv's dtype into its third of grad qkv; k's and v's are summed in acc_t, in the unit's tile
+// (above) and then the maps (GPU: float atomics; host: each thread owns whole (image, head) strips). dS is written
+// too: the tables' gradients are its products with q, which sampler.py takes with two einsums.
 template <typename scalar_t, typename index_t>
 struct AttentionBackward : AttentionInputs<scalar_t, index_t> {
   using Base = AttentionInputs<scalar_t, index_t>;
@@ -646,12 +722,52 @@ struct AttentionBackward : AttentionInputs<scalar_t, index_t> {
   Map<scalar_t, index_t> grad_q;                    // written
   Map<acc_t, index_t> grad_k, grad_v;               // scattered into (zeroed first)
   Strided<acc_t, 4, index_t> grad_walks, grad_logits;  // (B, N, G, 2K), (B, N, G, K)
+  bool wide_flush;  // whether the k and v maps take 16-byte runs of float (GPU)
 
   template <int R, int L>
-  HD void operator()(index_t i, int lane, int) const { for_head<R, L>(*this, i, lane); }
+  HD void operator()(index_t i, int lane, const Tile<acc_t, index_t>& t) const { for_head<R, L>(*this, i, lane, t); }
+
+  // The gradient of k (which = 0) or v (1) at channel c of pixel (y, x) += scale * from, over a run: into the tile's
+  // sums, or beyond its halo into the map.
+  template <int R, typename Count>
+  HD void add(const Tile<acc_t, index_t>& t, int which, index_t y, index_t x, index_t c, acc_t scale,
+              const scalar_t* from, Count count) const {
+    const index_t slot = t.slot(which, y, x, c - t.g * t.channels);
+    if (slot >= 0) return scatter_tile<R>(t.sums + slot, scale, from, count);
+    scatter<R>((which ? grad_v : grad_k).at(t.b, y, x) + c, scale, from, count);
+  }
+
+  // Adds a tile's sums to the maps: thread `thread` of `threads` takes runs of 4 channels (one 16-byte atomic) where
+  // the maps allow, else single channels (GPU); the host's one thread takes a pixel's head at a time.
+  HD void flush(const Tile<acc_t, index_t>& t, int thread, int threads) const {
+#ifdef __CUDA_ARCH__
+    if (wide_flush) return flush_runs<4>(t, thread, threads, std::integral_constant<int, 4>());
+    flush_runs<1>(t, thread, threads, std::integral_constant<int, 1>());
+#else
+    flush_runs<kHostRun>(t, thread, threads, static_cast<int>(t.channels));
+#endif
+  }
+
+  template <int R, typename Count>
+  HD void flush_runs(const Tile<acc_t, index_t>& t, int thread, int threads, Count count) const {
+    const index_t runs = t.channels / count, pixels = t.rows * t.cols;
+    for (index_t i = thread; i < 2 * pixels * runs; i += threads) {
+      const index_t slot = i / runs, d = i % runs * count;  // slot: which * pixels + ty * cols + tx
+      const index_t y = t.y0 - kHalo + slot % pixels / t.cols, x = t.x0 - kHalo + slot % t.cols;
+      if (y < 0 || y >= this->s.H || x < 0 || x >= this->s.W) continue;  // nothing lands off the map
+      acc_t* sums = t.sums + slot * t.channels + d;
+      scatter<R>((slot < pixels ? grad_k : grad_v).at(t.b, y, x) + t.g * t.channels + d, static_cast<acc_t>(1), sums,
+                 count);
+#ifndef __CUDA_ARCH__
+      CHANNELS
+      for (int j = 0; j < count; ++j) sums[j] = 0;  // the host's buffer serves the strip's next tile
+#endif
+    }
+  }
 
   template <int R, int L, typename LaneRun>
-  HD void head(const Unit<index_t>& u, index_t begin, const LaneRun& run, int lane) const {
+  HD void head(const Unit<index_t>& u, index_t begin, const LaneRun& run, int lane,
+               const Tile<acc_t, index_t>& tile) const {
     const auto& a = static_cast<const Base&>(*this);
     const index_t pixel = a.pixel(u);
     const scalar_t* q_at = a.q.at(u.b, u.y, u.x) + run.c;
@@ -687,7 +803,7 @@ struct AttentionBackward : AttentionInputs<scalar_t, index_t> {
           if (nd.w[nb] == 0) continue;
           const acc_t w = a.scale * nd.w[nb];
           each<R, acc_t>(kn, run.count, [&](int j, acc_t value) { m[j] += w * value; });
-          scatter<R>(grad_v.at(u.b, nd.y[nb], nd.x[nb]) + run.c, p[n] * nd.w[nb], g_at, run.count);
+          add<R>(tile, 1, nd.y[nb], nd.x[nb], run.c, p[n] * nd.w[nb], g_at, run.count);
         }
         const acc_t* rw = a.width_row(u, n, run.c - begin);
         const acc_t* rh = a.height_row(u, n, run.c - begin);
@@ -728,7 +844,7 @@ struct AttentionBackward : AttentionInputs<scalar_t, index_t> {
       UNROLL
       for (int nb = 0; nb < 4; ++nb)
         if (nd.inside[nb] && nd.w[nb] != 0)
-          scatter<R>(grad_k.at(u.b, nd.y[nb], nd.x[nb]) + run.c, ds * a.scale * nd.w[nb], q_at, run.count);
+          add<R>(tile, 0, nd.y[nb], nd.x[nb], run.c, ds * a.scale * nd.w[nb], q_at, run.count);
     }
   }
 };
@@ -764,15 +880,47 @@ void launch(const Op& op, int64_t units, int lanes) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The fused attention's launch: its lane count a compile-time constant, 8, 16 or 32 (vector runs: the fewest of
-// those that hold a head, DGMN2's 64 channels taking 8 lanes in bf16, 16 in float32; single channels: a warp). Fewer
-// choices than every power of two keep the build short; a narrower head leaves lanes idle.
-template <int VectorRun, typename Op>
-void launch_fixed_lanes(const Op& op, int64_t units, Split split) {
-  if (split.run != VectorRun) return launch<1, kWarp>(op, units, kWarp);
-  if (split.lanes > 16) return launch<VectorRun, kWarp>(op, units, kWarp);
-  if (split.lanes > 8) return launch<VectorRun, 16>(op, units, 16);
-  launch<VectorRun, 8>(op, units, 8);
+template <int N>
+using Int = std::integral_constant<int, N>;
+
+// Calls f(Int<R>(), Int<L>()) with the fused attention's run and lane count as compile-time constants: L is 8, 16 or
+// 32 (vector runs: the fewest of those that hold a head, DGMN2's 64 channels taking 8 lanes in bf16, 16 in float32;
+// single channels: a warp). Fewer choices than every power of two keep the build short; a narrower head leaves lanes
+// idle.
+template <int VectorRun, typename F>
+void with_fixed_lanes(Split split, const F& f) {
+  if (split.run != VectorRun) return f(Int<1>(), Int<kWarp>());
+  if (split.lanes > 16) return f(Int<VectorRun>(), Int<kWarp>());
+  if (split.lanes > 8) return f(Int<VectorRun>(), Int<16>());
+  f(Int<VectorRun>(), Int<8>());
+}
+
+// The fused backward: a block a tile of kThreads / L query pixels, its sums in shared memory. Every thread zeroes,
+// waits, runs its unit, waits and flushes: no thread leaves early, the barriers need them all.
+template <int R, int L, typename Op>
+__global__ void __launch_bounds__(kThreads) each_tile(Op op) {
+  using acc_t = typename Op::acc_t;
+  constexpr int units = kThreads / L, rows = tile_rows(units), cols = units / rows;
+  extern __shared__ __align__(16) unsigned char shared[];
+  using index_t = decltype(op.s.B);
+  const auto t = tile_of<rows, cols>(op.s, static_cast<index_t>(blockIdx.x), reinterpret_cast<acc_t*>(shared));
+  for (index_t j = threadIdx.x; j < t.size(); j += kThreads) t.sums[j] = 0;
+  __syncthreads();
+  tile_unit<R, L, cols>(op, t, threadIdx.x / L, threadIdx.x % L);
+  __syncthreads();
+  op.flush(t, threadIdx.x, kThreads);
+}
+
+template <int R, int L, typename Op>
+void launch_tiles(const Op& op) {
+  constexpr int units = kThreads / L, rows = tile_rows(units), cols = units / rows;
+  const int64_t blocks = op.s.B * op.s.G * tiles_per_image<rows, cols>(op.s);
+  // At most 48 KB (a 64-channel head in float at 8 lanes, or in double at 32), the most a block gets unasked.
+  const size_t bytes = 2 * (rows + 2 * kHalo) * (cols + 2 * kHalo) * op.s.group_channels() * sizeof(typename Op::acc_t);
+  TORCH_CHECK(bytes <= 48 * 1024, "sampler_cuda.cu: a tile of ", op.s.group_channels(), "-channel heads is too large");
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "sampler_cuda.cu: the problem is too large for one launch");
+  each_tile<R, L><<<static_cast<unsigned>(blocks), kThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(op);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 #endif
 
@@ -783,7 +931,8 @@ void run(const Op& op, Split split, bool strips) {
   const int64_t units = op.s.units();
   if (units == 0) return;
 #ifdef __CUDACC__
-  if constexpr (FixedLanes) launch_fixed_lanes<VectorRun>(op, units, split);
+  if constexpr (FixedLanes)
+    with_fixed_lanes<VectorRun>(split, [&](auto r, auto l) { launch<r.value, l.value>(op, units, l); });
   else if (split.run == VectorRun) launch<VectorRun, 0>(op, units, split.lanes);
   else launch<1, 0>(op, units, split.lanes);
 #else
@@ -800,6 +949,34 @@ void run(const Op& op, Split split, bool strips) {
       const int64_t b = strip / G, g = strip % G;
       for (int64_t pixel = 0; pixel < pixels; ++pixel)
         op.template operator()<kHostRun, 1>((b * pixels + pixel) * G + g, 0, 1);
+    }
+  });
+#endif
+}
+
+// Runs every tile of the fused backward (see Tile): on the GPU a block a tile; on the host, threads take whole strips
+// of one image and one head, their tiles in turn, so that no two threads add to the same place (a buffer a thread,
+// zeroed once: the flush zeroes what it adds).
+template <int VectorRun, typename Op>
+void run_tiles(const Op& op, Split split) {
+  if (op.s.units() == 0) return;
+#ifdef __CUDACC__
+  with_fixed_lanes<VectorRun>(split, [&](auto r, auto l) { launch_tiles<r.value, l.value>(op); });
+#else
+  (void)split;
+  using acc_t = typename Op::acc_t;
+  // Tiles of 16 x 16: the host has no contention to avoid, only the tiles' halos to add up (1.6 times a tile).
+  constexpr int kTileUnits = 256, rows = tile_rows(kTileUnits), cols = kTileUnits / rows;
+  const int64_t G = op.s.G, per_image = tiles_per_image<rows, cols>(op.s);
+  at::parallel_for(0, op.s.B * G, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> sums(2 * (rows + 2 * kHalo) * (cols + 2 * kHalo) * op.s.group_channels());
+    for (int64_t strip = lo; strip < hi; ++strip) {
+      const int64_t b = strip / G, g = strip % G;
+      for (int64_t place = 0; place < per_image; ++place) {
+        const auto t = tile_of<rows, cols>(op.s, (b * per_image + place) * G + g, sums.data());
+        for (int q = 0; q < rows * cols; ++q) tile_unit<kHostRun, 1, cols>(op, t, q, 0);
+        op.flush(t, 0, 1);
+      }
     }
   });
 #endif
@@ -1042,6 +1219,8 @@ static Geometry<int64_t> attention_geometry(const at::Tensor& qkv, const at::Ten
   TORCH_CHECK(rows > 0 && N % rows == 0, "sampler_cuda.cu: ", rows, " rows do not divide the ", N, " tokens");
   TORCH_CHECK(heads > 0 && C % heads == 0, "sampler_cuda.cu: ", heads, " heads do not divide C = ", C);
   const int64_t H = rows, W = N / rows, D = C / heads;
+  TORCH_CHECK(D <= kHostRun, "sampler_cuda.cu: the fused attention takes heads of at most ", kHostRun,
+              " channels, got ", D);
   check_device("qkv", qkv, qkv);
   check_device("walks", walks, qkv);
   check_device("width", width, qkv);
@@ -1148,8 +1327,9 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& qkv_in, const at::T
         Strided<const acc_t, 4, index_t>(probs),     In<scalar_t, index_t>(as_map(grad, 0, s)),
         Map<scalar_t, index_t>(as_map(grad_qkv, 0, s)), Map<acc_t, index_t>(as_map(kv, 0, s)),
         Map<acc_t, index_t>(as_map(kv, s.C, s)),     Strided<acc_t, 4, index_t>(grad_walks),
-        Strided<acc_t, 4, index_t>(grad_logits)};
-    run<vector, true>(kernel, attention_split<scalar_t>(s, {qkv, grad, grad_qkv, kv}), true);
+        Strided<acc_t, 4, index_t>(grad_logits),
+        std::is_same_v<acc_t, float> && vector_aligned(4, s.group_channels(), {kv})};
+    run_tiles<vector>(kernel, attention_split<scalar_t>(s, {qkv, grad, grad_qkv, kv}));
   });
   if (!in_place) grad_qkv.narrow(2, s.C, 2 * s.C).copy_(kv);
   return {grad_qkv, grad_walks.to(walks_in.scalar_type()), grad_logits};

@@ -22,7 +22,8 @@
 //   GPU:  a unit is L lanes (a power of two up to a warp); a lane owns runs of R consecutive channels (16 bytes,
 //         one vector load, where alignment and C / G allow; else R = 1), its runs L R apart. Consecutive threads
 //         thus read consecutive addresses; a query's walks and weights are read once per lane; sums over a group
-//         are warp-shuffle reductions; grad_x is scattered with float atomics on consecutive addresses.
+//         are warp-shuffle reductions; grad_x is scattered with float atomics on consecutive addresses (the fused
+//         attention's backward sums a block's tile of queries and its halo in shared memory first: see Tile).
 //   Host: the same source compiled as C++ (sampler.py passes it as such). A unit is one lane that walks its group
 //         in runs of up to kHostRun channels (whose loops the compiler vectorises); a shuffle reduction becomes the
 //         lane's own sum, and the threads of the backward own whole (image, group) strips, so that its scatter
@@ -915,7 +916,8 @@ template <int R, int L, typename Op>
 void launch_tiles(const Op& op) {
   constexpr int units = kThreads / L, rows = tile_rows(units), cols = units / rows;
   const int64_t blocks = op.s.B * op.s.G * tiles_per_image<rows, cols>(op.s);
-  // At most 48 KB (a 64-channel head in float at 8 lanes, or in double at 32), the most a block gets unasked.
+  // At most 48 KB, the most a block gets unasked: a 64-channel head at 8 lanes (half types, float sums) or at 32
+  // (double).
   const size_t bytes = 2 * (rows + 2 * kHalo) * (cols + 2 * kHalo) * op.s.group_channels() * sizeof(typename Op::acc_t);
   TORCH_CHECK(bytes <= 48 * 1024, "sampler_cuda.cu: a tile of ", op.s.group_channels(), "-channel heads is too large");
   TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "sampler_cuda.cu: the problem is too large for one launch");

@@ -647,6 +647,13 @@ constexpr int tile_rows(int units) {
   return rows;
 }
 
+// A tile of Units query pixels: its rows and columns, and the sums it holds for heads of D channels.
+template <int Units>
+struct TileShape {
+  static constexpr int rows = tile_rows(Units), cols = Units / rows;
+  static constexpr int64_t sums(int64_t channels) { return 2 * (rows + 2 * kHalo) * (cols + 2 * kHalo) * channels; }
+};
+
 template <typename acc_t, typename index_t>
 struct Tile {
   index_t b, g, y0, x0;  // image, head, the first query pixel
@@ -901,7 +908,7 @@ void with_fixed_lanes(Split split, const F& f) {
 template <int R, int L, typename Op>
 __global__ void __launch_bounds__(kThreads) each_tile(Op op) {
   using acc_t = typename Op::acc_t;
-  constexpr int units = kThreads / L, rows = tile_rows(units), cols = units / rows;
+  constexpr int rows = TileShape<kThreads / L>::rows, cols = TileShape<kThreads / L>::cols;
   extern __shared__ __align__(16) unsigned char shared[];
   using index_t = decltype(op.s.B);
   const auto t = tile_of<rows, cols>(op.s, static_cast<index_t>(blockIdx.x), reinterpret_cast<acc_t*>(shared));
@@ -914,11 +921,11 @@ __global__ void __launch_bounds__(kThreads) each_tile(Op op) {
 
 template <int R, int L, typename Op>
 void launch_tiles(const Op& op) {
-  constexpr int units = kThreads / L, rows = tile_rows(units), cols = units / rows;
-  const int64_t blocks = op.s.B * op.s.G * tiles_per_image<rows, cols>(op.s);
+  using Shape = TileShape<kThreads / L>;
+  const int64_t blocks = op.s.B * op.s.G * tiles_per_image<Shape::rows, Shape::cols>(op.s);
   // At most 48 KB, the most a block gets unasked: a 64-channel head at 8 lanes (half types, float sums) or at 32
   // (double).
-  const size_t bytes = 2 * (rows + 2 * kHalo) * (cols + 2 * kHalo) * op.s.group_channels() * sizeof(typename Op::acc_t);
+  const size_t bytes = Shape::sums(op.s.group_channels()) * sizeof(typename Op::acc_t);
   TORCH_CHECK(bytes <= 48 * 1024, "sampler_cuda.cu: a tile of ", op.s.group_channels(), "-channel heads is too large");
   TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "sampler_cuda.cu: the problem is too large for one launch");
   each_tile<R, L><<<static_cast<unsigned>(blocks), kThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(op);
@@ -968,10 +975,11 @@ void run_tiles(const Op& op, Split split) {
   (void)split;
   using acc_t = typename Op::acc_t;
   // Tiles of 16 x 16: the host has no contention to avoid, only the tiles' halos to add up (1.6 times a tile).
-  constexpr int kTileUnits = 256, rows = tile_rows(kTileUnits), cols = kTileUnits / rows;
+  using Shape = TileShape<256>;
+  constexpr int rows = Shape::rows, cols = Shape::cols;
   const int64_t G = op.s.G, per_image = tiles_per_image<rows, cols>(op.s);
   at::parallel_for(0, op.s.B * G, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> sums(2 * (rows + 2 * kHalo) * (cols + 2 * kHalo) * op.s.group_channels());
+    std::vector<acc_t> sums(Shape::sums(op.s.group_channels()));
     for (int64_t strip = lo; strip < hi; ++strip) {
       const int64_t b = strip / G, g = strip % G;
       for (int64_t place = 0; place < per_image; ++place) {

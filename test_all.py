@@ -9,6 +9,7 @@ without a GPU.
 import argparse
 import colorsys
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import io
@@ -4305,6 +4306,37 @@ def test_the_shared_block_is_the_same_text_in_every_script():
         for repeated in ("class InputError", "def parse_args", "def save_checkpoint", "def setup_distributed",
                          "1_000_003", "noqa", "def main"):
             assert repeated not in text, (script.__name__, repeated)
+
+
+MALLINFO = """
+import ctypes, torch, train_imagenet
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+def mapped_and_held():  # bytes a 64 MB tensor took from mmap; bytes the process still holds once it is freed
+    before = libc.mallinfo2()
+    x = torch.empty(2 ** 24)
+    mapped = libc.mallinfo2().hblkhd - before.hblkhd
+    del x
+    after = libc.mallinfo2()
+    return mapped, after.arena + after.hblkhd - before.arena - before.hblkhd
+print(*mapped_and_held(), end=" ")
+train_imagenet.keep_freed_memory()
+print(*mapped_and_held())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="glibc 2.33 or later only")
+def test_the_scripts_serve_large_tensors_from_the_heap_and_keep_them_once_freed():
+    glibc_defaults = {name: value for name, value in os.environ.items() if not name.startswith("MALLOC_")}
+    run = subprocess.run([sys.executable, "-c", MALLINFO], capture_output=True, text=True,
+                         cwd=Path(__file__).parent, env=glibc_defaults, timeout=120)
+    mapped, held, mapped_after, held_after = map(int, run.stdout.split())
+    assert mapped >= 2 ** 26 and held < 2 ** 25  # glibc's default: mapped afresh, unmapped when freed
+    assert mapped_after == 0 and held_after > 2 ** 25  # from the heap, never trimmed (old free space may serve part)
 
 
 def test_restore_refuses_an_older_checkpoint_or_another_plan_and_returns_the_step():

@@ -4329,7 +4329,8 @@ print(*mapped_and_held())
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="glibc 2.33 or later only")
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "mallinfo2")),
+                    reason="glibc 2.33 or later only")
 def test_the_scripts_serve_large_tensors_from_the_heap_and_keep_them_once_freed():
     glibc_defaults = {name: value for name, value in os.environ.items()  # no other malloc, no tuning
                       if not name.startswith("MALLOC_") and name not in ("GLIBC_TUNABLES", "LD_PRELOAD")}

@@ -607,7 +607,9 @@ def _cuda_home():
 
 @pytest.mark.slow
 def test_nvcc_compiles_the_kernel(tmp_path, monkeypatch):
-    """The GPU build compiles (and loads, without launching anything), so CI catches errors in device code."""
+    """The GPU build compiles (and loads, without launching anything), so CI catches errors in device code. Every
+    phase runs (front end, cicc, ptxas, host compiler) but unoptimised: a compile error does not depend on the level, and
+    the check takes a third of the time (33 s against 90 s here; the sampler's own build keeps -O3)."""
     cuda_home, why = _cuda_home()
     if cuda_home is None:
         pytest.skip(why)
@@ -616,7 +618,8 @@ def test_nvcc_compiles_the_kernel(tmp_path, monkeypatch):
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", cuda_home)
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"))
     cpp_extension.load(name="dgmn_sampler_nvcc_check", sources=[str(sampler._SOURCE)], build_directory=str(tmp_path),
-                       extra_cuda_cflags=["-O3", "--split-compile=0"], is_python_module=False)  # optimise on every core
+                       extra_cuda_cflags=["-O0", "-Xcicc", "-O0", "-Xptxas", "-O0", "--split-compile=0"],
+                       is_python_module=False)
     assert all(hasattr(torch.ops.dgmn_sampler_nvcc_check, op)
                for op in ("aggregate", "dot", "backward", "attention", "attention_backward"))
 

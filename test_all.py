@@ -2740,8 +2740,14 @@ def test_synthetic_default_trains_two_steps(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_times_dgmn2_beside_swin_t(tmp_path, capsys):
-    assert train_imagenet.main(tiny_run(tmp_path, bench=1, batch_size=2)) is None
+def test_bench_times_dgmn2_beside_swin_t(tmp_path, capsys, monkeypatch):
+    trained = []  # the class of each model a training step was given
+    step = train_imagenet.train_step
+    monkeypatch.setattr(train_imagenet, "train_step", lambda p, *args: trained.append(type(p.model).__name__) or
+                        step(p, *args))
+    assert train_imagenet.main(tiny_run(tmp_path, bench=2, batch_size=2)) is None
+    warm_up, timed = ["DGMN2"] * 2 + ["SwinTransformer"] * 2, ["DGMN2", "SwinTransformer"] * 2  # taking turns
+    assert trained == warm_up + timed
     out = capsys.readouterr().out
     rows = re.findall(r"^\| (DGMN2-tiny \(sampler: kernel path\)|torchvision swin_t) \| ([\d.]+)M \| ([\d.]+) \| "
                       r"([\d.]+) \|$", out, re.M)

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import statistics
 import sys
 import time
 from collections import namedtuple
@@ -712,12 +713,20 @@ def run(cfg, rank, world, device):
 # ---- Benchmark beside torchvision's swin_t ---------------------------------------------------------------------
 def bench(cfg, parts, dtype, device, world, log):
     """Training and inference images/s on random images, DGMN2 beside torchvision's swin_t (Table 6 compares the two:
-    Small 4.3 and Swin-T 4.5 GMACs), on the same device, batch, precision, memory format and compilation."""
-    from torch.utils.benchmark import Timer  # here: importing it warns on machines without CUDA
+    Small 4.3 and Swin-T 4.5 GMACs), on the same device, batch, precision, memory format and compilation. The two take
+    turns step by step, so that a machine whose speed drifts during the run slows both alike; a rate is the global
+    batch over the median step's time."""
+    def seconds(step):  # one call, the GPU's queue drained before and after it
+        synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        synchronize()
+        start = time.perf_counter()
+        step()
+        synchronize()
+        return time.perf_counter() - start
 
-    def images_per_s(step):  # a global batch a call: warm-up calls, then --bench timed ones, CUDA synchronised
-        timer = Timer("step()", globals=dict(step=step), num_threads=torch.get_num_threads())
-        return cfg.batch_size / timer.timeit(cfg.bench).mean
+    def infer(p):
+        with torch.no_grad(), p.autocast:
+            p.trained(images)
 
     local = cfg.batch_size // world
     images, labels = to_device(torch.randn(local, 3, cfg.img_size, cfg.img_size), torch.randint(0, 1000, (local,)),
@@ -726,22 +735,27 @@ def bench(cfg, parts, dtype, device, world, log):
     swin_parts = parts._replace(model=swin, trained=distribute(swin, cfg, world),
                                 optimizer=torch.optim.AdamW(param_groups(swin, cfg.weight_decay)),
                                 scaler=torch.amp.GradScaler(device.type, enabled=parts.scaler.is_enabled()))
+    models = [(f"DGMN2-{cfg.model} (sampler: {sampler.which_path(device.type)} path)", parts),
+              ("torchvision swin_t", swin_parts)]
+    rates = {}  # (model, "train" or "infer") -> images/s
+    for mode, step in [("train", lambda p: train_step(p, images, labels, cfg)), ("infer", infer)]:
+        for _, p in models:
+            p.trained.train(mode == "train")
+            for _ in range(2):  # warm-up: the first calls allocate, and on a GPU choose kernels
+                step(p)
+        times = [[seconds(functools.partial(step, p)) for _, p in models] for _ in range(cfg.bench)]  # (steps, models)
+        for (name, _), column in zip(models, zip(*times)):
+            rates[name, mode] = cfg.batch_size / statistics.median(column)
     log(f"Training and inference at {cfg.img_size} x {cfg.img_size}, global batch {cfg.batch_size}, autocast {dtype}, "
-        f"{cfg.bench} timed steps on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'} "
-        f"({torch.get_num_threads()} threads):\n| model | parameters | train images/s | inference images/s |\n"
-        "|---|---|---|---|")
-    rates = []
-    for name, p in [(f"DGMN2-{cfg.model} (sampler: {sampler.which_path(device.type)} path)", parts),
-                    ("torchvision swin_t", swin_parts)]:
-        p.trained.train()
-        train = images_per_s(functools.partial(train_step, p, images, labels, cfg))
-        p.trained.eval()
-        with torch.no_grad(), p.autocast:
-            infer = images_per_s(functools.partial(p.trained, images))
-        rates.append((train, infer))
-        log(f"| {name} | {sum(q.numel() for q in p.model.parameters()) / 1e6:.1f}M | {train:.1f} | {infer:.1f} |")
-    (train, infer), (swin_train, swin_infer) = rates
-    log(f"DGMN2-{cfg.model} / swin_t: {train / swin_train:.2f}x training, {infer / swin_infer:.2f}x inference")
+        f"{cfg.bench} timed steps each, taking turns, on "
+        f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'} ({torch.get_num_threads()} threads):\n"
+        "| model | parameters | train images/s | inference images/s |\n|---|---|---|---|")
+    for name, p in models:
+        log(f"| {name} | {sum(q.numel() for q in p.model.parameters()) / 1e6:.1f}M | {rates[name, 'train']:.1f} | "
+            f"{rates[name, 'infer']:.1f} |")
+    (ours, _), (swin_name, _) = models
+    log(f"DGMN2-{cfg.model} / swin_t: {rates[ours, 'train'] / rates[swin_name, 'train']:.2f}x training, "
+        f"{rates[ours, 'infer'] / rates[swin_name, 'infer']:.2f}x inference")
 
 
 if __name__ == "__main__":

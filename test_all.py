@@ -608,8 +608,8 @@ def _cuda_home():
 @pytest.mark.slow
 def test_nvcc_compiles_the_kernel(tmp_path, monkeypatch):
     """The GPU build compiles (and loads, without launching anything), so CI catches errors in device code. Every
-    phase runs (front end, cicc, ptxas, host compiler) but unoptimised: a compile error does not depend on the level, and
-    the check takes a third of the time (33 s against 90 s here; the sampler's own build keeps -O3)."""
+    phase runs (front end, cicc, ptxas, host compiler) but unoptimised: a compile error does not depend on the level,
+    and the check takes a third of the time (33 s against 90 s here; the sampler's own build keeps -O3)."""
     cuda_home, why = _cuda_home()
     if cuda_home is None:
         pytest.skip(why)

@@ -3527,8 +3527,12 @@ def test_a_resume_refuses_other_fcn_options(tmp_path):
 
 @pytest.fixture(scope="module")
 def table_printed():
-    """What train_cityscapes.py --table prints (about 20 s on a CPU: computed once for the tests that read it), and
-    segmentation.dgmn2_cost's count of each Table 11 row, recorded as the table was made."""
+    """What train_cityscapes.py --table prints (about 20 s on a CPU: computed once for the tests that read it),
+    segmentation.dgmn2_cost's count of each Table 11 row, recorded as the table was made, and `python segmentation.py`
+    running beside it (both count on one core)."""
+    script = subprocess.Popen([sys.executable, str(Path(__file__).with_name("segmentation.py"))], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
     counted, cost = {}, segmentation.dgmn2_cost
     segmentation.dgmn2_cost = lambda name: counted.setdefault(name, cost(name))
     try:
@@ -3536,12 +3540,14 @@ def table_printed():
             cs.main(cs.parse_args(["--table"]))
     finally:
         segmentation.dgmn2_cost = cost
-    return out.getvalue(), counted
+    yield out.getvalue(), counted, script
+    script.kill()  # when the test that reads it was not selected
+    script.communicate()
 
 
 @pytest.mark.slow
 def test_table_prints_table_2s_and_table_11s_rows(table_printed):
-    out, counted = table_printed
+    out, counted, _ = table_printed
     assert "FlopCounterMode's count / 2" in out and "deform_conv2d" in out
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| fcn")]
     assert [row[0][2:] for row in rows] == list(segmentation.FCN_VARIANTS)
@@ -3563,10 +3569,10 @@ def test_table_prints_table_2s_and_table_11s_rows(table_printed):
 
 @pytest.mark.slow
 def test_python_segmentation_prints_what_the_table_option_prints(table_printed):
-    run = subprocess.run([sys.executable, str(Path(__file__).with_name("segmentation.py"))], capture_output=True,
-                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout == table_printed[0] and run.stdout.count("\n| dgmn2-") == len(segmentation.DGMN2_MODELS)
+    table, _, script = table_printed
+    stdout, stderr = script.communicate(timeout=600)
+    assert script.returncode == 0, stderr[-2000:]
+    assert stdout == table and stdout.count("\n| dgmn2-") == len(segmentation.DGMN2_MODELS)
 
 
 def test_a_model_files_bad_argument_is_a_value_error_in_one_line():

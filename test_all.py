@@ -1206,18 +1206,20 @@ def macs_counted_here(model, shape):
     return counter.get_total_flops() // 2 + bilinear, bilinear
 
 
+def printed_and_counted(module, function, run):
+    """What run() prints, and module.function(model)'s result for each model it was called with meanwhile (a table's
+    counts, recorded as the table was made)."""
+    counted, count = {}, getattr(module, function)
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as out:
+        patch.setattr(module, function, lambda model, *args: counted.setdefault(model, count(model, *args)))
+        run()
+    return out.getvalue(), counted
+
+
 @pytest.fixture(scope="module")
 def table_6_printed():
-    """What python dgmn2.py prints (dgmn2._table_6), and dgmn2.count_macs' result for each variant, recorded as the
-    table was made."""
-    counted, count = {}, dgmn2.count_macs
-    dgmn2.count_macs = lambda name, size=224: counted.setdefault(name, count(name, size))
-    try:
-        with contextlib.redirect_stdout(io.StringIO()) as out:
-            dgmn2._table_6()
-    finally:
-        dgmn2.count_macs = count
-    return out.getvalue(), counted
+    """What python dgmn2.py prints (dgmn2._table_6), and dgmn2.count_macs' result for each variant."""
+    return printed_and_counted(dgmn2, "count_macs", dgmn2._table_6)
 
 
 @pytest.mark.parametrize("name", [v if v == "tiny" else pytest.param(v, marks=pytest.mark.slow)
@@ -2746,7 +2748,8 @@ def test_bench_times_dgmn2_beside_swin_t(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train_imagenet, "train_step", lambda p, *args: trained.append(type(p.model).__name__) or
                         step(p, *args))
     assert train_imagenet.main(tiny_run(tmp_path, bench=2, batch_size=2)) is None
-    warm_up, timed = ["DGMN2"] * 2 + ["SwinTransformer"] * 2, ["DGMN2", "SwinTransformer"] * 2  # taking turns
+    warm_up = ["DGMN2"] * train_imagenet.BENCH_WARM_UP + ["SwinTransformer"] * train_imagenet.BENCH_WARM_UP
+    timed = ["DGMN2", "SwinTransformer"] * 2  # taking turns
     assert trained == warm_up + timed
     out = capsys.readouterr().out
     rows = re.findall(r"^\| (DGMN2-tiny \(sampler: kernel path\)|torchvision swin_t) \| ([\d.]+)M \| ([\d.]+) \| "
@@ -3533,14 +3536,8 @@ def table_printed():
     script = subprocess.Popen([sys.executable, str(Path(__file__).with_name("segmentation.py"))], text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    counted, cost = {}, segmentation.dgmn2_cost
-    segmentation.dgmn2_cost = lambda name: counted.setdefault(name, cost(name))
-    try:
-        with contextlib.redirect_stdout(io.StringIO()) as out:
-            cs.main(cs.parse_args(["--table"]))
-    finally:
-        segmentation.dgmn2_cost = cost
-    yield out.getvalue(), counted, script
+    out, counted = printed_and_counted(segmentation, "dgmn2_cost", lambda: cs.main(cs.parse_args(["--table"])))
+    yield out, counted, script
     script.kill()  # when the test that reads it was not selected
     script.communicate()
 

@@ -711,13 +711,17 @@ def run(cfg, rank, world, device):
 
 
 # ---- Benchmark beside torchvision's swin_t ---------------------------------------------------------------------
+BENCH_WARM_UP = 2  # untimed calls of each model first: they allocate, and on a GPU choose kernels
+
+
 def bench(cfg, parts, dtype, device, world, log):
     """Training and inference images/s on random images, DGMN2 beside torchvision's swin_t (Table 6 compares the two:
     Small 4.3 and Swin-T 4.5 GMACs), on the same device, batch, precision, memory format and compilation. The two take
     turns step by step, so that a machine whose speed drifts during the run slows both alike; a rate is the global
     batch over the median step's time."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
     def seconds(step):  # one call, the GPU's queue drained before and after it
-        synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         synchronize()
         start = time.perf_counter()
         step()
@@ -741,7 +745,7 @@ def bench(cfg, parts, dtype, device, world, log):
     for mode, step in [("train", lambda p: train_step(p, images, labels, cfg)), ("infer", infer)]:
         for _, p in models:
             p.trained.train(mode == "train")
-            for _ in range(2):  # warm-up: the first calls allocate, and on a GPU choose kernels
+            for _ in range(BENCH_WARM_UP):
                 step(p)
         times = [[seconds(functools.partial(step, p)) for _, p in models] for _ in range(cfg.bench)]  # (steps, models)
         for (name, _), column in zip(models, zip(*times)):

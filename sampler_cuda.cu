@@ -66,7 +66,6 @@ constexpr int kHostRun = 64;  // channels a host lane reads at once (a DGMN2 hea
 constexpr int kThreads = 256;  // GPU threads a block, a multiple of the warp
 constexpr int kWarp = 32;  // the most lanes a unit gets on the GPU: its shuffles stay within a warp
 constexpr int64_t kResidentThreads = 2048;  // threads a multiprocessor holds at once (sm_80, sm_90)
-constexpr int64_t kHostGrain = 64;  // units a host thread takes at least
 
 // ------------------------------------------------------------------------------------------------
 // Tensors
@@ -839,9 +838,10 @@ struct AttentionBackward : AttentionInputs<scalar_t, index_t> {
     UNROLL
     for (int n = 0; n < K; ++n) {
       const acc_t ds = p[n] * (dp[n] - t);
-      // dS and p are the same on every lane: the walk gradients' lane sums are taken once, after weighting.
-      const acc_t dy = lane_sum<L>(ds * a.scale * qk_dy[n] + p[n] * gv_dy[n]);
-      const acc_t dx = lane_sum<L>(ds * a.scale * qk_dx[n] + p[n] * gv_dx[n]);
+      // dS and p are the same on every lane: the walk gradients' lane sums are taken once, after weighting. Idle lanes
+      // add 0 (not 0 times a dS that may be infinite).
+      const acc_t dy = lane_sum<L>(run.active ? ds * a.scale * qk_dy[n] + p[n] * gv_dy[n] : 0);
+      const acc_t dx = lane_sum<L>(run.active ? ds * a.scale * qk_dx[n] + p[n] * gv_dx[n] : 0);
       if (lane == n % L) {
         grad_walks(u.b, pixel, u.g, 2 * n) = dy;
         grad_walks(u.b, pixel, u.g, 2 * n + 1) = dx;
@@ -946,6 +946,7 @@ void run(const Op& op, Split split, bool strips) {
   else launch<1, 0>(op, units, split.lanes);
 #else
   (void)split;
+  constexpr int64_t kHostGrain = 64;  // units a host thread takes at least
   if (!strips) {
     at::parallel_for(0, units, kHostGrain, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) op.template operator()<kHostRun, 1>(i, 0, 1);
@@ -1263,10 +1264,12 @@ static Split attention_split(const Geometry<int64_t>& s, std::initializer_list<a
   return {run, aligned ? lanes : kWarp};
 }
 
-// Channels contiguous (any token and image strides), else a copy; on the GPU, a misaligned view of wide heads too.
+// Channels contiguous (any token and image strides), else a copy. On the GPU also a view of heads wider than a warp
+// of single channels that 16-byte runs cannot read (its pointer or a stride off their grid): the copy's can.
 static at::Tensor tokens_contiguous(const at::Tensor& t, int64_t head) {
-  const bool misaligned = reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 != 0;
-  return t.stride(2) == 1 && !(kCuda && head > kWarp && misaligned) ? t : t.contiguous();
+  const int vector = static_cast<int>(16 / t.element_size());
+  const bool unreadable = kCuda && head > kWarp && !vector_aligned(vector, head, {t});
+  return t.stride(2) == 1 && !unreadable ? t : t.contiguous();
 }
 
 // What both fused kernels read, from the checked tensors.
@@ -1294,7 +1297,7 @@ std::vector<at::Tensor> attention(const at::Tensor& qkv_in, const at::Tensor& wa
   const at::Tensor qkv = tokens_contiguous(qkv_in, s.group_channels());
   at::Tensor out = at::empty({s.B, s.H * s.W, s.C}, qkv.options());
   at::Tensor probs = at::empty({s.B, s.H * s.W, s.G, kAttentionNodes}, qkv.options().dtype(acc_type(qkv)));
-  DGMN_DISPATCH(qkv, fits_int32(s, {qkv, walks_in, out, probs}), vector, {
+  DGMN_DISPATCH(qkv, fits_int32(s, {qkv, walks_in, width, height, out, probs}), vector, {
     const Attention<scalar_t, index_t> kernel{
         attention_inputs<scalar_t, index_t>(s, qkv, walks_in, width, height, scale),
         Map<scalar_t, index_t>(as_map(out, 0, s)), Strided<acc_t, 4, index_t>(probs)};
@@ -1331,7 +1334,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& qkv_in, const at::T
       (in_place ? grad_qkv.narrow(2, s.C, 2 * s.C) : at::empty({s.B, s.H * s.W, 2 * s.C}, acc)).zero_();
   at::Tensor grad_walks = at::empty({s.B, s.H * s.W, s.G, 2 * kAttentionNodes}, acc);
   at::Tensor grad_logits = at::empty({s.B, s.H * s.W, s.G, kAttentionNodes}, acc);
-  DGMN_DISPATCH(qkv, fits_int32(s, {qkv, walks_in, probs, grad, grad_qkv, kv, grad_walks}), vector, {
+  DGMN_DISPATCH(qkv, fits_int32(s, {qkv, walks_in, width, height, probs, grad, grad_qkv, kv, grad_walks}), vector, {
     const AttentionBackward<scalar_t, index_t> kernel{
         attention_inputs<scalar_t, index_t>(s, qkv, walks_in, width, height, scale),
         Strided<const acc_t, 4, index_t>(probs),     In<scalar_t, index_t>(as_map(grad, 0, s)),

@@ -640,36 +640,47 @@ def test_flop_counter_counts_both_paths_alike(path):
 
 def attention_inputs(B, H, W, G, D, dtype=torch.float64, device="cpu", layout="contiguous", seed=0):
     """qkv (B, N, 3C), walks (B, N, G, 2K), width (W + K - 1, D), height (H + K - 1, D) for attention(). Layouts:
-    "contiguous" (as the Linears write them), "strided" (qkv's tokens two apart, walks permuted) and "unaligned" (qkv
-    a slice of a wider tensor starting one element in: off the 16-byte grid of vector loads)."""
+    "contiguous" (as the Linears write them), "strided" (qkv's tokens two apart, walks permuted), "unaligned" (qkv
+    a slice of a wider tensor starting one element in: off the 16-byte grid of vector loads) and "padded" (qkv the
+    first 3C channels of a wider tensor: its start on that grid, its tokens' stride off it)."""
     g = torch.Generator().manual_seed(seed)
     C, K = G * D, 9
-    qkv = torch.randn(B, H * W, 3 * C, generator=g, dtype=dtype)
+    wider = {"strided": (2, 3 * C), "unaligned": (3 * C + 1,), "padded": (3 * C + 1,)}.get(layout, (3 * C,))
+    qkv = torch.randn(B, H * W, *wider, generator=g, dtype=dtype).to(device)  # sliced there: .to() copies a slice
     walks_ = walks(B, K, H, W, dtype=dtype, seed=seed, groups=G)  # (B, 2K G, H, W)
     walks_ = rearrange(walks_, "b (g o) h w -> b (h w) g o", g=G).contiguous()
     if layout == "strided":
-        qkv = torch.randn(B, H * W, 2, 3 * C, generator=g, dtype=dtype)[:, :, 1]
+        qkv = qkv[:, :, 1]
         walks_ = walks_.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
     elif layout == "unaligned":
-        qkv = torch.randn(B, H * W, 3 * C + 1, generator=g, dtype=dtype)[..., 1:]
+        qkv = qkv[..., 1:]
+    elif layout == "padded":
+        qkv = qkv[..., :-1]
     tables = [torch.randn(side + K - 1, D, generator=g, dtype=dtype if dtype == torch.float64 else torch.float32)
               for side in (W, H)]
-    return [t.to(device) for t in (qkv, walks_, *tables)]
+    return [qkv] + [t.to(device) for t in (walks_, *tables)]
+
+
+def padded_attention(layout, *args):
+    """attention(qkv, walks, width, height, *args) as a function of those four; in the "padded" layout its output is
+    padded by a constant channel, so that its gradient reaches the backward padded too (a view, as cat's backward
+    passes it on)."""
+    def attention(*inputs):
+        out = sampler.attention(*inputs, *args)
+        return torch.cat([out, torch.zeros_like(out[..., :1])], -1) if layout == "padded" else out
+    return attention
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("B, H, W, G, D", [(2, 5, 7, 2, 8), (1, 3, 1, 3, 5), (2, 6, 4, 1, 64), (1, 4, 5, 2, 24)])
-@pytest.mark.parametrize("layout", ["contiguous", "strided", "unaligned"])
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "unaligned", "padded"])
 def test_fused_attention_matches_the_composed_reference(device, B, H, W, G, D, layout):
     """The fused op against the specification (the reference's dot, scale, relative position, softmax, aggregate):
-    values and every input's gradient in float64, at odd sizes, head dims 5 to 64, strided and unaligned qkv."""
+    values and every input's gradient in float64, at odd sizes, head dims 5 to 64, strided, unaligned and padded qkv
+    (and gradient)."""
     inputs = attention_inputs(B, H, W, G, D, device=device, layout=layout)
     assert sampler._fused(inputs[0], inputs[1], G)
-
-    def attention(*inputs):
-        return sampler.attention(*inputs, (H, W), G, D ** -0.5)
-
-    reference, fused = both_paths(attention, inputs)
+    reference, fused = both_paths(padded_attention(layout, (H, W), G, D ** -0.5), inputs)
     for a, b in zip(fused, reference):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
@@ -767,17 +778,13 @@ def test_flop_counter_counts_the_fused_attention_as_the_composed():
 
 @CUDA
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("G, layout", [(1, "contiguous"), (2, "contiguous"), (2, "unaligned")])
+@pytest.mark.parametrize("G, layout", [(1, "contiguous"), (2, "contiguous"), (2, "unaligned"), (2, "padded")])
 def test_cuda_fused_attention_matches_reference(exact_cuda, dtype, G, layout):
-    """DGMN2's shapes on the GPU (16-byte lanes, compile-time lane counts; unaligned qkv is copied once)."""
+    """DGMN2's shapes on the GPU (16-byte lanes, compile-time lane counts; qkv and gradients that 16-byte runs cannot
+    read, unaligned or padded, are copied once)."""
     B, H, W, D = 8, 28, 28, 64
-    qkv, walks_, width, height = attention_inputs(B, H, W, G, D, dtype=torch.float32, device="cuda", layout=layout)
-    inputs = (qkv.to(dtype), walks_.to(dtype), width, height)
-
-    def attention(*inputs):
-        return sampler.attention(*inputs, (H, W), G, D ** -0.5)
-
-    reference, kernel = both_paths(attention, inputs)
+    inputs = attention_inputs(B, H, W, G, D, dtype=dtype, device="cuda", layout=layout)
+    reference, kernel = both_paths(padded_attention(layout, (H, W), G, D ** -0.5), inputs)
     scale = 1e-5 if dtype == torch.float32 else 2e-2
     for a, b in zip(kernel, reference):
         torch.testing.assert_close(a.float(), b.float(), rtol=scale, atol=scale * b.abs().max().item())

@@ -492,6 +492,15 @@ def _table_6():
               f"{variant.gflops} | {bilinear / 1e9:.3f} | {variant.top1} |")
 
 
+def _is_samplers(event, cuda):
+    """Whether a profiled event, by its name, is the sampler's: on the GPU one of sampler_cuda.cu's kernels (each_lane
+    and the fused backward's each_tile, as the profiler demangles them: "void each_tile<8, 8, ...>(...)"), on the CPU
+    one of its built ops."""
+    if cuda:
+        return re.search(r"\beach_(lane|tile)<", event) is not None
+    return event.startswith(("dgmn_sampler_host", "dgmn_sampler_cuda"))
+
+
 def _profile(variant="small", batch=64, img_size=224, top=10):
     """torch.profiler over one forward and backward under bf16 autocast, of stage 1's first layer and of the whole
     model: the top kernels by time with their share, and the kernel launches per layer. Returns the report's lines.
@@ -535,9 +544,7 @@ def _profile(variant="small", batch=64, img_size=224, top=10):
             launches, total = per_name.get(kernel, (0, 0.0))
             per_name[kernel] = launches + 1, total + us
         total_us = sum(us for _, us in timed)
-        # the sampler's own: its kernels on the GPU (each_lane<...>), its built ops on the CPU
-        ours = sum(1 for kernel, _ in timed if ("each_lane" in kernel if cuda else
-                                                kernel.startswith(("dgmn_sampler_host", "dgmn_sampler_cuda"))))
+        ours = sum(1 for kernel, _ in timed if _is_samplers(kernel, cuda))
         lines += ["", f"{name}: {len(timed)} {unit} ({len(timed) / count:.0f} a layer, of which the sampler's "
                       f"{ours / count:.0f}), {total_us / 1e3:.2f} ms "
                       f"of {'kernel' if cuda else 'op self'} time", "",

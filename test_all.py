@@ -1599,6 +1599,19 @@ def test_profile_lists_where_a_step_goes():
             assert float(row[4]) == pytest.approx(100 * float(row[3]) / float(m[5]), abs=0.1)
 
 
+def test_the_profile_counts_every_gpu_kernel_of_the_sampler_as_its():
+    """dgmn2.py --profile tells the sampler's launches on the GPU by name: every __global__ kernel of sampler_cuda.cu,
+    as the profiler demangles it, is the sampler's; cuBLAS's, PyTorch's and a host op's name are not."""
+    kernels = re.findall(r"__global__ void(?: __launch_bounds__\(\w+\))? (\w+)\(", sampler._SOURCE.read_text())
+    assert len(kernels) >= 2  # each_lane (the composed ops, the fused forward), each_tile (the fused backward)
+    for kernel in kernels:
+        assert dgmn2._is_samplers(f"void {kernel}<8, 8, Op<c10::BFloat16, int> >(Op<c10::BFloat16, int>)", cuda=True)
+    for other in ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "dgmn_sampler_host::attention",
+                  "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>(int)"):
+        assert not dgmn2._is_samplers(other, cuda=True)
+    assert dgmn2._is_samplers("dgmn_sampler_host::attention_backward", cuda=False)
+
+
 def test_from_checkpoint_builds_what_a_checkpoint_holds(tmp_path):
     """Ours (train_imagenet.py's format or a bare state dict, any variant, classes and img_size) and the release's,
     each giving the saved model's logits; a file that is no DGMN2 is named in a one-line error."""
@@ -2749,22 +2762,26 @@ def test_synthetic_default_trains_two_steps(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_times_dgmn2_beside_swin_t(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bench_times_dgmn2_beside_swin_t(tmp_path, capsys, monkeypatch, channels_last):
+    """Both models' training and inference rates, the models taking turns; a channels-last run says so in every line
+    (.ci/gpu runs both)."""
     trained = []  # the class of each model a training step was given
     step = train_imagenet.train_step
     monkeypatch.setattr(train_imagenet, "train_step", lambda p, *args: trained.append(type(p.model).__name__) or
                         step(p, *args))
-    assert train_imagenet.main(tiny_run(tmp_path, bench=2, batch_size=2)) is None
+    assert train_imagenet.main(tiny_run(tmp_path, bench=2, batch_size=2, channels_last=channels_last)) is None
     warm_up = ["DGMN2"] * train_imagenet.BENCH_WARM_UP + ["SwinTransformer"] * train_imagenet.BENCH_WARM_UP
     timed = ["DGMN2", "SwinTransformer"] * 2  # taking turns
     assert trained == warm_up + timed
     out = capsys.readouterr().out
-    rows = re.findall(r"^\| (DGMN2-tiny \(sampler: kernel path\)|torchvision swin_t) \| ([\d.]+)M \| ([\d.]+) \| "
+    layout = ", channels-last" if channels_last else ""
+    rows = re.findall(r"^\| (DGMN2-tiny \(sampler: kernel path.*\)|torchvision swin_t.*) \| ([\d.]+)M \| ([\d.]+) \| "
                       r"([\d.]+) \|$", out, re.M)
-    assert [row[0] for row in rows] == ["DGMN2-tiny (sampler: kernel path)", "torchvision swin_t"]
+    assert [row[0] for row in rows] == [f"DGMN2-tiny (sampler: kernel path{layout})", f"torchvision swin_t{layout}"]
     assert rows[1][1] == "28.3"
     assert all(float(rate) > 0 for row in rows for rate in row[2:])
-    assert re.search(r"DGMN2-tiny / swin_t: [\d.]+x training, [\d.]+x inference", out)
+    assert re.search(rf"DGMN2-tiny / swin_t{layout}: [\d.]+x training, [\d.]+x inference", out)
     assert not (tmp_path / "run").exists()  # a benchmark writes nothing
 
 

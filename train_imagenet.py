@@ -739,8 +739,9 @@ def bench(cfg, parts, dtype, device, world, log):
     swin_parts = parts._replace(model=swin, trained=distribute(swin, cfg, world),
                                 optimizer=torch.optim.AdamW(param_groups(swin, cfg.weight_decay)),
                                 scaler=torch.amp.GradScaler(device.type, enabled=parts.scaler.is_enabled()))
-    models = [(f"DGMN2-{cfg.model} (sampler: {sampler.which_path(device.type)} path)", parts),
-              ("torchvision swin_t", swin_parts)]
+    layout = ", channels-last" if cfg.channels_last else ""  # named in every line: a log tells the two runs apart
+    models = [(f"DGMN2-{cfg.model} (sampler: {sampler.which_path(device.type)} path{layout})", parts),
+              (f"torchvision swin_t{layout}", swin_parts)]
     rates = {}  # (model, "train" or "infer") -> images/s
     for mode, step in [("train", lambda p: train_step(p, images, labels, cfg)), ("infer", infer)]:
         for _, p in models:
@@ -758,7 +759,7 @@ def bench(cfg, parts, dtype, device, world, log):
         log(f"| {name} | {sum(q.numel() for q in p.model.parameters()) / 1e6:.1f}M | {rates[name, 'train']:.1f} | "
             f"{rates[name, 'infer']:.1f} |")
     (ours, _), (swin_name, _) = models
-    log(f"DGMN2-{cfg.model} / swin_t: {rates[ours, 'train'] / rates[swin_name, 'train']:.2f}x training, "
+    log(f"DGMN2-{cfg.model} / swin_t{layout}: {rates[ours, 'train'] / rates[swin_name, 'train']:.2f}x training, "
         f"{rates[ours, 'infer'] / rates[swin_name, 'infer']:.2f}x inference")
 
 

@@ -351,7 +351,8 @@ _backward_kernel.register_autograd(_no_double_backward)
 
 # FlopCounterMode counts the fused ops' products as it counts the reference path's einsum (2 FLOPs per multiply-add:
 # one per sampled element and channel); the bilinear reads themselves (4 multiply-adds per sampled element and
-# channel) are left out, as FlopCounterMode leaves out F.grid_sample. Backward is not counted.
+# channel) are left out, as FlopCounterMode leaves out F.grid_sample. The backward kernels have no formula: a backward
+# counts only what it computes with counted ops (dot's grad q through aggregate, the tables' einsums).
 @register_flop_formula(getattr(torch.ops, _OPS).aggregate)
 def _aggregate_flops(x_shape, offsets_shape, weights_shape, offset_groups, dilation, out_shape=None, **kwargs):
     return 2 * math.prod(x_shape) * weights_shape[2]
@@ -549,9 +550,10 @@ def attention(qkv, walks, width, height, size, heads, scale):
     qkv (B, N, 3C) as nn.Linear wrote it (q, k, v its thirds, C = G D, N = H W), walks (B, N, G, 2K) a walk per head,
     width (W + K - 1, D), height (H + K - 1, D) the tables at this size, size (H, W) -> (B, N, C).
 
-    On the kernel path one fused op (K = 9, see _fused): the logits and the softmax stay in float32 registers and only
-    p is saved; its backward is one pass too. Elsewhere, and on the torch path, the composed computation: dot, the
-    relative-position einsums, softmax, aggregate."""
+    On the kernel path one fused op (K = 9, see _fused): the logits and the softmax stay in float32 registers and,
+    besides its inputs, only p is saved (float32; float64 for float64 inputs); its backward is one pass too.
+    Elsewhere, and on the torch path, the composed computation: dot, the relative-position einsums, softmax,
+    aggregate."""
     _check_attention(qkv, walks, width, height, size, heads)
     if not (_use_kernel(qkv) and _fused(qkv, walks, heads)):
         return _attention_composed(qkv, walks, width, height, size, heads, scale)
@@ -583,13 +585,13 @@ class WalkPredictor(nn.Conv2d):
 
 HEAD_DIM, K_NODES = 64, 9
 TINY_STAGES = [(56, 1), (28, 2), (14, 5), (7, 8)]  # DGMN2-Tiny at 224 x 224: map side and heads per stage
-DGMN_SETTING = dict(channels=512, side=97, groups=4, dilation=24)  # Cityscapes, the largest rate (Table 2)
+DGMN_SETTING = dict(channels=512, side=97, groups=4, dilation=24)  # Cityscapes, a large rate (Table 2: 1 to 36)
 DGMN_WALK_SCALE = 8                                # walks of a few pixels, like a trained model's at that rate
 PATHS = ("torch", "grid_sample", "kernel", "fused")  # the reference, the peers' way, the kernels, DGMN2's one op
 
 
 def _dgmn_batch(batch):
-    return max(batch // 8, 1)  # Cityscapes' batch 8 against ImageNet's 64
+    return max(batch // 8, 1)  # Cityscapes' batch 8 against the DGMN2 rows' 64 (the benchmark's default)
 
 
 def _grid_sample_nodes(x, offsets, dilation, offset_groups):
@@ -632,9 +634,10 @@ def _message(path, x, offsets, weights, dilation):
 
 
 def _cases(batch, dtype, device):
-    """(name, function of (path, *inputs), leaf inputs, bytes of the feature maps, walks and tables that a fused
-    forward and backward must read and write at least). Half types run as the models run them: under autocast, the
-    Linears' outputs (q, k, v, walks) in that type, the tables and the softmax's attention weights in float32."""
+    """(name, function of (path, *inputs), leaf inputs, bytes of the feature maps, walks, weights and tables that a
+    fused forward and backward must read and write at least, the paths to time). Half types run as the models run
+    them: under autocast, the Linears' outputs (q, k, v, walks) in that type, the tables and the softmax's attention
+    weights in float32."""
     size = torch.finfo(dtype).bits // 8
     autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
     for stage, (side, heads) in enumerate(TINY_STAGES, 1):
@@ -666,8 +669,10 @@ def _cases(batch, dtype, device):
     x = torch.randn(B, C, side, side, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
     offsets = DGMN_WALK_SCALE * torch.randn(B, 2 * K_NODES, side, side, dtype=dtype, device=device)
     weights = torch.randn(B, G, K_NODES, side, side, device=device).softmax(dim=2)  # float32, as under autocast
-    features = x.numel() * size
-    moved = (2 * features + offsets.numel() * size) + (2 * features + offsets.numel() * size) + features
+    features, walk_bytes = x.numel() * size, offsets.numel() * size
+    weight_bytes = weights.numel() * weights.element_size()
+    # forward: x, offsets, weights in, out; backward: those and grad out in, their three grads out
+    moved = 2 * (2 * features + walk_bytes + weight_bytes) + (features + walk_bytes + weight_bytes)
 
     def message(path, x, offsets, weights):
         with autocast:

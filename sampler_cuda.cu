@@ -21,9 +21,10 @@
 // channels-last, (B, H, W, C) in memory with any pixel strides (a slice of nn.Linear's tokens is read in place).
 //   GPU:  a unit is L lanes (a power of two up to a warp); a lane owns runs of R consecutive channels (16 bytes,
 //         one vector load, where alignment and C / G allow; else R = 1), its runs L R apart. Consecutive threads
-//         thus read consecutive addresses; a query's walks and weights are read once per lane; sums over a group
-//         are warp-shuffle reductions; grad_x is scattered with float atomics on consecutive addresses (the fused
-//         attention's backward sums a block's tile of queries and its halo in shared memory first: see Tile).
+//         thus read consecutive addresses; a query's walks and weights are read once per lane (by aggregate, once
+//         per run: its K is a run-time value, its nodes are not held); sums over a group are warp-shuffle
+//         reductions; grad_x is scattered with float atomics on consecutive addresses (the fused attention's
+//         backward sums a block's tile of queries and its halo in shared memory first: see Tile).
 //   Host: the same source compiled as C++ (sampler.py passes it as such). A unit is one lane that walks its group
 //         in runs of up to kHostRun channels (whose loops the compiler vectorises); a shuffle reduction becomes the
 //         lane's own sum, and the threads of the backward own whole (image, group) strips, so that its scatter
@@ -220,8 +221,8 @@ HD inline void each(const T* p, Count count, const F& f) {
   }
 }
 
-// sum_j a[j] * b[j] over j < count, on the host: in 16 independent sums (four vectors, so that no add waits for the
-// one before), added up at the end. a and b are pointers or register arrays.
+// sum_j a[j] * b[j] over j < count, on the host: in 16 partial sums (one AVX-512 or two AVX2 vectors of floats),
+// added up at the end. a and b are pointers or register arrays.
 template <typename acc_t, typename A, typename B>
 inline acc_t host_inner(const A& a, const B& b, int count) {
   constexpr int kPartialSums = 16;
@@ -635,8 +636,8 @@ struct Attention : AttentionInputs<scalar_t, index_t> {
 // than a pixel (a node sits a pixel from its query, its corners one more). What lands in the haloed tile is summed in
 // a buffer (GPU: the block's shared memory, by shared-memory atomics; host: the thread's own) and added to the maps
 // once the tile is done; what lands beyond it goes to the maps directly. On the GPU a query's head thus takes
-// 2 (Rows + 2 kHalo) (Cols + 2 kHalo) / (Rows Cols) global atomics a channel (6 for 4 x 8, in 16-byte atomics) where
-// it took up to 72 (9 nodes, 4 corners, k and v).
+// 2 (Rows + 2 kHalo) (Cols + 2 kHalo) / (Rows Cols) global atomics a channel (6 for 4 x 8; 16-byte atomics on Hopper)
+// where it took up to 72 (9 nodes, 4 corners, k and v).
 constexpr int kHalo = 2;
 
 // The rows of a tile of `units` query pixels, the largest power of two whose square fits: 4 x 8 for 32, 8 x 8 for 64.
@@ -744,8 +745,9 @@ struct AttentionBackward : AttentionInputs<scalar_t, index_t> {
     scatter<R>((which ? grad_v : grad_k).at(t.b, y, x) + c, scale, from, count);
   }
 
-  // Adds a tile's sums to the maps: thread `thread` of `threads` takes runs of 4 channels (one 16-byte atomic) where
-  // the maps allow, else single channels (GPU); the host's one thread takes a pixel's head at a time.
+  // Adds a tile's sums to the maps: thread `thread` of `threads` takes runs of 4 channels (one 16-byte atomic on
+  // Hopper, see scatter) where the maps allow, else single channels (GPU); the host's one thread takes a pixel's head
+  // at a time.
   HD void flush(const Tile<acc_t, index_t>& t, int thread, int threads) const {
 #ifdef __CUDA_ARCH__
     if (wide_flush) return flush_runs<4>(t, thread, threads, std::integral_constant<int, 4>());

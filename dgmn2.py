@@ -501,6 +501,12 @@ def _is_samplers(event, cuda):
     return event.startswith(("dgmn_sampler_host", "dgmn_sampler_cuda"))
 
 
+def _is_launch(event):
+    """Whether a profiled GPU event, by its name, is a kernel launch: CUPTI names the GPU's memory copies and fills
+    "Memcpy DtoD (Device -> Device)", "Memset (Device)" and so on, which take device time but launch nothing."""
+    return not event.startswith(("Memcpy", "Memset"))
+
+
 def _profile(variant="small", batch=64, img_size=224, top=10):
     """torch.profiler over one forward and backward under bf16 autocast, of stage 1's first layer and of the whole
     model: the top kernels by time with their share, and the kernel launches per layer. Returns the report's lines.
@@ -508,8 +514,8 @@ def _profile(variant="small", batch=64, img_size=224, top=10):
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     cuda = torch.cuda.is_available()
-    device, unit, what, calls = ("cuda", "kernel launches", "kernel", "launches") if cuda else \
-        ("cpu", "ops", "op", "calls")
+    device, unit, what, calls, spent = ("cuda", "kernel launches", "kernel", "launches", "kernel time") if cuda else \
+        ("cpu", "ops", "op", "calls", "op self time")
     model = build(variant, img_size=img_size).to(device)  # training mode, as a training step runs it
     side, C, G = math.ceil(img_size / 4), model.channels[0], model.stages[0].layers[0].attn.heads
     tokens = torch.randn(batch, side * side, C, device=device, requires_grad=True)  # (B, N, C) stage 1's tokens
@@ -534,9 +540,13 @@ def _profile(variant="small", batch=64, img_size=224, top=10):
             if cuda:
                 torch.cuda.synchronize()
         if cuda:
-            timed = [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
+            events = [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
+            timed = [(event, us) for event, us in events if _is_launch(event)]
+            memory = [us for event, us in events if not _is_launch(event)]
+            besides = f", besides {len(memory)} memory copies and fills ({sum(memory) / 1e3:.2f} ms)"
         else:
             timed = [(e.name, e.self_cpu_time_total) for e in prof.events() if e.device_type == DeviceType.CPU]
+            besides = ""
         if not timed:
             raise RuntimeError(f"the profiler recorded no {unit} for {name}")
         per_name = {}
@@ -546,8 +556,7 @@ def _profile(variant="small", batch=64, img_size=224, top=10):
         total_us = sum(us for _, us in timed)
         ours = sum(1 for kernel, _ in timed if _is_samplers(kernel, cuda))
         lines += ["", f"{name}: {len(timed)} {unit} ({len(timed) / count:.0f} a layer, of which the sampler's "
-                      f"{ours / count:.0f}), {total_us / 1e3:.2f} ms "
-                      f"of {'kernel' if cuda else 'op self'} time", "",
+                      f"{ours / count:.0f}), {total_us / 1e3:.2f} ms of {spent}{besides}", "",
                   f"| {what} | {calls} | ms | share |", "|---|---|---|---|"]
         for kernel, (launches, us) in sorted(per_name.items(), key=lambda item: -item[1][1])[:top]:
             short = kernel if len(kernel) <= 100 else kernel[:97] + "..."

@@ -1602,15 +1602,21 @@ def test_profile_lists_where_a_step_goes():
 
 def test_the_profile_counts_every_gpu_kernel_of_the_sampler_as_its():
     """dgmn2.py --profile tells the sampler's launches on the GPU by name: every __global__ kernel of sampler_cuda.cu,
-    as the profiler demangles it, is the sampler's; cuBLAS's, PyTorch's and a host op's name are not."""
+    as the profiler demangles it, is the sampler's; cuBLAS's, PyTorch's and a host op's name are not. Kernels are
+    launches; the GPU's memory copies and fills, as CUPTI names them, are not."""
     kernels = re.findall(r"__global__ void(?: __launch_bounds__\(\w+\))? (\w+)\(", sampler._SOURCE.read_text())
     assert len(kernels) >= 2  # each_lane (the composed ops, the fused forward), each_tile (the fused backward)
     for kernel in kernels:
-        assert dgmn2._is_samplers(f"void {kernel}<8, 8, Op<c10::BFloat16, int> >(Op<c10::BFloat16, int>)", cuda=True)
-    for other in ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "dgmn_sampler_host::attention",
-                  "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>(int)"):
+        name = f"void {kernel}<8, 8, Op<c10::BFloat16, int> >(Op<c10::BFloat16, int>)"
+        assert dgmn2._is_samplers(name, cuda=True) and dgmn2._is_launch(name)
+    others = ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "dgmn_sampler_host::attention",
+              "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>(int)")
+    for other in others:
         assert not dgmn2._is_samplers(other, cuda=True)
     assert dgmn2._is_samplers("dgmn_sampler_host::attention_backward", cuda=False)
+    assert all(map(dgmn2._is_launch, others[::2]))
+    for memory in ("Memset (Device)", "Memcpy DtoD (Device -> Device)", "Memcpy HtoD (Pageable -> Device)"):
+        assert not dgmn2._is_launch(memory)
 
 
 def test_from_checkpoint_builds_what_a_checkpoint_holds(tmp_path):

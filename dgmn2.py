@@ -509,7 +509,8 @@ def _is_launch(event):
 
 def _profile(variant="small", batch=64, img_size=224, top=10):
     """torch.profiler over one forward and backward under bf16 autocast, of stage 1's first layer and of the whole
-    model: the top kernels by time with their share, and the kernel launches per layer. Returns the report's lines.
+    model: the top kernels by time with their share, and the kernel launches per layer (the GPU's memory copies and
+    fills counted apart). Returns the report's lines.
     Without a GPU the same tables list the CPU's ops by self time (no kernels are launched)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile

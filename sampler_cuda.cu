@@ -66,6 +66,7 @@
 constexpr int kHostRun = 64;  // channels a host lane reads at once (a DGMN2 head)
 constexpr int kThreads = 256;  // GPU threads a block, a multiple of the warp
 constexpr int kWarp = 32;  // the most lanes a unit gets on the GPU: its shuffles stay within a warp
+constexpr int kVectorBytes = 16;  // a GPU vector load or store (128 bits): a run of 4 floats or 8 halves
 constexpr int64_t kResidentThreads = 2048;  // threads a multiprocessor holds at once (sm_80, sm_90)
 
 // ------------------------------------------------------------------------------------------------
@@ -209,7 +210,7 @@ struct alignas(sizeof(T) * R) Vector {
 template <int R, typename acc_t, typename T, typename Count, typename F>
 HD inline void each(const T* p, Count count, const F& f) {
 #ifdef __CUDA_ARCH__
-  if constexpr (R * sizeof(T) == 16) {
+  if constexpr (R * sizeof(T) == kVectorBytes) {
     const Vector<T, R> run = *reinterpret_cast<const Vector<T, R>*>(p);
     CHANNELS
     for (int j = 0; j < R; ++j) f(j, static_cast<acc_t>(run.v[j]));
@@ -284,7 +285,7 @@ HD inline void zero(acc_t (&a)[R], Count count) {
 template <int R, typename T, typename acc_t, typename Count>
 HD inline void store(T* p, const acc_t (&in)[R], Count count) {
 #ifdef __CUDA_ARCH__
-  if constexpr (R * sizeof(T) == 16) {
+  if constexpr (R * sizeof(T) == kVectorBytes) {
     Vector<T, R> run;
     CHANNELS
     for (int j = 0; j < R; ++j) run.v[j] = static_cast<T>(in[j]);
@@ -911,7 +912,7 @@ template <int R, int L, typename Op>
 __global__ void __launch_bounds__(kThreads) each_tile(Op op) {
   using acc_t = typename Op::acc_t;
   constexpr int rows = TileShape<kThreads / L>::rows, cols = TileShape<kThreads / L>::cols;
-  extern __shared__ __align__(16) unsigned char shared[];
+  extern __shared__ __align__(kVectorBytes) unsigned char shared[];
   using index_t = decltype(op.s.B);
   const auto t = tile_of<rows, cols>(op.s, static_cast<index_t>(blockIdx.x), reinterpret_cast<acc_t*>(shared));
   for (index_t j = threadIdx.x; j < t.size(); j += kThreads) t.sums[j] = 0;
@@ -1073,7 +1074,7 @@ static at::Tensor empty_per_query(const Geometry<int64_t>& s, int64_t per_unit, 
 static bool vector_aligned(int vector, int64_t group_channels, std::initializer_list<at::Tensor> maps) {
   bool aligned = group_channels % vector == 0;
   for (const at::Tensor& t : maps) {
-    aligned = aligned && reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
+    aligned = aligned && reinterpret_cast<std::uintptr_t>(t.data_ptr()) % kVectorBytes == 0;
     for (int64_t d = 0; d < t.dim(); ++d)
       aligned = aligned && (t.size(d) == 1 || t.stride(d) == 1 || t.stride(d) % vector == 0);
   }
@@ -1093,7 +1094,7 @@ static int lanes_for(int run, int64_t group_channels) {
 template <typename scalar_t>
 static Split split(const Geometry<int64_t>& s, std::initializer_list<at::Tensor> maps) {
   if (!kCuda) return {kHostRun, 1};
-  constexpr int vector = 16 / sizeof(scalar_t);
+  constexpr int vector = kVectorBytes / sizeof(scalar_t);
   int run = vector_aligned(vector, s.group_channels(), maps) ? vector : 1;
 #ifdef __CUDACC__
   int processors = 0;
@@ -1138,7 +1139,7 @@ static Geometry<index_t> narrow(const Geometry<int64_t>& s) {
     with_index_type(fits, [&](auto index) {                                                              \
       using index_t = decltype(index);                                                                   \
       using acc_t = at::opmath_type<scalar_t>;                                                           \
-      constexpr int VECTOR_RUN = 16 / sizeof(scalar_t);                                                  \
+      constexpr int VECTOR_RUN = kVectorBytes / sizeof(scalar_t);                                        \
       __VA_ARGS__                                                                                        \
     });                                                                                                  \
   })
@@ -1258,7 +1259,7 @@ static at::Tensor as_map(const at::Tensor& tokens, int64_t first, const Geometry
 template <typename scalar_t>
 static Split attention_split(const Geometry<int64_t>& s, std::initializer_list<at::Tensor> maps) {
   if (!kCuda) return {kHostRun, 1};
-  constexpr int vector = 16 / sizeof(scalar_t);
+  constexpr int vector = kVectorBytes / sizeof(scalar_t);
   const bool aligned = vector_aligned(vector, s.group_channels(), maps);
   const int run = aligned ? vector : 1, lanes = lanes_for(run, s.group_channels());
   TORCH_CHECK(lanes * run >= s.group_channels(), "sampler_cuda.cu: the fused attention holds a head in one warp: ",
@@ -1269,7 +1270,7 @@ static Split attention_split(const Geometry<int64_t>& s, std::initializer_list<a
 // Channels contiguous (any token and image strides), else a copy. On the GPU also a view of heads wider than a warp
 // of single channels that 16-byte runs cannot read (its pointer or a stride off their grid): the copy's can.
 static at::Tensor tokens_contiguous(const at::Tensor& t, int64_t head) {
-  const int vector = static_cast<int>(16 / t.element_size());
+  const int vector = static_cast<int>(kVectorBytes / t.element_size());
   const bool unreadable = kCuda && head > kWarp && !vector_aligned(vector, head, {t});
   return t.stride(2) == 1 && !unreadable ? t : t.contiguous();
 }

@@ -84,7 +84,10 @@ def sample_levels(value, shapes, locations, weights):
     for level, (H, W) in enumerate(shapes):
         level_value = rearrange(value[:, start:start + H * W], "b (h w) m d -> (b m) d h w", h=H)
         grid = rearrange(2 * locations[:, :, :, level] - 1, "b q m p xy -> (b m) q p xy")
-        sampled.append(F.grid_sample(level_value, grid.to(level_value.dtype), mode="bilinear", padding_mode="zeros",
+        # in the wider dtype of the two (float32 for bf16 values under autocast): a grid rounded to bf16 would move
+        # points by up to a third of a pixel on a 167-pixel-wide level
+        dtype = torch.promote_types(level_value.dtype, grid.dtype)
+        sampled.append(F.grid_sample(level_value.to(dtype), grid.to(dtype), mode="bilinear", padding_mode="zeros",
                                      align_corners=False))  # ((B M), D, Q, P)
         start += H * W
     sampled = torch.stack(sampled, dim=3)  # ((B M), D, Q, L, P)
@@ -289,9 +292,11 @@ class DeformableDETR(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        """Upstream's start: xavier for the transformer's matrices, the attention's own start, the class prior, boxes
-        starting at their reference (small, w = h = sigmoid(-2), unless two-stage references give the size)."""
-        for module in (self.encoder, self.decoder):
+        """Upstream's start: xavier for the transformer's matrices (the two-stage projections too), the attention's own
+        start, the class prior, boxes starting at their reference (the first head's small, w = h = sigmoid(-2), unless
+        two-stage references give the size; with box refinement the later heads' at the size given)."""
+        transformer = [self.encoder, self.decoder] + ([self.enc_output, self.pos_trans] if self.two_stage else [])
+        for module in transformer:
             for p in module.parameters():
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)
@@ -310,8 +315,8 @@ class DeformableDETR(nn.Module):
         for head in self.box_heads:
             nn.init.zeros_(head.layers[-1].weight)
             nn.init.zeros_(head.layers[-1].bias)
-            if not self.two_stage:
-                nn.init.constant_(head.layers[-1].bias[2:], -2.0)
+        if not self.two_stage:  # without box refinement the one head that every layer shares
+            nn.init.constant_(self.box_heads[0].layers[-1].bias[2:], -2.0)
 
     # -- the levels and the encoder --
 

@@ -40,7 +40,7 @@ except ImportError:  # at the top level of this repository
     import sparse_rcnn
 
 DGMN_GROUPS = 4  # Section 5.1: G = 4 filter groups
-DETECTIONS_PER_IMAGE = 100  # COCO scores 100 detections a picture
+DETECTIONS_PER_IMAGE = 100  # RetinaNet's detections a picture (mmdetection's max_per_img; torchvision's Mask R-CNN's)
 
 # ----------------------------------------------------------------------------------------------------------------
 # The modules of Table 3 and where they go in a ResNet
@@ -52,7 +52,8 @@ def dgmn_module(channels, rates, groups):
     if groups < 0 or groups and channels % groups:
         raise ValueError(f"dgmn_groups {groups} must be 0 (no dynamic weights) or divide the {channels} channels of "
                          "a DGMN module")
-    return dgmn.DGMN(channels, rates, groups or 1, dynamic_weights=groups > 0, channel_transforms=False)
+    return dgmn.DGMN(channels, rates, groups or 1, dynamic_weights=groups > 0, channel_transforms=False,
+                     nonlinearity=False)  # the release's: inside a block, a BN-ReLU follows
 
 
 # The modules of Table 3: make(channels, rates, groups) -> a module x -> x + context; "dcn": make(the replaced conv)

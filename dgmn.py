@@ -130,15 +130,17 @@ class RateMessage(nn.Module):
 
 
 class DGMN(nn.Module):
-    """Eq. 2-3: h <- f + alpha * U(sum_q beta_q m_q(h)), T times from h = f, with m_q the message of rate q.
+    """Eq. 2-3: h <- sigma(f + alpha * U(sum_q beta_q m_q(h))), T times from h = f, with m_q the message of rate q.
 
     U is a C x C transform shared by the rates; alpha (Eq. 2) and beta_q (Eq. 3) are learnable scalars starting at 1.
-    Eq. 2's non-linearity sigma is left out, as in the release: the module sits before a BN-ReLU. The T iterations
-    share their parameters. channel_transforms off (the release's layout): no U, no w^q, no alpha (beta_q alone
-    scales each message, as the release's gamma_q). f (B, C, H, W) -> (B, C, H, W)."""
+    sigma is Eq. 2's non-linearity, a ReLU; nonlinearity=False leaves it out, as the release does where the module
+    sits before a BN-ReLU (inside a ResNet's blocks, the COCO models). The T iterations share their parameters.
+    channel_transforms off (the release's layout): no U, no w^q, no alpha (beta_q alone scales each message, as the
+    release's gamma_q). f (B, C, H, W) -> (B, C, H, W)."""
 
     def __init__(self, channels, rates=CITYSCAPES_RATES, groups=4, kernel_size=3, iterations=1,
-                 dynamic_affinity=True, dynamic_weights=True, dynamic_sampling=True, channel_transforms=True):
+                 dynamic_affinity=True, dynamic_weights=True, dynamic_sampling=True, channel_transforms=True,
+                 nonlinearity=True):
         super().__init__()
         if not rates or not all(type(r) is int and r > 0 for r in rates):
             raise ValueError(f"rates must be positive ints, got {rates!r}")
@@ -153,6 +155,7 @@ class DGMN(nn.Module):
         self.beta = nn.Parameter(torch.ones(len(rates)))
         self.update = nn.Conv2d(channels, channels, 1, bias=False) if channel_transforms else None
         self.alpha = nn.Parameter(torch.ones(())) if channel_transforms else None
+        self.sigma = nn.ReLU() if nonlinearity else nn.Identity()
 
     def forward(self, f):
         if f.dim() != 4 or f.shape[1] != self.channels:
@@ -160,7 +163,7 @@ class DGMN(nn.Module):
         h = f
         for _ in range(self.iterations):
             message = sum(beta * message(h) for beta, message in zip(self.beta, self.messages))
-            h = f + (message if self.update is None else self.alpha * self.update(message))
+            h = self.sigma(f + (message if self.update is None else self.alpha * self.update(message)))
         return h
 
 
@@ -171,8 +174,9 @@ def deformable_message_passing(channels, rates=COCO_RATES, groups=4, kernel_size
     convs here: a deformable convolution without them would be a dilated one), factorised into G x K static,
     randomly initialised taps and the C x C w^q; no filter or affinity is predicted from the walked nodes. So it
     departs from the quoted "without dynamic sampling" in keeping the offsets. Table 2's layout (it needs w^q to mix
-    channels): the release has no such baseline."""
-    return DGMN(channels, rates, groups, kernel_size, dynamic_affinity=False, dynamic_weights=False)
+    channels): the release has no such baseline. No sigma: it takes DGMN's place in a ResNet, before a BN-ReLU."""
+    return DGMN(channels, rates, groups, kernel_size, dynamic_affinity=False, dynamic_weights=False,
+                nonlinearity=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -335,7 +339,9 @@ def after_every_3x3(resnet, stages, make):
 
 
 def insert_into_resnet(resnet, stages=("C5",), rates=COCO_RATES, **dgmn):
-    """A DGMN module after every 3x3 convolution of the chosen stages (Section 5.1; COCO's rates by default)."""
+    """A DGMN module after every 3x3 convolution of the chosen stages (Section 5.1; COCO's rates by default), without
+    sigma: a BN-ReLU follows (unless dgmn says nonlinearity=True)."""
+    dgmn = dict(nonlinearity=False) | dgmn
     return after_every_3x3(resnet, stages, lambda channels: DGMN(channels, rates=rates, **dgmn))
 
 

@@ -384,6 +384,9 @@ def _read(checkpoint):
     return checkpoint.get("model", checkpoint)
 
 
+THOP_COUNTERS = ("total_ops", "total_params")
+
+
 def load_official(model, checkpoint):
     """Load a checkpoint of the authors' release (fudan-zvg/DGMN2, classification/) into a DGMN2 of the same variant
     and switch its relative positions to the release's (transposed) rule, so that it gives the released model's
@@ -391,7 +394,9 @@ def load_official(model, checkpoint):
     script saves them) or bare, under the release's names. Strict: every tensor must be there with its shape, except
     the relative-position tables, which are resized (bilinearly, as at run time) for a model built with another
     img_size, and the classifier, which a backbone (num_classes=0) leaves out. Returns the model."""
-    release = _read(checkpoint)
+    # thop's counters (total_ops, total_params on every module of a profiled model), which the release's detection
+    # code also drops from these files
+    release = {name: t for name, t in _read(checkpoint).items() if name.split(".")[-1] not in THOP_COUNTERS}
     foreign = [name for name in release if not re.match(r"(patch_embed[1-4]|block[1-4]|head)\.", name)]
     if foreign:
         raise ValueError(f"not the release's format: {len(foreign)} names such as {foreign[0]!r} are not its names "

@@ -754,7 +754,8 @@ struct AttentionBackward : AttentionInputs<scalar_t, index_t> {
     if (wide_flush) return flush_runs<4>(t, thread, threads, std::integral_constant<int, 4>());
     flush_runs<1>(t, thread, threads, std::integral_constant<int, 1>());
 #else
-    flush_runs<kHostRun>(t, thread, threads, static_cast<int>(t.channels));
+    if (t.channels > 0)  // heads of no channels have nothing to add, and a run of none would divide by zero
+      flush_runs<kHostRun>(t, thread, threads, static_cast<int>(t.channels));
 #endif
   }
 

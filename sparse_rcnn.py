@@ -28,7 +28,7 @@ except ImportError:  # at the top level of this repository
     import matching
 
 HIDDEN, HEADS, STAGES = 256, 8, 6  # C, the proposals' attention heads, the iterative heads
-PROPOSALS, DETECTIONS = 300, 100  # P; detections an image keeps (proposal-class pairs)
+PROPOSALS = 300  # P; an image keeps P detections too, upstream's (COCO scores each class's best 100)
 POOL, SAMPLING_RATIO = 7, 2  # S; RoIAlign's bilinear samples a bin side
 DYNAMIC, FFN = 64, 2048  # E; the feed-forward width (upstream's dropout is 0: none here)
 CLASS_LAYERS, BOX_LAYERS = 1, 3  # Linear + LayerNorm + ReLU layers before the class and box outputs
@@ -184,8 +184,8 @@ class SparseRCNN(nn.Module):
     starting as the whole image) and features; STAGES heads, each starting from the previous one's boxes (detached)
     and features. The interface of torchvision's detectors: a list of float (3, H, W) images in [0, 1] (and, to
     train, targets with boxes (T, 4) xyxy in pixels and labels (T,) class ids < num_classes) -> a dict of losses
-    (training; every head's, matching.set_losses) or, per image, the top DETECTIONS proposal-class pairs by sigmoid
-    score, no NMS: boxes (DETECTIONS, 4) xyxy in its pixels, scores, labels (evaluation)."""
+    (training; every head's, matching.set_losses) or, per image, the top P proposal-class pairs by sigmoid score, no
+    NMS: boxes (P, 4) xyxy in its pixels, scores, labels (evaluation)."""
 
     def __init__(self, backbone, num_classes=80, *, proposals=PROPOSALS, min_size=800, max_size=1333, dim=HIDDEN,
                  stages=STAGES):
@@ -246,9 +246,9 @@ class SparseRCNN(nn.Module):
         return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
 
     def detections(self, output, sizes):
-        """The top DETECTIONS (proposal, class) pairs by probability, boxes clipped to the resized image."""
+        """The top P (proposal, class) pairs by probability, boxes clipped to the resized image."""
         probabilities = output["logits"].sigmoid().flatten(1)  # (B, P K)
-        scores, index = probabilities.topk(min(DETECTIONS, probabilities.shape[1]), dim=1)
+        scores, index = probabilities.topk(output["logits"].shape[1], dim=1)
         proposal, labels = index // self.num_classes, index % self.num_classes
         boxes = output["boxes"].gather(1, proposal[..., None].expand(-1, -1, 4))
         return [dict(boxes=clip_boxes_to_image(boxes[b], size), scores=scores[b], labels=labels[b])

@@ -673,15 +673,16 @@ def padded_attention(layout, *args):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("B, H, W, G, D", [(2, 5, 7, 2, 8), (1, 3, 1, 3, 5), (2, 6, 4, 1, 64), (1, 4, 5, 2, 24)])
+@pytest.mark.parametrize("B, H, W, G, D", [(2, 5, 7, 2, 8), (1, 3, 1, 3, 5), (2, 6, 4, 1, 64), (1, 4, 5, 2, 24),
+                                           (1, 3, 4, 2, 0)])
 @pytest.mark.parametrize("layout", ["contiguous", "strided", "unaligned", "padded"])
 def test_fused_attention_matches_the_composed_reference(device, B, H, W, G, D, layout):
     """The fused op against the specification (the reference's dot, scale, relative position, softmax, aggregate):
-    values and every input's gradient in float64, at odd sizes, head dims 5 to 64, strided, unaligned and padded qkv
+    values and every input's gradient in float64, at odd sizes, head dims 0 to 64, strided, unaligned and padded qkv
     (and gradient)."""
     inputs = attention_inputs(B, H, W, G, D, device=device, layout=layout)
     assert sampler._fused(inputs[0], inputs[1], G)
-    reference, fused = both_paths(padded_attention(layout, (H, W), G, D ** -0.5), inputs)
+    reference, fused = both_paths(padded_attention(layout, (H, W), G, max(D, 1) ** -0.5), inputs)
     for a, b in zip(fused, reference):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
@@ -864,11 +865,12 @@ def test_dgmn_update_is_eq_2_iterated_from_the_observed_map():
         module.beta.copy_(torch.tensor([0.5, 2.0]))
     f = torch.randn(2, 8, 5, 6)
     h = f
-    for _ in range(3):  # h <- f + alpha U(sum_q beta_q m_q(h))
+    for _ in range(3):  # h <- relu(f + alpha U(sum_q beta_q m_q(h)))
         messages = [message.transform(sampler.aggregate(h, *message.graph(h)[:2], message.rate))
                     for message in module.messages]
-        h = f + 0.7 * F.conv2d(0.5 * messages[0] + 2.0 * messages[1], module.update.weight)
+        h = F.relu(f + 0.7 * F.conv2d(0.5 * messages[0] + 2.0 * messages[1], module.update.weight))
     torch.testing.assert_close(module(f), h)
+    assert (h == 0).any() and not (h < 0).any()
 
 
 def test_dgmn_filters_and_affinities_come_from_the_walked_nodes(path):
@@ -937,14 +939,15 @@ def test_dgmn_affinity_alone_weighs_every_group_and_adds_no_filters():
 
 def test_dgmn_release_layout_counts_and_update():
     """The release's layout: 2268 C parameters per module at four rates (walks 2K ks^2 C, predictors (G K + K) ks^2 C
-    per rate), plus the walks' biases and the betas; no C x C map; h = f + sum_q beta_q m_q."""
+    per rate), plus the walks' biases and the betas; no C x C map; h = f + sum_q beta_q m_q (no sigma: a BN-ReLU
+    follows it in a ResNet block)."""
     C, rates = 512, dgmn.COCO_RATES
     with torch.device("meta"):
         module = dgmn.DGMN(C, rates=rates, channel_transforms=False)
     assert sum(p.numel() for p in module.parameters()) == 2268 * C + len(rates) * (18 + 1)
     assert module.update is None and module.alpha is None
     torch.manual_seed(0)
-    module = dgmn.DGMN(8, rates=(1, 3), channel_transforms=False)
+    module = detection.dgmn_module(8, (1, 3), 4)  # as the COCO models build it
     with torch.no_grad():
         module.beta.copy_(torch.tensor([0.5, 2.0]))
         for message in module.messages:
@@ -1061,7 +1064,8 @@ def test_resnet50_with_dgmn_in_c5():
     result = model.load_state_dict(plain.state_dict(), strict=False)
     assert not result.unexpected_keys and result.missing_keys
     assert all(".conv2.context." in key and key.startswith("layer4.") for key in result.missing_keys)
-    assert sum(isinstance(m, dgmn.DGMN) for m in model.modules()) == 3  # one per bottleneck of layer4
+    modules = [m for m in model.modules() if isinstance(m, dgmn.DGMN)]
+    assert len(modules) == 3 and not any(isinstance(m.sigma, nn.ReLU) for m in modules)  # one a bottleneck; BN follows
     torch.testing.assert_close(model.layer4[0].conv2.weight, plain.layer4[0].conv2.weight, rtol=0, atol=0)
     body = nn.Sequential(*list(model.children())[:-2])  # up to layer4
     with torch.no_grad():
@@ -1256,7 +1260,9 @@ def test_checkpoint_round_trip_reproduces_the_release(tmp_path):
     optimizer = torch.optim.AdamW(release.parameters())
     torch.save({"model": release.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 299,
                 "args": argparse.Namespace(model="dgmn2_tiny", lr=1e-3)}, path)  # what the release's script saves
-    for checkpoint in (path, str(path), release.state_dict()):  # wrapped under "model" on disk, or bare
+    profiled = {**release.state_dict(), "total_ops": torch.zeros(1, dtype=torch.float64),
+                "block1.0.attn.qkv.total_params": torch.zeros(1, dtype=torch.float64)}  # thop's counters
+    for checkpoint in (path, str(path), release.state_dict(), profiled):  # wrapped under "model" on disk, or bare
         model = dgmn2.load_official(dgmn2.dgmn2_tiny(), checkpoint).eval()
         with torch.no_grad():
             assert (model(images) - expected).abs().max() <= 1e-4
@@ -2208,6 +2214,17 @@ def test_deformable_attention_reads_as_a_loop_of_bilinear_reads():
                                expected.flatten(2))
 
 
+def test_deformable_attention_reads_bf16_values_at_float32_locations():
+    """Under autocast the values come in bf16 and the locations in float32: the points stay where the locations put
+    them (a bf16 grid has 8 bits: a third of a pixel off near the edge of a 167-pixel-wide level)."""
+    W = 167
+    value = torch.arange(W, dtype=torch.bfloat16).repeat(2)[None, :, None, None]  # (1, 2 W, 1, 1): a ramp, exact
+    x = torch.linspace(0.6, 0.99, 50, dtype=torch.float64)
+    locations = torch.stack([x, torch.full_like(x, 0.5)], -1)[None, :, None, None, None].float()  # (1, Q, 1, 1, 1, 2)
+    sampled = deformable_detr.sample_levels(value, [(2, W)], locations, torch.ones(1, 50, 1, 1, 1))  # (1, Q, 1)
+    torch.testing.assert_close(sampled[0, :, 0].double(), x * W - 0.5, rtol=0, atol=1e-3)  # the ramp at x
+
+
 def test_deformable_attention_gradcheck_and_padded_values_read_as_zeros():
     value, shapes, locations, weights = deformable_inputs(B=1, Q=2, D=2)
     inputs = [t.requires_grad_() for t in (value, locations, weights)]
@@ -2240,6 +2257,11 @@ def test_deformable_attention_starts_as_upstream():
     assert not box.weight.any() and box.bias.tolist() == [0, 0, -2, -2]
     plus = detection.build("deformable-detr-plus-dgmn2-small", 91)
     assert all(not h.layers[-1].bias.any() for h in plus.box_heads) and len(plus.box_heads) == 7
+    for layer in (plus.enc_output, plus.pos_trans):  # xavier's bound, above nn.Linear's 1 / sqrt(fan in)
+        bound = math.sqrt(6 / sum(layer.weight.shape))
+        assert 0.95 * bound < layer.weight.abs().max() <= bound
+    refined = deformable_detr.DeformableDETR(detr.backbone, 91, box_refine=True)  # upstream: the first head's -2 alone
+    assert [h.layers[-1].bias.tolist() for h in refined.box_heads] == [[0, 0, -2, -2]] + [[0, 0, 0, 0]] * 5
 
 
 @functools.cache
@@ -2459,7 +2481,8 @@ def test_every_deformable_detr_parameter_gets_a_gradient_in_two_steps(name):
 
 @pytest.mark.parametrize("name, queries", [("deformable-detr-dgmn2-tiny", 300), ("sparse-rcnn-dgmn2-small", 12)])
 def test_the_set_prediction_detectors_detect_inside_the_image_in_its_pixels(name, queries):
-    """The top 100 query-class pairs (all 60 of 12 proposals x 5 classes), in each image's own pixels."""
+    """The top query-class pairs (Deformable DETR: 100 of 300 queries x 5 classes; Sparse R-CNN: as many as its 12
+    proposals, upstream's), in each image's own pixels."""
     torch.manual_seed(0)
     model = detection.build(name, 5, min_size=64, max_size=96, queries=queries).eval()
     images, _ = detr_batch()
@@ -2467,7 +2490,7 @@ def test_the_set_prediction_detectors_detect_inside_the_image_in_its_pixels(name
         outputs = model(images)
     for image, output in zip(images, outputs):
         H, W = image.shape[-2:]
-        boxes, count = output["boxes"], min(100, 5 * queries)
+        boxes, count = output["boxes"], 100 if name.startswith("deformable") else queries
         assert boxes.shape == (count, 4) and output["scores"].shape == output["labels"].shape == (count,)
         assert (boxes >= 0).all() and (boxes[:, 0::2] <= W).all() and (boxes[:, 1::2] <= H).all()
         assert (boxes[:, 2:] >= boxes[:, :2]).all() and boxes[:, 2].max() > 0.8 * W  # in this image's pixels
@@ -2665,7 +2688,7 @@ def test_an_images_sparse_rcnn_detections_do_not_change_when_batched_with_a_larg
     small, large = torch.rand(3, 64, 64).double(), torch.rand(3, 64, 192).double()  # no resize; padded in the batch
     with torch.no_grad():
         alone, batched = model([small])[0], model([small, large])[0]
-    assert alone["boxes"].shape == (100, 4)
+    assert alone["boxes"].shape == (20, 4)  # as many (proposal, class) pairs as proposals
     for key in ("boxes", "scores", "labels"):
         torch.testing.assert_close(batched[key], alone[key])
 
@@ -2915,6 +2938,9 @@ def test_bad_input_gives_one_line(tmp_path):
              (dict(data=str(data), resume=str(tmp_path / "none.pth")), "none.pth: no such checkpoint"),
              (dict(data=str(data), weights=str(other)), "--weights .*small.pth: checkpoint does not fit this DGMN2"),
              (dict(model="huge"), "unknown --model 'huge'"),
+             (dict(drop_path=1.0), r"--drop-path 1.0: a probability of dropping a block, in \[0, 1\)"),
+             (dict(clip_grad=-1.0), "--clip-grad must be >= 0, got -1.0"),
+             (dict(crop_scale=0.0), r"--crop-scale 0.0: a fraction of the image's area, in \(0, 1\]"),
              (dict(eval_only=True), "--eval-only needs the weights to evaluate"),
              (dict(eval_only=True, resume="auto"), "--eval-only --resume auto: no checkpoint in"),
              (dict(amp="fp8"), "unknown --amp 'fp8'"),
@@ -2924,6 +2950,24 @@ def test_bad_input_gives_one_line(tmp_path):
         with pytest.raises(train_imagenet.InputError, match=message) as error:
             train_imagenet.main(tiny_run(tmp_path, **overrides))
         assert "\n" not in str(error.value)
+
+
+def test_an_imagenet_resume_refuses_another_schedule(tmp_path):
+    """The saved optimiser and scheduler hold the learning rates and the cosine's length: a resume with other ones
+    would follow the saved schedule (past its end, back up the cosine), so it is refused; an evaluation is not."""
+    saved = train_imagenet.Config()
+    path = tmp_path / "checkpoint-0000002.pth"
+    torch.save(dict(model={}, optimizer={}, scheduler={}, scaler={}, step=0, plan={},
+                    config=dataclasses.asdict(saved)), path)
+    for changed, message in [(dict(epochs=400), "saved with --epochs 300, not 400"),
+                             (dict(lr=2e-3), "saved with --lr 0.001, not 0.002"),
+                             (dict(min_lr=0.0), "saved with --min-lr 1e-05, not 0.0")]:
+        with pytest.raises(train_imagenet.InputError, match=message):
+            train_imagenet.read_checkpoint(path, dataclasses.replace(saved, **changed),
+                                           train_imagenet.WEIGHTS_DEPEND_ON, train_imagenet.TRAINING_DEPENDS_ON)
+    evaluation = dataclasses.replace(saved, epochs=400, eval_only=True)
+    assert train_imagenet.read_checkpoint(path, evaluation, train_imagenet.WEIGHTS_DEPEND_ON,
+                                          train_imagenet.TRAINING_DEPENDS_ON)["config"]["epochs"] == 300
 
 
 @pytest.mark.slow
@@ -3193,6 +3237,8 @@ def test_segmentation_bad_input_gives_one_line(tmp_path):
     cases = [(dict(data=str(tmp_path / "nowhere")), "nowhere: no such data directory"),
              (dict(data=str(data)), "not a Cityscapes directory for split 'val'"),
              (dict(eval_stride=40), "--eval-stride 40 exceeds the window --crop 32"),
+             (dict(scale_min=2.0, scale_max=1.0), "--scale-min 2.0 and --scale-max 1.0: give 0 < min <= max"),
+             (dict(poly_power=0.0), "--poly-power 0.0 must be positive"),
              (dict(model="segformer"), "unknown --model 'segformer'"),
              (dict(pretrained=str(tmp_path / "none.pth")), "--pretrained .*none.pth: no such checkpoint file"),
              (dict(model="fcn", pretrained=str(notes)), "--pretrained .*notes.txt: not a readable checkpoint")]
@@ -3524,6 +3570,7 @@ def test_dgmn_rates_and_groups_reach_the_module():
     assert not any(m.dynamic_weights for m in module.messages)
     assert all(m.predict.per_node.out_channels == 9 * 9 for m in module.messages)  # K affinities of K nodes, no filters
     assert not any(m.dynamic_weights for m in dgmn_module(model="fcn-da", dgmn_rates="1,6").messages)
+    assert isinstance(dgmn_module(model="fcn-dgmn").sigma, nn.ReLU)  # Eq. 2's sigma: the classifier follows
 
 
 def test_fcn_options_are_refused_elsewhere_and_bad_values_in_one_line(tmp_path):
@@ -3543,7 +3590,7 @@ def test_fcn_options_are_refused_elsewhere_and_bad_values_in_one_line(tmp_path):
         assert "\n" not in str(error.value)
 
 
-def test_a_resume_refuses_other_fcn_options(tmp_path):
+def test_a_resume_refuses_other_fcn_options_and_another_schedule(tmp_path):
     saved = cs.Config(model="fcn-dgmn", dgmn_rates="1,6,12", ohem=True)
     path = tmp_path / "checkpoint-0000002.pth"
     torch.save(dict(model={}, optimizer={}, scheduler={}, scaler={}, step=0, plan={},
@@ -3551,7 +3598,9 @@ def test_a_resume_refuses_other_fcn_options(tmp_path):
     for changed, message in [(dict(dgmn_rates=""), "saved with --dgmn-rates '1,6,12', not ''"),
                              (dict(dgmn_groups=0), "saved with --dgmn-groups 4, not 0"),
                              (dict(multi_grid=True), "saved with --multi-grid False, not True"),
-                             (dict(ohem=False), "saved with --ohem True, not False")]:
+                             (dict(ohem=False), "saved with --ohem True, not False"),
+                             (dict(lr=1e-2), "saved with --lr 0.0, not 0.01"),  # the saved optimiser's would win
+                             (dict(poly_power=2.0), "saved with --poly-power 0.9, not 2.0")]:
         with pytest.raises(cs.InputError, match=message):
             cs.read_checkpoint(path, dataclasses.replace(saved, **changed), cs.WEIGHTS_DEPEND_ON,
                                cs.TRAINING_DEPENDS_ON)

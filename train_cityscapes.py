@@ -307,7 +307,8 @@ CHOICES = dict(model=list(segmentation.MODELS), mode=["fine", "coarse"], output_
                eval_split=["val", "test"], optimizer=["auto", "adamw", "sgd"], amp=["auto", "bf16", "fp16", "off"])
 # A resume refuses a checkpoint saved with other values of WEIGHTS_DEPEND_ON and, to train on, of TRAINING_DEPENDS_ON
 WEIGHTS_DEPEND_ON = ["model", "output_stride", "dgmn_rates", "dgmn_groups", "multi_grid"]
-TRAINING_DEPENDS_ON = ["optimizer", "iterations", "batch_size", "eval_every", "ohem", "mode", "trainval"]
+TRAINING_DEPENDS_ON = ["optimizer", "lr", "weight_decay", "poly_power",  # the saved optimiser and schedule hold these
+                       "iterations", "batch_size", "eval_every", "ohem", "mode", "trainval"]
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 CROP_TRIES, CAT_MAX_RATIO = 10, 0.75  # mmseg's RandomCrop: at most 10 redraws of a window where one class covers 75%
 TRAIN_CLASSES = [c for c in torchvision.datasets.Cityscapes.classes if c.train_id not in (-1, 255)]  # by train id
@@ -377,6 +378,11 @@ def check(cfg):
     refusals = [
         (not re.fullmatch(r"([1-9]\d*(,[1-9]\d*)*)?", cfg.dgmn_rates), f"--dgmn-rates {cfg.dgmn_rates!r}: give "
          "positive integers separated by commas, e.g. 1,6,12"),
+        (cfg.lr < 0, f"--lr {cfg.lr}: a learning rate, or 0 for the optimiser's paper value"),
+        (cfg.weight_decay < 0, f"--weight-decay {cfg.weight_decay} must be at least 0"),
+        (cfg.poly_power <= 0, f"--poly-power {cfg.poly_power} must be positive"),
+        (not 0 < cfg.scale_min <= cfg.scale_max, f"--scale-min {cfg.scale_min} and --scale-max {cfg.scale_max}: give "
+         "0 < min <= max"),
         (cfg.eval_stride > cfg.crop, f"--eval-stride {cfg.eval_stride} exceeds the window --crop {cfg.crop}: pixels "
          "missed"),
         (cfg.eval_only and not cfg.resume, "--eval-only needs the model to evaluate: --resume CKPT"),

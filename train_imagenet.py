@@ -300,6 +300,10 @@ def command_line():
 # ================================================================================================================
 # Configuration: the paper's recipe by default; SYNTHETIC replaces what no option set when there is no --data
 REFERENCE_BATCH = 1024  # the global batch at which --lr is given (8 GPUs x 128)
+# A resume refuses a checkpoint saved with other values of WEIGHTS_DEPEND_ON and, to train on, of TRAINING_DEPENDS_ON
+# (the saved optimiser and schedule hold the learning rates, weight decay and step counts these set)
+WEIGHTS_DEPEND_ON = ["model"]
+TRAINING_DEPENDS_ON = ["batch_size", "epochs", "warmup_epochs", "lr", "warmup_lr", "min_lr", "weight_decay"]
 
 
 @dataclass
@@ -354,15 +358,26 @@ CHOICES = dict(model=list(dgmn2.VARIANTS), amp=["auto", "bf16", "fp16", "off"])
 def check(cfg):
     """Settings that cannot work, named before anything starts."""
     positive = ["epochs", "batch_size", "img_size", "repeated_aug", "log_every", "synthetic_train", "synthetic_val"]
-    for name in [n for n in positive if getattr(cfg, n) < 1] + [n for n in ["workers", "bench"] if getattr(cfg, n) < 0]:
+    at_least_0 = ["workers", "bench", "warmup_epochs", "min_lr", "weight_decay", "randaugment_ops", "mixup", "cutmix",
+                  "clip_grad"]  # a negative clip norm would turn the gradient around
+    for name in [n for n in positive if getattr(cfg, n) < 1] + [n for n in at_least_0 if getattr(cfg, n) < 0]:
         raise InputError(f"--{name.replace('_', '-')} must be {'positive' if name in positive else '>= 0'}, "
                          f"got {getattr(cfg, name)}")
-    if cfg.eval_resize and cfg.eval_resize < cfg.img_size:
-        raise InputError(f"--eval-resize {cfg.eval_resize} is smaller than the --img-size {cfg.img_size} it crops")
-    if cfg.eval_only and not (cfg.resume or cfg.weights):
-        raise InputError("--eval-only needs the weights to evaluate: --resume CKPT or --weights RELEASE_CKPT")
-    if not 0 < cfg.warmup_lr <= cfg.lr * cfg.batch_size / REFERENCE_BATCH:
-        raise InputError(f"--warmup-lr {cfg.warmup_lr} must be positive and at most the peak learning rate")
+    refusals = [  # each would fail late (drop path at --drop-path-epoch) or deep inside torch or torchvision
+        (not 0 < cfg.crop_scale <= 1, f"--crop-scale {cfg.crop_scale}: a fraction of the image's area, in (0, 1]"),
+        (not 0 <= cfg.random_erasing <= 1, f"--random-erasing {cfg.random_erasing}: a probability, in [0, 1]"),
+        (not 0 <= cfg.label_smoothing < 1, f"--label-smoothing {cfg.label_smoothing}: in [0, 1)"),
+        (not 0 <= cfg.drop_path < 1, f"--drop-path {cfg.drop_path}: a probability of dropping a block, in [0, 1)"),
+        (not 0 <= cfg.ema_decay < 1, f"--ema-decay {cfg.ema_decay}: in [0, 1) (0: no moving average)"),
+        (cfg.eval_resize and cfg.eval_resize < cfg.img_size, f"--eval-resize {cfg.eval_resize} is smaller than the "
+         f"--img-size {cfg.img_size} it crops"),
+        (cfg.eval_only and not (cfg.resume or cfg.weights), "--eval-only needs the weights to evaluate: --resume CKPT "
+         "or --weights RELEASE_CKPT"),
+        (not 0 < cfg.warmup_lr <= cfg.lr * cfg.batch_size / REFERENCE_BATCH, f"--warmup-lr {cfg.warmup_lr} must be "
+         "positive and at most the peak learning rate")]
+    for refused, message in refusals:
+        if refused:
+            raise InputError(message)
 
 
 # ---- The built-in synthetic set: shapes to tell apart ----------------------------------------------------------
@@ -696,7 +711,7 @@ def run(cfg, rank, world, device):
     parts = Parts(model, distribute(model, cfg, world), optimizer, scheduler, scaler, autocast,
                   nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), ema, train_loader, val_loader,
                   dict(steps_per_epoch=steps_per_epoch))
-    path, state = (None, None) if cfg.bench else resume(cfg, rank, world, ["model"], ["batch_size"], log)
+    path, state = (None, None) if cfg.bench else resume(cfg, rank, world, WEIGHTS_DEPEND_ON, TRAINING_DEPENDS_ON, log)
     start = restore(path, state, cfg, parts, log)
     if cfg.eval_only and state:
         evaluated_weights(path, state, parts, log)

@@ -402,18 +402,21 @@ def slide(model, image, classes, window, stride, batch=1, layout=torch.preserve_
 
 
 def predict(model, image, classes, window, stride, batch=1, layout=torch.preserve_format, scales=(1,), flip=False):
-    """Class probabilities (1, classes, H, W) of a (1, 3, H, W) image: slide()'s softmax at each of scales, and of
-    the mirrored image too if flip, resized back as the model's head resizes and summed (mmseg's aug_test)."""
+    """Class probabilities (1, classes, H, W) of a (1, 3, H, W) image: slide()'s logits at each of scales, and of
+    the mirrored image too if flip, resized back as the model's head resizes, then their softmax, summed (mmseg's
+    aug_test, which the release evaluates with)."""
     total, slid = 0, functools.partial(slide, model, classes=classes, window=window, stride=stride, batch=batch,
                                        layout=layout)
     for scale in scales:
         scaled = image if scale == 1 else F.interpolate(image, scale_factor=scale, mode="bilinear",
                                                         align_corners=False)
         for mirrored in [False, True][:1 + flip]:
-            scores = slid(scaled.flip(-1) if mirrored else scaled).softmax(dim=1)
-            scores = scores.flip(-1) if mirrored else scores
-            total = total + (scores if scale == 1 else F.interpolate(scores, size=image.shape[-2:], mode="bilinear",
-                                                                     align_corners=model.align_corners))
+            logits = slid(scaled.flip(-1) if mirrored else scaled)
+            logits = logits.flip(-1) if mirrored else logits
+            if scale != 1:
+                logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear",
+                                       align_corners=model.align_corners)
+            total = total + logits.softmax(dim=1)
     return total
 
 

@@ -1882,6 +1882,25 @@ def test_sliding_window_equals_whole_image_inference():
                                    pointwise(image))
 
 
+def test_multi_scale_prediction_sums_the_softmax_of_logits_resized_back():
+    """mmseg's aug_test, as the release evaluates: each scale's (and mirror's) logits back at the image's size, then
+    their softmax, summed."""
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 5, 3, padding=1).eval()
+    model.align_corners = True  # as DGMN2's heads resize
+    image = torch.randn(1, 3, 30, 41)
+
+    def back(logits):
+        return F.interpolate(logits, size=(30, 41), mode="bilinear", align_corners=True)
+
+    with torch.no_grad():
+        half = F.interpolate(image, scale_factor=0.5, mode="bilinear", align_corners=False)
+        expected = sum(p.softmax(dim=1) for p in (model(image), model(image.flip(-1)).flip(-1), back(model(half)),
+                                                   back(model(half.flip(-1))).flip(-1)))
+        scores = segmentation.predict(model, image, 5, window=64, stride=48, scales=(1, 0.5), flip=True)
+    torch.testing.assert_close(scores, expected)
+
+
 def test_batched_sliding_windows_equal_one_window_a_forward():
     torch.manual_seed(0)
     net = segmentation.SemanticFPN(dgmn2.dgmn2_tiny(num_classes=0), 5).eval()

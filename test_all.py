@@ -4273,10 +4273,12 @@ def test_per_rank_evaluation_merged_equals_one_evaluation_of_all_images(capsys, 
 
 @NEEDS_PYCOCOTOOLS
 def test_a_rank_without_detections_still_counts_its_objects():
+    """Rank 1 (the even images) finds nothing; rank 2 has no images at all (fewer images than ranks)."""
     ground_truth, detections = random_coco()
-    found = [d for d in detections if d["image_id"] % 2]  # rank 1 (the even images) finds nothing
+    found = [d for d in detections if d["image_id"] % 2]
     parts = [train_coco.match(ground_truth, found, list(range(1, 15, 2)), "bbox"),
-             train_coco.match(ground_truth, [], list(range(2, 15, 2)), "bbox")]
+             train_coco.match(ground_truth, [], list(range(2, 15, 2)), "bbox"),
+             train_coco.match(ground_truth, [], [], "bbox")]
     with contextlib.redirect_stdout(io.StringIO()):
         single = COCOeval(ground_truth, ground_truth.loadRes([dict(d) for d in found]), "bbox")
         single.evaluate()
@@ -4284,6 +4286,27 @@ def test_a_rank_without_detections_still_counts_its_objects():
         single.summarize()
         merged = train_coco.score(ground_truth, parts, "bbox")
     assert merged["AP"] == round(100 * single.stats[0], 2) and 0 < merged["AP"]
+
+
+@NEEDS_PYCOCOTOOLS
+def test_annotations_the_models_cannot_take_are_refused_in_one_line():
+    def coco(categories, annotations, image):
+        ground_truth = COCO()
+        ground_truth.dataset = dict(images=[image], annotations=annotations, categories=categories)
+        with contextlib.redirect_stdout(io.StringIO()):
+            ground_truth.createIndex()
+        return ground_truth
+
+    image, box = dict(id=1, file_name="1.png", height=8, width=8), dict(id=1, image_id=1, bbox=[0, 0, 4, 4])
+    person = [dict(id=1, name="person")]
+    train_coco.check_annotations(coco(person, [dict(box, category_id=1)], image), [1], "a.json")  # fits
+    cases = [(coco([], [], image), "a.json: lists no categories"),
+             (coco([dict(id=0, name="thing")], [], image), "a.json: category id 0: ids start at 1"),
+             (coco(person, [dict(box, category_id=3)], image), "annotations of category 3, which its categories do"),
+             (coco(person, [], dict(id=1, file_name="1.png")), "a.json: image 1 has no width or height")]
+    for ground_truth, message in cases:
+        with pytest.raises(train_coco.InputError, match=message):
+            train_coco.check_annotations(ground_truth, [1], "a.json")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -516,7 +516,24 @@ def load_coco(root, split, target_keys, train, keep_unannotated=False):
         raise InputError(f"{annotations}: not a COCO annotation file ({type(error).__name__}: {error})") from None
     if not dataset.ids:
         raise InputError(f"{annotations}: no {'usable annotated ' if train else ''}images")
+    check_annotations(dataset.coco, dataset.ids if train else [], annotations)
     return torchvision.datasets.wrap_dataset_for_transforms_v2(dataset, target_keys=target_keys)
+
+
+def check_annotations(coco, sized, path):
+    """What the models and the batching take for granted, refused in one line: categories listed, with ids from 1
+    (the class count is the largest id + 1, and torchvision's detectors read label 0 as background), every annotation
+    of a listed category, and the images of `sized` with a width and height (the batches group by aspect)."""
+    ids = coco.cats.keys()
+    if not ids or min(ids) < 1:
+        raise InputError(f"{path}: " + (f"category id {min(ids)}: ids start at 1 (0 is the detectors' background)"
+                                        if ids else "lists no categories"))
+    unlisted = {a["category_id"] for a in coco.anns.values()} - ids
+    if unlisted:
+        raise InputError(f"{path}: annotations of category {min(unlisted)}, which its categories do not list")
+    sizeless = [i for i in sized if not {"width", "height"} <= coco.imgs[i].keys()]
+    if sizeless:
+        raise InputError(f"{path}: image {sizeless[0]} has no width or height")
 
 
 def datasets(cfg, rank=0, world=1):
@@ -588,6 +605,8 @@ def to_coco_results(output, image_id):
 
 def match(ground_truth, results, image_ids, iou_type):
     """COCOeval.evaluate() on some images -> (their ids, sorted; their evaluations in (category, area, image) order)."""
+    if not image_ids:  # a rank without images (fewer than the ranks): pycocotools cannot evaluate none
+        return [], []
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' progress reports
         # loadRes refuses an empty list (then an empty COCO) and adds keys to the dicts it gets (copies)
         detections = ground_truth.loadRes([dict(r) for r in results]) if results else COCO()

@@ -2767,9 +2767,9 @@ def test_the_set_prediction_detectors_learn_from_an_image_without_objects(name):
 @NEEDS_PYCOCOTOOLS
 def test_the_sparse_rcnn_recipe_is_upstreams():
     cfg = train_coco.Config(model="sparse-rcnn-dgmn2-small", min_size=64, max_size=64, queries=30)
-    plan = train_coco.recipe(cfg, 270)  # 270 batches an epoch: 36 epochs, lr / 10 after 28 and 33 1/3
+    plan = train_coco.recipe(cfg, 270)  # iterations, whatever the epoch's length (COCO's: 7392 at batch 16)
     assert (plan["optimizer"], plan["lr"], plan["iterations"], plan["steps"], plan["warmup"], plan["warmup_factor"],
-            plan["clip"]) == ("adamw", 2.5e-5, 36 * 270, [7560, 9000], 1000, 0.01, 1.0)
+            plan["clip"]) == ("adamw", 2.5e-5, 270_000, [210_000, 250_000], 1000, 0.01, 1.0)
     assert train_coco.recipe(dataclasses.replace(cfg, warmup=0), 270)["warmup"] == 0  # none, not the recipe's
     model = train_coco.build_model(cfg, 91)
     optimizer, _ = train_coco.optimizer_and_schedule(model, plan, cfg.weight_decay)

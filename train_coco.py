@@ -4,7 +4,7 @@ or the modules DGMN is compared with (Sections 5.1-5.3, Tables 3, 5, 15, 16); py
 torchrun. Paper targets on COCO val2017 (box AP / mask AP), 1x schedule: RetinaNet DGMN2-Tiny/Small/Medium/Large 39.7,
 42.5, 43.7, 44.7 (Table 7); Mask R-CNN DGMN2-T/S/M/L 40.1 / 37.2, 43.4 / 39.7, 44.4 / 40.2, 46.2 / 41.6 (Table 8); Mask
 R-CNN R-50-FPN 37.8 / 34.4, + DGMN (C5) 40.2 / 36.0; R-101, X-101 (Tables 3, 16); Deformable DETR (50 epochs)
-DGMN2-T/S/M 44.4, 47.3, 48.4, "+" DGMN2-S 48.5 (Table 9); Sparse R-CNN (36 epochs) DGMN2-S 48.2 (Table 10).
+DGMN2-T/S/M 44.4, 47.3, 48.4, "+" DGMN2-S 48.5 (Table 9); Sparse R-CNN (3x, 270k iterations) DGMN2-S 48.2 (Table 10).
 
     torchrun --nproc_per_node 8 train_coco.py --model maskrcnn-dgmn2-tiny --data coco --pretrained dgmn2_tiny.pth
     torchrun --nproc_per_node 8 train_coco.py --model deformable-detr-dgmn2-tiny --data coco --pretrained dgmn2_tiny.pth
@@ -311,7 +311,7 @@ class Config:
     dgmn_rates: str = option("", "DGMN's sampling rates, e.g. 1,4,8 (Table 15); empty: COCO's 1,4,8,12 (Section 5.1)")
     dgmn_groups: int = option(detection.DGMN_GROUPS, "DGMN's filter groups G (Table 15); 0: no dynamic weights")
     iterations: int = option(0, "training steps; 0: the recipe's, 12 epochs (DGMN2), 90,000 (ResNets), 50 epochs "
-                             "(Deformable DETR), 36 (Sparse R-CNN)")
+                             "(Deformable DETR), 270,000 (Sparse R-CNN)")
     lr_steps: str = option("", "the steps after which the lr is multiplied by 0.1 (60000,80000); empty: the recipe's")
     batch_size: int = option(16, "the global batch: images a step over all processes together, as the paper counts")
     optimizer: str = option("auto", "auto: the paper's, AdamW (Deformable DETR's backbone, sampling offsets and "
@@ -382,8 +382,8 @@ def recipe(cfg, iterations_per_epoch):
     optimizer = cfg.optimizer if cfg.optimizer != "auto" else "sgd" if resnet else "adamw"
     if detr:  # Section 6.2, upstream Deformable DETR: 50 epochs, lr / 10 after 40, no warm-up, gradient norm 0.1
         iterations, fractions, warmup_factor = 50 * iterations_per_epoch, (40 / 50,), 1.0
-    elif sparse:  # upstream Sparse R-CNN's 3x: 270k iterations at batch 16 (36 epochs), lr / 10 at 210k and 250k
-        iterations, fractions, warmup_factor = 36 * iterations_per_epoch, (7 / 9, 25 / 27), 0.01
+    elif sparse:  # upstream Sparse R-CNN's 3x: 270k iterations at batch 16 (about 36 epochs), lr / 10 at 210k, 250k
+        iterations, fractions, warmup_factor = 270_000, (7 / 9, 25 / 27), 0.01
     elif resnet:  # Section 8.1.2: Detectron's 1x, 90k iterations at batch 16, lr / 10 at 60k and 80k
         iterations, fractions, warmup_factor = 90_000, (2 / 3, 8 / 9), 0.3
     else:  # Section 6.2, the release's configs: 12 epochs, lr / 10 after epochs 8, 11 (step=[8, 11]; "at 9 and 11")

@@ -19,7 +19,6 @@ The authors' ImageNet checkpoints (fudan-zvg/DGMN2) load with `load_official`.
 
 import argparse
 import math
-import pickle
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -367,8 +366,9 @@ def load_checkpoint(path):
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as error:
-        raise ValueError(f"{path}: not a readable checkpoint ({str(error).strip().splitlines()[0]})") from None
+    except Exception as error:  # any unpickling failure (a text file: KeyError) is one bad file
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0]  # an empty file's EOFError has none
+        raise ValueError(f"{path}: not a readable checkpoint ({reason})") from None
 
 
 def _read(checkpoint):

@@ -167,19 +167,23 @@ def _attention_composed(qkv, walks, width, height, size, heads, scale):
     H = size[0]
     q, k, v = rearrange(qkv, "b (h w) (three c) -> three b c h w", three=3, h=H)    # views, each (B, C, H, W)
     offsets = rearrange(walks, "b (h w) g o -> b (g o) h w", h=H)                   # (B, 2K G, H, W)
+    width, height = width.to(q.dtype), height.to(q.dtype)  # einsum takes one dtype (the fused op: float32 tables)
     logits = dot(q, k, offsets, heads, offset_groups=heads) * scale + \
         _relative_logits(rearrange(q, "b (g d) h w -> b g d h w", g=heads), width, height)  # (B, G, K, H, W)
     out = aggregate(v, offsets, logits.softmax(dim=2), offset_groups=heads)          # (B, C, H, W)
     return rearrange(out, "b c h w -> b (h w) c")
 
 
+def _no_autocast(device):
+    """A context with autocast off on this device (the meta device has no autocast: nothing to turn off)."""
+    return torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type) \
+        else contextlib.nullcontext()
+
+
 def _in_float(fn, *args, dtype):
     """Run a reference function in float32 (float64 stays) with autocast off; return its result in `dtype`."""
     compute = torch.promote_types(dtype, torch.float32)
-    device = next(a for a in args if isinstance(a, torch.Tensor)).device
-    no_autocast = torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type) \
-        else contextlib.nullcontext()  # the meta device has no autocast
-    with no_autocast:
+    with _no_autocast(next(a for a in args if isinstance(a, torch.Tensor)).device):
         out = fn(*(a.to(compute) if isinstance(a, torch.Tensor) else a for a in args))
     return out.to(dtype)
 
@@ -408,7 +412,8 @@ def _table_grads(grad_logits, qkv, tables, rows, heads):
     ds = rearrange(grad_logits, "b (h w) g k -> b h w g k", h=rows)
     grads = []
     for table, axis in zip(tables, ("w", "h")):
-        per_position = torch.einsum(f"bhwgk,bhwgd->{axis}kd", ds, q)                     # (side, K, D)
+        with _no_autocast(q.device):  # a backward inside autocast would round the sums to its dtype
+            per_position = torch.einsum(f"bhwgk,bhwgd->{axis}kd", ds, q)                 # (side, K, D)
         rows_read = _slot_rows(per_position.shape[0], K, q.device)                       # (side, K)
         grads.append(table.new_zeros(table.shape).index_add_(0, rows_read.flatten(), per_position.flatten(0, 1)))
     return grads
@@ -517,6 +522,8 @@ def dot(q, x, offsets, groups=1, dilation=1, offset_groups=1):
 def _check_attention(qkv, walks, width, height, size, heads):
     """Validate the inputs of attention()."""
     H, W = size
+    if not (isinstance(heads, int) and heads > 0):
+        raise ValueError(f"heads must be a positive int, got {heads!r}")
     if qkv.dim() != 3 or not qkv.is_floating_point() or qkv.shape[1] != H * W or qkv.shape[2] % (3 * heads):
         raise ValueError(f"qkv must be a floating-point (B, N, 3C) tensor with N = H W = {H} x {W} and C divided by "
                          f"{heads} heads, got {qkv.dtype} of shape {tuple(qkv.shape)}")

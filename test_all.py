@@ -756,6 +756,32 @@ def test_fused_attention_in_half_types_keeps_float32_logits(dtype):
         assert attention(loud, walks_, width, height).isfinite().all()
 
 
+def test_attention_backward_inside_autocast_and_tables_of_another_dtype():
+    """A backward run inside the autocast block gives the gradients of one run outside it (the table gradients are
+    summed with autocast off); bf16 qkv with float32 tables, without autocast, runs on both paths."""
+    B, H, W, G, D = 2, 5, 6, 2, 16
+    inputs = attention_inputs(B, H, W, G, D, dtype=torch.float32)
+
+    def grads(backward_inside):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        with sampler.backend("kernel"), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = sampler.attention(*leaves, (H, W), G, D ** -0.5).float().square().sum()
+            if backward_inside:
+                loss.backward()
+        if not backward_inside:
+            loss.backward()
+        return [t.grad for t in leaves]
+
+    for inside, outside in zip(grads(True), grads(False)):
+        torch.testing.assert_close(inside, outside, rtol=0, atol=0)
+    qkv, walks_, width, height = inputs
+    half = []
+    for path in ("torch", "kernel"):
+        with sampler.backend(path):
+            half.append(sampler.attention(qkv.bfloat16(), walks_.bfloat16(), width, height, (H, W), G, D ** -0.5))
+    torch.testing.assert_close(half[0].float(), half[1].float(), rtol=0.05, atol=0.05)
+
+
 def test_attention_names_a_bad_input():
     qkv, walks_, width, height = attention_inputs(1, 3, 4, 2, 4)
     cases = [((qkv[..., :-1], walks_, width, height), "qkv must be"),
@@ -765,6 +791,8 @@ def test_attention_names_a_bad_input():
     for inputs, message in cases:
         with pytest.raises(ValueError, match=message):
             sampler.attention(*inputs, (3, 4), 2, 0.5)
+    with pytest.raises(ValueError, match="heads must be a positive int, got 0"):
+        sampler.attention(qkv, walks_, width, height, (3, 4), 0, 0.5)
 
 
 def test_flop_counter_counts_the_fused_attention_as_the_composed():
@@ -1383,6 +1411,11 @@ def test_load_official_refuses_what_does_not_fit(tmp_path):
         dgmn2.load_official(dgmn2.dgmn2_tiny(), 3)
     with pytest.raises(ValueError, match="nowhere.pth: no such checkpoint file"):
         dgmn2.load_official(dgmn2.dgmn2_tiny(), tmp_path / "nowhere.pth")
+    (tmp_path / "empty.pth").touch()
+    (tmp_path / "notes.pth").write_text("hello")
+    for name in ("empty.pth", "notes.pth"):
+        with pytest.raises(ValueError, match=f"{name}: not a readable checkpoint"):
+            dgmn2.load_official(dgmn2.dgmn2_tiny(), tmp_path / name)
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="notes.txt: not a readable checkpoint") as error:
         dgmn2.load_official(dgmn2.dgmn2_tiny(), tmp_path / "notes.txt")
@@ -2946,15 +2979,17 @@ def test_bad_input_gives_one_line(tmp_path):
     (tmp_path / "empty" / "val").mkdir()
     mismatch = write_image_folder(tmp_path / "mismatch")
     (mismatch / "val" / "fox").rename(mismatch / "val" / "wolf")
-    other = tmp_path / "small.pth"
+    other, empty = tmp_path / "small.pth", tmp_path / "empty.pth"
     torch.save(dict(model={}, optimizer={}, scheduler={}, scaler={}, step=0, plan={}, config={"model": "small"}),
                other)
+    empty.touch()
     cases = [(dict(data=str(tmp_path / "nowhere")), "nowhere: no such data directory"),
              (dict(data=str(tmp_path)), r"no train or val folder \(expected .*/train/CLASS/IMAGE"),
              (dict(data=str(tmp_path / "empty")), "empty/train: Couldn't find any class folder"),
              (dict(data=str(mismatch)), "train has 3 classes and val 3, and they differ \\(first: fox\\)"),
              (dict(data=str(data), resume=str(other)), "small.pth: saved with --model 'small', not 'tiny'"),
              (dict(data=str(data), resume=str(tmp_path / "none.pth")), "none.pth: no such checkpoint"),
+             (dict(data=str(data), resume=str(empty)), r"empty.pth: not a readable checkpoint \(EOFError\)"),
              (dict(data=str(data), weights=str(other)), "--weights .*small.pth: checkpoint does not fit this DGMN2"),
              (dict(model="huge"), "unknown --model 'huge'"),
              (dict(drop_path=1.0), r"--drop-path 1.0: a probability of dropping a block, in \[0, 1\)"),

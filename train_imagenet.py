@@ -190,7 +190,8 @@ def read_checkpoint(path, cfg, weights_depend_on, training_depends_on):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unpickling failure is one bad file
-        raise InputError(f"{path}: not a readable checkpoint ({str(error).strip().splitlines()[0]})") from None
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0]  # an empty file's EOFError has none
+        raise InputError(f"{path}: not a readable checkpoint ({reason})") from None
     if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "config"} <= state.keys():
         raise InputError(f"{path}: not a checkpoint of {Path(__file__).name} (backbone weights go to --pretrained)")
     for name in [*weights_depend_on, *([] if cfg.eval_only else training_depends_on)]:

@@ -2389,7 +2389,8 @@ def random_batch(Q, counts, K=3, seed=0):
 
 @pytest.mark.parametrize("box_format", ["cxcywh", "xyxy"])
 def test_the_matcher_finds_the_cheapest_of_all_injective_assignments(box_format):
-    """Against every assignment's cost by hand, for boxes as Deformable DETR gives them and as corners (Sparse R-CNN)."""
+    """Against every assignment's cost by hand, for boxes as Deformable DETR gives them and as corners (Sparse
+    R-CNN's)."""
     Q = 5
     for T, seed in itertools.product(range(7), range(4)):  # fewer targets than queries, as many, more
         prediction, targets = random_batch(Q, [T, 6 - T], seed=seed)

@@ -3150,8 +3150,22 @@ def test_repeated_augmentation_deals_each_image_three_times_across_ranks():
     assert len(set(seeds)) == 12  # each copy its own augmentation
 
 
+def test_randaugment_posterizes_as_timms_increasing_operation():
+    """timm's PosterizeIncreasing keeps 4 - int(0.4 m) bits (torchvision's Posterize 8 - round(0.4 m)), here at
+    least 1; applied, m9 leaves each channel its top bit."""
+    bits = train_imagenet.TimmOperations._AUGMENTATION_SPACE["Posterize"][0](101, 8, 8)
+    assert [bits[10 * m].item() for m in (0, 2, 5, 9, 10)] == [4, 4, 2, 1, 1]
+
+    class PosterizeOnly(train_imagenet.TimmOperations):
+        _AUGMENTATION_SPACE = {"Posterize": train_imagenet.TimmOperations._AUGMENTATION_SPACE["Posterize"]}
+
+    from PIL import Image
+    image = PosterizeOnly(1, 90, num_magnitude_bins=101)(Image.new("RGB", (8, 8), (200, 100, 50)))
+    assert image.getpixel((3, 3)) == (128, 0, 0)
+
+
 def test_randaugment_follows_timms_scale(monkeypatch):
-    calls, rotations = [], torchvision.transforms.v2.RandAugment._AUGMENTATION_SPACE["Rotate"][0]
+    calls, rotations = [], train_imagenet.TimmOperations._AUGMENTATION_SPACE["Rotate"][0]
 
     class Recorder:
         def __init__(self, num_ops, magnitude, num_magnitude_bins, **kwargs):
@@ -3161,7 +3175,7 @@ def test_randaugment_follows_timms_scale(monkeypatch):
         def __call__(self, image):
             return image
 
-    monkeypatch.setattr(train_imagenet.v2, "RandAugment", Recorder)
+    monkeypatch.setattr(train_imagenet, "TimmOperations", Recorder)
     torch.manual_seed(0)
     exact = train_imagenet.RandAugment(2, 9.0, std=0.0)
     for _ in range(1000):

@@ -292,6 +292,25 @@ def test_kernel_matches_reference(device, dtype, C, G, Go, layout):
                 torch.testing.assert_close(a, b, rtol=1.3e-6, atol=2e-6 * b.abs().max().item())
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ks", [1, 5])
+def test_kernel_matches_reference_at_other_kernel_sizes(device, ks):
+    """The grids other than 3 x 3 (K = 1 and 25, dilation 3, two walk groups) at fractional walks: values and
+    gradients in float64."""
+    B, C, G, Go, H, W, K = 2, 8, 4, 2, 6, 7, ks * ks
+    g = torch.Generator().manual_seed(ks)
+    x, q = (torch.randn(B, C, H, W, generator=g, dtype=torch.float64).to(device) for _ in range(2))
+    offsets = walks(B, K, H, W, seed=ks, groups=Go).to(device)
+    weights = torch.randn(B, G, K, H, W, generator=g, dtype=torch.float64).to(device)
+    calls = [(lambda x, o: sampler.sample(x, o, 3, Go), (x, offsets)),
+             (lambda x, o, w: sampler.aggregate(x, o, w, 3, Go), (x, offsets, weights)),
+             (lambda q, x, o: sampler.dot(q, x, o, G, 3, Go), (q, x, offsets))]
+    for fn, inputs in calls:
+        reference, kernel = both_paths(fn, inputs)
+        for a, b in zip(kernel, reference):
+            torch.testing.assert_close(a, b)
+
+
 @CUDA
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("G, shift", [(1, 0), (2, 0), (2, 1)])

@@ -412,7 +412,7 @@ def _table_grads(grad_logits, qkv, tables, rows, heads):
     ds = rearrange(grad_logits, "b (h w) g k -> b h w g k", h=rows)
     grads = []
     for table, axis in zip(tables, ("w", "h")):
-        with _no_autocast(q.device):  # a backward inside autocast would round the sums to its dtype
+        with _no_autocast(q.device):  # a backward inside autocast: its bf16 sums would not add into the table
             per_position = torch.einsum(f"bhwgk,bhwgd->{axis}kd", ds, q)                 # (side, K, D)
         rows_read = _slot_rows(per_position.shape[0], K, q.device)                       # (side, K)
         grads.append(table.new_zeros(table.shape).index_add_(0, rows_read.flatten(), per_position.flatten(0, 1)))

@@ -272,6 +272,13 @@ def both_paths(fn, inputs):
     return results
 
 
+def every_function(x, q, offsets, weights, dilation, groups, offset_groups):
+    """sample, aggregate and dot, each as (a function of its tensors, those tensors)."""
+    return [(lambda x, o: sampler.sample(x, o, dilation, offset_groups), (x, offsets)),
+            (lambda x, o, w: sampler.aggregate(x, o, w, dilation, offset_groups), (x, offsets, weights)),
+            (lambda q, x, o: sampler.dot(q, x, o, groups, dilation, offset_groups), (q, x, offsets))]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("C, G, Go", [(12, 1, 1), (12, 4, 2), (5, 5, 5), (6, 2, 2), (40, 2, 1), (144, 2, 2)])
@@ -279,10 +286,7 @@ def both_paths(fn, inputs):
 def test_kernel_matches_reference(device, dtype, C, G, Go, layout):
     """Values and gradients of every function, C / G of 12, 3, 1 (G = C), 20 and 72 channels, walk groups."""
     x, q, offsets, weights = odd_inputs(C, G, Go, dtype, device, layout)
-    calls = [(lambda x, o: sampler.sample(x, o, 2, Go), (x, offsets)),
-             (lambda x, o, w: sampler.aggregate(x, o, w, 2, Go), (x, offsets, weights)),
-             (lambda q, x, o: sampler.dot(q, x, o, G, 2, Go), (q, x, offsets))]
-    for fn, inputs in calls:
+    for fn, inputs in every_function(x, q, offsets, weights, 2, G, Go):
         reference, kernel = both_paths(fn, inputs)
         for a, b in zip(kernel, reference):
             if dtype == torch.float64:
@@ -302,10 +306,7 @@ def test_kernel_matches_reference_at_other_kernel_sizes(device, ks):
     x, q = (torch.randn(B, C, H, W, generator=g, dtype=torch.float64).to(device) for _ in range(2))
     offsets = walks(B, K, H, W, seed=ks, groups=Go).to(device)
     weights = torch.randn(B, G, K, H, W, generator=g, dtype=torch.float64).to(device)
-    calls = [(lambda x, o: sampler.sample(x, o, 3, Go), (x, offsets)),
-             (lambda x, o, w: sampler.aggregate(x, o, w, 3, Go), (x, offsets, weights)),
-             (lambda q, x, o: sampler.dot(q, x, o, G, 3, Go), (q, x, offsets))]
-    for fn, inputs in calls:
+    for fn, inputs in every_function(x, q, offsets, weights, 3, G, Go):
         reference, kernel = both_paths(fn, inputs)
         for a, b in zip(kernel, reference):
             torch.testing.assert_close(a, b)

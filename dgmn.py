@@ -184,22 +184,29 @@ def deformable_message_passing(channels, rates=COCO_RATES, groups=4, kernel_size
 
 
 class NonLocal(nn.Module):
-    """The non-local block (Wang et al., CVPR 2018), embedded Gaussian: y = softmax(theta(x)^T phi(x)) g(x) over all
-    N = H W positions, z = x + BN(W_z y), BN's weight starting at 0 so that a new block is the identity. theta, phi and
-    g are 1x1 convs to inner_channels (C / 2 by default); no sub-sampling. x (B, C, H, W) -> (B, C, H, W)."""
+    """The non-local block (Wang et al., CVPR 2018), embedded Gaussian: y = softmax(theta(x)^T phi(x) / sqrt(C')) g(x)
+    over all N = H W positions, z = x + BN(W_z y), BN's weight starting at 0 so that a new block is the identity.
+    theta, phi and g are 1x1 convs to C' = inner_channels (C / 2 by default), drawn from N(0, 0.01^2); no
+    sub-sampling. The scale and the small start are the authors' release's (and mmcv's), not in the paper's equation:
+    unscaled from PyTorch's default start, a query's largest weight on a random 512-channel 20 x 30 map is 0.20, not
+    near 1 / N (0.0017): its attention would start far from the uniform average the release starts from.
+    x (B, C, H, W) -> (B, C, H, W)."""
 
     def __init__(self, channels, inner_channels=None):
         super().__init__()
         inner = inner_channels or channels // 2
         self.theta, self.phi, self.g = (nn.Conv2d(channels, inner, 1) for _ in range(3))
+        for conv in (self.theta, self.phi, self.g):
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
         self.out = nn.Sequential(nn.Conv2d(inner, channels, 1), nn.BatchNorm2d(channels))
         nn.init.zeros_(self.out[1].weight)
 
     def forward(self, x):
         H = x.shape[-2]
         theta, phi, g = (rearrange(f(x), "b c h w -> b 1 (h w) c") for f in (self.theta, self.phi, self.g))
-        # scale 1: the embedded Gaussian has no 1 / sqrt(C); the N x N affinities are never stored (B, 1, N, inner)
-        y = nn.functional.scaled_dot_product_attention(theta, phi, g, scale=1.0)
+        # its default scale is 1 / sqrt(C'); the N x N affinities are never stored (B, 1, N, C')
+        y = nn.functional.scaled_dot_product_attention(theta, phi, g)
         return x + self.out(rearrange(y, "b 1 (h w) c -> b c h w", h=H))
 
 
@@ -212,6 +219,7 @@ class GlobalContext(nn.Module):
         super().__init__()
         inner = channels // ratio
         self.attention = nn.Conv2d(channels, 1, 1, bias=False)  # GCNet's has one: a softmax ignores it, it never learns
+        nn.init.kaiming_normal_(self.attention.weight, mode="fan_in", nonlinearity="relu")  # GCNet's start
         self.transform = nn.Sequential(nn.Conv2d(channels, inner, 1), nn.LayerNorm([inner, 1, 1]),
                                        nn.ReLU(inplace=True), nn.Conv2d(inner, channels, 1))
         nn.init.zeros_(self.transform[-1].weight)

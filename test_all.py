@@ -1048,8 +1048,20 @@ def test_non_local_block_is_softmax_of_theta_phi_times_g():
     module = randomised(dgmn.NonLocal(8, inner_channels=3))
     x = torch.randn(2, 8, 4, 5, dtype=torch.float64)
     theta, phi, g = (f(x).flatten(2) for f in (module.theta, module.phi, module.g))  # (B, 3, N)
-    y = torch.softmax(theta.transpose(1, 2) @ phi, dim=-1) @ g.transpose(1, 2)  # (B, N, 3)
+    y = torch.softmax(theta.transpose(1, 2) @ phi / math.sqrt(3), dim=-1) @ g.transpose(1, 2)  # (B, N, 3)
     torch.testing.assert_close(module(x), x + module.out(y.transpose(1, 2).reshape(2, 3, 4, 5)))
+
+
+def test_non_local_and_global_context_blocks_start_as_their_releases():
+    """Wang et al.'s non-local block: theta, phi, g from N(0, 0.01^2), biases 0; GCNet's attention conv: Kaiming's
+    normal start over its C inputs, std sqrt(2 / C). Both blocks start as the identity."""
+    torch.manual_seed(0)
+    non_local, context = dgmn.NonLocal(512), dgmn.GlobalContext(2048)
+    for conv in (non_local.theta, non_local.phi, non_local.g):
+        assert abs(conv.weight.std().item() / 0.01 - 1) < 0.01 and not conv.bias.any()  # 131,072 draws each
+    assert abs(context.attention.weight.std().item() / math.sqrt(2 / 2048) - 1) < 0.1  # 2,048 draws
+    x = torch.randn(1, 512, 3, 4)
+    assert torch.equal(non_local.eval()(x), x) and torch.equal(dgmn.GlobalContext(512)(x), x)
 
 
 def test_criss_cross_attention_is_a_loop_over_each_pixels_row_and_column():

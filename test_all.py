@@ -2529,6 +2529,29 @@ def test_an_images_detections_do_not_change_when_batched_with_a_larger_one(plus)
         torch.testing.assert_close(batched[key], alone[key])
 
 
+@pytest.mark.parametrize("plus", [False, True])
+def test_deformable_detr_heads_compute_in_float32_under_autocast(plus):
+    """Under bf16 autocast the reference points, every class and box head (two-stage's too) and their layers compute in
+    float32, equal to the same layer run in float32 without autocast on the input it got; the losses come out too."""
+    torch.manual_seed(0)
+    model = deformable_detr.DeformableDETR(Pointwise(), 5, box_refine=plus, two_stage=plus, queries=20, min_size=64,
+                                           max_size=64)
+    layers = {m for n, m in model.named_modules()
+              if n.startswith(("class_heads", "box_heads", "reference_points")) and isinstance(m, nn.Linear)}
+    calls = []
+    for module in layers:
+        module.register_forward_hook(lambda m, args, out: calls.append((m, args[0], out)))
+    images, targets = detr_batch()
+    with torch.autocast("cpu", torch.bfloat16):
+        losses = model(images, targets)
+    assert {m for m, _, _ in calls} == layers and len(layers) == (7 * 4 if plus else 5)  # each layer called
+    for module, x, out in calls:
+        assert out.dtype == torch.float32
+        with torch.no_grad():
+            assert torch.equal(out, nn.functional.linear(x.float(), module.weight, module.bias))
+    assert all(loss.dtype == torch.float32 and loss.isfinite() for loss in losses.values())
+
+
 def two_steps(model):
     """Two AdamW steps on detr_batch(): (the last step's losses, the parameters that received a non-zero gradient)."""
     images, targets = detr_batch()

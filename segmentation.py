@@ -385,20 +385,21 @@ def load_pretrained(model, state):
 
 
 def slide(model, image, classes, window, stride, batch=1, layout=torch.preserve_format):
-    """Logits (1, classes, H, W) of a (1, 3, H, W) image, padded to the window if smaller: windows every stride pixels
-    (the last flush with the border), batch a forward (in memory layout), averaged where they overlap."""
+    """Logits (1, classes, H, W) of a (1, 3, H, W) image: windows every stride pixels (the last flush with the border;
+    cut to the image where it is smaller, unpadded, as mmseg's slide_inference), batch a forward (in memory layout),
+    averaged where they overlap."""
     _, _, H, W = image.shape
-    padded = F.pad(image, (0, max(window - W, 0), 0, max(window - H, 0)))
-    logits, count = image.new_zeros(1, classes, *padded.shape[-2:]), image.new_zeros(1, 1, *padded.shape[-2:])
-    corners = list(itertools.product(*[sorted({min(s, side - window) for s in range(0, side - window + stride, stride)})
-                                       for side in padded.shape[-2:]]))  # (row, column) of each window, row by row
+    logits, count = image.new_zeros(1, classes, H, W), image.new_zeros(1, 1, H, W)
+    corners = list(itertools.product(*[sorted({max(min(s, side - window), 0)
+                                               for s in range(0, max(side - window, 0) + stride, stride)})
+                                       for side in (H, W)]))  # (row, column) of each window, row by row
     for first in range(0, len(corners), batch):
         group = corners[first:first + batch]
-        windows = torch.cat([padded[..., r:r + window, c:c + window] for r, c in group])  # (n, 3, window, window)
+        windows = torch.cat([image[..., r:r + window, c:c + window] for r, c in group])  # (n, 3, <= window, <= window)
         for (r, c), scores in zip(group, model(windows.to(memory_format=layout)).float()):
             logits[0, :, r:r + window, c:c + window] += scores
             count[..., r:r + window, c:c + window] += 1
-    return (logits / count)[..., :H, :W]
+    return logits / count
 
 
 def predict(model, image, classes, window, stride, batch=1, layout=torch.preserve_format, scales=(1,), flip=False):

@@ -1975,6 +1975,16 @@ def test_sliding_window_equals_whole_image_inference():
         image = torch.randn(1, 3, 50, 77)
         torch.testing.assert_close(segmentation.slide(pointwise, image, 5, window=32, stride=20),
                                    pointwise(image))
+        image = torch.randn(1, 3, 20, 50)  # shorter than the window: mmseg's windows of 20 rows, unpadded, at 0 and 18
+
+        def context(x):  # a model whose every output reads the whole window (padding would change it)
+            return pointwise(x) + x.mean((2, 3), keepdim=True).sum(1, keepdim=True)
+
+        expected = torch.zeros(1, 5, 20, 50)
+        expected[..., :32] += context(image[..., :32])
+        expected[..., 18:] += context(image[..., 18:])
+        expected[..., 18:32] /= 2
+        torch.testing.assert_close(segmentation.slide(context, image, 5, window=32, stride=20), expected)
 
 
 def test_multi_scale_prediction_sums_the_softmax_of_logits_resized_back():

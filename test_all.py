@@ -3665,7 +3665,7 @@ def test_crop_then_resize_equals_resize_then_crop(short):
     image = smooth_image(H, W)
     label = (torch.arange(W) // 3 % 2).expand(H, W).to(torch.uint8)  # stripes: every window is acceptable
     Hs, Ws = v2.functional.resize(image, short).shape[-2:]  # torchvision's own rounding of the scaled size
-    resized = v2.functional.resize(image, [Hs, Ws], antialias=True).float()
+    resized = v2.functional.resize(image, [Hs, Ws], antialias=False).float()
     resized_label = v2.functional.resize(label[None], [Hs, Ws], v2.InterpolationMode.NEAREST)[0]
     for seed in range(5):
         out, cut = cs.random_crop(image, label, short, crop, torch.Generator().manual_seed(seed))
@@ -3675,6 +3675,16 @@ def test_crop_then_resize_equals_resize_then_crop(short):
         error = (out.float() - expected).abs()
         assert error.mean() < 1.0 and error.max() <= 6  # a shift of at most half a source pixel
         assert (cut == resized_label[top:top + crop, left:left + crop]).float().mean() > 0.6  # thin stripes move
+
+
+def test_training_resize_is_bilinear_without_antialiasing_as_mmcv():
+    """Halved, columns striped 2 on, 2 off read as pairs of equal pixels: bilinear alone keeps them 0 and 255 (mmcv's
+    cv2 resize), an antialiasing filter would blur them."""
+    image = ((torch.arange(160) // 2 % 2) * 255).expand(3, 100, 160).to(torch.uint8)
+    label = (torch.arange(160) // 3 % 2).expand(100, 160).to(torch.uint8)
+    for seed in range(5):
+        out, _ = cs.random_crop(image, label, 50, 32, torch.Generator().manual_seed(seed))
+        assert out.shape == (3, 32, 32) and set(out.unique().tolist()) == {0, 255}
 
 
 def test_scales_and_windows_are_drawn_as_resize_then_crop():

@@ -529,7 +529,8 @@ def photometric_distortion(image, g):
 
 def random_crop(image, label, short, crop, g):
     """Crop-then-resize with the windows of resize-then-crop: a RandomCrop window of the image at shorter side short
-    (torchvision's rounding), mapped back to whole source pixels, resized (image bilinear antialiased, label nearest);
+    (torchvision's rounding), mapped back to whole source pixels, resized (image bilinear, not antialiased, as mmcv's
+    cv2 resize in the release's pipeline; label nearest);
     one without two classes, or with one over CAT_MAX_RATIO of its labels, is redrawn. -> ((3, h, w), (h, w))."""
     H, W = label.shape
     Hs, Ws = (short, int(short * W / H)) if H <= W else (int(short * H / W), short)
@@ -541,7 +542,7 @@ def random_crop(image, label, short, crop, g):
         cut = v2.functional.resize(label[None, y0:y1, x0:x1], [h, w], v2.InterpolationMode.NEAREST)[0]
         counts = torch.bincount(cut[cut != IGNORE].long())  # labelled pixels a class
         if attempt == CROP_TRIES or counts.count_nonzero() > 1 and counts.max() < CAT_MAX_RATIO * counts.sum():
-            return v2.functional.resize(image[:, y0:y1, x0:x1], [h, w], antialias=True), cut
+            return v2.functional.resize(image[:, y0:y1, x0:x1], [h, w], antialias=False), cut
 
 
 def normalise(image):

@@ -4332,7 +4332,24 @@ def test_training_data_loaders_pin_memory_and_keep_evaluation_workers(tmp_path):
     loader = train_coco.evaluation_loader(val, cfg, 1, 2, torch.device("cpu"))
     assert loader.persistent_workers and not loader.pin_memory and list(loader.dataset.indices) == [1, 3]
     assert ground_truth is val.coco  # evaluation matches against the dataset's own COCO object
-    assert [len(batch) for batch in loader] == [1, 1]  # batch 2 over 2 processes: 1 image each
+    assert [len(batch) for batch in loader] == [1, 1]  # 2 images for this rank of 2
+
+
+@NEEDS_PYCOCOTOOLS
+def test_evaluation_takes_one_image_a_forward_as_dgmn2s_detections_depend_on_the_padding(tmp_path):
+    """A DGMN2 detector's detections of an image change when a wider image in its batch pads it (the relative
+    positions span the padded map), so evaluation runs one image a forward, whatever the batch and processes."""
+    data = write_coco(tmp_path / "coco")
+    cfg = detection_run(tmp_path, data=str(data), batch_size=16)
+    _, val, _, _ = train_coco.datasets(cfg)
+    assert [len(batch) for batch in train_coco.evaluation_loader(val, cfg, 0, 1, torch.device("cpu"))] == [1] * len(val)
+    torch.manual_seed(0)
+    model = detection.build("retinanet-dgmn2-tiny", 5, min_size=64, max_size=96).eval()
+    model.score_thresh = 0.0  # every anchor's best boxes, not only confident ones
+    square, wide = torch.rand(3, 64, 64), torch.rand(3, 64, 96)
+    with torch.no_grad():
+        alone, batched = model([square])[0], model([square, wide])[0]
+    assert not torch.allclose(alone["scores"], batched["scores"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -639,9 +639,12 @@ def summary(metrics):
 
 
 def evaluation_loader(val, cfg, rank, world, device):
-    """Rank r's validation images: r, r + world, ...; the workers persist from one evaluation to the next."""
-    return DataLoader(Subset(val, range(rank, len(val), world)), max(cfg.batch_size // world, 1), collate_fn=list,
-                      num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
+    """Rank r's validation images: r, r + world, ..., one a forward, as the releases test: a batch pads its images to
+    the largest, and DGMN2's features change with the padding (its relative positions span the padded map), so an
+    image's detections would depend on its companions and the number of processes. The workers persist from one
+    evaluation to the next."""
+    return DataLoader(Subset(val, range(rank, len(val), world)), 1, collate_fn=list, num_workers=cfg.workers,
+                      pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
 
 
 @torch.no_grad()

@@ -41,6 +41,9 @@ except ImportError:  # at the top level of this repository
 
 DGMN_GROUPS = 4  # Section 5.1: G = 4 filter groups
 DETECTIONS_PER_IMAGE = 100  # RetinaNet's detections a picture (mmdetection's max_per_img; torchvision's Mask R-CNN's)
+# Mask R-CNN's RPN proposals an image in training: the DGMN2 release's (mmdetection's max_num) and, on average, the DGMN
+# release's (maskrcnn-benchmark's 2000 for the batch of 2 images a GPU); torchvision's default is 2000 an image
+TRAINING_PROPOSALS = 1000
 
 # ----------------------------------------------------------------------------------------------------------------
 # The modules of Table 3 and where they go in a ResNet
@@ -265,11 +268,16 @@ def build(name, num_classes, *, min_size=800, max_size=1333, rois=512, queries=d
         backbone = resnet_backbone(spec, pretrained, dgmn_rates, dgmn_groups)
     else:
         backbone = DGMN2FPN(spec.backbone, *NECKS[spec.detector])
+    # torchvision's heads, whose Detectron rules the DGMN release (maskrcnn-benchmark) shares; the DGMN2 release's
+    # mmdetection 2.x differs in small ways, left as torchvision has them: smooth L1 (beta 1/9) box losses for its L1,
+    # RoIAlign unaligned with 2 samples a bin for aligned with adaptive ones, soft mask targets, a ReLU before P7.
+    # Where an argument reaches the releases' value, it is set: RPN proposals in training.
     if spec.detector == "retinanet":
         model = RetinaNet(backbone, num_classes, detections_per_img=DETECTIONS_PER_IMAGE, **sizes)
         predictors = [model.head]
     else:
-        model = MaskRCNN(backbone, num_classes, box_batch_size_per_image=rois, **sizes)
+        model = MaskRCNN(backbone, num_classes, box_batch_size_per_image=rois,
+                         rpn_post_nms_top_n_train=TRAINING_PROPOSALS, **sizes)
         predictors = [model.rpn.head, model.roi_heads.box_predictor, model.roi_heads.mask_predictor]
     # Under bf16, anchors take the features' dtype and boxes decode in the regression's: a 4 px grid at 800 px. Float32
     # features and predictions keep anchors, proposals and detections float32; the layers still run in bf16.

@@ -2094,6 +2094,13 @@ def halved(side, times):
     return side
 
 
+def test_mask_rcnn_keeps_its_releases_proposals_in_training():
+    """1000 RPN proposals an image in training (torchvision's default: 2000), as the releases; 1000 at test."""
+    with torch.device("meta"):
+        kept = [detection.build(name, 91).rpn._post_nms_top_n for name in ("maskrcnn-dgmn2-tiny", "maskrcnn-r50")]
+    assert kept == [dict(training=1000, testing=1000)] * 2
+
+
 def test_the_cost_table_counts_mask_rcnn_r50_as_torchvisions_model_by_hand():
     """detection.cost against torchvision's own Mask R-CNN R-50 at 81 classes: its parameters less the stem's, res2's
     and every BN's (frozen in the pretrained backbone), its backbone through FlopCounterMode, and the heads counted by

@@ -314,13 +314,13 @@ def draw(image, output, names, threshold=0.5):
 
 
 def load_pretrained(model, state):
-    """Backbone weights without the classifier into a detector of build(): the release's or train_imagenet.py's DGMN2
-    (a checkpoint with its "config"), torchvision's ResNet or ResNeXt (all but the inserted modules: INSERTED).
-    state: the loaded file. A state that does not fit raises ValueError, naming the first tensor at fault."""
-    body, ours = model.backbone.body, isinstance(state, dict) and {"config", "model"} <= state.keys()
-    if isinstance(body, dgmn2.DGMN2) and not ours:
-        return dgmn2.load_official(body, state)
-    weights = state["model"] if ours else state if isinstance(state, dict) else {}
+    """Backbone weights without the classifier into a detector of build(): the release's DGMN2, ours
+    (train_imagenet.py's checkpoint or a state dict), torchvision's ResNet or ResNeXt (all but the inserted modules:
+    INSERTED). state: the loaded file. A state that does not fit raises ValueError, naming the first tensor at fault."""
+    body = model.backbone.body
+    weights = state.get("model", state) if isinstance(state, dict) else {}  # a training script's, or bare
+    if isinstance(body, dgmn2.DGMN2) and dgmn2.is_release(weights):
+        return dgmn2.load_official(body, weights)
     try:
         missing, unexpected = body.load_state_dict({k: v for k, v in weights.items() if k.split(".")[0] not in (
             "head", "fc")}, strict=False)
@@ -328,8 +328,9 @@ def load_pretrained(model, state):
         missing, unexpected = [str(error).splitlines()[-1].strip()], []
     misfit = [k for k in missing if not any(key in k for key in INSERTED)] + unexpected
     if misfit:
-        raise ValueError(f"another DGMN2 variant ({misfit[0]})" if isinstance(body, dgmn2.DGMN2) else
-                         f"not a torchvision {body.name} state dict ({misfit[0]})")
+        kind = "another DGMN2 variant, or not a DGMN2's weights" if isinstance(body, dgmn2.DGMN2) else \
+            f"not a torchvision {body.name} state dict"
+        raise ValueError(f"{kind} ({misfit[0]})")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -435,4 +436,8 @@ def print_table():
 
 
 if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Tables 3, 5, 7-10 and 16: every COCO model's parameters and "
+                                                 "FLOPs beside the paper's.")
+    parser.parse_args()  # only --help
     print_table()

@@ -362,12 +362,12 @@ def load_checkpoint(path):
     ValueError naming the file if it is missing or unreadable. The one reader of checkpoints of the model files and
     of the training scripts' --pretrained."""
     if not Path(path).is_file():
-        raise ValueError(f"{path}: no such checkpoint file")
+        raise ValueError(f"{path}: {'a folder, not a' if Path(path).is_dir() else 'no such'} checkpoint file")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unpickling failure (a text file: KeyError) is one bad file
-        reason = (str(error).strip() or type(error).__name__).splitlines()[0]  # an empty file's EOFError has none
+    except Exception as error:  # any unpickling failure is one bad file (a text file's: a bare KeyError)
+        reason = f"{type(error).__name__}: {str(error).strip()}".splitlines()[0].rstrip(": ")
         raise ValueError(f"{path}: not a readable checkpoint ({reason})") from None
 
 
@@ -385,6 +385,11 @@ def _read(checkpoint):
 
 
 THOP_COUNTERS = ("total_ops", "total_params")
+
+
+def is_release(weights):
+    """Whether a dict of weights has the release's names (patch_embed1..4, block1..4), not ours (stages.*)."""
+    return any(re.match(r"(patch_embed[1-4]|block[1-4])\.", name) for name in weights)
 
 
 def load_official(model, checkpoint):
@@ -430,7 +435,7 @@ def from_checkpoint(checkpoint):
     its classifier; 0 without one) and, for ours, the img_size its relative-position tables were built for."""
     weights = _read(checkpoint)
     where = f"{checkpoint}: " if isinstance(checkpoint, (str, Path)) else ""
-    release = any(name.startswith("block1.") for name in weights)
+    release = is_release(weights)
     layer = r"block(\d)\.(\d+)\." if release else r"stages\.(\d)\.layers\.(\d+)\."
     found = {}  # stage -> layers
     for name in weights:
@@ -640,7 +645,10 @@ def _show_walks(image_path, variant="tiny", weights=None, point=None, out_path="
     draw.text((left + 18, top - 5), "1", fill="white")
     draw.text((left + 18, bottom - 8), "0", fill="white")
     draw.text((left, top - 18), "attention", fill="white")
-    canvas.save(out_path)
+    try:
+        canvas.save(out_path)
+    except (OSError, ValueError) as error:  # no such folder, no permission; an extension PIL does not know
+        raise ValueError(f"{out_path}: cannot write the picture there ({error})") from None
     print(f"{out_path}: the nodes sampled for pixel (row {y}, column {x}) by the last layer of every stage, shaded by "
           f"their attention weight{'' if weights else ' (untrained)'}")
     return nodes

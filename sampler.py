@@ -234,6 +234,8 @@ def _extension(device_type):
 def _build(device_type):
     if device_type not in ("cpu", "cuda"):
         return False  # the meta device (shapes, FLOP counts) and others: the reference
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return False  # no GPU to build for (nvcc would fail on the architecture list)
     try:
         _extension(device_type)
         return True
@@ -747,8 +749,9 @@ def _copy_bandwidth(device, size=2 ** 30):
 def _benchmark():
     import argparse
     cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(description="The reference, the grid_sample way and the kernel at DGMN2-Tiny's "
-                                                 "and DGMN's shapes: time and memory, forward and backward.")
+    parser = argparse.ArgumentParser(description="The reference, the grid_sample way, the composed kernels and (for "
+                                                 "DGMN2) the fused attention op at DGMN2-Tiny's and DGMN's shapes: "
+                                                 "time and memory, forward and backward.")
     parser.add_argument("--batch", type=int, default=64 if cuda else 8,
                         help="images (DGMN2 rows; the DGMN row uses batch / 8); default 64 on CUDA, 8 on CPU")
     parser.add_argument("--dtype", default="bfloat16" if cuda else "float32",

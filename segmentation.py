@@ -365,14 +365,14 @@ MESSAGE_WIDTH = 150  # characters of load_state_dict's list of misfits kept in t
 
 
 def load_pretrained(model, state):
-    """Backbone weights without the classifier into a model of build(): the release's or train_imagenet.py's DGMN2 (a
-    checkpoint with its "config"), or torchvision's ResNet-101. state: the loaded file (dgmn2.load_checkpoint). A
-    state that does not fit raises ValueError, naming the first tensor at fault."""
-    backbone, ours = model.backbone, isinstance(state, dict) and {"config", "model"} <= state.keys()
-    if isinstance(backbone, dgmn2.DGMN2) and not ours:
-        dgmn2.load_official(backbone, state)
+    """Backbone weights without the classifier into a model of build(): the release's DGMN2, ours (train_imagenet.py's
+    checkpoint or a state dict), or torchvision's ResNet-101. state: the loaded file (dgmn2.load_checkpoint). A state
+    that does not fit raises ValueError, naming the first tensor at fault."""
+    backbone = model.backbone
+    weights = state.get("model", state) if isinstance(state, dict) else {}  # a training script's, or bare
+    if isinstance(backbone, dgmn2.DGMN2) and dgmn2.is_release(weights):
+        dgmn2.load_official(backbone, weights)
         return
-    weights = state["model"] if ours else state if isinstance(state, dict) else {}
     try:
         backbone.load_state_dict({name: t for name, t in weights.items() if not name.startswith(("head.", "fc."))})
     except RuntimeError as error:  # missing, unexpected or misshapen tensors
@@ -524,4 +524,8 @@ def print_tables():
 
 
 if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Tables 2 and 11: every Cityscapes model's parameters and "
+                                                 "FLOPs beside the paper's.")
+    parser.parse_args()  # only --help
     print_tables()

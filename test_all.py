@@ -560,6 +560,16 @@ def test_asking_for_the_kernel_makes_a_failed_build_an_error(failed_build):
     assert sampler.which_path("meta") == "torch"
 
 
+def test_no_gpu_no_cuda_build():
+    """Asked about CUDA tensors on a machine without a GPU, "auto" answers the reference, builds nothing, warns of
+    nothing."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with sampler.backend("auto"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sampler.which_path("cuda") == "torch"
+
+
 @pytest.mark.slow
 def test_the_environment_chooses_the_path():
     runs = [subprocess.Popen([sys.executable, "-c", "import sampler; print(sampler.which_path('cpu'))"],
@@ -1772,9 +1782,13 @@ def test_show_walks_draws_a_picture(tmp_path):
     with pytest.raises(ValueError, match=r"point \(row 256, column 0\) lies outside the 256 x 288 image"):
         dgmn2._show_walks(image, point=(256, 0), out_path=out)
     (tmp_path / "bad.pth").write_text("not a checkpoint")
-    for call, culprit in ((lambda: dgmn2._show_walks(image, weights=tmp_path / "bad.pth", out_path=out), "bad.pth"),
-                          (lambda: dgmn2._show_walks(tmp_path / "ours.pth", out_path=out), "ours.pth")):
-        with pytest.raises(ValueError, match=f"{culprit}: not a readable") as error:
+    nowhere = tmp_path / "nowhere" / "walks.png"
+    for call, message in (
+            (lambda: dgmn2._show_walks(image, weights=tmp_path / "bad.pth", out_path=out), "bad.pth: not a readable"),
+            (lambda: dgmn2._show_walks(tmp_path / "ours.pth", out_path=out), "ours.pth: not a readable"),
+            (lambda: dgmn2._show_walks(image, out_path=nowhere), "walks.png: cannot write the picture there"),
+            (lambda: dgmn2._show_walks(image, weights=tmp_path, out_path=out), "a folder, not a checkpoint file")):
+        with pytest.raises(ValueError, match=message) as error:
             call()
         assert "\n" not in str(error.value)
 
@@ -2060,6 +2074,26 @@ def test_pretrained_takes_the_release_checkpoint_with_its_argparse_namespace(tmp
     segmentation.load_pretrained(ours, dgmn2.load_checkpoint(str(path)))
     dgmn2.load_official(reference, str(path))
     torch.testing.assert_close(ours.backbone.state_dict(), reference.state_dict(), rtol=0, atol=0)
+
+
+def test_a_bare_dgmn2_state_dict_of_ours_starts_each_model(tmp_path):
+    """torch.save(model.state_dict()) of a DGMN2 (its classifier included) is weights to start from everywhere, as
+    train_imagenet.py's checkpoints are: --weights (ImageNet), --pretrained (Cityscapes, COCO)."""
+    torch.manual_seed(0)
+    trained = dgmn2.dgmn2_tiny(num_classes=10)
+    path = tmp_path / "bare.pth"
+    torch.save(trained.state_dict(), path)
+    expected = {k: v for k, v in trained.state_dict().items() if not k.startswith("head.")}
+    segmenter = segmentation.build("dgmn2-tiny")
+    segmentation.load_pretrained(segmenter, dgmn2.load_checkpoint(path))
+    detector = detection.build("retinanet-dgmn2-tiny", 91)
+    detection.load_pretrained(detector, dgmn2.load_checkpoint(path))
+    classifier = train_imagenet.build_model(train_imagenet.Config(weights=str(path)), 10, torch.device("cpu"),
+                                            lambda *_: None)
+    backbones = [segmenter.backbone.state_dict(), detector.backbone.body.state_dict(), classifier.state_dict()]
+    for loaded in backbones:
+        torch.testing.assert_close({k: loaded[k] for k in expected}, expected, rtol=0, atol=0)
+    torch.testing.assert_close(classifier.head.weight, trained.head.weight, rtol=0, atol=0)
 
 
 # ====================================================================================================================
@@ -3131,7 +3165,11 @@ def test_bad_input_gives_one_line(tmp_path):
              (dict(data=str(data), resume=str(other)), "small.pth: saved with --model 'small', not 'tiny'"),
              (dict(data=str(data), resume=str(tmp_path / "none.pth")), "none.pth: no such checkpoint"),
              (dict(data=str(data), resume=str(empty)), r"empty.pth: not a readable checkpoint \(EOFError\)"),
-             (dict(data=str(data), weights=str(other)), "--weights .*small.pth: checkpoint does not fit this DGMN2"),
+             (dict(data=str(data), weights=str(other)), r"--weights .*small.pth: does not fit this model \(first: stages"),
+             (dict(data=str(data), lr=-1.0), "--lr -1.0: the peak learning rate must be positive"),
+             (dict(data=str(data), resume=str(tmp_path)), "pytest.*: a folder, not a checkpoint"),
+             (dict(data=str(data), output=str(empty)), "--output .*empty.pth: a file, not a folder"),
+             (dict(data=str(data), output=str(empty / "run")), "--output .*empty.pth/run: cannot be made a folder"),
              (dict(model="huge"), "unknown --model 'huge'"),
              (dict(drop_path=1.0), r"--drop-path 1.0: a probability of dropping a block, in \[0, 1\)"),
              (dict(clip_grad=-1.0), "--clip-grad must be >= 0, got -1.0"),
@@ -3405,9 +3443,10 @@ def test_miou_from_a_hand_checked_confusion_matrix():
     # confusion (rows: true class; the ignored pixel left out): [[1, 1, 0], [0, 2, 1], [1, 0, 1]], so the IoU of
     # class 0 = 1 / (2 + 2 - 1), class 1 = 2 / (3 + 3 - 2), class 2 = 1 / (2 + 2 - 1)
 
-    class Fixed(nn.Module):  # one 4 x 4 window over the 2 x 4 image: the prediction's one-hot scores, padded
+    class Fixed(nn.Module):  # one window, the 2 x 4 image (smaller than the 4 x 4 window): the one-hot prediction
         def forward(self, windows):
-            return F.pad(F.one_hot(prediction, 3).permute(2, 0, 1).float(), (0, 0, 0, 2))[None]
+            assert windows.shape == (1, 3, 2, 4)
+            return F.one_hot(prediction, 3).permute(2, 0, 1).float()[None]
 
     cfg = cs.Config(crop=4, eval_stride=4, eval_batch=1, workers=0)
     metrics = cs.evaluate(Fixed(), [(torch.zeros(3, 2, 4, dtype=torch.uint8), label)], ["a", "b", "c"], cfg,
@@ -3871,6 +3910,18 @@ def test_python_segmentation_prints_what_the_table_option_prints(table_printed):
     assert stdout == table and stdout.count("\n| dgmn2-") == len(segmentation.DGMN2_MODELS)
 
 
+@pytest.mark.slow
+def test_the_model_files_tables_answer_help():
+    """python segmentation.py / detection.py --help describe the tables they print (half a minute each) instead of
+    printing them (dgmn.py's parses its arguments the same way)."""
+    runs = {name: subprocess.Popen([sys.executable, name, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, cwd=Path(__file__).parent)
+            for name in ("segmentation.py", "detection.py")}  # side by side: each is mostly torch's import
+    for name, run in runs.items():
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == 0 and out.startswith(f"usage: {name} [-h]") and "parameters and FLOPs" in out, err
+
+
 def test_a_model_files_bad_argument_is_a_value_error_in_one_line():
     cases = [(dict(name="segformer"), "unknown model 'segformer': choose one of dgmn2-tiny, "),
              (dict(name="dgmn2-tiny-pup", output_stride=16), "output_stride 16: the SETR heads take DGMN2 at output "
@@ -4267,7 +4318,7 @@ def test_detection_bad_input_gives_one_line(tmp_path):
              (dict(min_size=200), "--min-size 200 exceeds --max-size 64"),
              (dict(warmup=-2), "--warmup -2: give steps, or -1 for the recipe's"),
              (dict(pretrained=str(tmp_path / "none.pth")), "--pretrained .*none.pth: no such checkpoint file"),
-             (dict(pretrained=str(misfit)), "--pretrained .*misfit.pth: not the release's format"),  # detection.py's
+             (dict(pretrained=str(misfit)), "--pretrained .*misfit.pth: another DGMN2 variant, or not a DGMN2's"),
              (dict(pretrained=str(misfit), model="maskrcnn-r50"), "misfit.pth: not a torchvision ResNet-50 state")]
     for overrides, message in cases:
         with pytest.raises(train_coco.InputError, match=message) as error:
@@ -4643,7 +4694,7 @@ def test_a_model_files_bad_argument_raises_a_one_line_value_error():
                           (lambda: detection.load_pretrained(r50, {"fc.weight": torch.zeros(1), "x": torch.zeros(1)}),
                            "not a torchvision ResNet-50 state dict"),
                           (lambda: detection.load_pretrained(detection.build("retinanet-dgmn2-tiny", 91), {}),
-                           "checkpoint does not fit this DGMN2")]:
+                           "another DGMN2 variant, or not a DGMN2's weights")]:
         with torch.device("meta"), pytest.raises(ValueError, match=message) as error:
             call()
         assert type(error.value) is ValueError and "\n" not in str(error.value)
@@ -4673,6 +4724,22 @@ def test_the_shared_block_is_the_same_text_in_every_script():
         for repeated in ("class InputError", "def parse_args", "def save_checkpoint", "def setup_distributed",
                          "1_000_003", "noqa", "def main"):
             assert repeated not in text, (script.__name__, repeated)
+
+
+@NEEDS_PYCOCOTOOLS
+def test_a_checkpoint_names_its_script_and_another_script_refuses_it(tmp_path):
+    """Each script's checkpoints name it; another script refuses them in one line, pointing at the option that takes
+    weights to start from, where it used to blame an option of the model's name."""
+    for saver, reader in itertools.permutations(SCRIPTS, 2):
+        path = tmp_path / f"{saver.__name__}.pth"
+        saver.save_checkpoint(path, saver.Config(), saver.Parts(*[None] * len(saver.Parts._fields)), step=1)
+        assert saver.read_checkpoint(path, saver.Config(), ["model"], [])["script"] == f"{saver.__name__}.py"
+        with pytest.raises(reader.InputError, match=f"{path}: a checkpoint of {saver.__name__}.py, not of "
+                           rf"{reader.__name__}.py \(weights to start from go to {reader.START_WEIGHTS}\)$"):
+            reader.read_checkpoint(path, reader.Config(), ["model"], [])
+    assert [script.START_WEIGHTS for script in SCRIPTS] == ["--weights", "--pretrained", "--pretrained"]
+    for script in SCRIPTS:
+        assert script.START_WEIGHTS.lstrip("-") in {f.name for f in dataclasses.fields(script.Config)}
 
 
 MALLINFO = """

@@ -49,7 +49,8 @@ import segmentation
 # The shared block: the same text in the three training scripts (test_all.py compares them), so that each stays
 # self-contained. The script around it defines Config, SYNTHETIC (the defaults without --data), CHOICES, SAVED (the
 # parts of a run whose state a checkpoint holds, the model first; their namedtuple has the plan: what the schedule
-# and the data order depend on beyond the options), check(cfg) and run(cfg, rank, world, device).
+# and the data order depend on beyond the options), START_WEIGHTS (the option that takes weights to start from),
+# check(cfg) and run(cfg, rank, world, device).
 
 
 class InputError(Exception):
@@ -177,7 +178,8 @@ def save_checkpoint(path, cfg, parts, **position):
     state = {name: None if (part := getattr(parts, name)) is None else part.state_dict() for name in SAVED}
     path, temporary = Path(path), Path(path).with_suffix(".tmp")
     with open(temporary, "wb") as file:
-        torch.save(dict(state, plan=parts.plan, **position, config=dataclasses.asdict(cfg)), file)
+        torch.save(dict(state, plan=parts.plan, **position, config=dataclasses.asdict(cfg), script=Path(__file__).name),
+                   file)
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, path)
@@ -190,11 +192,15 @@ def read_checkpoint(path, cfg, weights_depend_on, training_depends_on):
     """A checkpoint of this script, refused in one line if saved with other values of the options listed."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unpickling failure is one bad file
-        reason = (str(error).strip() or type(error).__name__).splitlines()[0]  # an empty file's EOFError has none
+    except Exception as error:  # any unpickling failure is one bad file (a text file's: a bare KeyError)
+        reason = f"{type(error).__name__}: {str(error).strip()}".splitlines()[0].rstrip(": ")
         raise InputError(f"{path}: not a readable checkpoint ({reason})") from None
+    script = Path(__file__).name
     if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "config"} <= state.keys():
-        raise InputError(f"{path}: not a checkpoint of {Path(__file__).name} (backbone weights go to --pretrained)")
+        raise InputError(f"{path}: not a checkpoint of {script} (weights to start from go to {START_WEIGHTS})")
+    if state.get("script", script) != script:  # checkpoints saved before they named their script: taken as ours
+        raise InputError(f"{path}: a checkpoint of {state['script']}, not of {script} (weights to start from go to "
+                         f"{START_WEIGHTS})")
     for name in [*weights_depend_on, *([] if cfg.eval_only else training_depends_on)]:
         saved = state["config"].get(name, getattr(type(cfg), name))  # an option added since: its default
         if saved != getattr(cfg, name):
@@ -207,7 +213,8 @@ def resume(cfg, rank, world, weights_depend_on, training_depends_on, log):
     Rank 0 chooses (every node must see --output); a new run refuses an --output that holds another run's."""
     found = sorted(Path(cfg.output).glob("checkpoint-*.pth")) if rank == 0 else []
     if rank == 0 and cfg.resume not in ("", "auto") and not Path(cfg.resume).is_file():
-        raise InputError(f"{cfg.resume}: no such checkpoint")
+        found = "a folder, not a checkpoint" if Path(cfg.resume).is_dir() else "no such checkpoint"
+        raise InputError(f"{cfg.resume}: {found}")
     if found and not cfg.resume and not cfg.eval_only:
         raise InputError(f"{cfg.output} holds another run's checkpoints: continue it with --resume auto, or choose "
                          "another --output")
@@ -252,12 +259,23 @@ def restore(path, state, cfg, parts, log):
     return state.get("step", 0)
 
 
+def output_folder(cfg):
+    """--output as a Path, created with its parents; refused in one line where it cannot be (no permission)."""
+    try:
+        Path(cfg.output).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"--output {cfg.output}: cannot be made a folder ({error.strerror or error})") from None
+    return Path(cfg.output)
+
+
 def main(cfg):
     """Train, evaluate or benchmark as cfg says; returns run()'s result (the last evaluation's metrics)."""
     for name, choices in CHOICES.items():
         if getattr(cfg, name) not in choices:
             raise InputError(f"unknown --{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {choices}")
     check(cfg)
+    if Path(cfg.output).exists() and not Path(cfg.output).is_dir():
+        raise InputError(f"--output {cfg.output}: a file, not a folder")
     rank, world, device, store = setup_distributed()
     try:
         result = run(cfg, rank, world, device)
@@ -304,6 +322,7 @@ def command_line():
 IGNORE = 255
 SYNTHETIC = dict(iterations=400, batch_size=16, lr=1e-3, base_size=64, crop=64, eval_stride=48, eval_every=100,
                  workers=1, log_every=10, output="runs/synthetic-segmentation")
+START_WEIGHTS = "--pretrained"  # the option that takes weights to start from
 CHOICES = dict(model=list(segmentation.MODELS), mode=["fine", "coarse"], output_stride=[0, 8, 16, 32],
                eval_split=["val", "test"], optimizer=["auto", "adamw", "sgd"], amp=["auto", "bf16", "fp16", "off"])
 # A resume refuses a checkpoint saved with other values of WEIGHTS_DEPEND_ON and, to train on, of TRAINING_DEPENDS_ON
@@ -682,7 +701,7 @@ def run(cfg, rank, world, device):
     if cfg.finetune and not state:  # the weights alone: this run's schedule and optimiser start afresh
         load_weights(model, read_checkpoint(cfg.finetune, cfg, WEIGHTS_DEPEND_ON, [])["model"], cfg.finetune)
         log(f"Fine-tuning the weights of {cfg.finetune} (a checkpoint in --output would take their place).")
-    Path(cfg.output).mkdir(parents=True, exist_ok=True)
+    output_folder(cfg)
     if cfg.eval_only and cfg.predict:
         result = write_predictions(model, val, cfg, device, autocast, rank, world)
         log(f"wrote the labelIds of {result['written']} {cfg.eval_split} images to {cfg.predict}")

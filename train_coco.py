@@ -51,7 +51,8 @@ import dgmn2
 # The shared block: the same text in the three training scripts (test_all.py compares them), so that each stays
 # self-contained. The script around it defines Config, SYNTHETIC (the defaults without --data), CHOICES, SAVED (the
 # parts of a run whose state a checkpoint holds, the model first; their namedtuple has the plan: what the schedule
-# and the data order depend on beyond the options), check(cfg) and run(cfg, rank, world, device).
+# and the data order depend on beyond the options), START_WEIGHTS (the option that takes weights to start from),
+# check(cfg) and run(cfg, rank, world, device).
 
 
 class InputError(Exception):
@@ -179,7 +180,8 @@ def save_checkpoint(path, cfg, parts, **position):
     state = {name: None if (part := getattr(parts, name)) is None else part.state_dict() for name in SAVED}
     path, temporary = Path(path), Path(path).with_suffix(".tmp")
     with open(temporary, "wb") as file:
-        torch.save(dict(state, plan=parts.plan, **position, config=dataclasses.asdict(cfg)), file)
+        torch.save(dict(state, plan=parts.plan, **position, config=dataclasses.asdict(cfg), script=Path(__file__).name),
+                   file)
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, path)
@@ -192,11 +194,15 @@ def read_checkpoint(path, cfg, weights_depend_on, training_depends_on):
     """A checkpoint of this script, refused in one line if saved with other values of the options listed."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unpickling failure is one bad file
-        reason = (str(error).strip() or type(error).__name__).splitlines()[0]  # an empty file's EOFError has none
+    except Exception as error:  # any unpickling failure is one bad file (a text file's: a bare KeyError)
+        reason = f"{type(error).__name__}: {str(error).strip()}".splitlines()[0].rstrip(": ")
         raise InputError(f"{path}: not a readable checkpoint ({reason})") from None
+    script = Path(__file__).name
     if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "config"} <= state.keys():
-        raise InputError(f"{path}: not a checkpoint of {Path(__file__).name} (backbone weights go to --pretrained)")
+        raise InputError(f"{path}: not a checkpoint of {script} (weights to start from go to {START_WEIGHTS})")
+    if state.get("script", script) != script:  # checkpoints saved before they named their script: taken as ours
+        raise InputError(f"{path}: a checkpoint of {state['script']}, not of {script} (weights to start from go to "
+                         f"{START_WEIGHTS})")
     for name in [*weights_depend_on, *([] if cfg.eval_only else training_depends_on)]:
         saved = state["config"].get(name, getattr(type(cfg), name))  # an option added since: its default
         if saved != getattr(cfg, name):
@@ -209,7 +215,8 @@ def resume(cfg, rank, world, weights_depend_on, training_depends_on, log):
     Rank 0 chooses (every node must see --output); a new run refuses an --output that holds another run's."""
     found = sorted(Path(cfg.output).glob("checkpoint-*.pth")) if rank == 0 else []
     if rank == 0 and cfg.resume not in ("", "auto") and not Path(cfg.resume).is_file():
-        raise InputError(f"{cfg.resume}: no such checkpoint")
+        found = "a folder, not a checkpoint" if Path(cfg.resume).is_dir() else "no such checkpoint"
+        raise InputError(f"{cfg.resume}: {found}")
     if found and not cfg.resume and not cfg.eval_only:
         raise InputError(f"{cfg.output} holds another run's checkpoints: continue it with --resume auto, or choose "
                          "another --output")
@@ -254,12 +261,23 @@ def restore(path, state, cfg, parts, log):
     return state.get("step", 0)
 
 
+def output_folder(cfg):
+    """--output as a Path, created with its parents; refused in one line where it cannot be (no permission)."""
+    try:
+        Path(cfg.output).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"--output {cfg.output}: cannot be made a folder ({error.strerror or error})") from None
+    return Path(cfg.output)
+
+
 def main(cfg):
     """Train, evaluate or benchmark as cfg says; returns run()'s result (the last evaluation's metrics)."""
     for name, choices in CHOICES.items():
         if getattr(cfg, name) not in choices:
             raise InputError(f"unknown --{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {choices}")
     check(cfg)
+    if Path(cfg.output).exists() and not Path(cfg.output).is_dir():
+        raise InputError(f"--output {cfg.output}: a file, not a folder")
     rank, world, device, store = setup_distributed()
     try:
         result = run(cfg, rank, world, device)
@@ -344,6 +362,7 @@ class Config:
 
 SYNTHETIC = dict(iterations=500, batch_size=4, optimizer="adamw", warmup=50, min_size=128, max_size=128, rois=64,
                  queries=100, eval_every=100, save_every=100, workers=1, output="runs/synthetic-coco")
+START_WEIGHTS = "--pretrained"  # the option that takes weights to start from
 CHOICES = dict(model=list(detection.MODELS), optimizer=["auto", "adamw", "sgd"], amp=["auto", "bf16", "fp16", "off"])
 POSITIVE = ["batch_size", "min_size", "max_size", "rois", "queries", "save_every", "log_every", "synthetic_train",
             "synthetic_val"]
@@ -760,6 +779,7 @@ def run(cfg, rank, world, device):
     log = print if rank == 0 else lambda *args, **kwargs: None
     path, state = resume(cfg, rank, world, ["model", "dgmn_rates", "dgmn_groups", "queries"],
                          ["batch_size", "seed", "save_every", "weight_decay"], log)
+    output_folder(cfg)  # before the synthetic set is written into it
     train, val, names, ground_truth = datasets(cfg, rank, world)
     model, num_classes = make_model(cfg, state, train, names, device, log)
     sizes = [] if cfg.eval_only else [train.coco.imgs[i] for i in train.ids]  # no image read
@@ -775,7 +795,6 @@ def run(cfg, rank, world, device):
     parts = Parts(model, distribute(model, cfg, world), optimizer, scheduler, scaler, autocast, evaluation, None, plan,
                   num_classes)
     start = restore(path, state, cfg, parts, log)
-    Path(cfg.output).mkdir(parents=True, exist_ok=True)
     if cfg.eval_only:
         metrics = evaluation("eval")
         log(f"eval: {summary(metrics)}" if rank == 0 else "")

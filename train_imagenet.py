@@ -48,7 +48,8 @@ import sampler
 # The shared block: the same text in the three training scripts (test_all.py compares them), so that each stays
 # self-contained. The script around it defines Config, SYNTHETIC (the defaults without --data), CHOICES, SAVED (the
 # parts of a run whose state a checkpoint holds, the model first; their namedtuple has the plan: what the schedule
-# and the data order depend on beyond the options), check(cfg) and run(cfg, rank, world, device).
+# and the data order depend on beyond the options), START_WEIGHTS (the option that takes weights to start from),
+# check(cfg) and run(cfg, rank, world, device).
 
 
 class InputError(Exception):
@@ -176,7 +177,8 @@ def save_checkpoint(path, cfg, parts, **position):
     state = {name: None if (part := getattr(parts, name)) is None else part.state_dict() for name in SAVED}
     path, temporary = Path(path), Path(path).with_suffix(".tmp")
     with open(temporary, "wb") as file:
-        torch.save(dict(state, plan=parts.plan, **position, config=dataclasses.asdict(cfg)), file)
+        torch.save(dict(state, plan=parts.plan, **position, config=dataclasses.asdict(cfg), script=Path(__file__).name),
+                   file)
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, path)
@@ -189,11 +191,15 @@ def read_checkpoint(path, cfg, weights_depend_on, training_depends_on):
     """A checkpoint of this script, refused in one line if saved with other values of the options listed."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unpickling failure is one bad file
-        reason = (str(error).strip() or type(error).__name__).splitlines()[0]  # an empty file's EOFError has none
+    except Exception as error:  # any unpickling failure is one bad file (a text file's: a bare KeyError)
+        reason = f"{type(error).__name__}: {str(error).strip()}".splitlines()[0].rstrip(": ")
         raise InputError(f"{path}: not a readable checkpoint ({reason})") from None
+    script = Path(__file__).name
     if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "config"} <= state.keys():
-        raise InputError(f"{path}: not a checkpoint of {Path(__file__).name} (backbone weights go to --pretrained)")
+        raise InputError(f"{path}: not a checkpoint of {script} (weights to start from go to {START_WEIGHTS})")
+    if state.get("script", script) != script:  # checkpoints saved before they named their script: taken as ours
+        raise InputError(f"{path}: a checkpoint of {state['script']}, not of {script} (weights to start from go to "
+                         f"{START_WEIGHTS})")
     for name in [*weights_depend_on, *([] if cfg.eval_only else training_depends_on)]:
         saved = state["config"].get(name, getattr(type(cfg), name))  # an option added since: its default
         if saved != getattr(cfg, name):
@@ -206,7 +212,8 @@ def resume(cfg, rank, world, weights_depend_on, training_depends_on, log):
     Rank 0 chooses (every node must see --output); a new run refuses an --output that holds another run's."""
     found = sorted(Path(cfg.output).glob("checkpoint-*.pth")) if rank == 0 else []
     if rank == 0 and cfg.resume not in ("", "auto") and not Path(cfg.resume).is_file():
-        raise InputError(f"{cfg.resume}: no such checkpoint")
+        found = "a folder, not a checkpoint" if Path(cfg.resume).is_dir() else "no such checkpoint"
+        raise InputError(f"{cfg.resume}: {found}")
     if found and not cfg.resume and not cfg.eval_only:
         raise InputError(f"{cfg.output} holds another run's checkpoints: continue it with --resume auto, or choose "
                          "another --output")
@@ -251,12 +258,23 @@ def restore(path, state, cfg, parts, log):
     return state.get("step", 0)
 
 
+def output_folder(cfg):
+    """--output as a Path, created with its parents; refused in one line where it cannot be (no permission)."""
+    try:
+        Path(cfg.output).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"--output {cfg.output}: cannot be made a folder ({error.strerror or error})") from None
+    return Path(cfg.output)
+
+
 def main(cfg):
     """Train, evaluate or benchmark as cfg says; returns run()'s result (the last evaluation's metrics)."""
     for name, choices in CHOICES.items():
         if getattr(cfg, name) not in choices:
             raise InputError(f"unknown --{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {choices}")
     check(cfg)
+    if Path(cfg.output).exists() and not Path(cfg.output).is_dir():
+        raise InputError(f"--output {cfg.output}: a file, not a folder")
     rank, world, device, store = setup_distributed()
     try:
         result = run(cfg, rank, world, device)
@@ -342,7 +360,8 @@ class Config:
     workers: int = option(8, "data-loading processes a rank")
     seed: int = option(0, "seed of the weights, the data order and the augmentations")
     resume: str = option("", "checkpoint to continue from, or auto: the newest in --output")
-    weights: str = option("", "the authors' released checkpoint to start from or evaluate")
+    weights: str = option("", "DGMN2 weights to start from or evaluate: the authors' release or ours (a checkpoint "
+                          "of this script or a state dict)")
     eval_only: bool = option(False, "evaluate --resume (its EMA weights if it has them) or --weights, then exit")
     bench: int = option(0, "time this many steps on random images beside torchvision's swin_t, then exit (0: off)")
     synthetic_train: int = option(6000, "images in the built-in synthetic training set")
@@ -353,6 +372,7 @@ SYNTHETIC = dict(  # minutes on a CPU: small images, few epochs, no augmentation
     epochs=6, warmup_epochs=1, batch_size=64, lr=1.6e-2, img_size=32, crop_scale=0.35, randaugment_ops=0, mixup=0.0,
     color_jitter=0.0, random_erasing=0.0, cutmix=0.0, repeated_aug=1, drop_path=0.0, log_every=20, workers=1,
     output="runs/synthetic")
+START_WEIGHTS = "--weights"  # the option that takes weights to start from
 CHOICES = dict(model=list(dgmn2.VARIANTS), amp=["auto", "bf16", "fp16", "off"])
 
 
@@ -365,6 +385,7 @@ def check(cfg):
         raise InputError(f"--{name.replace('_', '-')} must be {'positive' if name in positive else '>= 0'}, "
                          f"got {getattr(cfg, name)}")
     refusals = [  # each would fail late (drop path at --drop-path-epoch) or deep inside torch or torchvision
+        (not cfg.lr > 0, f"--lr {cfg.lr}: the peak learning rate must be positive"),
         (not 0 < cfg.crop_scale <= 1, f"--crop-scale {cfg.crop_scale}: a fraction of the image's area, in (0, 1]"),
         (not 0 <= cfg.random_erasing <= 1, f"--random-erasing {cfg.random_erasing}: a probability, in [0, 1]"),
         (not 0 <= cfg.label_smoothing < 1, f"--label-smoothing {cfg.label_smoothing}: in [0, 1)"),
@@ -373,7 +394,7 @@ def check(cfg):
         (cfg.eval_resize and cfg.eval_resize < cfg.img_size, f"--eval-resize {cfg.eval_resize} is smaller than the "
          f"--img-size {cfg.img_size} it crops"),
         (cfg.eval_only and not (cfg.resume or cfg.weights), "--eval-only needs the weights to evaluate: --resume CKPT "
-         "or --weights RELEASE_CKPT"),
+         "or --weights WEIGHTS"),
         (not 0 < cfg.warmup_lr <= cfg.lr * cfg.batch_size / REFERENCE_BATCH, f"--warmup-lr {cfg.warmup_lr} must be "
          "positive and at most the peak learning rate")]
     for refused, message in refusals:
@@ -581,13 +602,22 @@ SAVED = ("model", "optimizer", "scheduler", "scaler", "ema")  # the parts whose 
 
 
 def build_model(cfg, num_classes, device, log):
-    """DGMN2 of cfg.model, from the release's weights if given, on the device. Drop path is set each epoch."""
+    """DGMN2 of cfg.model, from --weights if given (the release's or ours), on the device. Drop path is set each
+    epoch."""
     model = dgmn2.build(cfg.model, num_classes=num_classes).to(device)
     if cfg.weights:
         try:
-            dgmn2.load_official(model, cfg.weights)
-        except ValueError as error:
-            raise InputError(f"--weights {cfg.weights}: {error}") from None
+            state = dgmn2.load_checkpoint(cfg.weights)
+        except ValueError as error:  # it names the file
+            raise InputError(f"--weights {error}") from None
+        weights = state.get("model", state) if isinstance(state, dict) else {}  # a training script's, or bare
+        if dgmn2.is_release(weights):
+            try:
+                dgmn2.load_official(model, weights)
+            except ValueError as error:
+                raise InputError(f"--weights {cfg.weights}: {error}") from None
+        else:
+            load_weights(model, weights, f"--weights {cfg.weights}")
     macs, _ = dgmn2.count_macs(cfg.model, cfg.img_size)
     log(f"DGMN2-{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters at {num_classes} "
         f"classes, {macs / 1e9:.3f}G multiply-adds at {cfg.img_size} x {cfg.img_size}")
@@ -683,8 +713,7 @@ def train_one_epoch(epoch, cfg, rank, world, device, parts):
 def train(cfg, rank, world, device, parts, start, log):
     """Epochs from the one of step start: train, evaluate (the EMA weights too), save the checkpoint and the epoch's
     line in log.jsonl (rank 0). Returns the last epoch's record."""
-    output, record = Path(cfg.output), None
-    output.mkdir(parents=True, exist_ok=True)
+    output, record = output_folder(cfg), None
     for epoch in range(start // len(parts.train_loader), cfg.epochs):
         record = train_one_epoch(epoch, cfg, rank, world, device, parts)
         if world > 1:  # BatchNorm statistics moved on each rank after DDP's last broadcast: evaluate rank 0's

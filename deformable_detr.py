@@ -217,8 +217,8 @@ class HeadLinear(nn.Linear):
 
     def forward(self, x):
         dtype = torch.promote_types(x.dtype, torch.float32)
-        no_autocast = torch.amp.is_autocast_available(x.device.type)  # the meta device (FLOP counts) has none
-        with torch.autocast(x.device.type, enabled=False) if no_autocast else contextlib.nullcontext():
+        has_autocast = torch.amp.is_autocast_available(x.device.type)  # the meta device (FLOP counts) has none
+        with torch.autocast(x.device.type, enabled=False) if has_autocast else contextlib.nullcontext():
             return F.linear(x.to(dtype), self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype))
 
 

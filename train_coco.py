@@ -215,8 +215,8 @@ def resume(cfg, rank, world, weights_depend_on, training_depends_on, log):
     Rank 0 chooses (every node must see --output); a new run refuses an --output that holds another run's."""
     found = sorted(Path(cfg.output).glob("checkpoint-*.pth")) if rank == 0 else []
     if rank == 0 and cfg.resume not in ("", "auto") and not Path(cfg.resume).is_file():
-        found = "a folder, not a checkpoint" if Path(cfg.resume).is_dir() else "no such checkpoint"
-        raise InputError(f"{cfg.resume}: {found}")
+        why = "a folder, not a checkpoint" if Path(cfg.resume).is_dir() else "no such checkpoint"
+        raise InputError(f"{cfg.resume}: {why}")
     if found and not cfg.resume and not cfg.eval_only:
         raise InputError(f"{cfg.output} holds another run's checkpoints: continue it with --resume auto, or choose "
                          "another --output")

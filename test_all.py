@@ -3165,7 +3165,7 @@ def test_bad_input_gives_one_line(tmp_path):
              (dict(data=str(data), resume=str(other)), "small.pth: saved with --model 'small', not 'tiny'"),
              (dict(data=str(data), resume=str(tmp_path / "none.pth")), "none.pth: no such checkpoint"),
              (dict(data=str(data), resume=str(empty)), r"empty.pth: not a readable checkpoint \(EOFError\)"),
-             (dict(data=str(data), weights=str(other)), r"--weights .*small.pth: does not fit this model \(first: stages"),
+             (dict(data=str(data), weights=str(other)), r"--weights .*small.pth: does not fit this model \(first: st"),
              (dict(data=str(data), lr=-1.0), "--lr -1.0: the peak learning rate must be positive"),
              (dict(data=str(data), resume=str(tmp_path)), "pytest.*: a folder, not a checkpoint"),
              (dict(data=str(data), output=str(empty)), "--output .*empty.pth: a file, not a folder"),

@@ -3064,13 +3064,17 @@ def test_learning_rate_schedule():
     assert lrs == pytest.approx(warmup + cosine, rel=1e-9)
 
 
-def test_weight_decay_spares_biases_norms_and_relative_position_tables():
+def test_weight_decay_spares_biases_and_norms_as_the_release():
+    """The release's timm optimiser decays every parameter but 1-d ones (biases, norm weights) and its
+    no_weight_decay() names (only a cls_token it does not have): the relative-position tables decay."""
     model = dgmn2.dgmn2_tiny()
     decay, no_decay = train_imagenet.param_groups(model, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0
-    weights = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}  # what decays
-    assert {id(p) for p in decay["params"]} == weights
-    assert {id(p) for p in no_decay["params"]} == {id(p) for p in model.parameters()} - weights  # rel_pos tables too
+    tables = {id(t) for m in model.modules() if isinstance(m, dgmn2.RelativePosition) for t in (m.width, m.height)}
+    weights = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    assert len(tables) == 2 * sum(dgmn2.VARIANTS["tiny"].depths)
+    assert {id(p) for p in decay["params"]} == weights | tables
+    assert {id(p) for p in no_decay["params"]} == {id(p) for p in model.parameters()} - weights - tables
 
 
 def kill_then_resume(script, cfg, monkeypatch):

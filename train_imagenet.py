@@ -625,16 +625,18 @@ def build_model(cfg, num_classes, device, log):
 
 
 def param_groups(model, weight_decay):
-    """AdamW groups: no weight decay on biases, norm weights (1-d) and relative-position tables."""
+    """AdamW groups: no weight decay on biases and norm weights (1-d), as the release's timm optimiser; its
+    relative-position tables (2-d, not in its no_weight_decay) decay with the matrices."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 or ".rel_pos." in name else decay).append(p)
+    for p in model.parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
 def optimiser(cfg, model, steps_per_epoch):
     """AdamW at the peak lr scaled to the global batch, and its schedule, stepped every optimiser step: linear
-    warm-up from --warmup-lr over --warmup-epochs, then cosine to --min-lr at the last step."""
+    warm-up from --warmup-lr over --warmup-epochs, then cosine to --min-lr at the last step. The release steps timm's
+    cosine once an epoch, an epoch behind (its first two epochs at --warmup-lr): the same shape in steps of an epoch."""
     peak = cfg.lr * cfg.batch_size / REFERENCE_BATCH
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak)
     warmup, total = cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch

@@ -385,11 +385,12 @@ def _read(checkpoint):
 
 
 THOP_COUNTERS = ("total_ops", "total_params")
+RELEASE_LAYERS = r"(patch_embed[1-4]|block[1-4])\."  # the release's names of its stages' layers (ours: stages.*)
 
 
 def is_release(weights):
     """Whether a dict of weights has the release's names (patch_embed1..4, block1..4), not ours (stages.*)."""
-    return any(re.match(r"(patch_embed[1-4]|block[1-4])\.", name) for name in weights)
+    return any(re.match(RELEASE_LAYERS, name) for name in weights)
 
 
 def load_official(model, checkpoint):
@@ -402,7 +403,7 @@ def load_official(model, checkpoint):
     # thop's counters (total_ops, total_params on every module of a profiled model), which the release's detection
     # code also drops from these files
     release = {name: t for name, t in _read(checkpoint).items() if name.split(".")[-1] not in THOP_COUNTERS}
-    foreign = [name for name in release if not re.match(r"(patch_embed[1-4]|block[1-4]|head)\.", name)]
+    foreign = [name for name in release if not (re.match(RELEASE_LAYERS, name) or name.startswith("head."))]
     if foreign:
         raise ValueError(f"not the release's format: {len(foreign)} names such as {foreign[0]!r} are not its names "
                          "(patch_embed1..4, block1..4, head); a state dict of ours loads with load_state_dict")

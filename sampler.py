@@ -358,7 +358,8 @@ _backward_kernel.register_autograd(_no_double_backward)
 # FlopCounterMode counts the fused ops' products as it counts the reference path's einsum (2 FLOPs per multiply-add:
 # one per sampled element and channel); the bilinear reads themselves (4 multiply-adds per sampled element and
 # channel) are left out, as FlopCounterMode leaves out F.grid_sample. The backward kernels have no formula: a backward
-# counts only what it computes with counted ops (dot's grad q through aggregate, the tables' einsums).
+# counts only what it computes with counted ops (on the composed path dot's grad q through aggregate and the tables'
+# einsums; nothing of the fused attention's).
 @register_flop_formula(getattr(torch.ops, _OPS).aggregate)
 def _aggregate_flops(x_shape, offsets_shape, weights_shape, offset_groups, dilation, out_shape=None, **kwargs):
     return 2 * math.prod(x_shape) * weights_shape[2]
@@ -370,8 +371,8 @@ def _dot_flops(q_shape, x_shape, offsets_shape, groups, offset_groups, dilation,
 
 
 # The fused attention: one op forward, one backward (sampler_cuda.cu's Attention and AttentionBackward). Its forward
-# saves p (B, N, G, K), the softmax in float32 (float64 for float64 inputs); its backward returns the logits' gradient
-# dS beside qkv's and the walks', and the tables' gradients are dS's products with q, taken here.
+# saves p (B, N, G, K), the softmax in float32 (float64 for float64 inputs); its backward returns the gradients of
+# qkv, the walks and the two tables.
 ATTENTION_NODES = 9  # the fused op's K, a compile-time constant in the kernel: the 3 x 3 grid
 
 
@@ -384,7 +385,7 @@ def _attention_kernel(qkv: torch.Tensor, walks: torch.Tensor, width: torch.Tenso
 @torch.library.custom_op(f"{_OPS}::attention_backward", mutates_args=())
 def _attention_backward_kernel(qkv: torch.Tensor, walks: torch.Tensor, width: torch.Tensor, height: torch.Tensor,
                                probs: torch.Tensor, grad: torch.Tensor, rows: int, heads: int,
-                               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(_extension(qkv.device.type).attention_backward(qkv, walks, width, height, probs, grad, rows, heads,
                                                                 scale))
 
@@ -397,7 +398,8 @@ def _(qkv, walks, width, height, rows, heads, scale):
 
 @_attention_backward_kernel.register_fake
 def _(qkv, walks, width, height, probs, grad, rows, heads, scale):
-    return qkv.new_empty(qkv.shape), walks.new_empty(walks.shape), probs.new_empty(probs.shape)
+    return qkv.new_empty(qkv.shape), walks.new_empty(walks.shape), width.new_empty(width.shape), \
+        height.new_empty(height.shape)
 
 
 def _attention_setup(ctx, inputs, output):
@@ -406,27 +408,10 @@ def _attention_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-def _table_grads(grad_logits, qkv, tables, rows, heads):
-    """The relative-position tables' gradients: the logits' gradient (B, N, G, K) times q, summed into the rows each
-    slot read, per axis. -> (W + K - 1, D), (H + K - 1, D)."""
-    C, K = qkv.shape[-1] // 3, grad_logits.shape[-1]
-    q = rearrange(qkv[..., :C].to(grad_logits.dtype), "b (h w) (g d) -> b h w g d", h=rows, g=heads)
-    ds = rearrange(grad_logits, "b (h w) g k -> b h w g k", h=rows)
-    grads = []
-    for table, axis in zip(tables, ("w", "h")):
-        with _no_autocast(q.device):  # a backward inside autocast: its bf16 sums would not add into the table
-            per_position = torch.einsum(f"bhwgk,bhwgd->{axis}kd", ds, q)                 # (side, K, D)
-        rows_read = _slot_rows(per_position.shape[0], K, q.device)                       # (side, K)
-        grads.append(table.new_zeros(table.shape).index_add_(0, rows_read.flatten(), per_position.flatten(0, 1)))
-    return grads
-
-
 def _attention_backward(ctx, grad, _):
     qkv, walks, width, height, probs = ctx.saved_tensors
-    grad_qkv, grad_walks, grad_logits = _attention_backward_kernel(qkv, walks, width, height, probs, grad, ctx.rows,
-                                                                   ctx.heads, ctx.scale)
-    grad_width, grad_height = _table_grads(grad_logits, qkv, (width, height), ctx.rows, ctx.heads)
-    return grad_qkv, grad_walks, grad_width, grad_height, None, None, None
+    grads = _attention_backward_kernel(qkv, walks, width, height, probs, grad, ctx.rows, ctx.heads, ctx.scale)
+    return *grads, None, None, None
 
 
 _attention_kernel.register_autograd(_attention_backward, setup_context=_attention_setup)

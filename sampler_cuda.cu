@@ -632,13 +632,15 @@ struct Attention : AttentionInputs<scalar_t, index_t> {
   }
 };
 
-// Tiles: where the fused backward sums the gradients of k and v. A tile is Rows x Cols query pixels of one image
-// and one head, and a halo of kHalo pixels around them: as far as their nodes' corners reach while walks are shorter
-// than a pixel (a node sits a pixel from its query, its corners one more). What lands in the haloed tile is summed in
-// a buffer (GPU: the block's shared memory, by shared-memory atomics; host: the thread's own) and added to the maps
-// once the tile is done; what lands beyond it goes to the maps directly. On the GPU a query's head thus takes
+// Tiles: where the fused backward sums the gradients of k and v and of the tables. A tile is Rows x Cols query pixels
+// of one image and one head, and a halo of kHalo pixels around them: as far as their nodes' corners reach while walks
+// are shorter than a pixel (a node sits a pixel from its query, its corners one more). What lands in the haloed tile is
+// summed in a buffer (GPU: the block's shared memory, by shared-memory atomics; host: the thread's own) and added to the
+// maps once the tile is done; what lands beyond it goes to the maps directly. On the GPU a query's head thus takes
 // 2 (Rows + 2 kHalo) (Cols + 2 kHalo) / (Rows Cols) global atomics a channel (6 for 4 x 8; 16-byte atomics on Hopper)
-// where it took up to 72 (9 nodes, 4 corners, k and v).
+// where it took up to 72 (9 nodes, 4 corners, k and v). The tile's queries read Cols + K - 1 rows of the width table
+// and Rows + K - 1 of the height table: their gradients are summed beside, and added to the tables' once a tile
+// (GPU: one table for all blocks, by atomics; host: one a strip, summed once the strips are done).
 constexpr int kHalo = 2;
 
 // The rows of a tile of `units` query pixels, the largest power of two whose square fits: 4 x 8 for 32, 8 x 8 for 64.
@@ -652,22 +654,34 @@ constexpr int tile_rows(int units) {
 template <int Units>
 struct TileShape {
   static constexpr int rows = tile_rows(Units), cols = Units / rows;
-  static constexpr int64_t sums(int64_t channels) { return 2 * (rows + 2 * kHalo) * (cols + 2 * kHalo) * channels; }
+  static constexpr int64_t sums(int64_t channels) {
+    return (2 * (rows + 2 * kHalo) * (cols + 2 * kHalo) + cols + rows + 2 * (kAttentionNodes - 1)) * channels;
+  }
 };
 
 template <typename acc_t, typename index_t>
 struct Tile {
   index_t b, g, y0, x0;  // image, head, the first query pixel
   index_t rows, cols;    // the haloed tile: (Rows + 2 kHalo) x (Cols + 2 kHalo) pixels
+  index_t width_base, height_base;  // the first row of each table that the tile's sums hold (below 0 at the edge)
   index_t channels;      // D
-  acc_t* sums;           // (2, rows, cols, D): k's, then v's
+  acc_t* sums;           // (2, rows, cols, D): k's, then v's; then (Cols + K - 1 + Rows + K - 1, D): the tables'
 
-  HD index_t size() const { return 2 * rows * cols * channels; }
+  HD index_t maps_size() const { return 2 * rows * cols * channels; }
+  HD index_t width_rows() const { return cols - 2 * kHalo + kAttentionNodes - 1; }
+  HD index_t table_rows() const { return width_rows() + rows - 2 * kHalo + kAttentionNodes - 1; }
+  HD index_t size() const { return maps_size() + table_rows() * channels; }
   // Where channel d of the head of k (which = 0) or v (1) at pixel (y, x) is summed, or -1 beyond the halo.
   HD index_t slot(int which, index_t y, index_t x, index_t d) const {
     const index_t ty = y - y0 + kHalo, tx = x - x0 + kHalo;
     if (ty < 0 || ty >= rows || tx < 0 || tx >= cols) return -1;
     return ((which * rows + ty) * cols + tx) * channels + d;
+  }
+  // Where channel d of row `row` of the width (height = false) or height table is summed: a row a query of the tile
+  // reads.
+  HD index_t table_slot(bool height, index_t row, index_t d) const {
+    const index_t local = height ? width_rows() + row - height_base : row - width_base;
+    return maps_size() + local * channels + d;
   }
 };
 
@@ -689,6 +703,8 @@ HD inline Tile<acc_t, index_t> tile_of(const Geometry<index_t>& s, index_t t, ac
   tl.b = t / down;
   tl.rows = Rows + 2 * kHalo;
   tl.cols = Cols + 2 * kHalo;
+  tl.width_base = s.W - tl.x0 - Cols;  // slot n of query x reads row n + W - 1 - x: x0 + Cols - 1 reads the first
+  tl.height_base = s.H - tl.y0 - Rows;
   tl.channels = s.group_channels();
   tl.sums = sums;
   return tl;
@@ -718,9 +734,10 @@ HD inline void scatter_tile(acc_t* to, acc_t scale, const T* v, Count count) {
 //   grad q = sum_k dS_k M_k = sum_k p_k dp_k M_k - t sum_k p_k M_k    (two register sums, known before dS is)
 //   grad k at neighbour n of node k += dS_k scale w_n q,   grad v there += p_k w_n g
 //   grad dy_k = dS_k scale sum_n (dw_n / dy) (q . k_n) + p_k sum_n (dw_n / dy) (g . v_n)   (likewise dx)
-// grad q is written in qkv's dtype into its third of grad qkv; k's and v's are summed in acc_t, in the unit's tile
-// (above) and then the maps (GPU: float atomics; host: each thread owns whole (image, head) strips). dS is written
-// too: the tables' gradients are its products with q, which sampler.py takes with two einsums.
+//   grad Rw[k + W-1 - x] += dS_k q,   grad Rh[k + H-1 - y] += dS_k q
+// grad q is written in qkv's dtype into its third of grad qkv, the walks' gradients in theirs; k's and v's and the
+// tables' are summed in acc_t, in the unit's tile (above) and then the maps and tables (GPU: float atomics; host:
+// each thread owns whole (image, head) strips and a table of its own for each of them).
 template <typename scalar_t, typename index_t>
 struct AttentionBackward : AttentionInputs<scalar_t, index_t> {
   using Base = AttentionInputs<scalar_t, index_t>;
@@ -730,8 +747,10 @@ struct AttentionBackward : AttentionInputs<scalar_t, index_t> {
   Map<const scalar_t, index_t> grad_out;            // (B, N, C)
   Map<scalar_t, index_t> grad_q;                    // written
   Map<acc_t, index_t> grad_k, grad_v;               // scattered into (zeroed first)
-  Strided<acc_t, 4, index_t> grad_walks, grad_logits;  // (B, N, G, 2K), (B, N, G, K)
-  bool wide_flush;  // whether the k and v maps take 16-byte runs of float (GPU)
+  Strided<acc_t, 3, index_t> grad_width, grad_height;  // (1, W + K - 1, D), (1, H + K - 1, D), zeroed (GPU);
+                                                       // host: (B G, ..., D), a table a strip
+  Strided<scalar_t, 4, index_t> grad_walks;           // (B, N, G, 2K)
+  bool wide_flush;  // whether the k and v maps and the tables take 16-byte runs of float (GPU)
 
   template <int R, int L>
   HD void operator()(index_t i, int lane, const Tile<acc_t, index_t>& t) const { for_head<R, L>(*this, i, lane, t); }
@@ -746,9 +765,9 @@ struct AttentionBackward : AttentionInputs<scalar_t, index_t> {
     scatter<R>((which ? grad_v : grad_k).at(t.b, y, x) + c, scale, from, count);
   }
 
-  // Adds a tile's sums to the maps: thread `thread` of `threads` takes runs of 4 channels (one 16-byte atomic on
-  // Hopper, see scatter) where the maps allow, else single channels (GPU); the host's one thread takes a pixel's head
-  // at a time.
+  // Adds a tile's sums to the maps and tables: thread `thread` of `threads` takes runs of 4 channels (one 16-byte
+  // atomic on Hopper, see scatter) where they allow, else single channels (GPU); the host's one thread takes a
+  // pixel's head (a table row) at a time.
   HD void flush(const Tile<acc_t, index_t>& t, int thread, int threads) const {
 #ifdef __CUDA_ARCH__
     if (wide_flush) return flush_runs<4>(t, thread, threads, std::integral_constant<int, 4>());
@@ -772,6 +791,24 @@ struct AttentionBackward : AttentionInputs<scalar_t, index_t> {
 #ifndef __CUDA_ARCH__
       CHANNELS
       for (int j = 0; j < count; ++j) sums[j] = 0;  // the host's buffer serves the strip's next tile
+#endif
+    }
+#ifdef __CUDA_ARCH__
+    const index_t table = 0;
+#else
+    const index_t table = t.b * this->s.G + t.g;  // the strip's own
+#endif
+    const index_t width_rows = t.width_rows();
+    for (index_t i = thread; i < t.table_rows() * runs; i += threads) {
+      const index_t local = i / runs, d = i % runs * count;
+      const bool height = local >= width_rows;
+      const index_t row = height ? local - width_rows + t.height_base : local + t.width_base;
+      if (row < 0 || row >= (height ? this->s.H : this->s.W) + K - 1) continue;  // no query of the tile reads it
+      acc_t* sums = t.sums + t.maps_size() + local * t.channels + d;
+      scatter<R>(&(height ? grad_height : grad_width)(table, row, d), static_cast<acc_t>(1), sums, count);
+#ifndef __CUDA_ARCH__
+      CHANNELS
+      for (int j = 0; j < count; ++j) sums[j] = 0;
 #endif
     }
   }
@@ -833,6 +870,9 @@ struct AttentionBackward : AttentionInputs<scalar_t, index_t> {
     acc_t t = 0;
     UNROLL
     for (int n = 0; n < K; ++n) t += p[n] * dp[n];
+    // Where the gradients of the table rows that slot 0 reads are summed (slot n's: n rows on).
+    acc_t* const width_sums = tile.sums + tile.table_slot(false, a.s.W - 1 - u.x, run.c - begin);
+    acc_t* const height_sums = tile.sums + tile.table_slot(true, a.s.H - 1 - u.y, run.c - begin);
     if (run.active) {
       acc_t gq[R];
       CHANNELS
@@ -847,11 +887,12 @@ struct AttentionBackward : AttentionInputs<scalar_t, index_t> {
       const acc_t dy = lane_sum<L>(run.active ? ds * a.scale * qk_dy[n] + p[n] * gv_dy[n] : 0);
       const acc_t dx = lane_sum<L>(run.active ? ds * a.scale * qk_dx[n] + p[n] * gv_dx[n] : 0);
       if (lane == n % L) {
-        grad_walks(u.b, pixel, u.g, 2 * n) = dy;
-        grad_walks(u.b, pixel, u.g, 2 * n + 1) = dx;
-        grad_logits(u.b, pixel, u.g, n) = ds;
+        grad_walks(u.b, pixel, u.g, 2 * n) = static_cast<scalar_t>(dy);
+        grad_walks(u.b, pixel, u.g, 2 * n + 1) = static_cast<scalar_t>(dx);
       }
       if (!run.active || ds == 0) continue;
+      scatter_tile<R>(width_sums + n * tile.channels, ds, q_at, run.count);  // the rows slot n reads += dS_n q
+      scatter_tile<R>(height_sums + n * tile.channels, ds, q_at, run.count);
       const Node<acc_t, index_t> nd = a.walked(u, n);
       UNROLL
       for (int nb = 0; nb < 4; ++nb)
@@ -927,11 +968,16 @@ template <int R, int L, typename Op>
 void launch_tiles(const Op& op) {
   using Shape = TileShape<kThreads / L>;
   const int64_t blocks = op.s.B * op.s.G * tiles_per_image<Shape::rows, Shape::cols>(op.s);
-  // At most 48 KB, the most a block gets unasked: a 64-channel head at 8 lanes (half types, float sums) or at 32
-  // (double).
+  // 55 KB for a 64-channel head at 8 lanes (half types, float sums), 59 KB at 32 (double): over the 48 KB a block
+  // gets unasked, so the kernel asks for it.
   const size_t bytes = Shape::sums(op.s.group_channels()) * sizeof(typename Op::acc_t);
-  TORCH_CHECK(bytes <= 48 * 1024, "sampler_cuda.cu: a tile of ", op.s.group_channels(), "-channel heads is too large");
+  int most = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device()));
+  TORCH_CHECK(bytes <= static_cast<size_t>(most), "sampler_cuda.cu: a tile of ", op.s.group_channels(),
+              "-channel heads is too large");
   TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "sampler_cuda.cu: the problem is too large for one launch");
+  C10_CUDA_CHECK(cudaFuncSetAttribute(each_tile<R, L, Op>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
   each_tile<R, L><<<static_cast<unsigned>(blocks), kThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(op);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -970,7 +1016,7 @@ void run(const Op& op, Split split, bool strips) {
 
 // Runs every tile of the fused backward (see Tile): on the GPU a block a tile; on the host, threads take whole strips
 // of one image and one head, their tiles in turn, so that no two threads add to the same place (a buffer a thread,
-// zeroed once: the flush zeroes what it adds).
+// zeroed once: the flush zeroes what it adds; the tables' gradients a strip's own).
 template <int VectorRun, typename Op>
 void run_tiles(const Op& op, Split split) {
   if (op.s.units() == 0) return;
@@ -1310,8 +1356,8 @@ std::vector<at::Tensor> attention(const at::Tensor& qkv_in, const at::Tensor& wa
   return {out, probs};
 }
 
-// The gradients of attention(): qkv's (B, N, 3C) in its dtype, the walks' (B, N, G, 2K) in theirs and the logits'
-// (B, N, G, K) in the opmath type, from p (B, N, G, K) and the gradient of out (B, N, C).
+// The gradients of attention(): qkv's (B, N, 3C) in its dtype, the walks' (B, N, G, 2K) in theirs and the tables'
+// (W + K - 1, D), (H + K - 1, D) in theirs (the opmath type), from p (B, N, G, K) and the gradient of out (B, N, C).
 std::vector<at::Tensor> attention_backward(const at::Tensor& qkv_in, const at::Tensor& walks_in,
                                            const at::Tensor& width, const at::Tensor& height,
                                            const at::Tensor& probs, const at::Tensor& grad_in, int64_t rows,
@@ -1336,20 +1382,25 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& qkv_in, const at::T
   const bool in_place = qkv.scalar_type() == acc_type(qkv);
   const at::Tensor kv =
       (in_place ? grad_qkv.narrow(2, s.C, 2 * s.C) : at::empty({s.B, s.H * s.W, 2 * s.C}, acc)).zero_();
-  at::Tensor grad_walks = at::empty({s.B, s.H * s.W, s.G, 2 * kAttentionNodes}, acc);
-  at::Tensor grad_logits = at::empty({s.B, s.H * s.W, s.G, kAttentionNodes}, acc);
-  DGMN_DISPATCH(qkv, fits_int32(s, {qkv, walks_in, width, height, probs, grad, grad_qkv, kv, grad_walks}), vector, {
+  at::Tensor grad_walks = at::empty({s.B, s.H * s.W, s.G, 2 * kAttentionNodes}, walks_in.options());
+  // The GPU's blocks add to one table each; the host's strips each to their own, summed below (in a fixed order).
+  const int64_t tables = kCuda ? 1 : s.B * s.G;
+  at::Tensor grad_width = at::empty({tables, width.size(0), width.size(1)}, acc).zero_();
+  at::Tensor grad_height = at::empty({tables, height.size(0), height.size(1)}, acc).zero_();
+  DGMN_DISPATCH(qkv, fits_int32(s, {qkv, walks_in, width, height, probs, grad, grad_qkv, kv, grad_walks, grad_width,
+                                    grad_height}), vector, {
     const AttentionBackward<scalar_t, index_t> kernel{
         attention_inputs<scalar_t, index_t>(s, qkv, walks_in, width, height, scale),
         Strided<const acc_t, 4, index_t>(probs),     In<scalar_t, index_t>(as_map(grad, 0, s)),
         Map<scalar_t, index_t>(as_map(grad_qkv, 0, s)), Map<acc_t, index_t>(as_map(kv, 0, s)),
-        Map<acc_t, index_t>(as_map(kv, s.C, s)),     Strided<acc_t, 4, index_t>(grad_walks),
-        Strided<acc_t, 4, index_t>(grad_logits),
-        std::is_same_v<acc_t, float> && vector_aligned(4, s.group_channels(), {kv})};
+        Map<acc_t, index_t>(as_map(kv, s.C, s)),     Strided<acc_t, 3, index_t>(grad_width),
+        Strided<acc_t, 3, index_t>(grad_height),     Strided<scalar_t, 4, index_t>(grad_walks),
+        std::is_same_v<acc_t, float> && vector_aligned(4, s.group_channels(), {kv, grad_width, grad_height})};
     run_tiles<vector>(kernel, attention_split<scalar_t>(s, {qkv, grad, grad_qkv, kv}));
   });
   if (!in_place) grad_qkv.narrow(2, s.C, 2 * s.C).copy_(kv);
-  return {grad_qkv, grad_walks.to(walks_in.scalar_type()), grad_logits};
+  const auto total = [](const at::Tensor& t) { return t.size(0) == 1 ? t.select(0, 0) : t.sum(0); };
+  return {grad_qkv, grad_walks, total(grad_width), total(grad_height)};
 }
 
 // The ops of this build: torch.ops.<extension name>.{aggregate, dot, backward, attention, attention_backward},

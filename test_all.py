@@ -763,6 +763,24 @@ def test_fused_attention_backward_sums_by_tile_and_beyond_its_halo(spread):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+def test_fused_attention_host_backward_is_deterministic():
+    """The host's backward gives each thread whole (image, head) strips, each with tables of its own, added in a fixed
+    order once all are done: its gradients are bit-identical whatever the number of threads (several tiles a strip,
+    four strips, float32, whose sums would differ in another order)."""
+    B, H, W, G, D = 2, 19, 21, 2, 8
+    inputs = attention_inputs(B, H, W, G, D, dtype=torch.float32)
+    threads, results = torch.get_num_threads(), []
+    try:
+        for count in (1, 4, 3):
+            torch.set_num_threads(count)
+            with sampler.backend("kernel"):
+                results.append(outputs_and_grads(lambda *t: sampler.attention(*t, (H, W), G, D ** -0.5), inputs))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
 def test_fused_attention_gradcheck():
     B, H, W, G, D = 1, 4, 3, 2, 3
     inputs = [t.requires_grad_() for t in attention_inputs(B, H, W, G, D)]

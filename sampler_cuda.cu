@@ -632,15 +632,15 @@ struct Attention : AttentionInputs<scalar_t, index_t> {
   }
 };
 
-// Tiles: where the fused backward sums the gradients of k and v and of the tables. A tile is Rows x Cols query pixels
-// of one image and one head, and a halo of kHalo pixels around them: as far as their nodes' corners reach while walks
-// are shorter than a pixel (a node sits a pixel from its query, its corners one more). What lands in the haloed tile is
-// summed in a buffer (GPU: the block's shared memory, by shared-memory atomics; host: the thread's own) and added to the
-// maps once the tile is done; what lands beyond it goes to the maps directly. On the GPU a query's head thus takes
-// 2 (Rows + 2 kHalo) (Cols + 2 kHalo) / (Rows Cols) global atomics a channel (6 for 4 x 8; 16-byte atomics on Hopper)
-// where it took up to 72 (9 nodes, 4 corners, k and v). The tile's queries read Cols + K - 1 rows of the width table
-// and Rows + K - 1 of the height table: their gradients are summed beside, and added to the tables' once a tile
-// (GPU: one table for all blocks, by atomics; host: one a strip, summed once the strips are done).
+// Tiles: where the fused backward sums the gradients of k and v and of the tables. A tile is Rows x Cols query
+// pixels of one image and one head, and a halo of kHalo pixels around them: as far as their nodes' corners reach while
+// walks are shorter than a pixel (a node sits a pixel from its query, its corners one more). What lands in the haloed
+// tile is summed in a buffer (GPU: the block's shared memory, by shared-memory atomics; host: the thread's own) and
+// added to the maps once the tile is done; what lands beyond it goes to the maps directly. On the GPU a query's head
+// thus takes 2 (Rows + 2 kHalo) (Cols + 2 kHalo) / (Rows Cols) global atomics a channel (6 for 4 x 8; 16-byte atomics
+// on Hopper) where it took up to 72 (9 nodes, 4 corners, k and v). The tile's queries read Cols + K - 1 rows of the
+// width table and Rows + K - 1 of the height table: their gradients are summed beside, and added to the tables' once
+// a tile (GPU: one table for all blocks, by atomics; host: one a strip, summed once the strips are done).
 constexpr int kHalo = 2;
 
 // The rows of a tile of `units` query pixels, the largest power of two whose square fits: 4 x 8 for 32, 8 x 8 for 64.

@@ -834,7 +834,7 @@ def test_fused_attention_in_half_types_keeps_float32_logits(dtype):
 
 def test_attention_backward_inside_autocast_and_tables_of_another_dtype():
     """A backward run inside the autocast block gives the gradients of one run outside it (the table gradients are
-    summed with autocast off); bf16 qkv with float32 tables, without autocast, runs on both paths."""
+    summed in the kernel, in float32); bf16 qkv with float32 tables, without autocast, runs on both paths."""
     B, H, W, G, D = 2, 5, 6, 2, 16
     inputs = attention_inputs(B, H, W, G, D, dtype=torch.float32)
 

@@ -1383,7 +1383,8 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& qkv_in, const at::T
   const at::Tensor kv =
       (in_place ? grad_qkv.narrow(2, s.C, 2 * s.C) : at::empty({s.B, s.H * s.W, 2 * s.C}, acc)).zero_();
   at::Tensor grad_walks = at::empty({s.B, s.H * s.W, s.G, 2 * kAttentionNodes}, walks_in.options());
-  // The GPU's blocks add to one table each; the host's strips each to their own, summed below (in a fixed order).
+  // All the GPU's blocks add to one pair of tables; each of the host's strips to a pair of its own, summed below in a
+  // fixed order.
   const int64_t tables = kCuda ? 1 : s.B * s.G;
   at::Tensor grad_width = at::empty({tables, width.size(0), width.size(1)}, acc).zero_();
   at::Tensor grad_height = at::empty({tables, height.size(0), height.size(1)}, acc).zero_();

@@ -545,7 +545,8 @@ def attention(qkv, walks, width, height, size, heads, scale):
     width (W + K - 1, D), height (H + K - 1, D) the tables at this size, size (H, W) -> (B, N, C).
 
     On the kernel path one fused op (K = 9, see _fused): the logits and the softmax stay in float32 registers and,
-    besides its inputs, only p is saved (float32; float64 for float64 inputs); its backward is one pass too.
+    besides its inputs, only p is saved (float32; float64 for float64 inputs); its backward is one pass too, the
+    tables' gradients included.
     Elsewhere, and on the torch path, the composed computation: dot, the relative-position einsums, softmax,
     aggregate."""
     _check_attention(qkv, walks, width, height, size, heads)

@@ -748,8 +748,9 @@ def test_fused_attention_matches_the_composed_reference(device, B, H, W, G, D, l
 @pytest.mark.parametrize("spread", [0, 3])
 def test_fused_attention_backward_sums_by_tile_and_beyond_its_halo(spread):
     """The backward sums k's and v's gradients per tile of queries and its halo (the corners of walks under a pixel
-    long), then adds them to the map; corners beyond the halo go straight to the map. A map of several tiles, ragged
-    at its edges, with walks that stay near (spread 0) and walks of up to 4 pixels (3): the reference's gradients."""
+    long), then adds them to the map; corners beyond the halo go straight to the map; the table rows a tile's queries
+    read are summed per tile too. A map of several tiles, ragged at its edges, with walks that stay near (spread 0)
+    and walks of up to 4 pixels (3): the reference's gradients."""
     B, H, W, G, D = 1, 19, 21, 2, 8
     qkv, walks_, width, height = attention_inputs(B, H, W, G, D)
     jumps = torch.randint(-spread, spread + 1, walks_.shape, generator=torch.Generator().manual_seed(1))

@@ -803,7 +803,7 @@ struct AttentionBackward : AttentionInputs<scalar_t, index_t> {
       const index_t local = i / runs, d = i % runs * count;
       const bool height = local >= width_rows;
       const index_t row = height ? local - width_rows + t.height_base : local + t.width_base;
-      if (row < 0 || row >= (height ? this->s.H : this->s.W) + K - 1) continue;  // no query of the tile reads it
+      if (row < 0) continue;  // before the table: a tile past the map's edge has no queries there
       acc_t* sums = t.sums + t.maps_size() + local * t.channels + d;
       scatter<R>(&(height ? grad_height : grad_width)(table, row, d), static_cast<acc_t>(1), sums, count);
 #ifndef __CUDA_ARCH__

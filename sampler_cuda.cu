@@ -1384,10 +1384,10 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& qkv_in, const at::T
       (in_place ? grad_qkv.narrow(2, s.C, 2 * s.C) : at::empty({s.B, s.H * s.W, 2 * s.C}, acc)).zero_();
   at::Tensor grad_walks = at::empty({s.B, s.H * s.W, s.G, 2 * kAttentionNodes}, walks_in.options());
   // All the GPU's blocks add to one pair of tables; each of the host's strips to a pair of its own, summed below in a
-  // fixed order.
-  const int64_t tables = kCuda ? 1 : s.B * s.G;
-  at::Tensor grad_width = at::empty({tables, width.size(0), width.size(1)}, acc).zero_();
-  at::Tensor grad_height = at::empty({tables, height.size(0), height.size(1)}, acc).zero_();
+  // fixed order. Each pair is the width rows then the height rows of one tensor, zeroed by one fill.
+  const int64_t tables = kCuda ? 1 : s.B * s.G, width_rows = width.size(0);
+  const at::Tensor sums = at::empty({tables, width_rows + height.size(0), width.size(1)}, acc).zero_();
+  const at::Tensor grad_width = sums.narrow(1, 0, width_rows), grad_height = sums.narrow(1, width_rows, height.size(0));
   DGMN_DISPATCH(qkv, fits_int32(s, {qkv, walks_in, width, height, probs, grad, grad_qkv, kv, grad_walks, grad_width,
                                     grad_height}), vector, {
     const AttentionBackward<scalar_t, index_t> kernel{

@@ -372,7 +372,8 @@ def _dot_flops(q_shape, x_shape, offsets_shape, groups, offset_groups, dilation,
 
 # The fused attention: one op forward, one backward (sampler_cuda.cu's Attention and AttentionBackward). Its forward
 # saves p (B, N, G, K), the softmax in float32 (float64 for float64 inputs); its backward returns the gradients of
-# qkv, the walks and the two tables.
+# qkv, the walks and the two tables, these stacked (width's rows, then height's): an op's outputs may not share
+# memory, and the kernel sums both tables in one tensor.
 ATTENTION_NODES = 9  # the fused op's K, a compile-time constant in the kernel: the 3 x 3 grid
 
 
@@ -385,7 +386,7 @@ def _attention_kernel(qkv: torch.Tensor, walks: torch.Tensor, width: torch.Tenso
 @torch.library.custom_op(f"{_OPS}::attention_backward", mutates_args=())
 def _attention_backward_kernel(qkv: torch.Tensor, walks: torch.Tensor, width: torch.Tensor, height: torch.Tensor,
                                probs: torch.Tensor, grad: torch.Tensor, rows: int, heads: int,
-                               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(_extension(qkv.device.type).attention_backward(qkv, walks, width, height, probs, grad, rows, heads,
                                                                 scale))
 
@@ -398,8 +399,8 @@ def _(qkv, walks, width, height, rows, heads, scale):
 
 @_attention_backward_kernel.register_fake
 def _(qkv, walks, width, height, probs, grad, rows, heads, scale):
-    return qkv.new_empty(qkv.shape), walks.new_empty(walks.shape), width.new_empty(width.shape), \
-        height.new_empty(height.shape)
+    return qkv.new_empty(qkv.shape), walks.new_empty(walks.shape), width.new_empty(len(width) + len(height),
+                                                                                 width.shape[1])
 
 
 def _attention_setup(ctx, inputs, output):
@@ -410,8 +411,9 @@ def _attention_setup(ctx, inputs, output):
 
 def _attention_backward(ctx, grad, _):
     qkv, walks, width, height, probs = ctx.saved_tensors
-    grads = _attention_backward_kernel(qkv, walks, width, height, probs, grad, ctx.rows, ctx.heads, ctx.scale)
-    return *grads, None, None, None
+    grad_qkv, grad_walks, grad_tables = _attention_backward_kernel(qkv, walks, width, height, probs, grad, ctx.rows,
+                                                                   ctx.heads, ctx.scale)
+    return grad_qkv, grad_walks, *grad_tables.split([len(width), len(height)]), None, None, None
 
 
 _attention_kernel.register_autograd(_attention_backward, setup_context=_attention_setup)

@@ -1357,7 +1357,8 @@ std::vector<at::Tensor> attention(const at::Tensor& qkv_in, const at::Tensor& wa
 }
 
 // The gradients of attention(): qkv's (B, N, 3C) in its dtype, the walks' (B, N, G, 2K) in theirs and the tables'
-// (W + K - 1, D), (H + K - 1, D) in theirs (the opmath type), from p (B, N, G, K) and the gradient of out (B, N, C).
+// in theirs (the opmath type), width's (W + K - 1, D) rows then height's (H + K - 1, D) in one tensor, from
+// p (B, N, G, K) and the gradient of out (B, N, C).
 std::vector<at::Tensor> attention_backward(const at::Tensor& qkv_in, const at::Tensor& walks_in,
                                            const at::Tensor& width, const at::Tensor& height,
                                            const at::Tensor& probs, const at::Tensor& grad_in, int64_t rows,
@@ -1400,8 +1401,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& qkv_in, const at::T
     run_tiles<vector>(kernel, attention_split<scalar_t>(s, {qkv, grad, grad_qkv, kv}));
   });
   if (!in_place) grad_qkv.narrow(2, s.C, 2 * s.C).copy_(kv);
-  const auto total = [](const at::Tensor& t) { return t.size(0) == 1 ? t.select(0, 0) : t.sum(0); };
-  return {grad_qkv, grad_walks, total(grad_width), total(grad_height)};
+  return {grad_qkv, grad_walks, tables == 1 ? sums.select(0, 0) : sums.sum(0)};
 }
 
 // The ops of this build: torch.ops.<extension name>.{aggregate, dot, backward, attention, attention_backward},

@@ -407,9 +407,12 @@ def _attention_setup(ctx, inputs, output):
     qkv, walks, width, height, ctx.rows, ctx.heads, ctx.scale = inputs
     ctx.save_for_backward(qkv, walks, width, height, output[1])
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # p's gradient, always None, would otherwise be a tensor of zeros (a GPU launch)
 
 
 def _attention_backward(ctx, grad, _):
+    if grad is None:  # out took no part in what is differentiated
+        return (None,) * 7
     qkv, walks, width, height, probs = ctx.saved_tensors
     grad_qkv, grad_walks, grad_tables = _attention_backward_kernel(qkv, walks, width, height, probs, grad, ctx.rows,
                                                                    ctx.heads, ctx.scale)

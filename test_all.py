@@ -790,12 +790,21 @@ def test_fused_attention_gradcheck():
 
 
 def test_fused_attention_is_one_op_each_way():
-    """Forward and backward of a layer's attention are one kernel call each (no dot, aggregate or sampler backward)."""
+    """Forward and backward of a layer's attention are one kernel call each (no dot, aggregate or sampler backward),
+    and the backward zeroes only its sums: k's and v's (here in grad qkv itself) and both tables' (one tensor); no
+    zero gradient for the saved probabilities. On the GPU each fill is a launch."""
     qkv, walks_, width, height = (t.requires_grad_() for t in attention_inputs(2, 5, 6, 2, 8, dtype=torch.float32))
     with sampler.backend("kernel"), torch.profiler.profile() as prof:
         sampler.attention(qkv, walks_, width, height, (5, 6), 2, 0.35).sum().backward()
     calls = [e.name.split("::")[-1] for e in prof.events() if e.name.startswith(sampler._OPS + "::")]
     assert sorted(calls) == ["attention", "attention_backward"]
+
+    def in_attention(event):
+        while event is not None and "attention" not in event.name:
+            event = event.cpu_parent
+        return event is not None
+
+    assert sum(e.name == "aten::zero_" and in_attention(e) for e in prof.events()) == 2
 
 
 def test_fused_attention_of_a_non_finite_walk_is_nan_at_its_query_only():

@@ -183,6 +183,20 @@ class DropPath(nn.Module):
         return x * keep.div_(1 - self.p)  # scaled while it is B numbers: one pass over x, not two
 
 
+class MLP(nn.Module):
+    """The feed-forward block: fc1, GELU, fc2. (B, N, C) -> (B, N, C), through a (B, N, r C) hidden map."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        hidden = self.fc1(x)  # (B, N, r C): a layer's largest map (r = 8 in stages 1-2)
+        # When no backward needs fc1's output, GELU overwrites it: one map of this size fewer, whose fresh pages cost
+        # more than GELU itself where the allocator maps them anew (glibc's default for blocks over 32 MB).
+        return self.fc2(F.gelu(hidden) if hidden.requires_grad else torch.ops.aten.gelu_(hidden))
+
+
 class DGMN2Layer(nn.Module):
     """Fig. 4a: x + DropPath(attention(LN(x))), then x + DropPath(MLP(LN(x))). x (B, N, C) of an H x W map -> same."""
 
@@ -191,8 +205,7 @@ class DGMN2Layer(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.attn = DGMN2Attention(dim, heads, size)
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, mlp_ratio * dim), act=nn.GELU(),
-                                             fc2=nn.Linear(mlp_ratio * dim, dim)))
+        self.mlp = MLP(dim, mlp_ratio * dim)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x, H, W):

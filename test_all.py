@@ -1681,6 +1681,23 @@ def test_drop_path_rises_linearly_and_drops_whole_samples():
     assert drop.eval()(x) is x
 
 
+def test_the_mlp_overwrites_fc1s_output_only_when_no_backward_needs_it():
+    """Without autograd fc2 reads fc1's own storage (GELU in place); with it, a fresh map that leaves fc1's output to
+    GELU's backward. The same numbers and gradients as fc1, F.gelu, fc2 either way."""
+    mlp = dgmn2.MLP(8, 32)
+    storage = {}
+    mlp.fc1.register_forward_hook(lambda module, inputs, out: storage.update(fc1=out.data_ptr()))
+    mlp.fc2.register_forward_pre_hook(lambda module, inputs: storage.update(fc2=inputs[0].data_ptr()))
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    expected = outputs_and_grads(lambda t: mlp.fc2(F.gelu(mlp.fc1(t))), [x])
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), expected[0])
+    assert storage["fc1"] == storage["fc2"]
+    for a, b in zip(outputs_and_grads(mlp, [x]), expected):
+        torch.testing.assert_close(a, b)
+    assert storage["fc1"] != storage["fc2"]
+
+
 def test_model_errors_are_one_line():
     cases = [(lambda: dgmn2.dgmn2_tiny()(torch.randn(2, 1, 32, 32)), r"takes images of shape \(B, 3, H, W\)"),
              (lambda: dgmn2.build("huge"), "unknown DGMN2 variant 'huge'"),

@@ -184,14 +184,15 @@ class DropPath(nn.Module):
 
 
 class MLP(nn.Module):
-    """The feed-forward block: fc1, GELU, fc2. (B, N, C) -> (B, N, C), through a (B, N, r C) hidden map."""
+    """The feed-forward block: fc1, GELU, fc2. (B, N, C) -> (B, N, C), through a (B, N, r C) hidden map, r the MLP
+    ratio (8 in stages 1-2, 4 in stages 3-4)."""
 
     def __init__(self, dim, hidden):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
     def forward(self, x):
-        hidden = self.fc1(x)  # (B, N, r C): a layer's largest map (r = 8 in stages 1-2)
+        hidden = self.fc1(x)  # (B, N, r C): a layer's largest map
         # When no backward needs fc1's output, GELU overwrites it: one map of this size fewer, whose fresh pages cost
         # more than GELU itself where the allocator maps them anew (glibc's default for blocks over 32 MB).
         return self.fc2(F.gelu(hidden) if hidden.requires_grad else torch.ops.aten.gelu_(hidden))

@@ -56,8 +56,10 @@ class RelativePosition(nn.Module):
     in the state dict as a bool tensor (`release_rule`), so a model fine-tuned from those weights keeps it, and every
     state-dict value is a tensor (safetensors, dtype loops).
 
-    The tables are built for one map size (the 224 x 224 ImageNet input) and resized bilinearly along their rows for
-    any other, as the paper does for detection and segmentation (Section 4.1).
+    Both tables are indexed by the slot s, as in the release (the paper, Section 4.1, speaks of relative height and
+    width positions between the sampled nodes without giving the index). The tables are built for one map size (the
+    stage's map at the model's img_size, 224 x 224 for ImageNet) and resized bilinearly along their rows for any
+    other, as the paper does for detection and segmentation (Section 4.1).
     q (..., D, H, W), unscaled -> (..., K, H, W)."""
 
     def __init__(self, size, head_dim, nodes):
@@ -225,7 +227,8 @@ def conv_bn_relu(in_channels, out_channels, stride):
 
 
 class Stage(nn.Module):
-    """A patch embedding (Conv-BN-ReLU units) and DGMN2 layers. (B, C_in, H, W) -> (B, C, H / stride, W / stride)."""
+    """A patch embedding (Conv-BN-ReLU units) and DGMN2 layers. (B, C_in, H, W) -> (B, C, ceil(H / stride),
+    ceil(W / stride)), stride the product of the embedding's strides."""
 
     def __init__(self, embed, layers):
         super().__init__()
@@ -606,12 +609,16 @@ def _sampled_nodes(model, image, point):
     """The K nodes that each head of the last layer of every stage samples for one pixel, and their attention:
     image (3, H, W) uint8, point (row, column) -> [(stage, head, row, column, weight)], positions in image pixels."""
     seen = {}  # stage -> offsets (1, 2K G, h, w), attn (1, G, K, h, w) of its last layer
-    for s, stage in enumerate(model.stages):
-        stage.layers[-1].attn.register_forward_hook(
-            lambda module, args, out, s=s: seen.__setitem__(s, module.walks_and_weights(*args)[1:]))
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
-    with torch.no_grad():
-        model(((image / 255 - mean) / std)[None])
+    hooks = [stage.layers[-1].attn.register_forward_hook(
+        lambda module, args, out, s=s: seen.__setitem__(s, module.walks_and_weights(*args)[1:]))
+        for s, stage in enumerate(model.stages)]
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))  # (3, 1, 1) each
+    try:
+        with torch.no_grad():
+            model(((image / 255 - mean) / std)[None])  # (1, 3, H, W)
+    finally:  # the model is the caller's: it leaves without our hooks
+        for hook in hooks:
+            hook.remove()
     steps = torch.arange(KERNEL_SIZE) - KERNEL_SIZE // 2
     grid = torch.cartesian_prod(steps, steps)  # (K, 2) the uniform grid, node k = KERNEL_SIZE * i + j
     nodes = []

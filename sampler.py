@@ -685,7 +685,6 @@ def _cases(batch, dtype, device):
 @contextlib.contextmanager
 def _quiet_stderr():
     """Send the process's stderr to /dev/null for a while: the CPU profiler prints start and stop lines there."""
-    import os
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     try:

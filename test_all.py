@@ -1800,6 +1800,16 @@ def test_from_checkpoint_builds_what_a_checkpoint_holds(tmp_path):
     assert "\n" not in str(error.value)
 
 
+def test_the_sampled_nodes_leave_the_model_as_they_found_it():
+    """The hooks that catch each stage's walks are removed: a second call finds the same nodes, and the model's later
+    forwards run no hook."""
+    model = dgmn2.dgmn2_tiny(num_classes=3).eval()
+    image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
+    first = dgmn2._sampled_nodes(model, image, (30, 20))
+    assert dgmn2._sampled_nodes(model, image, (30, 20)) == first
+    assert not any(module._forward_hooks for module in model.modules())
+
+
 def test_show_walks_draws_a_picture(tmp_path):
     """Fig. 11's picture: every head's K nodes of the last layer of every stage, each filled with the shade of its
     attention weight (the weights of a head summing to one), beside a legend and a colour bar."""

@@ -3253,7 +3253,8 @@ def test_an_imagenet_resume_refuses_another_schedule(tmp_path):
                     config=dataclasses.asdict(saved)), path)
     for changed, message in [(dict(epochs=400), "saved with --epochs 300, not 400"),
                              (dict(lr=2e-3), "saved with --lr 0.001, not 0.002"),
-                             (dict(min_lr=0.0), "saved with --min-lr 1e-05, not 0.0")]:
+                             (dict(min_lr=0.0), "saved with --min-lr 1e-05, not 0.0"),
+                             (dict(ema_decay=0.9), "saved with --ema-decay 0.0, not 0.9")]:
         with pytest.raises(train_imagenet.InputError, match=message):
             train_imagenet.read_checkpoint(path, dataclasses.replace(saved, **changed),
                                            train_imagenet.WEIGHTS_DEPEND_ON, train_imagenet.TRAINING_DEPENDS_ON)
@@ -3548,11 +3549,24 @@ def test_segmentation_bad_input_gives_one_line(tmp_path):
              (dict(poly_power=0.0), "--poly-power 0.0 must be positive"),
              (dict(model="segformer"), "unknown --model 'segformer'"),
              (dict(pretrained=str(tmp_path / "none.pth")), "--pretrained .*none.pth: no such checkpoint file"),
-             (dict(model="fcn", pretrained=str(notes)), "--pretrained .*notes.txt: not a readable checkpoint")]
+             (dict(model="fcn", pretrained=str(notes)), "--pretrained .*notes.txt: not a readable checkpoint"),
+             (dict(base_size=1, crop=1, eval_stride=1), "--base-size 1 at --scale-min 0.5: a shorter side under one "
+                                                        "pixel"),
+             (dict(workers=-1), "--workers -1 must be at least 0")]
     for overrides, message in cases:
         with pytest.raises(train_cityscapes.InputError, match=message) as error:
             train_cityscapes.main(segmentation_run(tmp_path, **overrides))
         assert "\n" not in str(error.value)
+    from PIL import Image
+    mismatched = write_cityscapes(tmp_path / "mismatched")
+    Image.new("RGB", (30, 20)).save(mismatched / "leftImg8bit/val/lindau/lindau_000001_000019_leftImg8bit.png")
+    val = train_cityscapes.CityscapesTrainIds(str(mismatched), "val")
+    with pytest.raises(train_cityscapes.InputError, match=r"lindau_000001_000019_leftImg8bit.png: the image is 30 x 20 "
+                       r"but its label .*lindau_000001_000019_gtFine_labelIds.png is 72 x 40$"):
+        [val[i] for i in range(len(val))]
+    with pytest.raises(train_cityscapes.InputError, match=r"--predict .*notes.txt/out: cannot be made a folder"):
+        train_cityscapes.write_predictions(None, None, segmentation_run(tmp_path, predict=str(notes / "out")), "cpu",
+                                           None, 0, 1)
     script = str(Path(__file__).with_name("train_cityscapes.py"))
     run = subprocess.run([sys.executable, script, "--data", str(tmp_path / "nowhere")], capture_output=True,
                          text=True, timeout=300)
@@ -4626,14 +4640,20 @@ def test_annotations_the_models_cannot_take_are_refused_in_one_line():
 
     image, box = dict(id=1, file_name="1.png", height=8, width=8), dict(id=1, image_id=1, bbox=[0, 0, 4, 4])
     person = [dict(id=1, name="person")]
-    train_coco.check_annotations(coco(person, [dict(box, category_id=1)], image), [1], "a.json")  # fits
+    needed = ["bbox", "category_id", "iscrowd", "area"]  # what the evaluation reads
+    fits = dict(box, category_id=1, iscrowd=0, area=16)
+    train_coco.check_annotations(coco(person, [fits], image), [1], "a.json", needed)
     cases = [(coco([], [], image), "a.json: lists no categories"),
              (coco([dict(id=0, name="thing")], [], image), "a.json: category id 0: ids start at 1"),
-             (coco(person, [dict(box, category_id=3)], image), "annotations of category 3, which its categories do"),
-             (coco(person, [], dict(id=1, file_name="1.png")), "a.json: image 1 has no width or height")]
+             (coco(person, [dict(fits, category_id=3)], image), "annotations of category 3, which its categories do"),
+             (coco(person, [], dict(id=1, file_name="1.png")), "a.json: image 1 has no width or height"),
+             (coco(person, [], dict(id=1, height=8, width=8)), "a.json: image 1 has no 'file_name'"),
+             *[(coco(person, [{k: v for k, v in fits.items() if k != key}], image),
+                f"a.json: annotation 1 has no '{key}'") for key in ("bbox", "iscrowd", "area")]]  # (COCO's own index
+    # fails without category_id: load_coco reports the file as not a COCO annotation file)
     for ground_truth, message in cases:
         with pytest.raises(train_coco.InputError, match=message):
-            train_coco.check_annotations(ground_truth, [1], "a.json")
+            train_coco.check_annotations(ground_truth, [1], "a.json", needed)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -4849,6 +4869,17 @@ def test_restore_refuses_an_older_checkpoint_or_another_plan_and_returns_the_ste
     assert train_imagenet.restore("o.pth", older, dataclasses.replace(cfg, eval_only=True), parts, said.append) == 0
     assert said == ["Resuming c.pth, saved at step 7.", "Evaluating o.pth, saved at step ?."]
     assert train_imagenet.restore("none", None, cfg, parts, said.append) == 0
+
+
+@NEEDS_PYCOCOTOOLS
+def test_float_options_refuse_nan_and_inf(capsys):
+    """Every range check compares, and nan passes any comparison that refuses: argparse takes only finite floats."""
+    for script in SCRIPTS:
+        for value in ("nan", "inf", "-inf"):
+            with pytest.raises(SystemExit):
+                script.parse_args([f"--weight-decay={value}"])
+            assert f"argument --weight-decay: '{value}' is not a finite number" in capsys.readouterr().err
+        assert script.parse_args(["--weight-decay", "1e-3"]).weight_decay == 1e-3
 
 
 @NEEDS_PYCOCOTOOLS

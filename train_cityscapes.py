@@ -66,6 +66,14 @@ def option(default, help):
     return dataclasses.field(default=default, metadata=dict(help=help))
 
 
+def finite(text):
+    """A float option's value: a number, not nan or inf, which the range checks' comparisons would let through."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def parse_args(argv=None):
     """Config from the command line, an option a field. Without --data, SYNTHETIC replaces the defaults it names."""
     changed = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in SYNTHETIC.items())
@@ -79,7 +87,7 @@ def parse_args(argv=None):
             on = f.default or SYNTHETIC.get(f.name, False)
             kwargs.update(action=argparse.BooleanOptionalAction if on else "store_true")
         else:
-            kwargs.update(type=f.type, choices=CHOICES.get(f.name))
+            kwargs.update(type=finite if f.type is float else f.type, choices=CHOICES.get(f.name))
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     return Config(**{**(SYNTHETIC if not given.get("data") else {}), **given})
@@ -403,6 +411,9 @@ def check(cfg):
         (cfg.poly_power <= 0, f"--poly-power {cfg.poly_power} must be positive"),
         (not 0 < cfg.scale_min <= cfg.scale_max, f"--scale-min {cfg.scale_min} and --scale-max {cfg.scale_max}: give "
          "0 < min <= max"),
+        (int(cfg.base_size * cfg.scale_min) < 1, f"--base-size {cfg.base_size} at --scale-min {cfg.scale_min}: a "
+         "shorter side under one pixel"),
+        (cfg.workers < 0, f"--workers {cfg.workers} must be at least 0"),
         (cfg.eval_stride > cfg.crop, f"--eval-stride {cfg.eval_stride} exceeds the window --crop {cfg.crop}: pixels "
          "missed"),
         (cfg.eval_only and not cfg.resume, "--eval-only needs the model to evaluate: --resume CKPT"),
@@ -481,8 +492,11 @@ class CityscapesTrainIds(torchvision.datasets.Cityscapes):
     def __getitem__(self, index):
         try:
             image, target = super().__getitem__(index)
-        except OSError as error:
-            raise InputError(f"{self.images[index]}: unreadable ({error})") from None
+        except OSError as error:  # the image's or its label's file: the error names which
+            raise InputError(f"{self.images[index]}: unreadable image or label ({error})") from None
+        if image.size != target.size:  # PIL's (width, height)
+            raise InputError(f"{self.images[index]}: the image is {image.size[0]} x {image.size[1]} but its label "
+                             f"{self.targets[index][0]} is {target.size[0]} x {target.size[1]}")
         return v2.functional.pil_to_tensor(image), self.lut[v2.functional.pil_to_tensor(target)[0].long()]
 
 
@@ -669,6 +683,10 @@ def evaluate(model, val, class_names, cfg, device, autocast, rank, world, pictur
 def write_predictions(model, images, cfg, device, autocast, rank, world):
     """--predict DIR: the predicted classes of each of images (a CityscapesImages) as labelIds, Cityscapes' submission
     format, in DIR/CITY/NAME_leftImg8bit.png; each image by one rank (a failure raises). -> dict(written=images)."""
+    try:
+        Path(cfg.predict).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"--predict {cfg.predict}: cannot be made a folder ({error.strerror or error})") from None
     label_ids = torch.tensor([c.id for c in TRAIN_CLASSES], dtype=torch.uint8, device=device)  # by train id
     for _, index, prediction in predictions(model, images, len(TRAIN_CLASSES), cfg, device, autocast, rank, world):
         path = Path(cfg.predict) / images.names[index]

@@ -68,6 +68,14 @@ def option(default, help):
     return dataclasses.field(default=default, metadata=dict(help=help))
 
 
+def finite(text):
+    """A float option's value: a number, not nan or inf, which the range checks' comparisons would let through."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def parse_args(argv=None):
     """Config from the command line, an option a field. Without --data, SYNTHETIC replaces the defaults it names."""
     changed = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in SYNTHETIC.items())
@@ -81,7 +89,7 @@ def parse_args(argv=None):
             on = f.default or SYNTHETIC.get(f.name, False)
             kwargs.update(action=argparse.BooleanOptionalAction if on else "store_true")
         else:
-            kwargs.update(type=f.type, choices=CHOICES.get(f.name))
+            kwargs.update(type=finite if f.type is float else f.type, choices=CHOICES.get(f.name))
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     return Config(**{**(SYNTHETIC if not given.get("data") else {}), **given})
@@ -516,9 +524,10 @@ def unannotated(image, target):
     return image, target if "boxes" in target else dict(target, boxes=boxes, labels=torch.zeros(0, dtype=torch.int64))
 
 
-def load_coco(root, split, target_keys, train, keep_unannotated=False):
+def load_coco(root, split, target_keys, train, needed, keep_unannotated=False):
     """A split as the detectors take it, items (float (3, H, W) image in [0, 1], dict of tv_tensors); to train, crowds,
-    1 px boxes, unannotated images unless kept dropped, boxes clamped, degenerate ones dropped (then augmented)."""
+    1 px boxes, unannotated images unless kept dropped, boxes clamped, degenerate ones dropped (then augmented).
+    needed: the keys every annotation must have."""
     images, annotations = Path(root) / f"{split}2017", Path(root) / "annotations" / f"instances_{split}2017.json"
     if not annotations.is_file() or not images.is_dir():
         raise InputError(f"{annotations}: no such annotation file" if not annotations.is_file() else
@@ -536,14 +545,20 @@ def load_coco(root, split, target_keys, train, keep_unannotated=False):
         raise InputError(f"{annotations}: not a COCO annotation file ({type(error).__name__}: {error})") from None
     if not dataset.ids:
         raise InputError(f"{annotations}: no {'usable annotated ' if train else ''}images")
-    check_annotations(dataset.coco, dataset.ids if train else [], annotations)
+    check_annotations(dataset.coco, dataset.ids if train else [], annotations, needed)
     return torchvision.datasets.wrap_dataset_for_transforms_v2(dataset, target_keys=target_keys)
 
 
-def check_annotations(coco, sized, path):
-    """What the models and the batching take for granted, refused in one line: categories listed, with ids from 1
-    (the class count is the largest id + 1, and torchvision's detectors read label 0 as background), every annotation
-    of a listed category, and the images of `sized` with a width and height (the batches group by aspect)."""
+def check_annotations(coco, sized, path, needed):
+    """What the models, the batching and the evaluation take for granted, refused in one line: every image with a
+    file name and every annotation with the keys `needed`, categories listed, with ids from 1 (the class count is the
+    largest id + 1, and torchvision's detectors read label 0 as background), every annotation of a listed category,
+    and the images of `sized` with a width and height (the batches group by aspect)."""
+    for kind, records, keys in (("image", coco.imgs, ["file_name"]), ("annotation", coco.anns, needed)):
+        for record_id, record in records.items():
+            missing = [key for key in keys if key not in record]
+            if missing:
+                raise InputError(f"{path}: {kind} {record_id} has no {missing[0]!r}")
     ids = coco.cats.keys()
     if not ids or min(ids) < 1:
         raise InputError(f"{path}: " + (f"category id {min(ids)}: ids start at 1 (0 is the detectors' background)"
@@ -569,9 +584,12 @@ def datasets(cfg, rank=0, world=1):
     if not cfg.data and world > 1:  # the others wait for rank 0's files
         dist.barrier()
     detector = detection.MODELS[cfg.model].detector
-    keys = {"image_id", "boxes", "labels"} | ({"masks"} if detector == "maskrcnn" else set())
-    train = None if cfg.eval_only else load_coco(root, "train", keys, True, detector in detection.SET_PREDICTION)
-    val = load_coco(root, "val", {"image_id"}, train=False)
+    masks = detector == "maskrcnn"
+    keys = {"image_id", "boxes", "labels"} | ({"masks"} if masks else set())
+    needed = ["bbox", "category_id"] + ["segmentation"] * masks  # what the targets and the evaluation read
+    train = None if cfg.eval_only else load_coco(root, "train", keys, True, needed,
+                                                 keep_unannotated=detector in detection.SET_PREDICTION)
+    val = load_coco(root, "val", {"image_id"}, False, needed + ["iscrowd", "area"])  # COCOeval reads both
     return train, val, {c["id"]: c["name"] for c in val.coco.cats.values()}, val.coco
 
 

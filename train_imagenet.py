@@ -65,6 +65,14 @@ def option(default, help):
     return dataclasses.field(default=default, metadata=dict(help=help))
 
 
+def finite(text):
+    """A float option's value: a number, not nan or inf, which the range checks' comparisons would let through."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def parse_args(argv=None):
     """Config from the command line, an option a field. Without --data, SYNTHETIC replaces the defaults it names."""
     changed = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in SYNTHETIC.items())
@@ -78,7 +86,7 @@ def parse_args(argv=None):
             on = f.default or SYNTHETIC.get(f.name, False)
             kwargs.update(action=argparse.BooleanOptionalAction if on else "store_true")
         else:
-            kwargs.update(type=f.type, choices=CHOICES.get(f.name))
+            kwargs.update(type=finite if f.type is float else f.type, choices=CHOICES.get(f.name))
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     return Config(**{**(SYNTHETIC if not given.get("data") else {}), **given})
@@ -322,7 +330,8 @@ REFERENCE_BATCH = 1024  # the global batch at which --lr is given (8 GPUs x 128)
 # A resume refuses a checkpoint saved with other values of WEIGHTS_DEPEND_ON and, to train on, of TRAINING_DEPENDS_ON
 # (the saved optimiser and schedule hold the learning rates, weight decay and step counts these set)
 WEIGHTS_DEPEND_ON = ["model"]
-TRAINING_DEPENDS_ON = ["batch_size", "epochs", "warmup_epochs", "lr", "warmup_lr", "min_lr", "weight_decay"]
+TRAINING_DEPENDS_ON = ["batch_size", "epochs", "warmup_epochs", "lr", "warmup_lr", "min_lr", "weight_decay",
+                       "ema_decay"]  # the saved run holds a moving average of this decay, or none
 
 
 @dataclass

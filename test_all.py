@@ -4872,6 +4872,23 @@ def test_restore_refuses_an_older_checkpoint_or_another_plan_and_returns_the_ste
 
 
 @NEEDS_PYCOCOTOOLS
+def test_a_resume_from_elsewhere_refuses_an_output_of_another_runs_checkpoints(tmp_path):
+    """--resume PATH goes on saving in --output: where that holds another run's checkpoints, they would be overwritten
+    (and its older ones deleted), so it is refused, as a new run there is; a checkpoint inside --output is read."""
+    output, elsewhere = tmp_path / "run", tmp_path / "other" / "checkpoint-0000001.pth"
+    for path in (output / "checkpoint-0000003.pth", elsewhere):
+        path.parent.mkdir()
+        path.write_text("not a checkpoint")
+    for script in SCRIPTS:
+        cfg = script.Config(output=str(output), resume=str(elsewhere))
+        with pytest.raises(script.InputError, match=f"{output} holds another run's checkpoints: continue it with "
+                                                    f"--resume auto, or choose another --output to resume .* in$"):
+            script.resume(cfg, 0, 1, [], [], print)
+        with pytest.raises(script.InputError, match="checkpoint-0000003.pth: not a readable checkpoint"):
+            script.resume(dataclasses.replace(cfg, resume=str(output / "checkpoint-0000003.pth")), 0, 1, [], [], print)
+
+
+@NEEDS_PYCOCOTOOLS
 def test_float_options_refuse_nan_and_inf(capsys):
     """Every range check compares, and nan passes any comparison that refuses: argparse takes only finite floats."""
     for script in SCRIPTS:

@@ -222,9 +222,10 @@ def resume(cfg, rank, world, weights_depend_on, training_depends_on, log):
     if rank == 0 and cfg.resume not in ("", "auto") and not Path(cfg.resume).is_file():
         why = "a folder, not a checkpoint" if Path(cfg.resume).is_dir() else "no such checkpoint"
         raise InputError(f"{cfg.resume}: {why}")
-    if found and not cfg.resume and not cfg.eval_only:
+    elsewhere = cfg.resume not in ("", "auto") and Path(cfg.resume).resolve().parent != Path(cfg.output).resolve()
+    if found and (not cfg.resume or elsewhere) and not cfg.eval_only:  # its checkpoints would be overwritten
         raise InputError(f"{cfg.output} holds another run's checkpoints: continue it with --resume auto, or choose "
-                         "another --output")
+                         "another --output" + (f" to resume {cfg.resume} in" if elsewhere else ""))
     path = [(found[-1] if found else None) if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None]
     if world > 1:
         dist.broadcast_object_list(path, src=0)

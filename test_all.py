@@ -4656,6 +4656,14 @@ def test_annotations_the_models_cannot_take_are_refused_in_one_line():
             train_coco.check_annotations(ground_truth, [1], "a.json", needed)
 
 
+@NEEDS_PYCOCOTOOLS
+def test_a_checkpoint_refuses_data_with_categories_past_its_class_head():
+    state = dict(num_classes=5, config=dict(pretrained=""))  # ids 1-4
+    with pytest.raises(train_coco.InputError, match="the checkpoint's detector knows category ids up to 4, the data's "
+                                                    "go up to 7"):
+        train_coco.make_model(detection_run(Path("unused")), state, None, {1: "a", 7: "b"}, "cpu", print)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad input (the shared block's message), the options off by default
 

@@ -722,7 +722,11 @@ def evaluate(model, val, names, ground_truth, cfg, device, autocast, rank, world
 # ---- Training: run() in named steps ----------------------------------------------------------------------------
 def make_model(cfg, state, train, names, device, log):
     """(the detector on the device, with --pretrained's weights unless a checkpoint has them, its number of classes)."""
-    num_classes = state["num_classes"] if state else 1 + max(names.keys() | train.coco.cats.keys())
+    needed = 1 + max(names.keys() | (train.coco.cats.keys() if train else set()))  # ids from 1 (0: background)
+    num_classes = state["num_classes"] if state else needed
+    if needed > num_classes:  # a label past the class head fails deep inside the detector's loss, or is never found
+        raise InputError(f"the checkpoint's detector knows category ids up to {num_classes - 1}, the data's go up to "
+                         f"{needed - 1}")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     pretrained = bool(state["config"]["pretrained"] if state else cfg.pretrained)  # ResNets: frozen BN or not
     model = build_model(cfg, num_classes, pretrained)

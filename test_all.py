@@ -3038,6 +3038,18 @@ def tiny_run(tmp_path, **overrides):
     return train_imagenet.Config(**{**settings, **overrides})
 
 
+def test_an_epochs_record_is_logged_before_its_checkpoint(tmp_path, monkeypatch):
+    """A run killed while it saves an epoch's checkpoint keeps that epoch's line in log.jsonl (a resume redoes the
+    epoch and writes it again, rather than leaving it out)."""
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_imagenet, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_imagenet.main(tiny_run(tmp_path))
+    assert json.loads((tmp_path / "run" / "log.jsonl").read_text())["epoch"] == 1
+
+
 def write_image_folder(root, classes=("cat", "dog", "fox"), per_class=(4, 2)):
     from PIL import Image
     g = torch.Generator().manual_seed(0)

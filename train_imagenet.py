@@ -735,10 +735,10 @@ def train(cfg, rank, world, device, parts, start, log):
         if parts.ema:
             ema = evaluate(parts.ema.module, parts.val_loader, device, parts.autocast, cfg, world)
             record.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
-        if rank == 0:
-            path = save_checkpoint(output / f"checkpoint-{epoch + 1:04d}.pth", cfg, parts, step=record["step"])
+        if rank == 0:  # the record first: a kill between the two loses none
             with open(output / "log.jsonl", "a") as file:
                 file.write(json.dumps(record) + "\n")
+            path = save_checkpoint(output / f"checkpoint-{epoch + 1:04d}.pth", cfg, parts, step=record["step"])
             log(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.3f}, top-1 {record['top1']:.2f}%, "
                 f"top-5 {record['top5']:.2f}%, {record['images_per_s']:.0f} images/s; saved {path}")
     return record

@@ -140,7 +140,7 @@ class DGMN2Attention(nn.Module):
         # Paper: walks by a 3x3 conv on the sampled nodes (3.5); release: a per-head Linear on x, not zero-init.
         self.walk = nn.Linear(head_dim, 2 * nodes)
         self.rel_pos = RelativePosition(size, head_dim, nodes)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)  # the release's output projection, a Transformer's (Eq. 9 stops at the message)
 
     def walks_and_weights(self, x, H, W):
         """Every query's walks and attention over its K nodes, and the values they weigh: x (B, N, C) ->

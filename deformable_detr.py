@@ -286,10 +286,14 @@ class DeformableDETR(nn.Module):
         # a multiple of 32; scales the detections back.
         self.transform = GeneralizedRCNNTransform(scaled(TRAIN_SIDES, min_size), max_size, IMAGE_MEAN, IMAGE_STD)
         channels = list(backbone.channels)
+        if len(channels) > LEVELS:
+            raise ValueError(f"the backbone gives {len(channels)} maps; Deformable DETR attends over at most {LEVELS}")
+        extra = [channels[-1], *[dim] * LEVELS][:LEVELS - len(channels)]  # the extra convs' inputs: the last map, then
+        # the extra level before
         self.input_proj = nn.ModuleList(
             [nn.Sequential(nn.Conv2d(c, dim, 1), MaskedGroupNorm(32, dim)) for c in channels]
             + [nn.Sequential(nn.Conv2d(c, dim, 3, stride=2, padding=1), MaskedGroupNorm(32, dim))
-               for c in [channels[-1]] + [dim] * (LEVELS - len(channels) - 1)])
+               for c in extra])
         self.level_embed = nn.Parameter(torch.empty(LEVELS, dim))
         self.encoder = nn.ModuleList(EncoderLayer(dim) for _ in range(layers))
         self.decoder = nn.ModuleList(DecoderLayer(dim) for _ in range(layers))

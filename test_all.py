@@ -2732,6 +2732,25 @@ def test_every_deformable_detr_parameter_gets_a_gradient_in_two_steps(name):
     assert ("loss_class_enc" in losses) == plus and "loss_class_5" not in losses
 
 
+def test_deformable_detr_makes_up_to_four_levels_from_two_three_or_four_maps():
+    """A stride-2 conv a level the backbone lacks (the first from its last map), none beyond four maps; five are
+    refused."""
+    torch.manual_seed(0)
+    images, _ = detr_batch()
+    for levels in [(2, 3), (1, 2, 3), (0, 1, 2, 3)]:
+        model = deformable_detr.DeformableDETR(detection.DGMN2Stages("tiny", levels), 5, queries=10, min_size=64,
+                                               max_size=96, layers=1).eval()
+        extra = [projection[0] for projection in model.input_proj[len(levels):]]
+        assert len(model.input_proj) == deformable_detr.LEVELS and all(conv.stride == (2, 2) for conv in extra)
+        assert [conv.in_channels for conv in extra] == [dgmn2.dgmn2_tiny().channels[-1], 256][:len(extra)]
+        with torch.no_grad():
+            assert model(images)[0]["boxes"].shape == (10 * 5, 4)  # every query-class pair: fewer than DETECTIONS
+    five = nn.Module()
+    five.channels, five.strides = [64] * 5, [4, 8, 16, 32, 64]
+    with pytest.raises(ValueError, match="the backbone gives 5 maps; Deformable DETR attends over at most 4"):
+        deformable_detr.DeformableDETR(five, 5)
+
+
 @pytest.mark.parametrize("name, queries", [("deformable-detr-dgmn2-tiny", 300), ("sparse-rcnn-dgmn2-small", 12)])
 def test_the_set_prediction_detectors_detect_inside_the_image_in_its_pixels(name, queries):
     """The top query-class pairs (Deformable DETR: 100 of 300 queries x 5 classes; Sparse R-CNN: as many as its 12
@@ -4674,6 +4693,17 @@ def test_a_checkpoint_refuses_data_with_categories_past_its_class_head():
     with pytest.raises(train_coco.InputError, match="the checkpoint's detector knows category ids up to 4, the data's "
                                                     "go up to 7"):
         train_coco.make_model(detection_run(Path("unused")), state, None, {1: "a", 7: "b"}, "cpu", print)
+
+
+@NEEDS_PYCOCOTOOLS
+def test_without_pretrained_weights_the_log_says_what_stays_frozen():
+    """The DETR family's and Sparse R-CNN's ResNet keeps upstream's frozen stem, layer 1 and BN even from scratch."""
+    for name, frozen in [("deformable-detr-r50", True), ("deformable-detr-dgmn2-tiny", False)]:
+        said = []
+        cfg = detection_run(Path("unused"), data="elsewhere", model=name)
+        train_coco.make_model(cfg, None, None, {1: "a"}, "cpu", said.append)
+        assert said[0].startswith("No --pretrained: the backbone starts from random weights")
+        assert ("its stem, layer 1 and BN frozen" in said[0]) == frozen
 
 
 # ---------------------------------------------------------------------------------------------------------------------

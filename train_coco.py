@@ -737,7 +737,9 @@ def make_model(cfg, state, train, names, device, log):
             message = str(error).removeprefix(cfg.pretrained + ": ")
             raise InputError(f"--pretrained {cfg.pretrained}: {message}") from None
     elif cfg.data and not state:
-        log("No --pretrained: the backbone trains from scratch (the paper starts from ImageNet weights).")
+        frozen = " (its stem, layer 1 and BN frozen at their initial values, as upstream's)" \
+            if isinstance(model.backbone, detection.ResNetStages) else ""
+        log(f"No --pretrained: the backbone starts from random weights{frozen}; the paper starts from ImageNet's.")
     log(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters at {num_classes} classes "
         f"(paper: {detection.MODELS[cfg.model].params_m or '-'}M at {detection.paper_classes(cfg.model)})")
     return (model.to(device, memory_format=torch.channels_last) if cfg.channels_last else model.to(device)), num_classes

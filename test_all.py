@@ -4696,6 +4696,14 @@ def test_a_checkpoint_refuses_data_with_categories_past_its_class_head():
 
 
 @NEEDS_PYCOCOTOOLS
+def test_only_the_set_prediction_detectors_weights_depend_on_the_queries():
+    """A RetinaNet or Mask R-CNN checkpoint is not refused for another --queries, which they do not have."""
+    for name, queries in [("deformable-detr-dgmn2-tiny", True), ("sparse-rcnn-dgmn2-small", True),
+                          ("retinanet-dgmn2-tiny", False), ("maskrcnn-r50", False)]:
+        assert ("queries" in train_coco.weights_depend_on(detection_run(Path("unused"), model=name))) == queries
+
+
+@NEEDS_PYCOCOTOOLS
 def test_without_pretrained_weights_the_log_says_what_stays_frozen():
     """The DETR family's and Sparse R-CNN's ResNet keeps upstream's frozen stem, layer 1 and BN even from scratch."""
     for name, frozen in [("deformable-detr-r50", True), ("deformable-detr-dgmn2-tiny", False)]:

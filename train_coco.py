@@ -794,6 +794,12 @@ def training(cfg, rank, world, device, parts, start, log):
     return metrics
 
 
+def weights_depend_on(cfg):
+    """The options that a checkpoint's weights depend on for --model: the queries only where the detector has them."""
+    set_prediction = detection.MODELS[cfg.model].detector in detection.SET_PREDICTION
+    return ["model", "dgmn_rates", "dgmn_groups"] + (["queries"] if set_prediction else [])
+
+
 def run(cfg, rank, world, device):
     """A run in named steps: the checkpoint, data, model, recipe, optimizer and schedule, the starting point; then an
     evaluation or training. Returns the last evaluation's metrics on rank 0, None elsewhere."""
@@ -802,8 +808,8 @@ def run(cfg, rank, world, device):
     if cfg.batch_size % world:
         raise InputError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by the {world} processes")
     log = print if rank == 0 else lambda *args, **kwargs: None
-    path, state = resume(cfg, rank, world, ["model", "dgmn_rates", "dgmn_groups", "queries"],
-                         ["batch_size", "seed", "save_every", "weight_decay"], log)
+    path, state = resume(cfg, rank, world, weights_depend_on(cfg), ["batch_size", "seed", "save_every", "weight_decay"],
+                         log)
     output_folder(cfg)  # before the synthetic set is written into it
     train, val, names, ground_truth = datasets(cfg, rank, world)
     model, num_classes = make_model(cfg, state, train, names, device, log)

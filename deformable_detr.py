@@ -288,8 +288,8 @@ class DeformableDETR(nn.Module):
         channels = list(backbone.channels)
         if len(channels) > LEVELS:
             raise ValueError(f"the backbone gives {len(channels)} maps; Deformable DETR attends over at most {LEVELS}")
-        extra = [channels[-1], *[dim] * LEVELS][:LEVELS - len(channels)]  # the extra convs' inputs: the last map, then
-        # the extra level before
+        # The extra levels' stride-2 convs read the last map, then each the extra level before.
+        extra = [channels[-1], *[dim] * LEVELS][:LEVELS - len(channels)]
         self.input_proj = nn.ModuleList(
             [nn.Sequential(nn.Conv2d(c, dim, 1), MaskedGroupNorm(32, dim)) for c in channels]
             + [nn.Sequential(nn.Conv2d(c, dim, 3, stride=2, padding=1), MaskedGroupNorm(32, dim))

@@ -2742,7 +2742,8 @@ def test_deformable_detr_makes_up_to_four_levels_from_two_three_or_four_maps():
                                                max_size=96, layers=1).eval()
         extra = [projection[0] for projection in model.input_proj[len(levels):]]
         assert len(model.input_proj) == deformable_detr.LEVELS and all(conv.stride == (2, 2) for conv in extra)
-        assert [conv.in_channels for conv in extra] == [dgmn2.dgmn2_tiny().channels[-1], 256][:len(extra)]
+        inputs = [model.backbone.channels[-1], deformable_detr.HIDDEN]  # the last map's, then an extra level's
+        assert [conv.in_channels for conv in extra] == inputs[:len(extra)]
         with torch.no_grad():
             assert model(images)[0]["boxes"].shape == (10 * 5, 4)  # every query-class pair: fewer than DETECTIONS
     five = nn.Module()
@@ -4679,9 +4680,9 @@ def test_annotations_the_models_cannot_take_are_refused_in_one_line():
              (coco(person, [dict(fits, category_id=3)], image), "annotations of category 3, which its categories do"),
              (coco(person, [], dict(id=1, file_name="1.png")), "a.json: image 1 has no width or height"),
              (coco(person, [], dict(id=1, height=8, width=8)), "a.json: image 1 has no 'file_name'"),
+             # (without category_id COCO's own index fails: load_coco reports "not a COCO annotation file")
              *[(coco(person, [{k: v for k, v in fits.items() if k != key}], image),
-                f"a.json: annotation 1 has no '{key}'") for key in ("bbox", "iscrowd", "area")]]  # (COCO's own index
-    # fails without category_id: load_coco reports the file as not a COCO annotation file)
+                f"a.json: annotation 1 has no '{key}'") for key in ("bbox", "iscrowd", "area")]]
     for ground_truth, message in cases:
         with pytest.raises(train_coco.InputError, match=message):
             train_coco.check_annotations(ground_truth, [1], "a.json", needed)

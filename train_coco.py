@@ -587,7 +587,7 @@ def datasets(cfg, rank=0, world=1):
     detector = detection.MODELS[cfg.model].detector
     masks = detector == "maskrcnn"
     keys = {"image_id", "boxes", "labels"} | ({"masks"} if masks else set())
-    needed = ["bbox", "category_id"] + ["segmentation"] * masks  # what the targets and the evaluation read
+    needed = ["bbox", "category_id"] + (["segmentation"] if masks else [])  # what the targets and the evaluation read
     train = None if cfg.eval_only else load_coco(root, "train", keys, True, needed,
                                                  keep_unannotated=detector in detection.SET_PREDICTION)
     val = load_coco(root, "val", {"image_id"}, False, needed + ["iscrowd", "area"])  # COCOeval reads both
@@ -722,11 +722,11 @@ def evaluate(model, val, names, ground_truth, cfg, device, autocast, rank, world
 # ---- Training: run() in named steps ----------------------------------------------------------------------------
 def make_model(cfg, state, train, names, device, log):
     """(the detector on the device, with --pretrained's weights unless a checkpoint has them, its number of classes)."""
-    needed = 1 + max(names.keys() | (train.coco.cats.keys() if train else set()))  # ids from 1 (0: background)
-    num_classes = state["num_classes"] if state else needed
-    if needed > num_classes:  # a label past the class head fails deep inside the detector's loss, or is never found
+    data_classes = 1 + max(names.keys() | (train.coco.cats.keys() if train else set()))  # ids from 1 (0: background)
+    num_classes = state["num_classes"] if state else data_classes
+    if data_classes > num_classes:  # a label past the class head fails deep in the detector's loss, or is never found
         raise InputError(f"the checkpoint's detector knows category ids up to {num_classes - 1}, the data's go up to "
-                         f"{needed - 1}")
+                         f"{data_classes - 1}")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     pretrained = bool(state["config"]["pretrained"] if state else cfg.pretrained)  # ResNets: frozen BN or not
     model = build_model(cfg, num_classes, pretrained)

@@ -3568,6 +3568,44 @@ def test_segmentation_resume_continues_exactly(tmp_path, monkeypatch):
         train_cityscapes.main(dataclasses.replace(killed, resume="auto", iterations=8))
 
 
+def test_segmentation_checkpoints_between_evaluations_resume_exactly(tmp_path, monkeypatch):
+    """--save-every 1 within --eval-every 3: a checkpoint (and log line) each iteration, an evaluation at 3; each
+    stretch goes on in the data where the last ended; a run killed after its first checkpoint resumes mid-way to the
+    same items and the same weights, dropout and crops included."""
+    settings = dict(iterations=3, eval_every=3, save_every=1, pictures=0)
+    loaded, load = [], train_cityscapes.Augmented.__getitem__
+
+    def recorded(self, key):
+        loaded.append(key)
+        return load(self, key)
+
+    monkeypatch.setattr(train_cityscapes.Augmented, "__getitem__", recorded)
+    train_cityscapes.main(segmentation_run(tmp_path / "a", **settings))
+    log = [json.loads(line) for line in (tmp_path / "a" / "run" / "log.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], "miou" in r) for r in log] == [(1, False), (2, False), (3, True)]
+    assert len(loaded) == 6 and len(set(loaded)) == 6  # 3 batches of 2 from the first pass over 8 scenes
+    expected, uninterrupted = torch.load(tmp_path / "a" / "run" / "checkpoint-0000003.pth", weights_only=True), loaded[:]
+    loaded.clear()
+    assert kill_then_resume(train_cityscapes, segmentation_run(tmp_path / "b", **settings), monkeypatch) == 2
+    assert loaded == uninterrupted
+    resumed = torch.load(tmp_path / "b" / "run" / "checkpoint-0000003.pth", weights_only=True)
+    torch.testing.assert_close(resumed["model"], expected["model"], rtol=0, atol=0)
+    torch.testing.assert_close(resumed["optimizer"], expected["optimizer"], rtol=0, atol=0)
+
+
+def test_the_training_passes_start_anywhere_in_their_stream():
+    """An iterator started at item s of the sampler's endless stream yields what one started at 0 yields from s on:
+    across passes, for each rank; each pass is a permutation of the rank's share."""
+    for rank in range(2):
+        passes = train_cityscapes.Passes(range(7), num_replicas=2, rank=rank, shuffle=True, seed=5, drop_last=True)
+        stream = list(itertools.islice(passes, 20))  # 3 items a pass
+        assert all(len({i for _, i in stream[p * 3:p * 3 + 3]}) == 3 for p in range(6))
+        assert [p for p, _ in stream[:9]] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+        for start in (1, 3, 8):
+            passes.start = start
+            assert list(itertools.islice(passes, 20 - start)) == stream[start:]
+
+
 @pytest.mark.slow
 def test_segmentation_bad_input_gives_one_line(tmp_path):
     data = write_cityscapes(tmp_path / "cityscapes")

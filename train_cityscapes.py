@@ -337,7 +337,7 @@ CHOICES = dict(model=list(segmentation.MODELS), mode=["fine", "coarse"], output_
 # A resume refuses a checkpoint saved with other values of WEIGHTS_DEPEND_ON and, to train on, of TRAINING_DEPENDS_ON
 WEIGHTS_DEPEND_ON = ["model", "output_stride", "dgmn_rates", "dgmn_groups", "multi_grid"]
 TRAINING_DEPENDS_ON = ["optimizer", "lr", "weight_decay", "poly_power",  # the saved optimiser and schedule hold these
-                       "iterations", "batch_size", "eval_every", "ohem", "mode", "trainval"]
+                       "iterations", "batch_size", "eval_every", "save_every", "ohem", "mode", "trainval"]
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 CROP_TRIES, CAT_MAX_RATIO = 10, 0.75  # mmseg's RandomCrop: at most 10 redraws of a window where one class covers 75%
 TRAIN_CLASSES = [c for c in torchvision.datasets.Cityscapes.classes if c.train_id not in (-1, 255)]  # by train id
@@ -370,7 +370,8 @@ class Config:
     crop: int = option(769, "the side of the square training crop, and of the sliding window at evaluation")
     eval_stride: int = option(513, "the step of the sliding window at evaluation")
     eval_batch: int = option(8, "sliding windows that go through the model in one forward at evaluation")
-    eval_every: int = option(4000, "iterations between evaluations and checkpoints")
+    eval_every: int = option(4000, "iterations between evaluations, each followed by a checkpoint")
+    save_every: int = option(1000, "iterations between checkpoints")
     multi_scale: bool = option(False, "evaluate at scales 0.5-1.75 with horizontal flips as well")
     pictures: int = option(4, "colourised predictions saved beside their labels at each evaluation")
     amp: str = option("auto", "mixed precision: auto is bf16 on GPUs that have it, else fp16; off on CPU")
@@ -395,8 +396,8 @@ class Config:
 
 def check(cfg):
     """Options out of range or that do not go together: InputError."""
-    for name in ["iterations", "batch_size", "crop", "eval_stride", "eval_batch", "eval_every", "base_size",
-                 "log_every", "synthetic_train", "synthetic_val"]:
+    for name in ["iterations", "batch_size", "crop", "eval_stride", "eval_batch", "eval_every", "save_every",
+                 "base_size", "log_every", "synthetic_train", "synthetic_val"]:
         if getattr(cfg, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     fcns, dgmn_fcns, channels = list(segmentation.FCN_VARIANTS), segmentation.DGMN_FCNS, segmentation.FCN_CHANNELS
@@ -608,13 +609,17 @@ class Augmented(Dataset):
 
 
 class Passes(DistributedSampler):
-    """Pass after pass over this rank's share of the training set, without end: after set_epoch(chunk), pass p is
-    shuffled by seed_of(chunk, p), its key. Items: (key, index), the key seeding the item's augmentation."""
+    """Pass after pass over this rank's share of the training set, without end, pass p shuffled by seed + p; an
+    iterator starts at item `start` of that stream (a resumed run skips the items the interrupted one had seen without
+    loading them). Items: (p, index), the pass and the index seeding the item's augmentation."""
+    start = 0
+
     def __iter__(self):
-        chunk = self.epoch
-        for p in itertools.count():
-            self.set_epoch(seed_of(chunk, p))  # DistributedSampler shuffles by seed + epoch
-            yield from ((self.epoch, index) for index in super().__iter__())
+        first_pass, skip = divmod(self.start, self.num_samples)  # num_samples: this rank's items a pass
+        for p in itertools.count(first_pass):
+            self.set_epoch(p)  # DistributedSampler shuffles by seed + epoch
+            yield from ((p, index) for index in itertools.islice(super().__iter__(), skip if p == first_pass else 0,
+                                                                 None))
 
 
 # ---- The model: segmentation.py's, as the options say, with its pretrained backbone -----------------------------
@@ -739,15 +744,17 @@ SAVED = ("model", "optimizer", "scheduler", "scaler")  # the parts whose state a
 
 
 def training(cfg, rank, world, device, parts, start, log):
-    """Iterations start + 1 to --iterations in chunks of --eval-every, each followed by an evaluation, the record in
-    log.jsonl and a checkpoint (rank 0). Returns the last metrics. A chunk's draws follow from (seed, chunk, rank)
-    and the items' keys: a run resumed at a chunk's start repeats it."""
+    """Iterations start + 1 to --iterations in stretches ending at each --save-every, each --eval-every and the last:
+    there the record in log.jsonl and a checkpoint (rank 0), and (at --eval-every and the last) an evaluation. Returns
+    the last metrics. A stretch's draws follow from (seed, its first iteration, rank) and the items' keys, its items
+    from where the stretch starts in the sampler's stream: a resumed run repeats an uninterrupted one."""
     output, metrics = Path(cfg.output), None
     criterion = segmentation.ohem_cross_entropy if cfg.ohem else functools.partial(F.cross_entropy, ignore_index=IGNORE)
-    for first in range(start, cfg.iterations, cfg.eval_every):
-        last, chunk = min(first + cfg.eval_every, cfg.iterations), first // cfg.eval_every
-        torch.manual_seed(seed_of(cfg.seed, chunk, rank))  # dropout's
-        parts.loader.sampler.set_epoch(chunk)
+    ends = {*range(cfg.save_every, cfg.iterations, cfg.save_every),
+            *range(cfg.eval_every, cfg.iterations, cfg.eval_every), cfg.iterations}
+    for first, last in itertools.pairwise([start, *sorted(end for end in ends if end > start)]):
+        torch.manual_seed(seed_of(cfg.seed, first, rank))  # dropout's
+        parts.loader.sampler.start = first * parts.loader.batch_size  # the rank's items before this stretch
         progress = Progress(cfg, rank, world, device, first, last, cfg.batch_size, f"train to {last}", cfg.output)
         for images, labels in progress.batches(itertools.islice(parts.loader, last - first)):
             images = images.to(device, non_blocking=True, memory_format=cfg.layout)
@@ -759,17 +766,20 @@ def training(cfg, rank, world, device, parts, start, log):
             parts.scaler.update()
             parts.scheduler.step()
             progress.update(dict(loss=loss), parts.scheduler.get_last_lr()[0])
-        seconds, loss = time.perf_counter() - progress.started, progress.close()["loss"]
-        if world > 1:  # without SyncBatchNorm (CPU) the ranks' statistics differ: evaluate rank 0's
-            for buffer in parts.model.buffers():
-                dist.broadcast(buffer, src=0)
-        metrics = dict(iteration=last, loss=loss, seconds=seconds,
-                       **parts.evaluation(output / f"predictions-{last:07d}.png"))
+        record = dict(iteration=last, loss=progress.close()["loss"],
+                      seconds=round(time.perf_counter() - progress.started, 1))
+        if last % cfg.eval_every == 0 or last == cfg.iterations:
+            if world > 1:  # without SyncBatchNorm (CPU) the ranks' statistics differ: evaluate rank 0's
+                for buffer in parts.model.buffers():
+                    dist.broadcast(buffer, src=0)
+            record |= parts.evaluation(output / f"predictions-{last:07d}.png")
+            metrics = record
         if rank == 0:  # the record first: a kill between the two loses none
             with open(output / "log.jsonl", "a") as file:
-                file.write(json.dumps(metrics) + "\n")
+                file.write(json.dumps(record) + "\n")
             path = save_checkpoint(output / f"checkpoint-{last:07d}.pth", cfg, parts, step=last)
-            log(f"iteration {last}/{cfg.iterations}: loss {loss:.3f}, mIoU {metrics['miou']:.2f}%; saved {path}")
+            miou = f", mIoU {record['miou']:.2f}%" if "miou" in record else ""
+            log(f"iteration {last}/{cfg.iterations}: loss {record['loss']:.3f}{miou}; saved {path}")
         if world > 1:
             dist.barrier()
     return metrics

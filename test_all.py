@@ -3101,7 +3101,7 @@ def test_synthetic_default_trains_two_steps(tmp_path):
     assert train_imagenet.parse_args([]) == train_imagenet.Config(**train_imagenet.SYNTHETIC)
     metrics = train_imagenet.main(cfg)
     assert metrics["step"] == 2 and math.isfinite(metrics["train_loss"]) and metrics["images"] == 11
-    assert (tmp_path / "run" / "checkpoint-0001.pth").is_file()
+    assert (tmp_path / "run" / "checkpoint-0000002.pth").is_file()
     assert json.loads((tmp_path / "run" / "log.jsonl").read_text())["top1"] == metrics["top1"]
 
 
@@ -3212,14 +3212,52 @@ def test_the_loss_falls_on_a_fixed_batch(tmp_path, monkeypatch):
 def test_resume_continues_exactly(tmp_path, monkeypatch):
     straight = tiny_run(tmp_path / "a", epochs=2, mixup=0.8)
     train_imagenet.main(straight)
-    expected = torch.load(tmp_path / "a" / "run" / "checkpoint-0002.pth", weights_only=True)
+    expected = torch.load(tmp_path / "a" / "run" / "checkpoint-0000004.pth", weights_only=True)
 
     assert kill_then_resume(train_imagenet, tiny_run(tmp_path / "b", epochs=2, mixup=0.8), monkeypatch) == 2
-    resumed = torch.load(tmp_path / "b" / "run" / "checkpoint-0002.pth", weights_only=True)
+    resumed = torch.load(tmp_path / "b" / "run" / "checkpoint-0000004.pth", weights_only=True)
     assert resumed["step"] == expected["step"] == 4
     torch.testing.assert_close(resumed["model"], expected["model"])
     torch.testing.assert_close(resumed["optimizer"], expected["optimizer"])
     assert resumed["scheduler"] == expected["scheduler"]
+
+
+def test_checkpoints_within_an_epoch_resume_exactly(tmp_path, monkeypatch):
+    """--save-every 1 at 2 steps an epoch: a record and a checkpoint each step, the evaluation at each epoch's end; a
+    run killed after step 1 resumes mid-epoch with the same samples in the same order and the same weights, EMA and
+    optimiser state, drop path (reseeded at each checkpoint) and MixUp included."""
+    settings = dict(epochs=2, save_every=1, mixup=0.8, drop_path=0.1, drop_path_epoch=0, ema_decay=0.9)
+    loaded, load = [], train_imagenet.Augmented.__getitem__
+
+    def recorded(self, key):
+        loaded.append(key)
+        return load(self, key)
+
+    monkeypatch.setattr(train_imagenet.Augmented, "__getitem__", recorded)
+    train_imagenet.main(tiny_run(tmp_path / "a", **settings))
+    log = [json.loads(line) for line in (tmp_path / "a" / "run" / "log.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"], "top1" in r) for r in log] == [(1, 1, False), (1, 2, True), (2, 3, False),
+                                                                    (2, 4, True)]
+    training = [key for key in loaded if isinstance(key, tuple)]  # (index, seed); evaluation's are indices
+    assert len(training) == 4 * 8 and len(set(training)) == 4 * 8
+    expected = torch.load(tmp_path / "a" / "run" / "checkpoint-0000004.pth", weights_only=True)
+    loaded.clear()
+    assert kill_then_resume(train_imagenet, tiny_run(tmp_path / "b", **settings), monkeypatch) == 3
+    assert [key for key in loaded if isinstance(key, tuple)] == training
+    resumed = torch.load(tmp_path / "b" / "run" / "checkpoint-0000004.pth", weights_only=True)
+    for part in ("model", "optimizer", "ema"):
+        torch.testing.assert_close(resumed[part], expected[part], rtol=0, atol=0)
+
+
+def test_repeated_augmentation_starts_anywhere_in_an_epoch():
+    """A sampler started at this rank's sample s yields what one started at 0 yields from s on, for each rank."""
+    for rank in range(3):
+        sampler = train_imagenet.RepeatedAugmentationSampler(10, 3, rank, 3, seed=4)
+        sampler.set_epoch(2)
+        whole = list(sampler)
+        for start in (1, 2, len(whole)):
+            sampler.set_epoch(2, start=start)
+            assert list(sampler) == whole[start:]
 
 
 def test_a_non_finite_loss_stops_the_run(tmp_path, monkeypatch):
@@ -3233,9 +3271,9 @@ def test_a_non_finite_loss_stops_the_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_imagenet, "train_step", diverging)
     with pytest.raises(train_imagenet.TrainingError, match=r"the loss is nan at step 3 \(epoch 2\); stopped, the "
-                                                           r"last good checkpoint is .*checkpoint-0001.pth"):
+                                                           r"last good checkpoint is .*checkpoint-0000002.pth"):
         train_imagenet.main(tiny_run(tmp_path, epochs=2, log_every=1))
-    assert (tmp_path / "run" / "checkpoint-0001.pth").is_file()
+    assert (tmp_path / "run" / "checkpoint-0000002.pth").is_file()
 
 
 def test_bad_input_gives_one_line(tmp_path):

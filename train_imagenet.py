@@ -8,7 +8,7 @@ RandAugment rand-m9-mstd0.5-inc1, MixUp/CutMix, random erasing, repeated augment
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train_imagenet.py ...
     torchrun train_imagenet.py --model tiny      # no --data: built-in synthetic shapes at 32 x 32, minutes on a CPU
     python train_imagenet.py --eval-only --weights dgmn2_tiny.pth --data /path/to/imagenet     # the release's weights
-    python train_imagenet.py --eval-only --resume runs/imagenet/checkpoint-0300.pth --data ... # EMA weights if saved
+    python train_imagenet.py --eval-only --resume runs/imagenet/checkpoint-0375300.pth --data ...  # EMA if saved
     python train_imagenet.py --bench 10 --img-size 224 --batch-size 16      # images/s beside torchvision's swin_t
 """
 
@@ -17,6 +17,7 @@ import ctypes
 import dataclasses
 import datetime
 import functools
+import itertools
 import json
 import math
 import os
@@ -332,7 +333,8 @@ REFERENCE_BATCH = 1024  # the global batch at which --lr is given (8 GPUs x 128)
 # (the saved optimiser and schedule hold the learning rates, weight decay and step counts these set)
 WEIGHTS_DEPEND_ON = ["model"]
 TRAINING_DEPENDS_ON = ["batch_size", "epochs", "warmup_epochs", "lr", "warmup_lr", "min_lr", "weight_decay",
-                       "ema_decay"]  # the saved run holds a moving average of this decay, or none
+                       "ema_decay",  # the saved run holds a moving average of this decay, or none
+                       "save_every"]  # where the training process reseeds (drop path's draws)
 
 
 @dataclass
@@ -367,6 +369,7 @@ class Config:
     channels_last: bool = option(False, "channels-last model and inputs (off until a GPU shows it faster)")
     compile: bool = option(False, "torch.compile the model (off until a GPU shows it faster)")
     log_every: int = option(50, "steps between log lines (the loss's host sync and NaN check)")
+    save_every: int = option(1000, "steps between checkpoints within an epoch (each epoch's end has one as well)")
     workers: int = option(8, "data-loading processes a rank")
     seed: int = option(0, "seed of the weights, the data order and the augmentations")
     resume: str = option("", "checkpoint to continue from, or auto: the newest in --output")
@@ -388,7 +391,8 @@ CHOICES = dict(model=list(dgmn2.VARIANTS), amp=["auto", "bf16", "fp16", "off"])
 
 def check(cfg):
     """Settings that cannot work, named before anything starts."""
-    positive = ["epochs", "batch_size", "img_size", "repeated_aug", "log_every", "synthetic_train", "synthetic_val"]
+    positive = ["epochs", "batch_size", "img_size", "repeated_aug", "log_every", "save_every", "synthetic_train",
+                "synthetic_val"]
     at_least_0 = ["workers", "bench", "warmup_epochs", "min_lr", "weight_decay", "randaugment_ops", "mixup", "cutmix",
                   "clip_grad"]  # a negative clip norm would turn the gradient around
     for name in [n for n in positive if getattr(cfg, n) < 1] + [n for n in at_least_0 if getattr(cfg, n) < 0]:
@@ -536,13 +540,15 @@ class RepeatedAugmentationSampler(Sampler):
     """DeiT's repeated augmentation, deterministic per epoch: the images shuffled by (seed, epoch), each repeated
     `repeats` times in a row, dealt round-robin to the ranks (an image's copies go to different ranks); an epoch has
     as many samples as images, as in DeiT. Yields (image index, augmentation seed from (seed, epoch, place)): the
-    augmentations do not depend on the (persistent) workers, and a resumed run repeats them."""
+    augmentations do not depend on the (persistent) workers, and a resumed run repeats them. An iterator starts at
+    this rank's sample `start` of the epoch: a run resumed mid-epoch skips what the interrupted one had trained on."""
 
     def __init__(self, size, repeats, rank, world, seed):
-        self.size, self.repeats, self.rank, self.world, self.seed, self.epoch = size, repeats, rank, world, seed, 0
+        self.size, self.repeats, self.rank, self.world, self.seed = size, repeats, rank, world, seed
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
 
     def __len__(self):
         return self.size // self.world
@@ -550,7 +556,8 @@ class RepeatedAugmentationSampler(Sampler):
     def __iter__(self):
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed_of(self.seed, self.epoch)))
         order = order.repeat_interleave(self.repeats)[:len(self) * self.world].tolist()  # (world x len,) indices
-        return iter([(order[p], seed_of(self.seed, self.epoch, p)) for p in range(self.rank, len(order), self.world)])
+        places = range(self.rank + self.start * self.world, len(order), self.world)  # this rank's, from start on
+        return iter([(order[p], seed_of(self.seed, self.epoch, p)) for p in places])
 
 
 class Augmented(Dataset):
@@ -702,16 +709,17 @@ def evaluate(model, loader, device, autocast, cfg, world):
     return dict(top1=100 * top1 / images, top5=100 * top5 / images, images=int(images))
 
 
-def train_one_epoch(epoch, cfg, rank, world, device, parts):
-    """One epoch of optimiser steps. Every random choice in it (order, augmentations, mixing, stochastic depth)
-    follows from (seed, epoch, rank): a resumed run repeats what the interrupted one would have done."""
-    torch.manual_seed(seed_of(cfg.seed, epoch, rank))
-    loader = parts.train_loader
-    loader.sampler.set_epoch(epoch)
+def train_steps(first, last, cfg, rank, world, device, parts):
+    """Optimiser steps first + 1 to last, within one epoch. Every random choice in them (order, augmentations,
+    mixing, stochastic depth) follows from (seed, epoch, rank) and the first step: a resumed run repeats what the
+    interrupted one would have done."""
+    loader, steps_per_epoch = parts.train_loader, parts.plan["steps_per_epoch"]
+    epoch = first // steps_per_epoch
+    torch.manual_seed(seed_of(cfg.seed, epoch, rank, first))
+    loader.sampler.set_epoch(epoch, start=first % steps_per_epoch * loader.batch_size)  # the rank's samples before
     parts.model.set_drop_path_rate(cfg.drop_path if epoch >= cfg.drop_path_epoch else 0.0)
-    progress = Progress(cfg, rank, world, device, epoch * len(loader), (epoch + 1) * len(loader), cfg.batch_size,
-                        f"epoch {epoch + 1}", cfg.output)
-    for images, targets in progress.batches(loader):
+    progress = Progress(cfg, rank, world, device, first, last, cfg.batch_size, f"epoch {epoch + 1}", cfg.output)
+    for images, targets in progress.batches(itertools.islice(loader, last - first)):
         loss = train_step(parts, *to_device(images, targets, cfg, device), cfg)
         parts.scheduler.step()
         if parts.ema:
@@ -719,29 +727,46 @@ def train_one_epoch(epoch, cfg, rank, world, device, parts):
         progress.update(dict(loss=loss), parts.scheduler.get_last_lr()[0])
     seconds = time.perf_counter() - progress.started
     return dict(epoch=epoch + 1, step=parts.scheduler.last_epoch, train_loss=progress.close()["loss"],
-                lr=parts.scheduler.get_last_lr()[0], images_per_s=len(loader) * cfg.batch_size / seconds)
+                lr=parts.scheduler.get_last_lr()[0], images_per_s=(last - first) * cfg.batch_size / seconds)
 
 
 def train(cfg, rank, world, device, parts, start, log):
-    """Epochs from the one of step start: train, evaluate (the EMA weights too), save the checkpoint and the epoch's
-    line in log.jsonl (rank 0). Returns the last epoch's record."""
-    output, record = output_folder(cfg), None
-    for epoch in range(start // len(parts.train_loader), cfg.epochs):
-        record = train_one_epoch(epoch, cfg, rank, world, device, parts)
-        if world > 1:  # BatchNorm statistics moved on each rank after DDP's last broadcast: evaluate rank 0's
-            for buffer in [*parts.model.buffers(), *(parts.ema.module.buffers() if parts.ema else [])]:
-                dist.broadcast(buffer, src=0)
-        record.update(evaluate(parts.model, parts.val_loader, device, parts.autocast, cfg, world))
-        if parts.ema:
-            ema = evaluate(parts.ema.module, parts.val_loader, device, parts.autocast, cfg, world)
-            record.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
-        if rank == 0:  # the record first: a kill between the two loses none
-            with open(output / "log.jsonl", "a") as file:
-                file.write(json.dumps(record) + "\n")
-            path = save_checkpoint(output / f"checkpoint-{epoch + 1:04d}.pth", cfg, parts, step=record["step"])
-            log(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.3f}, top-1 {record['top1']:.2f}%, "
-                f"top-5 {record['top5']:.2f}%, {record['images_per_s']:.0f} images/s; saved {path}")
+    """Steps start + 1 to the last in stretches ending at each --save-every step and at each epoch's end: there the
+    record in log.jsonl and a checkpoint (rank 0), and at an epoch's end first an evaluation (the EMA weights too).
+    Returns the last epoch's record."""
+    output, record, steps_per_epoch = output_folder(cfg), None, parts.plan["steps_per_epoch"]
+    total = cfg.epochs * steps_per_epoch
+    ends = {*range(cfg.save_every, total, cfg.save_every), *range(steps_per_epoch, total + 1, steps_per_epoch)}
+    for first, last in itertools.pairwise([start, *sorted(end for end in ends if end > start)]):
+        record = train_steps(first, last, cfg, rank, world, device, parts)
+        if last % steps_per_epoch == 0:
+            record.update(evaluate_epoch(cfg, world, device, parts))
+        save_record(record, output, cfg, parts, rank, log)
     return record
+
+
+def evaluate_epoch(cfg, world, device, parts):
+    """At an epoch's end: top-1 and top-5 of the trained weights and, if kept, of their moving average."""
+    if world > 1:  # BatchNorm statistics moved on each rank after DDP's last broadcast: evaluate rank 0's
+        for buffer in [*parts.model.buffers(), *(parts.ema.module.buffers() if parts.ema else [])]:
+            dist.broadcast(buffer, src=0)
+    metrics = evaluate(parts.model, parts.val_loader, device, parts.autocast, cfg, world)
+    if parts.ema:
+        ema = evaluate(parts.ema.module, parts.val_loader, device, parts.autocast, cfg, world)
+        metrics.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
+    return metrics
+
+
+def save_record(record, output, cfg, parts, rank, log):
+    """Rank 0: the record in log.jsonl, then the checkpoint of its step (a kill between the two loses none)."""
+    if rank != 0:
+        return
+    with open(output / "log.jsonl", "a") as file:
+        file.write(json.dumps(record) + "\n")
+    path = save_checkpoint(output / f"checkpoint-{record['step']:07d}.pth", cfg, parts, step=record["step"])
+    scores = f", top-1 {record['top1']:.2f}%, top-5 {record['top5']:.2f}%" if "top1" in record else ""
+    log(f"epoch {record['epoch']}/{cfg.epochs}, step {record['step']}: loss {record['train_loss']:.3f}{scores}, "
+        f"{record['images_per_s']:.0f} images/s; saved {path}")
 
 
 def run(cfg, rank, world, device):

@@ -609,7 +609,7 @@ class Augmented(Dataset):
 
 
 class Passes(DistributedSampler):
-    """Pass after pass over this rank's share of the training set, without end, pass p shuffled by seed + p; an
+    """Pass after pass over this rank's share of the training set, without end, pass p shuffled by (seed, p); an
     iterator starts at item `start` of that stream (a resumed run skips the items the interrupted one had seen without
     loading them). Items: (p, index), the pass and the index seeding the item's augmentation."""
     start = 0
@@ -617,9 +617,9 @@ class Passes(DistributedSampler):
     def __iter__(self):
         first_pass, skip = divmod(self.start, self.num_samples)  # num_samples: this rank's items a pass
         for p in itertools.count(first_pass):
-            self.set_epoch(p)  # DistributedSampler shuffles by seed + epoch
-            yield from ((p, index) for index in itertools.islice(super().__iter__(), skip if p == first_pass else 0,
-                                                                 None))
+            self.set_epoch(seed_of(self.seed, p))  # shuffled by seed + epoch: seed + p would be seed + 1's pass p - 1
+            yield from ((p, index) for index in itertools.islice(super().__iter__(), skip, None))
+            skip = 0
 
 
 # ---- The model: segmentation.py's, as the options say, with its pretrained backbone -----------------------------

@@ -369,7 +369,7 @@ class Config:
     channels_last: bool = option(False, "channels-last model and inputs (off until a GPU shows it faster)")
     compile: bool = option(False, "torch.compile the model (off until a GPU shows it faster)")
     log_every: int = option(50, "steps between log lines (the loss's host sync and NaN check)")
-    save_every: int = option(1000, "steps between checkpoints within an epoch (each epoch's end has one as well)")
+    save_every: int = option(1000, "steps between checkpoints, counted from the start (and one at each epoch's end)")
     workers: int = option(8, "data-loading processes a rank")
     seed: int = option(0, "seed of the weights, the data order and the augmentations")
     resume: str = option("", "checkpoint to continue from, or auto: the newest in --output")
@@ -599,10 +599,12 @@ def loaders(cfg, rank, world, log):
              for mix, alpha in ((v2.MixUp, cfg.mixup), (v2.CutMix, cfg.cutmix)) if alpha > 0]
     common = dict(batch_size=cfg.batch_size // world, num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
                   persistent_workers=cfg.workers > 0)
+    # A new iterator draws a seed from the loader's generator, by default the global one (drop path's): with
+    # persistent workers a resumed run makes one more than an uninterrupted one, and would shift the draws after it
     train_loader = DataLoader(Augmented(train, transforms(cfg, True)), drop_last=True,
                               sampler=RepeatedAugmentationSampler(len(train), cfg.repeated_aug, rank, world, cfg.seed),
                               collate_fn=functools.partial(mix_collate, mix=v2.RandomChoice(mixes) if mixes else None),
-                              **common)
+                              generator=torch.Generator().manual_seed(seed_of(cfg.seed, rank)), **common)
     val_loader = DataLoader(Subset(Augmented(val, transforms(cfg, False)), range(rank, len(val), world)), **common)
     if len(train_loader) == 0:
         raise InputError(f"{cfg.data or 'the synthetic set'}: {len(train)} training images are fewer than one batch "

@@ -348,7 +348,7 @@ class Config:
     lr: float = option(1e-3, f"peak learning rate at a global batch of {REFERENCE_BATCH}, scaled with --batch-size")
     warmup_lr: float = option(1e-6, "learning rate at the first warm-up step")
     min_lr: float = option(1e-5, "learning rate at the end of the cosine schedule")
-    weight_decay: float = option(0.05, "AdamW's weight decay; none on biases, norm weights and relative positions")
+    weight_decay: float = option(0.05, "AdamW's weight decay; none on biases and norm weights (as the release)")
     img_size: int = option(224, "training and evaluation image side")
     eval_resize: int = option(0, "evaluation resizes the shorter side to this, then crops; 0: img_size / 0.875")
     crop_scale: float = option(0.08, "RandomResizedCrop's smallest area fraction")

@@ -3222,7 +3222,8 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     assert resumed["scheduler"] == expected["scheduler"]
 
 
-@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 1])
 def test_checkpoints_within_an_epoch_resume_exactly(tmp_path, monkeypatch, workers):
     """--save-every 1 at 2 steps an epoch: a record and a checkpoint each step, the evaluation at each epoch's end; a
     run killed after step 1 resumes mid-epoch with the same samples in the same order (seen in this process: without
@@ -3609,6 +3610,7 @@ def test_segmentation_resume_continues_exactly(tmp_path, monkeypatch):
         train_cityscapes.main(dataclasses.replace(killed, resume="auto", iterations=8))
 
 
+@pytest.mark.slow
 def test_segmentation_checkpoints_between_evaluations_resume_exactly(tmp_path, monkeypatch):
     """--save-every 1 within --eval-every 3: a checkpoint (and log line) each iteration, an evaluation at 3; each
     stretch goes on in the data where the last ended; a run killed after its first checkpoint resumes mid-way to the

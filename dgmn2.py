@@ -111,9 +111,9 @@ class RelativePosition(nn.Module):
         height = einsum(q, self._by_slot(height, H), "... d h w, h k d -> ... k h w")
         if self.transposed:
             height = height.transpose(-1, -2)  # (..., K, W, H), read as if it were H x W
-            if H != W:  # (..., K, W, H) -> (..., K, H, W)
+            if H != W:  # (..., K, W, H) -> (L, K, W, H), L = prod(...), resized -> (..., K, H, W)
                 lead = height.shape[:-3]
-                height = F.interpolate(height.flatten(0, -4), size=(H, W), mode="bilinear",
+                height = F.interpolate(height.reshape(-1, *height.shape[-3:]), size=(H, W), mode="bilinear",
                                        align_corners=False).view(*lead, -1, H, W)
         return width + height
 

@@ -1545,6 +1545,8 @@ def test_relative_position_rules(built, H, W, transposed):
                     on_transposed[:, s, r, c] = q[:, :, c, r] @ Rh[s + H - 1 - c]
         expected += F.interpolate(on_transposed, size=(H, W), mode="bilinear", align_corners=False)
     torch.testing.assert_close(rel(q), expected)
+    torch.testing.assert_close(rel(q[1]), expected[1])  # q (D, H, W): no leading dimensions
+    torch.testing.assert_close(rel(q[:, None]), expected[:, None])  # (B, G, D, H, W), as the attention calls it
 
 
 def test_every_parameter_gets_a_gradient():

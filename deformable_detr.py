@@ -5,7 +5,8 @@ then the detector with torchvision's interface.
 
 Symbols, used throughout: B images, C the hidden width (256), L feature levels (4), H_l x W_l level l's size,
 N the tokens of all levels (sum of H_l W_l), Q queries (300; in the encoder Q = N), M heads (8), D = C / M a head's
-width, P points a head samples on each level (4), K classes (sigmoid channels, no background: COCO's 91 ids).
+width, P points a head samples on each level (4), K classes (sigmoid channels, no background: COCO's 91 ids), T target
+boxes of an image.
 Boxes inside the model are (cx, cy, w, h) normalised by the image's unpadded size.
 
     model = DeformableDETR(backbone, num_classes=91)     # backbone(images) -> L - 1 maps; .channels, .strides
@@ -38,13 +39,15 @@ TWO_STAGE_SIZE = 0.05  # an encoder proposal's side at the finest level, doublin
 IMAGE_MEAN, IMAGE_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 TRAIN_SIDES = tuple(range(480, 801, 32))  # upstream's shorter sides at 800: one at random a training image
 CROP_SIDES, CROP_RANGE = (400, 500, 600), (384, 600)  # upstream's other branch: a resize, then a crop of this range
+TEMPERATURE = 10000  # the sine encodings' base, the Transformer's: wavelengths from 1 to nearly 10000 image sides
+BORDER = 0.01  # two-stage proposals within this (a fraction of the image) of its edge are not used
 SAMPLING_MACS = 5  # a deformable read of one element and channel: 4 bilinear neighbours and the attention weight
 
 # ----------------------------------------------------------------------------------------------------------------
 # Position encodings
 
 
-def sine_position(padding, features=HIDDEN // 2, temperature=10000):
+def sine_position(padding, features=HIDDEN // 2, temperature=TEMPERATURE):
     """The sine encoding of each pixel's place in the unpadded area, y then x, sin and cos interleaved.
     padding (B, H, W) bool, True outside the image -> (B, 2 features, H, W)."""
     inside = (~padding).float()
@@ -58,15 +61,17 @@ def sine_position(padding, features=HIDDEN // 2, temperature=10000):
     return rearrange(torch.cat([y, x], -1), "b h w c -> b c h w")
 
 
-def box_position(boxes, features=HIDDEN // 2, temperature=10000):
+def box_position(boxes, features=HIDDEN // 2, temperature=TEMPERATURE):
     """Two-stage queries: the sine encoding of each coordinate of a box.
     boxes (B, Q, 4) in [0, 1] -> (B, Q, 4 features)."""
     frequencies = temperature ** (2 * (torch.arange(features, device=boxes.device) // 2) / features)
     angles = boxes[..., None] * 2 * math.pi / frequencies  # (B, Q, 4, features)
+    # (B, Q, 4, features / 2, 2) -> (B, Q, 4 features), sin and cos interleaved
     return torch.stack([angles[..., 0::2].sin(), angles[..., 1::2].cos()], -1).flatten(2)
 
 
 def inverse_sigmoid(x, eps=1e-5):
+    """log(x / (1 - x)), finite for x in [0, 1]: boxes on the border (0 or 1) give large logits, not inf."""
     x = x.clamp(0, 1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
@@ -117,8 +122,8 @@ class DeformableAttention(nn.Module):
         angles = torch.arange(self.heads) * 2 * math.pi / self.heads
         rays = torch.stack([angles.cos(), angles.sin()], -1)
         rays = rays / rays.abs().max(-1, keepdim=True).values  # (M, 2), the larger coordinate +-1
-        steps = torch.arange(1, self.points + 1).view(1, 1, -1, 1)
-        with torch.no_grad():
+        steps = torch.arange(1, self.points + 1).view(1, 1, -1, 1)  # (1, 1, P, 1): point p at p + 1 steps
+        with torch.no_grad():  # (M, 1, P, 2) -> (M, L, P, 2) -> (M L P 2), the order forward reads the bias in
             self.sampling_offsets.bias.copy_((rays[:, None, None] * steps).expand(-1, self.levels, -1, -1).flatten())
         nn.init.zeros_(self.attention_weights.weight)
         nn.init.zeros_(self.attention_weights.bias)
@@ -161,7 +166,7 @@ class MaskedGroupNorm(nn.GroupNorm):
         mean = (groups * weight).sum((2, 3, 4), keepdim=True) / count
         variance = ((groups - mean).square() * weight).sum((2, 3, 4), keepdim=True) / count
         normed = rearrange((groups - mean) * torch.rsqrt(variance + self.eps), "b g c h w -> b (g c) h w")
-        return (normed * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)).to(x.dtype)
+        return (normed * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)).to(x.dtype)  # each (1, C, 1, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -169,6 +174,8 @@ class MaskedGroupNorm(nn.GroupNorm):
 
 
 class FeedForward(nn.Module):
+    """A post-norm layer's feed-forward: Linear, ReLU, dropout, Linear. x (..., C) -> (..., C)."""
+
     def __init__(self, dim=HIDDEN, hidden=FFN, dropout=DROPOUT):
         super().__init__()
         self.linear1, self.linear2, self.dropout = nn.Linear(dim, hidden), nn.Linear(hidden, dim), nn.Dropout(dropout)
@@ -223,7 +230,8 @@ class HeadLinear(nn.Linear):
 
 
 class BoxMLP(nn.Module):
-    """C -> C -> C -> 4 with ReLUs, in float32: a box as a correction to its reference (before the sigmoid)."""
+    """Three Linears (C -> C -> C -> 4) with ReLUs, in float32: a box as a correction to its reference (before the
+    sigmoid). x (..., C) -> (..., 4) float32."""
 
     def __init__(self, dim=HIDDEN):
         super().__init__()
@@ -240,7 +248,8 @@ class BoxMLP(nn.Module):
 
 
 def scaled(sides, min_size):
-    return tuple(round(side * min_size / 800) for side in sides)
+    """Upstream's sides, given for a shorter side of 800 (TRAIN_SIDES[-1]), for one of min_size."""
+    return tuple(round(side * min_size / TRAIN_SIDES[-1]) for side in sides)
 
 
 class RandomSizeCrop:
@@ -357,12 +366,13 @@ class DeformableDETR(nn.Module):
         tokens, masks, positions, shapes = [], [], [], []
         for level, x in enumerate(maps):
             mask = padding_of(x)
+            # (B, C, H_l, W_l): the encoding plus the level's embedding, (C,) as (1, C, 1, 1)
             pos = sine_position(mask).to(x.dtype) + self.level_embed[level].view(1, -1, 1, 1).to(x.dtype)
             tokens.append(rearrange(x, "b c h w -> b (h w) c"))
             positions.append(rearrange(pos, "b c h w -> b (h w) c"))
-            masks.append(mask.flatten(1))
+            masks.append(mask.flatten(1))  # (B, H_l, W_l) -> (B, H_l W_l)
             shapes.append(tuple(x.shape[-2:]))
-        valid = torch.stack([self.valid_ratio(m.view(-1, *s)) for m, s in zip(masks, shapes)], 1)
+        valid = torch.stack([self.valid_ratio(m.view(-1, *s)) for m, s in zip(masks, shapes)], 1)  # masks (B, H_l, W_l)
         return torch.cat(tokens, 1), torch.cat(masks, 1), torch.cat(positions, 1), shapes, valid
 
     @staticmethod
@@ -399,7 +409,7 @@ class DeformableDETR(nn.Module):
         sides = torch.cat([torch.full((H * W,), TWO_STAGE_SIZE * 2 ** level, device=memory.device)
                            for level, (H, W) in enumerate(shapes)])
         boxes = torch.cat([centres, sides[None, :, None].expand(*centres.shape[:2], 2)], -1)  # (B, N, 4)
-        usable = ((boxes > 0.01) & (boxes < 0.99)).all(-1) & ~padding
+        usable = ((boxes > BORDER) & (boxes < 1 - BORDER)).all(-1) & ~padding  # upstream's: none touching the border
         boxes = inverse_sigmoid(boxes).masked_fill(~usable[..., None], float("inf"))
         memory = self.enc_output_norm(self.enc_output(memory.masked_fill(~usable[..., None], 0)))
         logits = self.class_heads[-1](memory)

@@ -5,7 +5,7 @@ the non-local block, criss-cross attention, DCNv2), each placed as the paper pla
 (deformable_detr.py) and Sparse R-CNN (sparse_rcnn.py) on DGMN2 or ResNet-50 (Section 6.2, Tables 9, 10). Also the
 parameters and FLOPs as the paper counts them, beside its numbers.
 
-Symbols, used throughout: B batch, C channels, H x W a map (or an image), K the nodes of a 3 x 3 kernel (9),
+Symbols, used throughout: B batch, C channels, H x W a map (or an image), s a map's stride and C_s its channels,
 N detections of an image.
 
     python detection.py         every model's parameters and FLOPs beside the paper's (Tables 3, 5, 7-10, 16)

@@ -49,12 +49,12 @@ COCO_RATES = (1, 4, 8, 12)             # Section 5.1: C4 / C5 at strides 16 / 32
 
 
 class NodeConv(nn.Module):
-    """O outputs from the K walked nodes of every pixel: sum_k W_k rho(x, p_k), a ks x ks deformable convolution
-    (no bias). rho is linear per channel, so sum_k W_k rho(x, p_k) = sum_k rho(W_k x, p_k): one 1x1 convolution to K O
-    channels, of which node k reads only the k-th block of O. Parameters and multiply-adds are those of the ks x ks
-    convolution, and the K C sampled values are never materialised on the kernel path; the price is that
-    sampler.aggregate reads all K O channels at every node and weighs K - 1 of K reads by zero. No bias: Table 2 counts
-    none. With zero offsets it is the dilated ks x ks convolution.
+    """Eq. 6's matrix transformation: O outputs from the K walked nodes of every pixel, sum_k W_k rho(x, p_k), a ks x ks
+    deformable convolution (no bias). rho is linear per channel, so sum_k W_k rho(x, p_k) = sum_k rho(W_k x, p_k): one
+    1x1 convolution to K O channels, of which node k reads only the k-th block of O. Parameters and multiply-adds are
+    those of the ks x ks convolution, and the K C sampled values are never materialised on the kernel path; the price is
+    that sampler.aggregate reads all K O channels at every node and weighs K - 1 of K reads by zero. No bias: Table 2
+    counts none. With zero offsets it is the dilated ks x ks convolution.
     x (B, C, H, W), offsets (B, 2K, H, W) -> (B, O, H, W)."""
 
     def __init__(self, channels, out_channels, dilation, kernel_size=3):
@@ -237,10 +237,10 @@ class CrissCrossAttention(nn.Module):
     them weighs 1x1 conv values of C channels; x <- x + gamma * that, gamma starting at 0. `recurrence` passes share
     the weights, so that with 2 every pixel reaches every other. x (B, C, H, W) -> (B, C, H, W)."""
 
-    def __init__(self, channels, recurrence=2):
+    def __init__(self, channels, recurrence=2, reduction=8):
         super().__init__()
         self.recurrence = recurrence
-        self.query, self.key = nn.Conv2d(channels, channels // 8, 1), nn.Conv2d(channels, channels // 8, 1)
+        self.query, self.key = (nn.Conv2d(channels, channels // reduction, 1) for _ in range(2))
         self.value = nn.Conv2d(channels, channels, 1)
         self.gamma = nn.Parameter(torch.zeros(()))
 

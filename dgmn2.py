@@ -7,8 +7,8 @@ them (Eq. 9):  softmax_k(q . k_k / sqrt(D) + rel_k) . v_k,  with rel the relativ
 sampler.attention computes it as one op (its kernel path: logits and softmax in registers, the sampled keys and values
 never materialised); the release's transposed relative-position rule takes sampler.dot and sampler.aggregate.
 
-Symbols, used throughout: B batch, C channels (the stage's width), H x W the stage's map, N = H * W tokens,
-G heads, D = C / G head dim, K sampled nodes per query.
+Symbols, used throughout: B batch, C channels (the stage's width; C_in a stage's input's, C_s stage s's), H x W the
+stage's map, N = H * W tokens, G heads, D = C / G head dim, K sampled nodes per query.
 
     python dgmn2.py                      Table 6: parameters and multiply-adds beside the paper's
     python dgmn2.py --show-walks IMG     the nodes sampled for one pixel, drawn on the image (Fig. 5 and 11)
@@ -147,9 +147,9 @@ class DGMN2Attention(nn.Module):
         v (B, C, H, W), offsets (B, 2K G, H, W), attn (B, G, K, H, W)."""
         G = self.heads
         # The sampler reads q, k, v and the walks where the Linears wrote them: channels-last views, a walk per head.
-        q, k, v = rearrange(self.qkv(x), "b (h w) (three c) -> three b c h w", three=3, h=H)  # each (B, C, H, W)
+        q, k, v = rearrange(self.qkv(x), "b (h w) (three c) -> three b c h w", three=3, h=H, w=W)  # each (B, C, H, W)
         walks = self.walk(rearrange(x, "b n (g d) -> b n g d", g=G))  # (B, N, G, 2K)
-        offsets = rearrange(walks, "b (h w) g o -> b (g o) h w", h=H)  # (B, 2K G, H, W)
+        offsets = rearrange(walks, "b (h w) g o -> b (g o) h w", h=H, w=W)  # (B, 2K G, H, W)
         # Eq. 9 has no 1 / sqrt(D); the release scales q . k by it, and adds the relative-position term unscaled.
         # These composed ops keep qkv's dtype: under autocast the logits are rounded to it before the softmax (the
         # fused op of the symmetric rule keeps them in float32).
@@ -188,8 +188,8 @@ class DropPath(nn.Module):
 
 
 class MLP(nn.Module):
-    """The feed-forward block: fc1, GELU, fc2. (B, N, C) -> (B, N, C), through a (B, N, r C) hidden map, r the MLP
-    ratio (8 in stages 1-2, 4 in stages 3-4)."""
+    """The feed-forward block of Fig. 4a: fc1, GELU, fc2. (B, N, C) -> (B, N, C), through a (B, N, r C) hidden map, r
+    the MLP ratio (8 in stages 1-2, 4 in stages 3-4)."""
 
     def __init__(self, dim, hidden):
         super().__init__()
@@ -229,8 +229,8 @@ def conv_bn_relu(in_channels, out_channels, stride):
 
 
 class Stage(nn.Module):
-    """A patch embedding (Conv-BN-ReLU units) and DGMN2 layers. (B, C_in, H, W) -> (B, C, ceil(H / stride),
-    ceil(W / stride)), stride the product of the embedding's strides."""
+    """A stage of Section 4.2: a patch embedding (Conv-BN-ReLU units) and DGMN2 layers.
+    (B, C_in, H, W) -> (B, C, ceil(H / stride), ceil(W / stride)), stride the product of the embedding's strides."""
 
     def __init__(self, embed, layers):
         super().__init__()
@@ -259,7 +259,7 @@ class DGMN2(nn.Module):
     (nothing is padded). output_stride=8 uses stride-1 embeddings in stages 3 and 4, as Section 6.3 does for
     segmentation (16: in stage 4 only); the parameters are the same, the relative-position tables are always built for
     img_size at the strides 4, 8, 16, 32 and resized at run time.
-    x (B, 3, H, W) -> logits (B, num_classes), or pooled features (B, 512) when num_classes == 0."""
+    x (B, 3, H, W) -> logits (B, num_classes), or pooled features (B, dims[-1]) when num_classes == 0."""
 
     def __init__(self, depths, dims=(64, 128, 320, 512), heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4),
                  num_classes=1000, img_size=224, drop_path_rate=0.0, output_stride=32, in_channels=3):
@@ -537,6 +537,9 @@ def _is_launch(event):
     return not event.startswith(("Memcpy", "Memset"))
 
 
+NAME_WIDTH = 100  # characters of a kernel's name in the profile's tables (a template's name runs to hundreds)
+
+
 def _profile(variant="small", batch=64, img_size=224, top=10):
     """torch.profiler over one forward and backward under bf16 autocast, of stage 1's first layer and of the whole
     model: the top kernels by time with their share, and the kernel launches per layer (the GPU's memory copies and
@@ -548,7 +551,7 @@ def _profile(variant="small", batch=64, img_size=224, top=10):
     device, unit, what, calls, spent = ("cuda", "kernel launches", "kernel", "launches", "kernel time") if cuda else \
         ("cpu", "ops", "op", "calls", "op self time")
     model = build(variant, img_size=img_size).to(device)  # training mode, as a training step runs it
-    side, C, G = math.ceil(img_size / 4), model.channels[0], model.stages[0].layers[0].attn.heads
+    side, C, G = math.ceil(img_size / model.strides[0]), model.channels[0], model.stages[0].layers[0].attn.heads
     tokens = torch.randn(batch, side * side, C, device=device, requires_grad=True)  # (B, N, C) stage 1's tokens
     images = torch.randn(batch, 3, img_size, img_size, device=device)
     layers = sum(len(stage.layers) for stage in model.stages)
@@ -590,7 +593,7 @@ def _profile(variant="small", batch=64, img_size=224, top=10):
                       f"{ours / count:.0f}), {total_us / 1e3:.2f} ms of {spent}{besides}", "",
                   f"| {what} | {calls} | ms | share |", "|---|---|---|---|"]
         for kernel, (launches, us) in sorted(per_name.items(), key=lambda item: -item[1][1])[:top]:
-            short = kernel if len(kernel) <= 100 else kernel[:97] + "..."
+            short = kernel if len(kernel) <= NAME_WIDTH else kernel[:NAME_WIDTH - 3] + "..."
             lines.append(f"| {short.replace('|', '/')} | {launches} | {us / 1e3:.3f} | {us / total_us:.1%} |")
     return lines
 

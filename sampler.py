@@ -9,14 +9,14 @@ rate of Eq. 3), each node moved by a predicted walk (Eq. 4) and read with the bi
     attention(qkv, walks, ...)      DGMN2's whole attention (Eq. 8-9 with Fig. 4b's relative positions), one op
     WalkPredictor                   Eq. 4: walks predicted from the uniformly sampled neighbourhood
 
-Symbols, used throughout: B batch, C channels, H x W the map, G channel groups (C / G channels each), Go walk groups,
-K nodes per query. Offsets are (B, 2K Go, H, W) in torchvision.ops.deform_conv2d's layout: channels [2K o, 2K (o + 1))
-walk the o-th of Go equal chunks of the C channels (DGMN2: one walk per head, Go = G; DGMN: one walk, Go = 1), and
-within a walk channel 2k is dy and 2k + 1 is dx of node k = ks * i + j, which sits at
-(y + (i - ks // 2) * dilation + dy, x + (j - ks // 2) * dilation + dx). A point is read bilinearly from its four
-neighbours; neighbours outside the map read zero (the DCN v1 semantics of the authors' release, equal to
-F.grid_sample(padding_mode="zeros", align_corners=False)). A NaN or infinite walk reads NaN, on both paths, so that
-a NaN check or a GradScaler sees it. Half inputs are computed in float32 (coordinates, bilinear weights, sums) and
+Symbols, used throughout: B batch, C channels, H x W the map, N = H W tokens, G channel groups (D = C / G channels
+each, a head's), Go walk groups, K nodes per query. Offsets are (B, 2K Go, H, W) in torchvision.ops.deform_conv2d's
+layout: channels [2K o, 2K (o + 1)) walk the o-th of Go equal chunks of the C channels (DGMN2: one walk per head,
+Go = G; DGMN: one walk, Go = 1), and within a walk channel 2k is dy and 2k + 1 is dx of node k = ks * i + j, which
+sits at (y + (i - ks // 2) * dilation + dy, x + (j - ks // 2) * dilation + dx). A point is read bilinearly from its
+four neighbours; neighbours outside the map read zero (the DCN v1 semantics of the authors' release, equal to
+F.grid_sample(padding_mode="zeros", align_corners=False)). A NaN or infinite walk reads NaN, on both paths, so that a
+NaN check or a GradScaler sees it. Half inputs are computed in float32 (coordinates, bilinear weights, sums) and
 returned in their own dtype.
 
 Two paths compute the same functions:
@@ -114,7 +114,7 @@ def _sample(x, offsets, dilation, offset_groups):
     """rho of Eq. 5 at every node: (B, C, H, W), (B, 2K Go, H, W) -> (B, C, K, H, W), in x's dtype."""
     x = rearrange(x, "b (o c) h w -> (b o) c h w", o=offset_groups)  # each walk group's channels an image of its own
     offsets = rearrange(offsets, "b (o k) h w -> (b o) k h w", o=offset_groups)  # (B Go, 2K, H, W)
-    B, C, H, W = x.shape
+    _, C, H, W = x.shape
     rows, cols = _node_positions(offsets, dilation)                          # each (B Go, K, H, W)
     finite = rows.isfinite() & cols.isfinite()
     rows, cols = rows.where(finite, -2), cols.where(finite, -2)              # NaN below instead of a wild index
@@ -127,7 +127,7 @@ def _sample(x, offsets, dilation, offset_groups):
             index = (r.clamp(-1, H).long() + 1) * (W + 2) + c.clamp(-1, W).long() + 1            # (B Go, K, H, W)
             index = rearrange(index, "b k h w -> b 1 (k h w)").expand(-1, C, -1)                # (B Go, C, K H W)
             read = rearrange(padded.gather(2, index), "b c (k h w) -> b c k h w", h=H, w=W)   # (B Go, C, K, H, W)
-            nodes = nodes + read * (wr * wc)[:, None]
+            nodes = nodes + read * (wr * wc)[:, None]                  # weights (B Go, 1, K, H, W) over C / Go
     nodes = nodes.masked_fill(~finite[:, None], math.nan)
     return rearrange(nodes, "(b o) c k h w -> b (o c) k h w", o=offset_groups)
 
@@ -291,7 +291,8 @@ def _backward_kernel(x: torch.Tensor, offsets: torch.Tensor, u: torch.Tensor, v:
 # (B, G, K, H, W) laid out (B, H, W, G, K), offset gradients channels-last.
 def _per_query(x, groups, per_unit, dtype):
     B, _, H, W = x.shape
-    return torch.empty(B, H, W, groups, per_unit, dtype=dtype, device=x.device).permute(0, 3, 4, 1, 2)
+    empty = torch.empty(B, H, W, groups, per_unit, dtype=dtype, device=x.device)
+    return empty.permute(0, 3, 4, 1, 2)  # (B, H, W, G, K) -> (B, G, K, H, W), keeping the layout
 
 
 def _channels_last(shape, like):
@@ -583,7 +584,7 @@ class WalkPredictor(nn.Conv2d):
 # ----------------------------------------------------------------------------------------------------------------
 # Benchmark: python sampler.py [--batch N] [--dtype D] [--repeats N]
 
-HEAD_DIM, K_NODES = 64, 9
+HEAD_DIM, K_NODES = 64, ATTENTION_NODES
 TINY_STAGES = [(56, 1), (28, 2), (14, 5), (7, 8)]  # DGMN2-Tiny at 224 x 224: map side and heads per stage
 DGMN_SETTING = dict(channels=512, side=97, groups=4, dilation=24)  # Cityscapes, a large rate (Table 2: 1 to 36)
 DGMN_WALK_SCALE = 8                                # walks of a few pixels, like a trained model's at that rate
@@ -661,8 +662,7 @@ def _cases(batch, dtype, device):
         features, walk_bytes = batch * side * side * C * size, walks.numel() * size
         table_bytes = sum(t.numel() * t.element_size() for t in tables)
         # forward: q, k, v, walks, tables in, out; backward: those and grad out in, their five grads out
-        moved = (4 * features + walk_bytes + table_bytes) + (4 * features + walk_bytes + table_bytes) + \
-            (3 * features + walk_bytes + table_bytes)
+        moved = 2 * (4 * features + walk_bytes + table_bytes) + (3 * features + walk_bytes + table_bytes)
         yield (f"DGMN2-T stage {stage}: {side}x{side}x({heads}x{HEAD_DIM})", layer_attention, (qkv, walks, *tables),
                moved, PATHS)
     B, (C, side, G, dilation) = _dgmn_batch(batch), DGMN_SETTING.values()
@@ -725,15 +725,14 @@ def _measure(fn, device, repeats):
 def _copy_bandwidth(device, size=2 ** 30):
     """Bytes a device-to-device copy moves per second (read and write counted), measured: the bandwidth bound."""
     import time
-    source, target = torch.empty(size, dtype=torch.uint8, device=device), torch.empty(size, dtype=torch.uint8,
-                                                                                       device=device)
+    source, target = (torch.empty(size, dtype=torch.uint8, device=device) for _ in range(2))
     target.copy_(source)
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(10):
+    copies, start = 10, time.perf_counter()
+    for _ in range(copies):
         target.copy_(source)
     torch.cuda.synchronize()
-    return 10 * 2 * size / (time.perf_counter() - start)
+    return copies * 2 * size / (time.perf_counter() - start)
 
 
 def _benchmark():

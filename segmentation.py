@@ -88,7 +88,8 @@ class SemanticFPN(nn.Module):
                 level = unit(level)
                 if level.shape[-2:] != finest:
                     level = F.interpolate(level, scale_factor=2, mode="bilinear", align_corners=corners)
-            fused = fused + F.interpolate(level, size=finest, mode="bilinear", align_corners=corners)  # exact sizes
+            # to the finest map's exact size: an odd side's 2x upsampling can miss it by a pixel
+            fused = fused + F.interpolate(level, size=finest, mode="bilinear", align_corners=corners)
         return F.interpolate(self.classifier(fused), size=images.shape[-2:], mode="bilinear", align_corners=corners)
 
 
@@ -256,7 +257,8 @@ def ohem_cross_entropy(logits, labels, threshold=OHEM_THRESHOLD, min_kept=OHEM_M
     losses = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")  # (B, H, W), 0 if ignored
     labelled = labels != ignore_index
     probability = torch.exp(-losses).masked_fill(~labelled, math.inf)  # an ignored pixel is never among the hardest
-    kth = probability.flatten().kthvalue(min(min_kept, probability.numel())).values  # inf: fewer labelled than that
+    # the k-th smallest over all (B H W,) pixels; inf when fewer than min_kept are labelled
+    kth = probability.flatten().kthvalue(min(min_kept, probability.numel())).values
     kept = labelled & torch.where(kth < threshold, probability < threshold, probability <= kth)
     return (losses * kept).sum() / kept.sum().clamp_min(1)
 

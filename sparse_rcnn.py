@@ -3,10 +3,10 @@ Sparse R-CNN's paper: the feature pyramid, the learnable proposal boxes and feat
 the dynamic instance interaction (Sec. 3.3, its Fig. 4), the iterative heads (Sec. 3.4), then the detector with
 torchvision's interface. Its loss is matching.py's, Deformable DETR's, with L1 on the boxes' corners.
 
-Symbols, used throughout: B images, C the width (256), P proposals an image (300), R = B P RoIs of a batch, S x S a
-RoI's feature grid (7 x 7), E the dynamic filters' width (64), K classes (sigmoid channels, no background: the
-paper's 80 COCO classes, or COCO's 91 ids as train_coco.py gives them). Boxes are (x1, y1, x2, y2) in the resized
-image's pixels.
+Symbols, used throughout: B images, C the width (256), H_l x W_l level l's map and C_l its channels, P proposals an
+image (300), R = B P RoIs of a batch, S x S a RoI's feature grid (7 x 7), E the dynamic filters' width (64), K classes
+(sigmoid channels, no background: the paper's 80 COCO classes, or COCO's 91 ids as train_coco.py gives them), T target
+boxes of an image. Boxes are (x1, y1, x2, y2) in the resized image's pixels.
 
     model = SparseRCNN(backbone, num_classes=80)   # backbone(images) -> maps at strides 4 ... 32; .channels, .strides
     losses = model(images, targets)                # training: a dict of losses (matching.set_losses)
@@ -128,7 +128,7 @@ class DynamicInteraction(nn.Module):
         second = rearrange(second, "r (e c) -> r e c", e=self.dynamic)
         x = F.relu(self.norm1(torch.bmm(rois, first)))  # (R, S S, E)
         x = F.relu(self.norm2(torch.bmm(x, second)))  # (R, S S, C)
-        return F.relu(self.norm3(self.out(x.flatten(1))))  # the grid flattened position-major, as upstream
+        return F.relu(self.norm3(self.out(x.flatten(1))))  # (R, S S, C) -> (R, S S C), position-major as upstream
 
 
 def apply_deltas(deltas, boxes, weights=DELTA_WEIGHTS, clamp=SCALE_CLAMP):
@@ -143,6 +143,7 @@ def apply_deltas(deltas, boxes, weights=DELTA_WEIGHTS, clamp=SCALE_CLAMP):
 
 
 def branch(layers, dim=HIDDEN):
+    """A head's classification or box branch: `layers` times Linear (no bias), LayerNorm, ReLU. (R, C) -> (R, C)."""
     return nn.Sequential(*[nn.Sequential(nn.Linear(dim, dim, bias=False), nn.LayerNorm(dim), nn.ReLU())
                            for _ in range(layers)])
 

@@ -123,7 +123,8 @@ class DeformableAttention(nn.Module):
         rays = torch.stack([angles.cos(), angles.sin()], -1)
         rays = rays / rays.abs().max(-1, keepdim=True).values  # (M, 2), the larger coordinate +-1
         steps = torch.arange(1, self.points + 1).view(1, 1, -1, 1)  # (1, 1, P, 1): point p at p + 1 steps
-        with torch.no_grad():  # (M, 1, P, 2) -> (M, L, P, 2) -> (M L P 2), the order forward reads the bias in
+        with torch.no_grad():
+            # (M, 1, P, 2) -> (M, L, P, 2) -> (M L P 2), the order forward reads the bias in
             self.sampling_offsets.bias.copy_((rays[:, None, None] * steps).expand(-1, self.levels, -1, -1).flatten())
         nn.init.zeros_(self.attention_weights.weight)
         nn.init.zeros_(self.attention_weights.bias)
@@ -372,7 +373,7 @@ class DeformableDETR(nn.Module):
             positions.append(rearrange(pos, "b c h w -> b (h w) c"))
             masks.append(mask.flatten(1))  # (B, H_l, W_l) -> (B, H_l W_l)
             shapes.append(tuple(x.shape[-2:]))
-        valid = torch.stack([self.valid_ratio(m.view(-1, *s)) for m, s in zip(masks, shapes)], 1)  # masks (B, H_l, W_l)
+        valid = torch.stack([self.valid_ratio(m.view(-1, *s)) for m, s in zip(masks, shapes)], 1)  # each (B, H_l, W_l)
         return torch.cat(tokens, 1), torch.cat(masks, 1), torch.cat(positions, 1), shapes, valid
 
     @staticmethod

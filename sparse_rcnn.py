@@ -143,7 +143,7 @@ def apply_deltas(deltas, boxes, weights=DELTA_WEIGHTS, clamp=SCALE_CLAMP):
 
 
 def branch(layers, dim=HIDDEN):
-    """A head's classification or box branch: `layers` times Linear (no bias), LayerNorm, ReLU. (R, C) -> (R, C)."""
+    """A head's classification or box branch: `layers` times Linear (no bias), LayerNorm, ReLU. (..., C) -> (..., C)."""
     return nn.Sequential(*[nn.Sequential(nn.Linear(dim, dim, bias=False), nn.LayerNorm(dim), nn.ReLU())
                            for _ in range(layers)])
 

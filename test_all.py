@@ -3629,7 +3629,8 @@ def test_segmentation_checkpoints_between_evaluations_resume_exactly(tmp_path, m
     log = [json.loads(line) for line in (tmp_path / "a" / "run" / "log.jsonl").read_text().splitlines()]
     assert [(r["iteration"], "miou" in r) for r in log] == [(1, False), (2, False), (3, True)]
     assert len(loaded) == 6 and len(set(loaded)) == 6  # 3 batches of 2 from the first pass over 8 scenes
-    expected, uninterrupted = torch.load(tmp_path / "a" / "run" / "checkpoint-0000003.pth", weights_only=True), loaded[:]
+    expected = torch.load(tmp_path / "a" / "run" / "checkpoint-0000003.pth", weights_only=True)
+    uninterrupted = loaded[:]
     loaded.clear()
     assert kill_then_resume(train_cityscapes, segmentation_run(tmp_path / "b", **settings), monkeypatch) == 2
     assert loaded == uninterrupted

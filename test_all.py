@@ -3166,6 +3166,23 @@ def test_weight_decay_spares_biases_and_norms_as_the_release():
     assert {id(p) for p in no_decay["params"]} == {id(p) for p in model.parameters()} - weights - tables
 
 
+def keys_loaded(dataset_class, monkeypatch):
+    """The keys dataset_class.__getitem__ is called with in this process, in order: a list that grows as they come."""
+    loaded, load = [], dataset_class.__getitem__
+
+    def recorded(self, key):
+        loaded.append(key)
+        return load(self, key)
+
+    monkeypatch.setattr(dataset_class, "__getitem__", recorded)
+    return loaded
+
+
+def log_records(output):
+    """A run's log.jsonl, a dict a line."""
+    return [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+
+
 def kill_then_resume(script, cfg, monkeypatch):
     """Run script.main(cfg), killed right after its first checkpoint, then again with --resume auto. Returns the
     optimiser steps the resumed run took: a run that restarts from step 0 retakes those before the checkpoint (and,
@@ -3233,15 +3250,9 @@ def test_checkpoints_within_an_epoch_resume_exactly(tmp_path, monkeypatch, worke
     also when the resumed run's persistent workers start where the uninterrupted run's went on."""
     settings = dict(epochs=2, save_every=1, mixup=0.8, drop_path=0.1, drop_path_epoch=0, ema_decay=0.9,
                     workers=workers)
-    loaded, load = [], train_imagenet.Augmented.__getitem__
-
-    def recorded(self, key):
-        loaded.append(key)
-        return load(self, key)
-
-    monkeypatch.setattr(train_imagenet.Augmented, "__getitem__", recorded)
+    loaded = keys_loaded(train_imagenet.Augmented, monkeypatch)
     train_imagenet.main(tiny_run(tmp_path / "a", **settings))
-    log = [json.loads(line) for line in (tmp_path / "a" / "run" / "log.jsonl").read_text().splitlines()]
+    log = log_records(tmp_path / "a" / "run")
     assert [(r["epoch"], r["step"], "top1" in r) for r in log] == [(1, 1, False), (1, 2, True), (2, 3, False),
                                                                     (2, 4, True)]
     training = [key for key in loaded if isinstance(key, tuple)]  # (index, seed); evaluation's are indices
@@ -3618,15 +3629,9 @@ def test_segmentation_checkpoints_between_evaluations_resume_exactly(tmp_path, m
     stretch goes on in the data where the last ended; a run killed after its first checkpoint resumes mid-way to the
     same items and the same weights, dropout and crops included."""
     settings = dict(iterations=3, eval_every=3, save_every=1, pictures=0)
-    loaded, load = [], train_cityscapes.Augmented.__getitem__
-
-    def recorded(self, key):
-        loaded.append(key)
-        return load(self, key)
-
-    monkeypatch.setattr(train_cityscapes.Augmented, "__getitem__", recorded)
+    loaded = keys_loaded(train_cityscapes.Augmented, monkeypatch)
     train_cityscapes.main(segmentation_run(tmp_path / "a", **settings))
-    log = [json.loads(line) for line in (tmp_path / "a" / "run" / "log.jsonl").read_text().splitlines()]
+    log = log_records(tmp_path / "a" / "run")
     assert [(r["iteration"], "miou" in r) for r in log] == [(1, False), (2, False), (3, True)]
     assert len(loaded) == 6 and len(set(loaded)) == 6  # 3 batches of 2 from the first pass over 8 scenes
     expected = torch.load(tmp_path / "a" / "run" / "checkpoint-0000003.pth", weights_only=True)

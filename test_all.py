@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -3382,11 +3383,39 @@ def test_command_line_errors_exit_with_one_line(tmp_path):
 
 
 def torchrun(script, *args, processes=2):
+    """(the finished run, its seconds): script (a name beside this file, or a path) under torchrun."""
     started = time.perf_counter()
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                          str(processes), str(Path(__file__).with_name(script)), *map(str, args)], capture_output=True,
+                          str(processes), str(Path(__file__).parent / script), *map(str, args)], capture_output=True,
                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     return run, time.perf_counter() - started
+
+
+def instrumented(script, folder, record=None, kill=False):
+    """A script (written in folder) that runs script's command line with, where asked, the training items each rank
+    loads (keys of its Augmented, workers 0) appended to record-RANK.jsonl, and rank 0 killed (os._exit: no clean-up)
+    as soon as its first checkpoint is written: torchrun then ends the other ranks wherever they are."""
+    path = folder / f"{record or 'killed'}_{script}"
+    path.write_text(textwrap.dedent(f"""
+        import json, os, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import {script.removesuffix(".py")} as script
+        load, save = script.Augmented.__getitem__, script.save_checkpoint
+        def recorded(self, key):
+            if isinstance(key, tuple):  # a training item; evaluation's are indices
+                with open(os.path.join({str(folder)!r}, f"{record}-{{os.environ['RANK']}}.jsonl"), "a") as file:
+                    file.write(json.dumps(key) + "\\n")
+            return load(self, key)
+        def save_then_die(*args, **kwargs):
+            save(*args, **kwargs)
+            os._exit(3)
+        if {record is not None}:
+            script.Augmented.__getitem__ = recorded
+        if {kill}:
+            script.save_checkpoint = save_then_die
+        script.command_line()
+        """))
+    return path
 
 
 @pytest.mark.slow
@@ -3415,6 +3444,48 @@ def test_imagenet_under_torchrun(tmp_path):
     assert errors[0].endswith(f"1.png: unreadable image (cannot identify image file '{bad}')")
     assert run.stderr.count("Traceback") == run.stderr.count("ChildFailedError:") <= 1, run.stderr[-3000:]
     assert seconds < 60
+
+
+TWO_PROCESS_RESUMES = {  # options; a rank's items a step and an epoch (a pass); the training set's images (scenes)
+    "train_imagenet.py": (["--synthetic-train", 32, "--synthetic-val", 11, "--batch-size", 8, "--epochs", 2,
+                           "--drop-path", 0.1, "--drop-path-epoch", 0, "--ema-decay", 0.9], 4, 16, 32),
+    "train_cityscapes.py": (["--model", "dgmn2-tiny", "--iterations", 8, "--eval-every", 4, "--synthetic-train", 6,
+                             "--synthetic-val", 2, "--base-size", 32, "--crop", 32, "--eval-stride", 24,
+                             "--batch-size", 4], 2, 3, 6)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", TWO_PROCESS_RESUMES)
+def test_two_processes_resume_mid_way_exactly(tmp_path, script):
+    """Under torchrun with a checkpoint every 3 steps (mid-epoch for ImageNet, mid-pass for Cityscapes): each rank's
+    stretches go on in its data where the last ended, every pass covering the training set once over the ranks; a
+    run killed after the first checkpoint resumes with each rank at its place in its data and dropout and drop path
+    reseeded from the step, and ends with the uninterrupted run's weights and optimiser state (and EMA)."""
+    options, per_step, per_pass, size = TWO_PROCESS_RESUMES[script]
+    settings = [*options, "--save-every", 3, "--workers", 0, "--resume", "auto"]
+    steps = [instrumented(script, tmp_path, record="a"), instrumented(script, tmp_path, kill=True),
+             instrumented(script, tmp_path, record="b")]
+    for name, step in zip("abb", steps):
+        run, _ = torchrun(step, *settings, "--output", tmp_path / name)
+        assert run.returncode == 0 or step.name.startswith("killed") and re.search(r"exitcode\s*: 3 ", run.stderr), \
+            run.stderr[-2000:]
+    counted = "step" if script == "train_imagenet.py" else "iteration"
+    for name in "ab":  # b: killed after 3, resumed at 4
+        assert [r[counted] for r in log_records(tmp_path / name)] == [3, 4, 6, 8]
+    loads = {name: [[json.loads(line) for line in (tmp_path / f"{name}-{rank}.jsonl").read_text().splitlines()]
+                    for rank in range(2)] for name in "ab"}
+    for rank in range(2):
+        assert len(loads["a"][rank]) == 8 * per_step and loads["b"][rank] == loads["a"][rank][3 * per_step:]
+    index = 0 if script == "train_imagenet.py" else 1  # ImageNet's keys: (index, seed); Cityscapes': (pass, index)
+    for p in range(8 * per_step // per_pass):
+        covered = [key[index] for keys in loads["a"] for key in keys[p * per_pass:(p + 1) * per_pass]]
+        assert sorted(covered) == list(range(size))
+    if index == 1:
+        assert all([key[0] for key in keys] == [i // per_pass for i in range(8 * per_step)] for keys in loads["a"])
+    expected, resumed = (torch.load(tmp_path / name / "checkpoint-0000008.pth", weights_only=True) for name in "ab")
+    assert expected.keys() == resumed.keys()
+    for part in ("model", "optimizer", "ema"):
+        torch.testing.assert_close(resumed.get(part), expected.get(part), rtol=0, atol=0)
 
 
 def test_repeated_augmentation_deals_each_image_three_times_across_ranks():

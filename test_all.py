@@ -3420,13 +3420,8 @@ def instrumented(script, folder, record=None, kill=False):
 
 @pytest.mark.slow
 def test_imagenet_under_torchrun(tmp_path):
-    """Two processes: each validation image is counted once; bad input met by rank 0 alone before the ranks' first
-    exchange, or by one rank mid-epoch, ends every rank within seconds, one line printed once and no traceback."""
-    run, _ = torchrun("train_imagenet.py", "--synthetic-train", 32, "--synthetic-val", 11, "--batch-size", 8,
-                      "--epochs", 1, "--workers", 0, "--output", tmp_path / "run")
-    assert run.returncode == 0, run.stderr[-2000:]
-    log = json.loads((tmp_path / "run" / "log.jsonl").read_text())
-    assert log["images"] == 11 and log["step"] == 4  # 32 images, a global batch of 8: 4 per process
+    """Two processes: bad input met by rank 0 alone before the ranks' first exchange, or by one rank mid-epoch, ends
+    every rank within seconds, one line printed once and no traceback (two processes that train: below)."""
     run, seconds = torchrun("train_imagenet.py", "--resume", tmp_path / "missing.pth", "--output", tmp_path / "run")
     errors = [line for line in run.stderr.splitlines() if "error:" in line]
     assert run.returncode != 0
@@ -3446,40 +3441,48 @@ def test_imagenet_under_torchrun(tmp_path):
     assert seconds < 60
 
 
-TWO_PROCESS_RESUMES = {  # options; a rank's items a step and an epoch (a pass); the training set's images (scenes)
-    "train_imagenet.py": (["--synthetic-train", 32, "--synthetic-val", 11, "--batch-size", 8, "--epochs", 2,
-                           "--drop-path", 0.1, "--drop-path-epoch", 0, "--ema-decay", 0.9], 4, 16, 32),
-    "train_cityscapes.py": (["--model", "dgmn2-tiny", "--iterations", 8, "--eval-every", 4, "--synthetic-train", 6,
-                             "--synthetic-val", 2, "--base-size", 32, "--crop", 32, "--eval-stride", 24,
-                             "--batch-size", 4], 2, 3, 6)}
+# the options; a rank's items a step and an epoch (a pass); the training set's size; the log's step counter; what each
+# evaluation counts over both ranks (11 images, 5 scenes: uneven shares)
+TWO_PROCESS_RESUMES = {
+    "train_imagenet.py": dict(options=["--synthetic-train", 32, "--synthetic-val", 11, "--batch-size", 8, "--epochs", 2,
+                                       "--drop-path", 0.1, "--drop-path-epoch", 0, "--ema-decay", 0.9],
+                              per_step=4, per_pass=16, train_set=32, counted="step", evaluated=dict(images=11)),
+    "train_cityscapes.py": dict(options=["--model", "dgmn2-tiny", "--iterations", 8, "--eval-every", 4,
+                                         "--synthetic-train", 6, "--synthetic-val", 5, "--base-size", 32, "--crop", 32,
+                                         "--eval-stride", 24, "--batch-size", 4],
+                                per_step=2, per_pass=3, train_set=6, counted="iteration",
+                                evaluated=dict(pixels=5 * 32 * 32))}  # no ignored pixels
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", TWO_PROCESS_RESUMES)
 def test_two_processes_resume_mid_way_exactly(tmp_path, script):
     """Under torchrun with a checkpoint every 3 steps (mid-epoch for ImageNet, mid-pass for Cityscapes): each rank's
-    stretches go on in its data where the last ended, every pass covering the training set once over the ranks; a
-    run killed after the first checkpoint resumes with each rank at its place in its data and dropout and drop path
-    reseeded from the step, and ends with the uninterrupted run's weights and optimiser state (and EMA)."""
-    options, per_step, per_pass, size = TWO_PROCESS_RESUMES[script]
-    settings = [*options, "--save-every", 3, "--workers", 0, "--resume", "auto"]
+    stretches go on in its data where the last ended, every pass covering the training set once over the ranks, and
+    each validation image (pixel) is counted once; a run killed after the first checkpoint resumes with each rank at
+    its place in its data, dropout and drop path reseeded from the step, and ends with the uninterrupted run's weights
+    and optimiser state (and EMA)."""
+    case = TWO_PROCESS_RESUMES[script]
+    settings = [*case["options"], "--save-every", 3, "--workers", 0, "--resume", "auto"]
     steps = [instrumented(script, tmp_path, record="a"), instrumented(script, tmp_path, kill=True),
              instrumented(script, tmp_path, record="b")]
     for name, step in zip("abb", steps):
         run, _ = torchrun(step, *settings, "--output", tmp_path / name)
         assert run.returncode == 0 or step.name.startswith("killed") and re.search(r"exitcode\s*: 3 ", run.stderr), \
             run.stderr[-2000:]
-    counted = "step" if script == "train_imagenet.py" else "iteration"
     for name in "ab":  # b: killed after 3, resumed at 4
-        assert [r[counted] for r in log_records(tmp_path / name)] == [3, 4, 6, 8]
+        log = log_records(tmp_path / name)
+        assert [r[case["counted"]] for r in log] == [3, 4, 6, 8]
+        assert [{key: r[key] for key in case["evaluated"]} for r in log[1::2]] == [case["evaluated"]] * 2
     loads = {name: [[json.loads(line) for line in (tmp_path / f"{name}-{rank}.jsonl").read_text().splitlines()]
                     for rank in range(2)] for name in "ab"}
+    per_step, per_pass = case["per_step"], case["per_pass"]
     for rank in range(2):
         assert len(loads["a"][rank]) == 8 * per_step and loads["b"][rank] == loads["a"][rank][3 * per_step:]
     index = 0 if script == "train_imagenet.py" else 1  # ImageNet's keys: (index, seed); Cityscapes': (pass, index)
     for p in range(8 * per_step // per_pass):
         covered = [key[index] for keys in loads["a"] for key in keys[p * per_pass:(p + 1) * per_pass]]
-        assert sorted(covered) == list(range(size))
+        assert sorted(covered) == list(range(case["train_set"]))
     if index == 1:
         assert all([key[0] for key in keys] == [i // per_pass for i in range(8 * per_step)] for keys in loads["a"])
     expected, resumed = (torch.load(tmp_path / name / "checkpoint-0000008.pth", weights_only=True) for name in "ab")
@@ -3764,19 +3767,6 @@ def test_segmentation_bad_input_gives_one_line(tmp_path):
                          text=True, timeout=300)
     assert run.returncode == 1 and run.stderr.strip().endswith("nowhere: no such data directory")
     assert "Traceback" not in run.stderr
-
-
-@pytest.mark.slow
-def test_segmentation_under_torchrun_counts_each_pixel_once(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(Path(__file__).with_name("train_cityscapes.py")), "--model", "dgmn2-tiny",
-                          "--iterations", "2", "--eval-every", "2", "--synthetic-train", "8", "--synthetic-val", "5",
-                          "--base-size", "32", "--crop", "32", "--eval-stride", "24", "--batch-size", "4",
-                          "--workers", "0", "--output", str(tmp_path / "run")], capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    log = json.loads((tmp_path / "run" / "log.jsonl").read_text())
-    assert log["pixels"] == 5 * 32 * 32  # 5 scenes over 2 processes, no ignored pixels
 
 
 cs = train_cityscapes

@@ -91,7 +91,7 @@ def sample_levels(value, shapes, locations, weights):
         level_value = rearrange(value[:, start:start + H * W], "b (h w) m d -> (b m) d h w", h=H)
         grid = rearrange(2 * locations[:, :, :, level] - 1, "b q m p xy -> (b m) q p xy")
         # in the wider dtype of the two (float32 for bf16 values under autocast): a grid rounded to bf16 would move
-        # points by up to a third of a pixel on a 167-pixel-wide level
+        # points by up to a sixth of a pixel on a 167-pixel-wide level
         dtype = torch.promote_types(level_value.dtype, grid.dtype)
         sampled.append(F.grid_sample(level_value.to(dtype), grid.to(dtype), mode="bilinear", padding_mode="zeros",
                                      align_corners=False))  # ((B M), D, Q, P)

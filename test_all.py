@@ -2439,7 +2439,7 @@ def test_deformable_attention_reads_as_a_loop_of_bilinear_reads():
 
 def test_deformable_attention_reads_bf16_values_at_float32_locations():
     """Under autocast the values come in bf16 and the locations in float32: the points stay where the locations put
-    them (a bf16 grid has 8 bits: a third of a pixel off near the edge of a 167-pixel-wide level)."""
+    them (a bf16 grid has 8 bits: up to a sixth of a pixel off near the edge of a 167-pixel-wide level)."""
     W = 167
     value = torch.arange(W, dtype=torch.bfloat16).repeat(2)[None, :, None, None]  # (1, 2 W, 1, 1): a ramp, exact
     x = torch.linspace(0.6, 0.99, 50, dtype=torch.float64)

@@ -238,9 +238,11 @@ class Stage(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x):
-        x = self.embed(x)
+        # The residual stream in the layers' dtype, channels-last: float32 under autocast, where the embedding hands
+        # out bf16 (fp16) and a stream in it would be rounded to 8 (11) bits at every residual add.
+        x = self.embed(x).to(self.layers[0].norm1.weight.dtype, memory_format=torch.channels_last)
         H, W = x.shape[-2:]
-        tokens = rearrange(x, "b c h w -> b (h w) c").contiguous()  # (B, N, C), a view if x is channels-last
+        tokens = rearrange(x, "b c h w -> b (h w) c")  # (B, N, C), a view of the channels-last map
         for layer in self.layers:
             tokens = layer(tokens, H, W)
         return rearrange(tokens, "b (h w) c -> b c h w", h=H)  # (B, C, H, W), a channels-last view

@@ -56,7 +56,7 @@ def dgmn_module(channels, rates, groups):
         raise ValueError(f"dgmn_groups {groups} must be 0 (no dynamic weights) or divide the {channels} channels of "
                          "a DGMN module")
     return dgmn.DGMN(channels, rates, groups or 1, dynamic_weights=groups > 0, channel_transforms=False,
-                     nonlinearity=False)  # the release's: inside a block, a BN-ReLU follows
+                     nonlinearity=False)  # the release's: no sigma (after a 3x3 conv, a BN-ReLU follows)
 
 
 # The modules of Table 3: make(channels, rates, groups) -> a module x -> x + context; "dcn": make(the replaced conv)

@@ -6,7 +6,8 @@ a ks x ks grid spaced `rate` apart (uniform sampling) moved by predicted walks (
 bilinearly (Eq. 5). Filters over G channel groups (dynamic weights, DW) and affinities normalised over the K nodes
 (dynamic affinity, DA) are predicted from those walked nodes (Eq. 6-7); the message is the filter x affinity weighted
 sum of the nodes, transformed by a C x C map per rate (Eq. 1's w), and the node is updated with the sum of the
-messages (Eq. 2). sampler.aggregate computes the weighted sum without materialising the K sampled nodes.
+messages (Eq. 2). sampler.aggregate computes the weighted sum without materialising the K sampled nodes (on its
+kernel path; its torch reference path gathers them).
 
 Symbols, used throughout: B batch, C channels, H x W the map, K nodes per rate, G filter groups, S rates, O outputs.
 
@@ -174,7 +175,8 @@ def deformable_message_passing(channels, rates=COCO_RATES, groups=4, kernel_size
     convs here: a deformable convolution without them would be a dilated one), factorised into G x K static,
     randomly initialised taps and the C x C w^q; no filter or affinity is predicted from the walked nodes. So it
     departs from the quoted "without dynamic sampling" in keeping the offsets. Table 2's layout (it needs w^q to mix
-    channels): the release has no such baseline. No sigma: it takes DGMN's place in a ResNet, before a BN-ReLU."""
+    channels): the release has no such baseline. No sigma, as the release's DGMN module, whose place it takes in a
+    ResNet (after a 3x3 conv a BN-ReLU follows; before a stage's last block the block takes the sum as it is)."""
     return DGMN(channels, rates, groups, kernel_size, dynamic_affinity=False, dynamic_weights=False,
                 nonlinearity=False)
 
@@ -347,9 +349,10 @@ def after_every_3x3(resnet, stages, make):
 
 
 def insert_into_resnet(resnet, stages=("C5",), rates=COCO_RATES, **dgmn):
-    """A DGMN module after every 3x3 convolution of the chosen stages (Section 5.1; COCO's rates by default), without
-    sigma: a BN-ReLU follows (unless dgmn says nonlinearity=True)."""
-    dgmn = dict(nonlinearity=False) | dgmn
+    """A DGMN module after every 3x3 convolution of the chosen stages (Section 5.1), by default as our COCO models
+    build it: COCO's rates, the release's layout (channel_transforms=False) and no sigma, since a BN-ReLU follows
+    (dgmn's keywords say otherwise, e.g. channel_transforms=True for Table 2's layout)."""
+    dgmn = dict(nonlinearity=False, channel_transforms=False) | dgmn
     return after_every_3x3(resnet, stages, lambda channels: DGMN(channels, rates=rates, **dgmn))
 
 

@@ -151,8 +151,8 @@ class DGMN2Attention(nn.Module):
         walks = self.walk(rearrange(x, "b n (g d) -> b n g d", g=G))  # (B, N, G, 2K)
         offsets = rearrange(walks, "b (h w) g o -> b (g o) h w", h=H, w=W)  # (B, 2K G, H, W)
         # Eq. 9 has no 1 / sqrt(D); the release scales q . k by it, and adds the relative-position term unscaled.
-        # These composed ops keep qkv's dtype: under autocast the logits are rounded to it before the softmax (the
-        # fused op of the symmetric rule keeps them in float32).
+        # These composed ops keep qkv's dtype: under autocast the logits are rounded to it before the softmax, and in
+        # fp16 an unscaled q . k over 65504 is inf (the fused op of the symmetric rule keeps them in float32).
         logits = sampler.dot(q, k, offsets, groups=G, offset_groups=G) * self.scale \
             + self.rel_pos(rearrange(q, "b (g d) h w -> b g d h w", g=G))  # q per head (B, G, D, H, W); (B, G, K, H, W)
         return v, offsets, logits.softmax(dim=2)

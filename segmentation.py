@@ -257,8 +257,9 @@ def ohem_cross_entropy(logits, labels, threshold=OHEM_THRESHOLD, min_kept=OHEM_M
     losses = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")  # (B, H, W), 0 if ignored
     labelled = labels != ignore_index
     probability = torch.exp(-losses).masked_fill(~labelled, math.inf)  # an ignored pixel is never among the hardest
-    # the k-th smallest over all (B H W,) pixels; inf when fewer than min_kept are labelled
-    kth = probability.flatten().kthvalue(min(min_kept, probability.numel())).values
+    # the k-th smallest over all (B H W,) pixels; inf when fewer than min_kept are labelled; min_kept 0: the threshold
+    k = min(min_kept, probability.numel())
+    kth = probability.flatten().kthvalue(k).values if k else probability.new_tensor(-math.inf)
     kept = labelled & torch.where(kth < threshold, probability < threshold, probability <= kth)
     return (losses * kept).sum() / kept.sum().clamp_min(1)
 
@@ -504,7 +505,7 @@ def table_11():
                      gaps(params, macs, row), f"{row.miou:.2f} / {row.miou_ms:.2f}", HEAD_LAYOUTS[row.head]])
     return (f"Table 11: DGMN2 on Cityscapes, whole models on one {TABLE_11_SIDE} x {TABLE_11_SIDE} image (the "
             "training crop and evaluation window: the input side that reproduces the paper's FLOPs; 768 x 768 gives "
-            f"about 2% fewer, 512 x 1024 14% fewer, 1024 x 1024 70% more), {NUM_CLASSES} classes; counted as above "
+            f"2-3% fewer, 512 x 1024 13-14% fewer, 1024 x 1024 72-74% more), {NUM_CLASSES} classes; counted as above "
             "plus DGMN2's bilinear reads of the sampled keys and values, 4 multiply-adds per sampled element and "
             "channel (dgmn2.model_macs' rule; without them every row is 0.3-1.4% under the paper's); mIoU: the "
             "paper's, Cityscapes val, single scale / multi-scale"), rows

@@ -1193,6 +1193,7 @@ def test_resnet50_with_dgmn_in_c5():
     assert all(".conv2.context." in key and key.startswith("layer4.") for key in result.missing_keys)
     modules = [m for m in model.modules() if isinstance(m, dgmn.DGMN)]
     assert len(modules) == 3 and not any(isinstance(m.sigma, nn.ReLU) for m in modules)  # one a bottleneck; BN follows
+    assert all(parameter_count(m) == parameter_count(detection.dgmn_module(512, dgmn.COCO_RATES, 4)) for m in modules)
     torch.testing.assert_close(model.layer4[0].conv2.weight, plain.layer4[0].conv2.weight, rtol=0, atol=0)
     body = nn.Sequential(*list(model.children())[:-2])  # up to layer4
     with torch.no_grad():
@@ -2118,7 +2119,7 @@ def test_ohem_equals_an_explicit_computation_in_each_branch():
     labels[0, 0, :3] = labels[1, 2, 1] = cs.IGNORE
     labelled = int((labels != cs.IGNORE).sum())
     assert labelled == 36  # of which 27 are under 0.7 and 20 under 0.2: the three cases take the three branches
-    for threshold, min_kept, kept_count in [(0.7, 5, 27), (0.2, 25, 25), (0.2, 100, labelled)]:
+    for threshold, min_kept, kept_count in [(0.7, 5, 27), (0.2, 25, 25), (0.2, 100, labelled), (0.2, 0, 20)]:
         expected, kept = ohem_by_hand(logits, labels, threshold, min_kept)
         assert len(kept) == kept_count
         x = logits.clone().requires_grad_()

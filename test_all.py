@@ -4846,6 +4846,21 @@ def test_annotations_the_models_cannot_take_are_refused_in_one_line():
 
 
 @NEEDS_PYCOCOTOOLS
+def test_validation_images_without_a_size_are_refused_where_masks_are_evaluated(tmp_path):
+    """COCOeval draws the ground truth's masks at each image's size: a Mask R-CNN run refuses a validation image
+    without one as it starts, not at its first evaluation; box detectors' evaluation reads no size."""
+    root = write_coco(tmp_path / "coco")
+    path = root / "annotations" / "instances_val2017.json"
+    data = json.loads(path.read_text())
+    del data["images"][1]["height"]
+    path.write_text(json.dumps(data))
+    boxes = ["bbox", "category_id", "iscrowd", "area"]
+    assert len(train_coco.load_coco(root, "val", {"image_id"}, False, boxes)) == 4
+    with pytest.raises(train_coco.InputError, match=f"{path}: image 101 has no width or height"):
+        train_coco.load_coco(root, "val", {"image_id"}, False, boxes + ["segmentation"])
+
+
+@NEEDS_PYCOCOTOOLS
 def test_a_checkpoint_refuses_data_with_categories_past_its_class_head():
     state = dict(num_classes=5, config=dict(pretrained=""))  # ids 1-4
     with pytest.raises(train_coco.InputError, match="the checkpoint's detector knows category ids up to 4, the data's "

@@ -546,7 +546,8 @@ def load_coco(root, split, target_keys, train, needed, keep_unannotated=False):
         raise InputError(f"{annotations}: not a COCO annotation file ({type(error).__name__}: {error})") from None
     if not dataset.ids:
         raise InputError(f"{annotations}: no {'usable annotated ' if train else ''}images")
-    check_annotations(dataset.coco, dataset.ids if train else [], annotations, needed)
+    sized = dataset.ids if train or "segmentation" in needed else []
+    check_annotations(dataset.coco, sized, annotations, needed)
     return torchvision.datasets.wrap_dataset_for_transforms_v2(dataset, target_keys=target_keys)
 
 
@@ -554,7 +555,8 @@ def check_annotations(coco, sized, path, needed):
     """What the models, the batching and the evaluation take for granted, refused in one line: every image with a
     file name and every annotation with the keys `needed`, categories listed, with ids from 1 (the class count is the
     largest id + 1, and torchvision's detectors read label 0 as background), every annotation of a listed category,
-    and the images of `sized` with a width and height (the batches group by aspect)."""
+    and the images of `sized` with a width and height (the batches group by aspect; COCOeval draws the ground truth's
+    masks at that size)."""
     for kind, records, keys in (("image", coco.imgs, ["file_name"]), ("annotation", coco.anns, needed)):
         for record_id, record in records.items():
             missing = [key for key in keys if key not in record]

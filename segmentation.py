@@ -249,6 +249,14 @@ class DilatedFCN(nn.Module):
 OHEM_THRESHOLD, OHEM_MIN_KEPT = 0.7, 100_000  # pixel OHEM as the CCNet and DANet code bases train Cityscapes
 
 
+def cross_entropy(logits, labels, ignore_index=255):
+    """The mean cross-entropy over the labelled pixels, 0 for a batch without any (F.cross_entropy's mean is then NaN,
+    which would stop a run, and stop it again where a resumed run repeats that crop).
+    logits (B, classes, H, W), labels (B, H, W), ignore_index where unlabelled -> a scalar."""
+    total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    return total / (labels != ignore_index).sum().clamp_min(1)
+
+
 def ohem_cross_entropy(logits, labels, threshold=OHEM_THRESHOLD, min_kept=OHEM_MIN_KEPT, ignore_index=255):
     """Pixel OHEM (the CCNet and DANet code bases): the mean cross-entropy over the labelled pixels whose probability of
     their class is under threshold or, when fewer than min_kept are, over the min_kept hardest (all the labelled ones

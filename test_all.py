@@ -2112,6 +2112,22 @@ def ohem_by_hand(logits, labels, threshold, min_kept):
     return sum(-math.log(p) for p, *_ in kept) / len(kept), {pixel[1:] for pixel in kept}
 
 
+def test_cross_entropy_is_the_mean_over_labelled_pixels_and_0_without_any():
+    """PyTorch's mean where some pixel is labelled; a crop of ignored pixels alone gives 0 and a zero gradient, where
+    F.cross_entropy's mean gives NaN (a run would stop there, and again at the same crop when resumed)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 4, 5, generator=g, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 4, 5), generator=g)
+    labels[0, :2] = cs.IGNORE
+    torch.testing.assert_close(segmentation.cross_entropy(logits, labels),
+                               F.cross_entropy(logits, labels, ignore_index=cs.IGNORE))
+    unlabelled = torch.full_like(labels, cs.IGNORE)
+    assert F.cross_entropy(logits, unlabelled, ignore_index=cs.IGNORE).isnan()
+    loss = segmentation.cross_entropy(logits, unlabelled)
+    loss.backward()
+    assert loss.item() == 0 and (logits.grad == 0).all()
+
+
 def test_ohem_equals_an_explicit_computation_in_each_branch():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 3, 4, 5, generator=g) * 3
@@ -3937,6 +3953,8 @@ def test_crop_rejection_keeps_the_first_acceptable_window_of_ten():
         top, left = goods[0] if goods else windows[10]  # after 10 rejections, one more draw (mmseg's loop)
         assert (int(out[0, 0, 0]), int(out[1, 0, 0])) == (top, left)
         assert torch.equal(cut, label[top:top + crop, left:left + crop])
+        out, _ = cs.random_crop(image, label, H, crop, torch.Generator().manual_seed(seed), tries=0)
+        assert (int(out[0, 0, 0]), int(out[1, 0, 0])) == windows[0]  # no check: the first window
         accepted += acceptable(cut)
         rejected_all += not goods
         free += acceptable(label[windows[0][0]:windows[0][0] + crop, windows[0][1]:windows[0][1] + crop])
@@ -3959,6 +3977,24 @@ def test_crop_smaller_than_the_window_is_the_whole_image_padded_after_normalisat
     # normalised before padding: a black image's pixels are -mean / std, the padding 0
     black, _ = cs.Augmented([(torch.zeros_like(image), label)], cfg)[(3, 0)]
     assert (black[:, :H, :W] < -0.5).all() and (black[:, H:] == 0).all()
+
+
+def test_the_fcns_take_the_dgmn_papers_crop_and_flip_without_mmsegs_additions():
+    """Section 8.1.1's FCN recipe: a grey image stays one grey (no photometric distortion), a one-class label's crop
+    is the first window drawn (no rejection); the DGMN2 models distort the colours."""
+    H, W, crop = 30, 40, 16
+    grey, label = torch.full((3, H, W), 100, dtype=torch.uint8), torch.zeros(H, W, dtype=torch.uint8)
+    for model, mmseg in [("fcn-dgmn", False), ("fcn", False), ("dgmn2-tiny", True)]:
+        cfg = cs.Config(model=model, crop=crop, base_size=H, scale_min=1.0, scale_max=1.0)
+        colours = {tuple(cs.Augmented([(grey, label)], cfg)[(key, 0)][0][:, 0, 0].tolist()) for key in range(20)}
+        assert (colours == {tuple(cs.normalise(torch.full((3, 1, 1), 100.0)).flatten().tolist())}) != mmseg
+    fcn = cs.Config(model="fcn", crop=crop, base_size=H, scale_min=1.0, scale_max=1.0)
+    for key in range(20):
+        out = cs.Augmented([(coordinates(H, W), label)], fcn)[(key, 0)][0]
+        g = torch.Generator().manual_seed(cs.seed_of(fcn.seed, key, 0))
+        torch.randint(H, H + 1, (), generator=g)  # Augmented's first draw: the shorter side (here H, scale 1)
+        top = int(torch.randint(H - crop + 1, (), generator=g))  # the first window's; a flip keeps the rows
+        assert round(out[0, 0, 0].item() * 255 * dgmn2.IMAGENET_STD[0] + 255 * dgmn2.IMAGENET_MEAN[0]) == top
 
 
 def smooth_image(H, W):

@@ -562,21 +562,21 @@ def photometric_distortion(image, g):
     return image
 
 
-def random_crop(image, label, short, crop, g):
+def random_crop(image, label, short, crop, g, tries=CROP_TRIES):
     """Crop-then-resize with the windows of resize-then-crop: a RandomCrop window of the image at shorter side short
     (torchvision's rounding), mapped back to whole source pixels, resized (image bilinear, not antialiased, as mmcv's
-    cv2 resize in the release's pipeline; label nearest);
-    one without two classes, or with one over CAT_MAX_RATIO of its labels, is redrawn. -> ((3, h, w), (h, w))."""
+    cv2 resize in the release's pipeline; label nearest); one without two classes, or with one over CAT_MAX_RATIO of
+    its labels, is redrawn up to `tries` times (0: the first window). -> ((3, h, w), (h, w))."""
     H, W = label.shape
     Hs, Ws = (short, int(short * W / H)) if H <= W else (int(short * H / W), short)
     h, w = min(crop, Hs), min(crop, Ws)
-    for attempt in range(CROP_TRIES + 1):
+    for attempt in range(tries + 1):
         top, left = (int(torch.randint(side - size + 1, (), generator=g)) for side, size in ((Hs, h), (Ws, w)))
         y0, x0 = min(int(top * H / Hs + 0.5), H - 1), min(int(left * W / Ws + 0.5), W - 1)  # rounded to the nearest
         y1, x1 = max(int((top + h) * H / Hs + 0.5), y0 + 1), max(int((left + w) * W / Ws + 0.5), x0 + 1)
         cut = v2.functional.resize(label[None, y0:y1, x0:x1], [h, w], v2.InterpolationMode.NEAREST)[0]
         counts = torch.bincount(cut[cut != IGNORE].long())  # labelled pixels a class
-        if attempt == CROP_TRIES or counts.count_nonzero() > 1 and counts.max() < CAT_MAX_RATIO * counts.sum():
+        if attempt == tries or counts.count_nonzero() > 1 and counts.max() < CAT_MAX_RATIO * counts.sum():
             return v2.functional.resize(image[:, y0:y1, x0:x1], [h, w], antialias=False), cut
 
 
@@ -587,12 +587,15 @@ def normalise(image):
 
 
 class Augmented(Dataset):
-    """mmseg's Cityscapes training pipeline: a shorter side uniform in range(*shorts), random_crop, a flip (p = 0.5),
-    photometric_distortion, normalise, padding at the bottom and right (image 0, label IGNORE). Item (key, index), its
-    draws from (seed, key, index) alone: a resumed run repeats them. -> (float (3, crop, crop), uint8 (crop, crop))."""
+    """mmseg's Cityscapes training pipeline (the DGMN2 release's): a shorter side uniform in range(*shorts),
+    random_crop, a flip (p = 0.5), photometric_distortion, normalise, padding at the bottom and right (image 0, label
+    IGNORE). The FCNs of Tables 2, 4, 13, 14 take Section 8.1.1's random crop and flip (after the random scale of the
+    CCNet code it follows) alone: no crop rejection, no photometric distortion. Item (key, index), its draws from
+    (seed, key, index) alone: a resumed run repeats them. -> (float (3, crop, crop), uint8 (crop, crop))."""
     def __init__(self, dataset, cfg):
         self.dataset, self.crop, self.seed = dataset, cfg.crop, cfg.seed
         self.shorts = int(cfg.base_size * cfg.scale_min), int(cfg.base_size * cfg.scale_max) + 1
+        self.mmseg = cfg.model not in segmentation.FCN_VARIANTS
 
     def __len__(self):
         return len(self.dataset)
@@ -600,10 +603,10 @@ class Augmented(Dataset):
     def __getitem__(self, key):
         g = torch.Generator().manual_seed(seed_of(self.seed, *key))
         short = int(torch.randint(*self.shorts, (), generator=g))
-        image, label = random_crop(*self.dataset[key[1]], short, self.crop, g)
+        image, label = random_crop(*self.dataset[key[1]], short, self.crop, g, CROP_TRIES if self.mmseg else 0)
         if torch.rand((), generator=g) < 0.5:
             image, label = image.flip(-1), label.flip(-1)
-        image = normalise(photometric_distortion(image.float(), g))
+        image = normalise(photometric_distortion(image.float(), g) if self.mmseg else image.float())
         pad = (0, self.crop - label.shape[1], 0, self.crop - label.shape[0])  # (left, right, top, bottom)
         return F.pad(image, pad), F.pad(label, pad, value=IGNORE)
 
@@ -749,7 +752,8 @@ def training(cfg, rank, world, device, parts, start, log):
     the last metrics. A stretch's draws follow from (seed, its first iteration, rank) and the items' keys, its items
     from where the stretch starts in the sampler's stream: a resumed run repeats an uninterrupted one."""
     output, metrics = Path(cfg.output), None
-    criterion = segmentation.ohem_cross_entropy if cfg.ohem else functools.partial(F.cross_entropy, ignore_index=IGNORE)
+    criterion = functools.partial(segmentation.ohem_cross_entropy if cfg.ohem else segmentation.cross_entropy,
+                                  ignore_index=IGNORE)
     ends = {*range(cfg.save_every, cfg.iterations, cfg.save_every),
             *range(cfg.eval_every, cfg.iterations, cfg.eval_every), cfg.iterations}
     for first, last in itertools.pairwise([start, *sorted(end for end in ends if end > start)]):

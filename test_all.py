@@ -157,20 +157,22 @@ def test_a_non_finite_walk_reads_nan_at_its_query_only(path):
     weights = torch.rand(B, G, 9, H, W)
     clean = [sampler.aggregate(x, offsets, weights, offset_groups=G), sampler.dot(q, x, offsets, G, offset_groups=G)]
     broken = offsets.clone()
-    broken[0, 2 * 9 + 2 * 4, 1, 2] = math.nan  # walk group 1, node 4, query (1, 2) of image 0
-    broken[1, 1, 3, 0] = math.inf              # walk group 0, node 0, query (3, 0) of image 1
+    broken[0, 2 * 9 + 2 * 4, 1, 2] = math.nan      # walk group 1, node 4, query (1, 2) of image 0: its dy
+    broken[1, 1, 3, 0] = math.inf                  # walk group 0, node 0, query (3, 0) of image 1: its dx
+    broken[1, 2 * 9 + 2 * 2 + 1, 0, 4] = math.nan  # walk group 1, node 2, query (0, 4) of image 1: its dx
     out = sampler.aggregate(x, broken, weights, offset_groups=G)
     logits = sampler.dot(q, x, broken, G, offset_groups=G)
     nan_out = torch.zeros_like(out, dtype=torch.bool)
-    nan_out[0, 4:, 1, 2] = nan_out[1, :4, 3, 0] = True  # the walk group's channels at that query
+    nan_out[0, 4:, 1, 2] = nan_out[1, :4, 3, 0] = nan_out[1, 4:, 0, 4] = True  # the walk group's channels there
     assert torch.equal(out.isnan(), nan_out)
     torch.testing.assert_close(out[~nan_out], clean[0][~nan_out])
     nan_logits = torch.zeros_like(logits, dtype=torch.bool)
-    nan_logits[0, 1, 4, 1, 2] = nan_logits[1, 0, 0, 3, 0] = True
+    nan_logits[0, 1, 4, 1, 2] = nan_logits[1, 0, 0, 3, 0] = nan_logits[1, 1, 2, 0, 4] = True
     assert torch.equal(logits.isnan(), nan_logits)
     torch.testing.assert_close(logits[~nan_logits], clean[1][~nan_logits])
-    out.nansum().backward()  # no exception on either path
-    assert x.grad.isfinite().all()
+    broken.requires_grad_()
+    gradients = torch.autograd.grad(sampler.aggregate(x, broken, weights, offset_groups=G).nansum(), (x, broken))
+    assert all(g.isfinite().all() for g in gradients)  # no exception, no NaN, on either path
 
 
 @pytest.mark.parametrize("dilation", [1, 2])
@@ -355,6 +357,19 @@ def test_half_types_round_once(path, device, dtype):
             torch.testing.assert_close(h.float(), f, rtol=eps, atol=eps * f.abs().max().item() / 64)
 
 
+def test_float32_inputs_are_computed_in_float32_under_autocast(path):
+    """The sampler turns an enclosing autocast off: float32 inputs under bf16 autocast give the float32 results (the
+    reference's einsums would otherwise run in bf16: 2% off)."""
+    B, C, H, W, G = 2, 32, 6, 7, 2
+    x, q = torch.randn(B, C, H, W), torch.randn(B, C, H, W)
+    offsets, weights = walks(B, 9, H, W, dtype=torch.float32), torch.rand(B, G, 9, H, W)
+    calls = [lambda: sampler.aggregate(x, offsets, weights), lambda: sampler.dot(q, x, offsets, G)]
+    for call in calls:
+        plain = call()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(call(), plain, rtol=1e-6, atol=1e-6)
+
+
 def test_bad_inputs_raise_one_clear_error():
     x, q = torch.randn(2, 4, 5, 6), torch.randn(2, 4, 5, 6)
     offsets, weights = torch.zeros(2, 18, 5, 6), torch.rand(2, 2, 9, 5, 6)
@@ -417,6 +432,7 @@ def test_walk_predictor_starts_uniform_and_learns(path):
     walk = sampler.WalkPredictor(6, dilation=2).double()
     x = torch.randn(2, 6, 7, 8, dtype=torch.float64)
     offsets = walk(x)
+    assert walk.weight.abs().max() == walk.bias.abs().max() == 0  # zeros, not whatever the memory held
     assert offsets.shape == (2, 18, 7, 8) and offsets.abs().max() == 0
     torch.testing.assert_close(sampler.sample(x, offsets, 2), F.unfold(x, 3, dilation=2, padding=2).view(2, 6, 9, 7, 8))
     sampler.aggregate(x, offsets, torch.rand(2, 3, 9, 7, 8, dtype=torch.float64), 2).square().sum().backward()
@@ -729,6 +745,29 @@ def padded_attention(layout, *args):
         out = sampler.attention(*inputs, *args)
         return torch.cat([out, torch.zeros_like(out[..., :1])], -1) if layout == "padded" else out
     return attention
+
+
+def test_attention_written_out(path):
+    """sampler.attention against its docstring's formula, with the tests' own grid_sample nodes and loops over the
+    relative-position slots: per head, softmax over the K nodes of scale q . node_k(k) + q . width[k + W-1 - x] +
+    q . height[k + H-1 - y], weighing node_k(v)."""
+    B, H, W, G, D, K, scale = 2, 5, 6, 2, 3, 9, 0.7
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, H * W, 3 * G * D, dtype=torch.float64, generator=g)
+    offsets = walks(B, K, H, W, groups=G)  # (B, 2K G, H, W)
+    width, height = (torch.randn(n + K - 1, D, dtype=torch.float64, generator=g) for n in (W, H))
+    out = sampler.attention(qkv, rearrange(offsets, "b (g o) h w -> b (h w) g o", g=G), width, height, (H, W), G,
+                            scale)
+    q, k, v = rearrange(qkv, "b (h w) (three c) -> three b c h w", three=3, h=H)  # each (B, G D, H, W)
+    keys, values = (rearrange(grid_sample_nodes(t, offsets, 1, G), "b (g d) k h w -> b g d k h w", g=G) for t in (k, v))
+    q = rearrange(q, "b (g d) h w -> b g d h w", g=G)
+    logits = scale * torch.einsum("bgdhw,bgdkhw->bgkhw", q, keys)
+    for y in range(H):
+        for x in range(W):
+            for s in range(K):
+                logits[..., s, y, x] += q[..., y, x] @ width[s + W - 1 - x] + q[..., y, x] @ height[s + H - 1 - y]
+    expected = torch.einsum("bgkhw,bgdkhw->bghwd", logits.softmax(dim=2), values)
+    torch.testing.assert_close(out, rearrange(expected, "b g h w d -> b (h w) (g d)"))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1011,6 +1011,17 @@ def test_dgmn_without_dynamic_sampling_the_nodes_are_the_uniform_grid(path):
     torch.testing.assert_close(message(h), expected)
 
 
+def test_dgmn_starts_with_unit_scales_and_node_convs_at_a_convs_scale():
+    """beta_q and alpha start at 1 (the docstring's start); a node convolution's per-node weights start as the ks x ks
+    conv they stand for, PyTorch's bound 1 / sqrt(K C) of its fan-in."""
+    torch.manual_seed(0)
+    module = dgmn.DGMN(8, rates=(1, 2, 3))
+    assert torch.equal(module.beta.data, torch.ones(3)) and module.alpha.item() == 1
+    assert torch.equal(dgmn.DGMN(8, rates=(1, 2), channel_transforms=False).beta.data, torch.ones(2))
+    weight, bound = dgmn.NodeConv(64, 8, dilation=1).per_node.weight, 1 / math.sqrt(9 * 64)
+    assert 0.95 * bound < weight.abs().max() <= bound
+
+
 def test_dgmn_update_is_eq_2_iterated_from_the_observed_map():
     torch.manual_seed(0)
     module = dgmn.DGMN(8, rates=(1, 2), iterations=3)
@@ -1590,6 +1601,32 @@ def test_relative_position_rules(built, H, W, transposed):
     torch.testing.assert_close(rel(q[:, None]), expected[:, None])  # (B, G, D, H, W), as the attention calls it
 
 
+def test_the_default_attention_equals_its_composition(path):
+    """DGMN2Attention's default (the symmetric rule: one sampler.attention call) equals walks_and_weights' composition
+    (dot, the scale, RelativePosition, the softmax), aggregate and the projection; the walks made large, so that a
+    slip in the heads' walks or the scale shows."""
+    torch.manual_seed(0)
+    attention = dgmn2.DGMN2Attention(24, 3, (5, 7)).double()
+    with torch.no_grad():
+        attention.walk.weight.normal_(0, 0.5)
+    x = torch.randn(2, 35, 24, dtype=torch.float64)
+    v, offsets, weights = attention.walks_and_weights(x, 5, 7)
+    out = sampler.aggregate(v, offsets, weights, offset_groups=3)  # (B, C, H, W)
+    torch.testing.assert_close(attention(x, 5, 7), attention.proj(rearrange(out, "b c h w -> b (h w) c")))
+
+
+def test_dgmn2_starts_as_the_release():
+    """The release's (timm's) start: every Linear's weight a truncated normal of std 0.02, its bias 0; the
+    relative-position tables N(0, 1 / D), so that q . R is of q's own scale."""
+    torch.manual_seed(0)
+    for name, module in dgmn2.dgmn2_tiny().named_modules():
+        if isinstance(module, nn.Linear) and module.weight.numel() >= 10_000:  # enough draws for a 5% check
+            assert abs(module.weight.std().item() / 0.02 - 1) < 0.05 and not module.bias.any(), name
+    rel = dgmn2.RelativePosition((56, 56), 64, 9)
+    for table in (rel.height, rel.width):
+        assert abs(table.std().item() * 64 ** 0.5 - 1) < 0.05
+
+
 def test_every_parameter_gets_a_gradient():
     torch.manual_seed(0)
     model = dgmn2.dgmn2_tiny(num_classes=10)
@@ -1950,6 +1987,11 @@ def test_new_modules_start_as_the_papers_describe():
     x = torch.randn(2, 8, 7, 9)
     regular = F.conv2d(x, dcn.weight, padding=1)  # zero offsets, masks sigmoid(0) = 0.5: half a regular 3x3 conv
     torch.testing.assert_close(dcn(x), 0.5 * regular)
+    with torch.no_grad():  # trained: the masks are the sigmoid of the predicted third (at 0 any f with f(0) = 0.5 fits)
+        dcn.offset_mask.weight.normal_(0, 0.3)
+        dcn.offset_mask.bias.normal_(0, 1)
+    offsets, masks = dcn.offset_mask(x).split([18, 9], dim=1)
+    torch.testing.assert_close(dcn(x), deform_conv2d(x, offsets, dcn.weight, padding=1, mask=masks.sigmoid()))
     aspp = segmentation.ASPP(16)
     assert [c[0].dilation for c in aspp.convs[1:4]] == [(r, r) for r in segmentation.ASPP_RATES]
     assert aspp(torch.randn(2, 16, 9, 9)).shape == (2, 16, 9, 9)

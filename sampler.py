@@ -400,8 +400,8 @@ def _(qkv, walks, width, height, rows, heads, scale):
 
 @_attention_backward_kernel.register_fake
 def _(qkv, walks, width, height, probs, grad, rows, heads, scale):
-    return qkv.new_empty(qkv.shape), walks.new_empty(walks.shape), width.new_empty(len(width) + len(height),
-                                                                                 width.shape[1])
+    tables = width.new_empty(len(width) + len(height), width.shape[1])  # both tables' gradients, stacked
+    return qkv.new_empty(qkv.shape), walks.new_empty(walks.shape), tables
 
 
 def _attention_setup(ctx, inputs, output):

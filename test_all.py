@@ -1955,6 +1955,18 @@ def test_release_align_corners_in_the_fpn_head(monkeypatch):
     assert segmentation.DilatedFCN.align_corners is False
 
 
+def test_the_classifiers_drop_channels_as_the_configs():
+    """mmseg's FPNHead (the release's Semantic FPN) and the FCN heads of the CCNet and DANet code bases drop 10% of the
+    channels (Dropout2d) before the 1x1 classifier; the release's SETR heads drop nothing."""
+    with torch.device("meta"):
+        fpn, fcn = segmentation.build("dgmn2-tiny"), segmentation.build("fcn")
+        setr = [segmentation.build(f"dgmn2-tiny-{head}") for head in segmentation.SETR_HEADS]
+    for net in (fpn, fcn):
+        dropout, classifier = net.classifier
+        assert type(dropout) is nn.Dropout2d and dropout.p == 0.1 and classifier.kernel_size == (1, 1)
+    assert not [m for net in setr for m in net.head.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+
+
 FCN_BASELINES = ["fcn-deformable", "fcn-aspp", "fcn-nonlocal"]
 
 
@@ -1993,7 +2005,8 @@ def test_new_modules_start_as_the_papers_describe():
     offsets, masks = dcn.offset_mask(x).split([18, 9], dim=1)
     torch.testing.assert_close(dcn(x), deform_conv2d(x, offsets, dcn.weight, padding=1, mask=masks.sigmoid()))
     aspp = segmentation.ASPP(16)
-    assert [c[0].dilation for c in aspp.convs[1:4]] == [(r, r) for r in segmentation.ASPP_RATES]
+    # DeepLab v3's rates at output stride 8: twice its (6, 12, 18) at stride 16
+    assert [c[0].dilation for c in aspp.convs[1:4]] == [(12, 12), (24, 24), (36, 36)]
     assert aspp(torch.randn(2, 16, 9, 9)).shape == (2, 16, 9, 9)
 
 
@@ -2163,6 +2176,8 @@ def test_multi_scale_prediction_sums_the_softmax_of_logits_resized_back():
         expected = sum(p.softmax(dim=1) for p in (model(image), model(image.flip(-1)).flip(-1), back(model(half)),
                                                    back(model(half.flip(-1))).flip(-1)))
         scores = segmentation.predict(model, image, 5, window=64, stride=48, scales=(1, 0.5), flip=True)
+        single = segmentation.predict(model, image, 5, window=64, stride=48)  # one scale, no mirror: one softmax
+        torch.testing.assert_close(single, model(image).softmax(dim=1))
     torch.testing.assert_close(scores, expected)
 
 
@@ -2295,6 +2310,41 @@ def test_mask_rcnn_keeps_its_releases_proposals_in_training():
     with torch.device("meta"):
         kept = [detection.build(name, 91).rpn._post_nms_top_n for name in ("maskrcnn-dgmn2-tiny", "maskrcnn-r50")]
     assert kept == [dict(training=1000, testing=1000)] * 2
+
+
+def test_the_detectors_keep_their_releases_detections_sampled_rois_and_two_criss_cross_passes():
+    """RetinaNet's 100 detections an image (mmdetection's max_per_img), Mask R-CNN's 512 RoIs an image for its box and
+    mask heads (Detectron's) and 100 detections, and Table 3's criss-cross attention looping twice (CCNet's R = 2)."""
+    with torch.device("meta"):
+        retinanet, mask_rcnn = detection.build("retinanet-dgmn2-tiny", 91), detection.build("maskrcnn-r50", 91)
+        ccnet = detection.build("maskrcnn-r50-ccnet", 91)
+    assert retinanet.detections_per_img == 100
+    heads = mask_rcnn.roi_heads
+    assert heads.fg_bg_sampler.batch_size_per_image == 512 and heads.detections_per_img == 100
+    assert [m.recurrence for m in ccnet.modules() if isinstance(m, dgmn.CrissCrossAttention)] == [2]
+
+
+def test_the_set_prediction_backbones_strides_and_channels_are_their_maps():
+    """ResNet layers 1-4 and DGMN2 stages 0-3 at strides 4-32, as their maps come out (Sparse R-CNN's RoIAlign and
+    level rule read the strides), for Deformable DETR's three maps and Sparse R-CNN's four."""
+    with torch.device("meta"):
+        for backbone in [detection.ResNetStages("resnet50"), detection.ResNetStages("resnet50", (1, 2, 3, 4)),
+                         detection.DGMN2Stages("tiny"), detection.DGMN2Stages("tiny", (0, 1, 2, 3))]:
+            maps = backbone(torch.empty(1, 3, 128, 192))
+            assert [tuple(m.shape[-2:]) for m in maps] == [(128 // s, 192 // s) for s in backbone.strides]
+            assert [m.shape[1] for m in maps] == backbone.channels
+
+
+def test_the_set_prediction_counts_add_the_bilinear_reads():
+    """detection.macs_with_reads: a DGMN2 as dgmn2.model_macs counts it (4 multiply-adds a sampled element and channel
+    beyond FlopCounterMode's), and each output element of F.grid_sample (the deformable attention's reads) at 5: its 4
+    bilinear neighbours and the attention weight."""
+    with torch.device("meta"):
+        body, shape = dgmn2.build("tiny", num_classes=0).eval(), (1, 3, 64, 96)
+        total, bilinear = dgmn2.model_macs(body, shape)
+        assert bilinear > 0 and detection.macs_with_reads(lambda: body(torch.empty(shape))) == total
+        values, grid = torch.empty(2, 3, 5, 6), torch.empty(2, 7, 4, 2)
+        assert detection.macs_with_reads(lambda: F.grid_sample(values, grid, align_corners=False)) == 5 * 2 * 3 * 7 * 4
 
 
 def test_the_cost_table_counts_mask_rcnn_r50_as_torchvisions_model_by_hand():
@@ -2591,6 +2641,108 @@ def test_deformable_attention_starts_as_upstream():
     assert [h.layers[-1].bias.tolist() for h in refined.box_heads] == [[0, 0, -2, -2]] + [[0, 0, 0, 0]] * 5
 
 
+def sines(angle, features, temperature=10000):
+    """Upstream's sine encoding of one angle: `features` values, sin at even and cos at odd channels, channel pair k at
+    a wavelength of temperature ** (2 k / features)."""
+    return [(math.sin, math.cos)[c % 2](angle / temperature ** (2 * (c // 2) / features)) for c in range(features)]
+
+
+def test_the_sine_encodings_are_upstreams_by_hand():
+    """A pixel's: y then x, each its 0-based index plus a half over its column's (row's) unpadded pixels, times 2 pi
+    (Deformable DETR's PositionEmbeddingSine, normalised, offset -0.5); a two-stage box's: each coordinate times 2 pi,
+    in turn (its get_proposal_pos_embed)."""
+    padding = torch.zeros(2, 4, 5, dtype=torch.bool)
+    padding[1, 3:], padding[1, :, 2:] = True, True  # the second image: 3 rows and 2 columns
+    pos = deformable_detr.sine_position(padding, features=6)
+    assert pos.shape == (2, 12, 4, 5)
+    for b, (h, w) in enumerate([(4, 5), (3, 2)]):
+        for i, j in itertools.product(range(h), range(w)):
+            expected = sines((i + 0.5) / h * 2 * math.pi, 6) + sines((j + 0.5) / w * 2 * math.pi, 6)
+            torch.testing.assert_close(pos[b, :, i, j], torch.tensor(expected))
+    boxes = torch.rand(2, 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    encoded = deformable_detr.box_position(boxes, features=6)
+    expected = [[sum((sines(x * 2 * math.pi, 6) for x in box.tolist()), []) for box in image] for image in boxes]
+    torch.testing.assert_close(encoded, torch.tensor(expected, dtype=torch.float64))
+
+
+def test_boxes_are_corrections_of_their_reference_before_the_sigmoid():
+    """inverse_sigmoid undoes the sigmoid (finite at 0 and 1); a zero correction leaves a reference box where it is and
+    puts a reference point's box at the point with sides sigmoid(0) = 1/2; a correction of log 3 takes 1/2 to 3/4."""
+    x = torch.tensor([0.01, 0.2, 0.5, 0.9, 0.999])
+    torch.testing.assert_close(deformable_detr.inverse_sigmoid(x).sigmoid(), x)
+    assert deformable_detr.inverse_sigmoid(torch.tensor([0.0, 1.0])).isfinite().all()
+    boxes, zero = deformable_detr.DeformableDETR.boxes, torch.zeros(1, 1, 4)
+    reference = torch.tensor([[[0.3, 0.6, 0.2, 0.1]]])
+    torch.testing.assert_close(boxes(zero, reference), reference)
+    torch.testing.assert_close(boxes(zero, reference[..., :2]), torch.tensor([[[0.3, 0.6, 0.5, 0.5]]]))
+    torch.testing.assert_close(boxes(torch.full((1, 1, 4), math.log(3)), torch.full((1, 1, 4), 0.5)),
+                               torch.full((1, 1, 4), 0.75))
+
+
+@pytest.mark.parametrize("box", [False, True])
+def test_deformable_attention_is_upstreams_msdeformattn(box):
+    """The module around sample_levels as upstream's MSDeformAttn composes it: values projected (padding zeroed),
+    offsets read as (M, L, P, xy), weights a softmax over each head's L P points, offsets in pixels of each level
+    (x / W_l, y / H_l) from a reference point, or in halves of the reference box's sides over P; output projected."""
+    torch.manual_seed(0)
+    M, L, P, C, shapes = 2, 2, 2, 8, [(3, 4), (2, 3)]
+    attention = deformable_detr.DeformableAttention(C, heads=M, levels=L, points=P).double()
+    for layer in (attention.sampling_offsets, attention.attention_weights):  # not their start: every value counts
+        nn.init.normal_(layer.weight, std=0.5)
+        nn.init.normal_(layer.bias)
+    query, values = torch.randn(2, 5, C, dtype=torch.float64), torch.randn(2, 18, C, dtype=torch.float64)
+    reference = torch.rand(2, 5, L, 4 if box else 2, dtype=torch.float64) * 0.5 + 0.25
+    padding = torch.zeros(2, 18, dtype=torch.bool)
+    padding[1, 15:] = True
+    out = attention(query, reference, values, shapes, padding)
+    value = attention.value_proj(values).masked_fill(padding[..., None], 0).view(2, 18, M, C // M)
+    offsets = attention.sampling_offsets(query).view(2, 5, M, L, P, 2)
+    weights = attention.attention_weights(query).view(2, 5, M, L * P).softmax(-1).view(2, 5, M, L, P)
+    ref = reference[:, :, None, :, None]  # (B, Q, 1, L, 1, 2 or 4)
+    if box:
+        locations = ref[..., :2] + offsets / P * ref[..., 2:] * 0.5
+    else:
+        locations = ref + offsets / torch.tensor([[4.0, 3], [3, 2]], dtype=torch.float64)[:, None]  # (W_l, H_l)
+    expected = attention.output_proj(deformable_detr.sample_levels(value, shapes, locations, weights))
+    torch.testing.assert_close(out, expected)
+
+
+def test_masked_group_norm_is_group_norm_of_the_image_alone():
+    """On an unpadded image torch's GroupNorm; on a padded one GroupNorm of the image's pixels, the padding left out."""
+    torch.manual_seed(0)
+    norm = deformable_detr.MaskedGroupNorm(4, 8)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    x = torch.randn(2, 8, 5, 6)  # it computes in float32
+    inside = torch.ones(2, 5, 6, dtype=torch.bool)
+    inside[1, 3:], inside[1, :, 4:] = False, False  # the second image: 3 x 4
+    out = norm(x, inside)
+    torch.testing.assert_close(out[:1], F.group_norm(x[:1], 4, norm.weight, norm.bias, norm.eps))
+    torch.testing.assert_close(out[1:, :, :3, :4], F.group_norm(x[1:, :, :3, :4], 4, norm.weight, norm.bias, norm.eps))
+
+
+def test_the_decoders_self_attention_reads_the_positions_in_its_queries_and_keys_only():
+    """Upstream's decoder layer: self_attn(q + pos, k + pos, v = q). With the attention uniform (its query and key
+    projections zero), what norm1 receives is the queries plus the projected mean of their projected values, whatever
+    the positions."""
+    torch.manual_seed(0)
+    layer = deformable_detr.DecoderLayer(16, heads=2).eval()
+    attention = layer.self_attn
+    with torch.no_grad():
+        attention.in_proj_weight[:32], attention.in_proj_bias[:32] = 0, 0  # the queries' and keys' projections
+    received = []
+    layer.norm1.register_forward_hook(lambda module, args, out: received.append(args[0]))
+    queries, memory, padding = torch.randn(2, 5, 16), torch.randn(2, 16, 16), torch.zeros(2, 16, dtype=torch.bool)
+    reference = torch.rand(2, 5, deformable_detr.LEVELS, 2)
+    with torch.no_grad():
+        for pos in (torch.zeros(2, 5, 16), torch.randn(2, 5, 16)):
+            layer(queries, pos, reference, memory, [(2, 2)] * deformable_detr.LEVELS, padding)
+        mean = F.linear(queries, attention.in_proj_weight[32:], attention.in_proj_bias[32:]).mean(1, keepdim=True)
+        expected = queries + attention.out_proj(mean)
+    for seen in received:
+        torch.testing.assert_close(seen, expected)
+
+
 @functools.cache
 def detection_cost(name, cost=detection.cost):
     """detection.cost(name), counted once for all the tests that read it (half a minute for every COCO model)."""
@@ -2744,6 +2896,16 @@ def test_count_boxes_is_the_batchs_boxes_at_least_one():
     assert matching.count_boxes(random_batch(4, [1])[1], "cpu") == 1
 
 
+def test_count_boxes_averages_the_ranks_counts(monkeypatch):
+    """Under torch.distributed every rank divides by the mean of the ranks' counts (upstream's all-reduce over the world
+    size), at least 1: a stand-in for torch.distributed, two ranks whose other one holds 3 boxes."""
+    two_ranks = argparse.Namespace(is_available=lambda: True, is_initialized=lambda: True, get_world_size=lambda: 2,
+                                   all_reduce=lambda count: count.add_(3))  # this rank's count plus the other's
+    monkeypatch.setattr(matching, "dist", two_ranks)
+    assert matching.count_boxes(random_batch(4, [3, 2])[1], "cpu") == 4  # (5 + 3) / 2
+    assert matching.count_boxes(random_batch(4, [0])[1], "cpu") == 1.5  # (0 + 3) / 2
+
+
 class Pointwise(nn.Module):
     """A backbone whose features at a pixel depend on that pixel alone: an image's features do not change with
     the padding around it (DGMN2's and ResNet's do, through their convolutions)."""
@@ -2857,6 +3019,70 @@ def test_deformable_detr_makes_up_to_four_levels_from_two_three_or_four_maps():
     five.channels, five.strides = [64] * 5, [4, 8, 16, 32, 64]
     with pytest.raises(ValueError, match="the backbone gives 5 maps; Deformable DETR attends over at most 4"):
         deformable_detr.DeformableDETR(five, 5)
+
+
+def test_the_deformable_detr_loss_reads_each_layers_boxes_normalised_by_width_and_height():
+    """Targets in pixels become (cx, cy, w, h) over the image's width and height; the last decoder layer is the main
+    loss and layer i the suffix _i: here a 64 x 96 image, one target, every layer but the last 0.01 * (5 - i) off in
+    cx on the matched query, by hand."""
+    model = deformable_detr.DeformableDETR(Pointwise(), 5, queries=2, min_size=64, max_size=96).train()
+    model.transform.eval()  # the image (and its target) kept at 64 x 96, not resized to a random training side
+    goal = [36 / 96, 32 / 64, 48 / 96, 32 / 64]  # of the target (12, 16) - (60, 48) in pixels
+    logits = torch.full((1, 2, 5), -5.0)
+    logits[0, 0, 3] = 5.0
+    far = [0.9, 0.9, 0.05, 0.05]  # the other query
+    outputs = [dict(logits=logits, boxes=torch.tensor([[[goal[0] + 0.01 * (5 - i), *goal[1:]], far]]))
+               for i in range(6)]
+    model.predict = lambda *_: (outputs, None)
+    losses = model([torch.rand(3, 64, 96)], [dict(boxes=torch.tensor([[12.0, 16, 60, 48]]), labels=torch.tensor([3]))])
+    assert losses["loss_l1"].item() == pytest.approx(0, abs=1e-6)
+    assert losses["loss_giou"].item() == pytest.approx(0, abs=1e-6)
+    for i in range(5):
+        assert losses[f"loss_l1_{i}"].item() == pytest.approx(5 * 0.01 * (5 - i), rel=1e-4), i
+
+
+def test_two_stage_proposals_are_the_tokens_boxes_and_the_queries_their_best_by_channel_0():
+    """Each token proposes a box at its centre with sides 0.05 x 2^level (upstream's), which the last box head (zero at
+    its start) corrects; the queries start from the Q proposals whose channel 0 (the class-agnostic score) is best."""
+    torch.manual_seed(0)
+    model = deformable_detr.DeformableDETR(Pointwise(), 5, box_refine=True, two_stage=True, queries=6, min_size=64,
+                                           max_size=64).eval()
+    shapes = [(8, 8), (4, 4), (2, 2), (1, 1)]
+    expected = torch.tensor([[(j + 0.5) / W, (i + 0.5) / H, 0.05 * 2 ** level, 0.05 * 2 ** level]
+                             for level, (H, W) in enumerate(shapes) for i in range(H) for j in range(W)])
+    memory = torch.randn(1, len(expected), deformable_detr.HIDDEN)
+    with torch.no_grad():
+        logits, boxes, chosen = model.proposals(memory, torch.zeros(1, len(expected), dtype=torch.bool), shapes,
+                                                torch.ones(1, 4, 2))
+    torch.testing.assert_close(boxes[0], expected)
+    top = logits[0, :, 0].topk(6).indices
+    assert not torch.equal(top, logits[0].max(-1).values.topk(6).indices)  # the control: the best of any class differ
+    torch.testing.assert_close(chosen[0], expected[top])
+
+
+def test_box_refinement_and_two_stage_queries_start_from_detached_boxes():
+    """Upstream's: each decoder layer refines a detached copy of the boxes before it, and the two-stage queries start
+    from detached proposals: the last layer's boxes train the last layer's box head alone."""
+    torch.manual_seed(0)
+    model = deformable_detr.DeformableDETR(Pointwise(), 5, box_refine=True, two_stage=True, queries=6, min_size=64,
+                                           max_size=64).eval()
+    outputs, _ = model.predict(torch.rand(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool))
+    outputs[-1]["boxes"].sum().backward()
+    assert [head.layers[-1].weight.grad is not None for head in model.box_heads] == [False] * 5 + [True, False]
+
+
+def test_each_level_adds_its_own_embedding_to_its_positions():
+    """The encoder's positions: each level's sine encoding plus that level's embedding (a row of level_embed each)."""
+    torch.manual_seed(0)
+    model = deformable_detr.DeformableDETR(Pointwise(), 5, queries=6, min_size=64, max_size=64)
+    with torch.no_grad():
+        _, _, pos, shapes, _ = model.levels(torch.rand(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool))
+    assert len(shapes) == 4
+    start = 0
+    for level, (H, W) in enumerate(shapes):
+        sine = rearrange(deformable_detr.sine_position(torch.zeros(1, H, W, dtype=torch.bool)), "b c h w -> b (h w) c")
+        torch.testing.assert_close(pos[:, start:start + H * W] - sine, model.level_embed[level].expand(1, H * W, -1))
+        start += H * W
 
 
 @pytest.mark.parametrize("name, queries", [("deformable-detr-dgmn2-tiny", 300), ("sparse-rcnn-dgmn2-small", 12)])
@@ -3020,6 +3246,39 @@ def test_box_deltas_move_and_scale_boxes_as_r_cnn_does():
     torch.testing.assert_close(huge[0, 2] - huge[0, 0], torch.tensor(40 * 1e5 / 16))
 
 
+def test_the_fpn_of_an_unpadded_batch_is_torchvisions():
+    """Without padding Sparse R-CNN's FPN is torchvision's FeaturePyramidNetwork with the same weights: 1x1 laterals,
+    each coarser sum added to the next finer level (nearest), a 3x3 conv a level."""
+    torch.manual_seed(0)
+    channels = [4, 8, 8, 16]
+    fpn, reference = sparse_rcnn.FPN(channels, 16), torchvision.ops.FeaturePyramidNetwork(channels, 16)
+    for ours, theirs in zip([*fpn.laterals, *fpn.outputs], [*reference.inner_blocks, *reference.layer_blocks]):
+        theirs[0].load_state_dict(ours.state_dict())  # torchvision's: each conv in a Conv2dNormActivation
+    maps = [torch.randn(2, c, 24 // 2 ** i, 40 // 2 ** i) for i, c in enumerate(channels)]  # 5 x 3 at the coarsest
+    expected = reference({str(i): x for i, x in enumerate(maps)}).values()
+    for out, want in zip(fpn(maps, torch.zeros(2, 96, 160, dtype=torch.bool)), expected, strict=True):
+        torch.testing.assert_close(out, want)
+
+
+def test_a_sparse_rcnn_heads_sublayers_add_to_their_input_before_each_norm():
+    """Post-norm residuals (upstream's DynamicHead): with the self-attention's, the interaction's and the feed-forward's
+    outputs silenced, each of norm1-3 normalises the features as they came (the head's new features are LayerNorm's
+    of its input, thrice), and zero deltas leave the boxes where they were."""
+    torch.manual_seed(0)
+    head = sparse_rcnn.Head(5, dim=16, heads=2)
+    with torch.no_grad():
+        for layer in (head.self_attn.out_proj, head.interaction.out, head.ffn[-1], head.box_deltas):
+            layer.weight.zero_()
+            layer.bias.zero_()
+    features, rois = torch.randn(2, 3, 16), torch.randn(6, 16, sparse_rcnn.POOL, sparse_rcnn.POOL)
+    boxes = torch.tensor([[10.0, 20, 50, 100], [0, 0, 8, 8], [5, 5, 60, 30]]).expand(2, -1, -1)
+    with torch.no_grad():
+        logits, moved, out = head(rois, boxes, features)
+    torch.testing.assert_close(out, F.layer_norm(F.layer_norm(F.layer_norm(features, (16,)), (16,)), (16,)))
+    torch.testing.assert_close(moved, boxes)
+    assert logits.shape == (2, 3, 5)
+
+
 def test_the_set_loss_reads_l1_on_corners_when_asked_and_giou_alike():
     prediction, targets = random_batch(6, [3, 2], seed=3)
     corners = {k: v for k, v in prediction.items()}
@@ -3111,6 +3370,20 @@ def test_sparse_rcnn_reads_its_boxes_as_corners_in_the_loss(monkeypatch):
     losses = model([torch.rand(3, 64, 64)], [dict(boxes=goals, labels=torch.tensor([1, 4]))])
     torch.testing.assert_close(losses["loss_l1"], torch.tensor(5 * (2 / 64 + 2 / 64) / 2))
     torch.testing.assert_close(losses["loss_giou"], torch.tensor(2 * 2 * (1 - 24 / 26) / 2))
+
+
+def test_sparse_rcnn_normalises_x_by_the_width_and_y_by_the_height_in_the_loss(monkeypatch):
+    """On a 64 x 96 image, a head that predicts the target's left edge 3 px too far right and its top 2 px too low:
+    L1 on the corners as fractions of the width (x) and the height (y), 3 / 96 + 2 / 64, by hand."""
+    model = sparse_rcnn.SparseRCNN(Pointwise4(), 5, proposals=2, min_size=64, max_size=96).train()
+    model.transform.eval()  # the image (and its target) kept at 64 x 96, not resized to a random training side
+    goal = torch.tensor([[4.0, 8, 30, 40]])
+    boxes = torch.cat([goal + torch.tensor([3.0, 2, 0, 0]), torch.tensor([[80.0, 50, 90, 60]])])
+    logits = torch.full((2, 5), -5.0)
+    logits[0, 1] = 5.0
+    monkeypatch.setattr(model, "predict", lambda *_: [dict(logits=logits[None], boxes=boxes[None])] * 6)
+    losses = model([torch.rand(3, 64, 96)], [dict(boxes=goal, labels=torch.tensor([1]))])
+    torch.testing.assert_close(losses["loss_l1"], torch.tensor(5 * (3 / 96 + 2 / 64)))
 
 
 def test_sparse_rcnn_takes_a_dgmn2_checkpoint_and_torchvisions_resnet50():

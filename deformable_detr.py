@@ -161,7 +161,8 @@ class MaskedGroupNorm(nn.GroupNorm):
     x (B, C, H, W), inside (B, H, W) bool -> (B, C, H, W)."""
 
     def forward(self, x, inside):
-        groups = rearrange(x.float(), "b (g c) h w -> b g c h w", g=self.num_groups)
+        exact = x.to(torch.promote_types(x.dtype, torch.float32))  # half precision's statistics in float32
+        groups = rearrange(exact, "b (g c) h w -> b g c h w", g=self.num_groups)
         weight = inside[:, None, None].to(groups.dtype)  # (B, 1, 1, H, W)
         count = weight.sum((2, 3, 4), keepdim=True) * groups.shape[2]
         mean = (groups * weight).sum((2, 3, 4), keepdim=True) / count

@@ -2710,10 +2710,10 @@ def test_deformable_attention_is_upstreams_msdeformattn(box):
 def test_masked_group_norm_is_group_norm_of_the_image_alone():
     """On an unpadded image torch's GroupNorm; on a padded one GroupNorm of the image's pixels, the padding left out."""
     torch.manual_seed(0)
-    norm = deformable_detr.MaskedGroupNorm(4, 8)
+    norm = deformable_detr.MaskedGroupNorm(4, 8).double()
     nn.init.normal_(norm.weight)
     nn.init.normal_(norm.bias)
-    x = torch.randn(2, 8, 5, 6)  # it computes in float32
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
     inside = torch.ones(2, 5, 6, dtype=torch.bool)
     inside[1, 3:], inside[1, :, 4:] = False, False  # the second image: 3 x 4
     out = norm(x, inside)

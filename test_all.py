@@ -4820,6 +4820,33 @@ def test_perfect_detections_score_ap_100(tmp_path):
     assert nothing["bbox"]["AP"] == nothing["segm"]["AP"] == 0.0 and nothing["bbox"]["APl"] is None
 
 
+@NEEDS_PYCOCOTOOLS
+def test_coco_results_are_xywh_boxes_and_rle_masks_over_one_half():
+    """COCO's result format: bbox [x, y, width, height] of the detectors' x0, y0, x1, y1 (to 0.01 px), category_id the
+    label (the labels are the categories' ids), score to 1e-4; segmentation the RLE of the mask probabilities over 0.5,
+    as Mask R-CNN pastes its masks."""
+    from pycocotools import mask as coco_mask
+    probabilities = torch.zeros(2, 1, 6, 8)
+    probabilities[0, 0, 1:4, 2:5] = 0.7
+    probabilities[0, 0, 4, 2:5] = 0.4  # not confident enough: out
+    probabilities[1, 0] = 0.55
+    probabilities[1, 0, :, :3] = 0.5  # one half exactly: out
+    output = dict(boxes=torch.tensor([[1.234, 2.5, 5.678, 7.25], [0.0, 0.0, 8.0, 6.0]]), labels=torch.tensor([90, 7]),
+                  scores=torch.tensor([0.98765, 0.123456]), masks=probabilities)
+    bbox, segm = train_coco.to_coco_results(output, 42)
+    assert [(r["image_id"], r["category_id"]) for r in bbox + segm] == [(42, 90), (42, 7)] * 2
+    assert bbox[0]["bbox"] == pytest.approx([1.234, 2.5, 4.444, 4.75], abs=0.006)  # hand-computed widths, heights
+    assert bbox[1]["bbox"] == pytest.approx([0, 0, 8, 6], abs=0.006)
+    assert [r["score"] for r in bbox + segm] == pytest.approx([0.98765, 0.123456] * 2, abs=1e-4)
+    expected = torch.zeros(2, 6, 8, dtype=torch.bool)
+    expected[0, 1:4, 2:5] = True
+    expected[1, :, 3:] = True
+    json.dumps(bbox + segm)  # plain JSON: the RLE counts are text
+    for result, mask in zip(segm, expected):
+        rle = dict(result["segmentation"], counts=result["segmentation"]["counts"].encode("ascii"))
+        assert list(rle["size"]) == [6, 8] and torch.equal(torch.from_numpy(coco_mask.decode(rle)).bool(), mask)
+
+
 def _evaluate_rank(rank, world, store, data, out):
     import torch.distributed as dist
     torch.set_num_threads(1)
@@ -4856,6 +4883,40 @@ def test_coco_layout_drops_unusable_images_and_crowds(tmp_path):
         for i in (1, 2, 3):  # nothing usable: no boxes, no labels (and no crowd region)
             _, target = train[i]
             assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,) and "masks" not in target
+
+
+def write_sized_coco(root, splits):
+    """A COCO directory of blank images, category 1 ("thing"): splits = {split: [(width, height, [(x, y, w, h), ...]),
+    ...]}, image ids from 100. Returns root."""
+    from PIL import Image
+    (root / "annotations").mkdir(parents=True)
+    for split, images in splits.items():
+        (root / f"{split}2017").mkdir()
+        entries, annotations = [], []
+        for i, (width, height, boxes) in enumerate(images):
+            Image.new("RGB", (width, height)).save(root / f"{split}2017" / f"{i}.png")
+            entries.append(dict(id=100 + i, file_name=f"{i}.png", height=height, width=width))
+            for x, y, w, h in boxes:
+                annotations.append(dict(id=len(annotations) + 1, image_id=100 + i, category_id=1, iscrowd=0,
+                                        bbox=[x, y, w, h], area=w * h, segmentation=[[x, y, x + w, y, x + w, y + h,
+                                                                                      x, y + h]]))
+        (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(dict(
+            images=entries, annotations=annotations, categories=[dict(id=1, name="thing")])))
+    return root
+
+
+@NEEDS_PYCOCOTOOLS
+def test_training_boxes_are_clipped_to_the_image_and_thin_ones_dropped(tmp_path):
+    """As maskrcnn-benchmark's COCODataset: an annotation 1 px wide or high (or less) is left out, and an image left
+    with none with it; a box reaching past the image is clipped to the image, not dropped."""
+    root = write_sized_coco(tmp_path / "coco", dict(train=[
+        (48, 40, [(30, 10, 30, 20)]),  # x1 = 60, past the 48 px wide image
+        (48, 40, [(5, 5, 20, 1)]),  # 1 px high: nothing usable
+        (48, 40, [(5, 5, 20, 1), (2, 3, 10, 12)])]))
+    train = train_coco.load_coco(root, "train", {"image_id", "boxes", "labels"}, True, ["bbox", "category_id"])
+    assert [train.ids[i] for i in range(len(train))] == [100, 102]
+    assert train[0][1]["boxes"].tolist() == [[30, 10, 48, 30]]  # x0, y0, x1, y1, clipped at x = 48
+    assert train[1][1]["boxes"].tolist() == [[2, 3, 12, 15]] and train[1][1]["labels"].tolist() == [1]
 
 
 @pytest.mark.slow
@@ -4917,6 +4978,47 @@ def test_detection_loss_falls_on_a_fixed_batch(tmp_path, monkeypatch):
                         pictures=0)
     losses = losses_of(train_coco, cfg, monkeypatch)
     assert len(losses) == 10 and sum(losses[-3:]) / 3 < 0.75 * losses[0], losses
+
+
+@pytest.mark.slow
+@NEEDS_PYCOCOTOOLS
+def test_detection_training_augments_reseeds_and_evaluates_on_schedule(tmp_path, monkeypatch):
+    """The training loop passes every image of every batch through the recipe's augmentation (RetinaNet's flips,
+    its resizes); each stretch between checkpoints and evaluations reseeds from (seed, its first step, rank), so the
+    stretches draw different flips; and the validation set is scored at every eval_every step and the last, logged."""
+    draws, real = [], detection.augmentation
+
+    def augmentation(model, min_size):
+        augment = real(model, min_size)
+
+        def recorded(image, target):
+            draws.append(torch.rand(1).item())  # the first draw of a stretch follows from its seed alone
+            return augment(image, target)
+        return recorded
+
+    monkeypatch.setattr(detection, "augmentation", augmentation)
+    cfg = detection_run(tmp_path, iterations=4, eval_every=2, save_every=3, pictures=0)
+    train_coco.main(cfg)  # stretches: steps 1-2 (evaluated), 3 (saved), 4 (the last: evaluated)
+    assert len(draws) == 4 * cfg.batch_size
+    assert len({draws[0], draws[2 * cfg.batch_size], draws[3 * cfg.batch_size]}) == 3  # the stretches' first draws
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [(record["iteration"], "bbox" in record) for record in log] == [(2, True), (3, False), (4, True)]
+
+
+@NEEDS_PYCOCOTOOLS
+def test_deformable_detr_clips_the_gradient_norm_at_0_1(tmp_path, monkeypatch):
+    """Upstream Deformable DETR's clip_max_norm 0.1, applied at every step; RetinaNet (Detectron's) clips nothing."""
+    norms, clip = [], torch.nn.utils.clip_grad_norm_
+
+    def recorded(parameters, max_norm, *args, **kwargs):
+        norms.append(max_norm)
+        return clip(parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recorded)
+    for model, expected in [("deformable-detr-dgmn2-tiny", [0.1, 0.1]), ("retinanet-dgmn2-tiny", [])]:
+        norms.clear()
+        train_coco.main(detection_run(tmp_path / model, model=model, queries=10, pictures=0))  # two steps
+        assert norms == expected, model
 
 
 @pytest.mark.slow
@@ -5035,6 +5137,28 @@ def test_grouped_batches_complete_the_leftovers_from_the_start_of_the_share():
 
 
 @NEEDS_PYCOCOTOOLS
+def test_training_batches_group_landscape_and_portrait_images_apart(tmp_path, monkeypatch):
+    """run() gives the batch sampler each training image's aspect group from the annotation file's sizes, as
+    Detectron's aspect grouping: the landscape images (wider than high) in one group, the portrait ones in the other."""
+    box = [(4, 4, 20, 20)]
+    sizes = [(64, 48), (48, 64), (60, 40), (40, 60), (41, 40)]  # landscape, portrait, landscape, portrait, landscape
+    root = write_sized_coco(tmp_path / "coco", dict(train=[(w, h, box) for w, h in sizes], val=[(48, 48, box)]))
+    handed = []
+
+    def batches(groups, local_batch, *rest):
+        handed.append((groups, local_batch))
+        raise KeyboardInterrupt  # enough: stop before training
+
+    monkeypatch.setattr(train_coco, "batches", batches)
+    with pytest.raises(KeyboardInterrupt):
+        train_coco.run(detection_run(tmp_path, data=str(root), batch_size=2), 0, 1, torch.device("cpu"))
+    (groups, local_batch), = handed
+    landscape = {groups[i] for i, (w, h) in enumerate(sizes) if w > h}
+    portrait = {groups[i] for i, (w, h) in enumerate(sizes) if w < h}
+    assert len(groups) == 5 and local_batch == 2 and len(landscape) == len(portrait) == 1 and landscape != portrait
+
+
+@NEEDS_PYCOCOTOOLS
 def test_training_data_loaders_pin_memory_and_keep_evaluation_workers(tmp_path):
     data = write_coco(tmp_path / "coco")
     cfg = detection_run(tmp_path, data=str(data), workers=1)
@@ -5087,6 +5211,28 @@ def test_sgd_biases_train_at_twice_the_lr_without_weight_decay():
     assert len(adamw.param_groups) == 1 and adamw.param_groups[0]["weight_decay"] == 1e-4  # the release's AdamW
 
 
+@NEEDS_PYCOCOTOOLS
+def test_detectrons_sgd_has_momentum_0_9():
+    """Detectron's 1x (the ResNet recipes' SGD): momentum 0.9 in both parameter groups."""
+    plan = train_coco.recipe(train_coco.Config(model="maskrcnn-r50"), 100)
+    sgd, _ = train_coco.optimizer_and_schedule(nn.Sequential(nn.Linear(2, 2)), plan, 1e-4)  # 0.weight, 0.bias
+    assert [(g["momentum"], len(g["params"])) for g in sgd.param_groups] == [(0.9, 1), (0.9, 1)]
+
+
+@NEEDS_PYCOCOTOOLS
+def test_deformable_detr_trains_each_slow_parameter_at_a_tenth_of_the_lr():
+    """Upstream Deformable DETR: the backbone, the sampling offsets and the reference points at 0.1 x lr (2e-5), every
+    other parameter at lr 2e-4, whatever the optimizer's groups: checked parameter by parameter."""
+    cfg = train_coco.Config(model="deformable-detr-dgmn2-tiny", min_size=64, max_size=64, queries=30)
+    model = train_coco.build_model(cfg, 5)
+    optimizer, _ = train_coco.optimizer_and_schedule(model, train_coco.recipe(cfg, 100), cfg.weight_decay)
+    lr = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    expected = {name: 2e-5 if name.startswith("backbone.") or "sampling_offsets" in name or "reference_points" in name
+                else 2e-4 for name, _ in model.named_parameters()}
+    assert {name: lr[id(p)] for name, p in model.named_parameters()} == pytest.approx(expected)
+    assert set(expected.values()) == {2e-5, 2e-4}
+
+
 def lr_factors(plan, iterations):
     """The scheduler's lr factor at each of the given iterations (one parameter at lr 1)."""
     optimizer, scheduler = train_coco.optimizer_and_schedule(nn.Linear(1, 1), {**plan, "optimizer": "adamw", "lr": 1.0},
@@ -5116,6 +5262,17 @@ def test_the_schedule_resumes_exactly():
         for o, s in ((optimizer, scheduler), (again, resumed)):
             o.step()
             s.step()
+
+
+@NEEDS_PYCOCOTOOLS
+def test_a_warmup_factor_of_one_is_allowed_and_means_no_warmup():
+    """--warmup-factor, the lr's fraction at the warm-up's start, is at most 1: 1 itself (Deformable DETR's) starts at
+    the full lr; more is refused."""
+    cfg = train_coco.Config(warmup_factor=1.0)
+    train_coco.check(cfg)
+    assert lr_factors(train_coco.recipe(cfg, 100), (0, 1, 499, 500)) == pytest.approx([1, 1, 1, 1])
+    with pytest.raises(train_coco.InputError, match="at most 1"):
+        train_coco.check(train_coco.Config(warmup_factor=1.01))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -5256,6 +5413,28 @@ def test_a_checkpoint_refuses_data_with_categories_past_its_class_head():
     with pytest.raises(train_coco.InputError, match="the checkpoint's detector knows category ids up to 4, the data's "
                                                     "go up to 7"):
         train_coco.make_model(detection_run(Path("unused")), state, None, {1: "a", 7: "b"}, "cpu", print)
+
+
+@NEEDS_PYCOCOTOOLS
+def test_a_checkpoint_takes_data_with_categories_up_to_its_class_head():
+    """A class head of 5 outputs (background and ids 1-4) takes data whose largest category id is 4."""
+    state = dict(num_classes=5, config=dict(pretrained=""))
+    _, num_classes = train_coco.make_model(detection_run(Path("unused")), state, None, {1: "a", 4: "d"}, "cpu",
+                                           lambda *args: None)
+    assert num_classes == 5
+
+
+@NEEDS_PYCOCOTOOLS
+def test_a_checkpoint_rebuilds_the_resnet_it_was_trained_with():
+    """A ResNet trained from --pretrained weights has Detectron's frozen BN: its checkpoint, resumed or evaluated
+    without --pretrained, gets that backbone back (else its weights would not fit); one trained from scratch, trainable
+    BN."""
+    cfg = detection_run(Path("unused"), model="maskrcnn-r50")
+    for pretrained in ("resnet50.pth", ""):
+        state = dict(num_classes=5, config=dict(pretrained=pretrained))
+        with torch.device("meta"):
+            model, _ = train_coco.make_model(cfg, state, None, {1: "a"}, "meta", lambda *args: None)
+        assert isinstance(model.backbone.body.bn1, torchvision.ops.FrozenBatchNorm2d) == bool(pretrained), pretrained
 
 
 @NEEDS_PYCOCOTOOLS

@@ -5139,9 +5139,10 @@ def test_grouped_batches_complete_the_leftovers_from_the_start_of_the_share():
 @NEEDS_PYCOCOTOOLS
 def test_training_batches_group_landscape_and_portrait_images_apart(tmp_path, monkeypatch):
     """run() gives the batch sampler each training image's aspect group from the annotation file's sizes, as
-    Detectron's aspect grouping: the landscape images (wider than high) in one group, the portrait ones in the other."""
+    Detectron's aspect grouping: the landscape images (wider than high) in one group, the others (square ones too, as
+    detectron2's AspectRatioGroupedDataset and maskrcnn-benchmark's grouping put them) in the other."""
     box = [(4, 4, 20, 20)]
-    sizes = [(64, 48), (48, 64), (60, 40), (40, 60), (41, 40)]  # landscape, portrait, landscape, portrait, landscape
+    sizes = [(64, 48), (48, 64), (60, 40), (40, 60), (41, 40), (40, 40)]  # the last square
     root = write_sized_coco(tmp_path / "coco", dict(train=[(w, h, box) for w, h in sizes], val=[(48, 48, box)]))
     handed = []
 
@@ -5154,8 +5155,8 @@ def test_training_batches_group_landscape_and_portrait_images_apart(tmp_path, mo
         train_coco.run(detection_run(tmp_path, data=str(root), batch_size=2), 0, 1, torch.device("cpu"))
     (groups, local_batch), = handed
     landscape = {groups[i] for i, (w, h) in enumerate(sizes) if w > h}
-    portrait = {groups[i] for i, (w, h) in enumerate(sizes) if w < h}
-    assert len(groups) == 5 and local_batch == 2 and len(landscape) == len(portrait) == 1 and landscape != portrait
+    portrait = {groups[i] for i, (w, h) in enumerate(sizes) if w <= h}
+    assert len(groups) == 6 and local_batch == 2 and len(landscape) == len(portrait) == 1 and landscape != portrait
 
 
 @NEEDS_PYCOCOTOOLS

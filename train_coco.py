@@ -816,7 +816,7 @@ def run(cfg, rank, world, device):
     train, val, names, ground_truth = datasets(cfg, rank, world)
     model, num_classes = make_model(cfg, state, train, names, device, log)
     sizes = [] if cfg.eval_only else [train.coco.imgs[i] for i in train.ids]  # no image read
-    groups = [int(size["width"] >= size["height"]) for size in sizes]  # aspect groups: landscape or portrait
+    groups = [int(size["width"] > size["height"]) for size in sizes]  # landscape, or not (square too: Detectron's)
     per_epoch = len(groups) // world // (cfg.batch_size // world) if sizes else 1
     if per_epoch == 0:
         raise InputError(f"{cfg.data or 'the synthetic set'}: {len(train)} training images are fewer than one batch")

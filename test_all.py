@@ -3512,7 +3512,8 @@ def test_bench_times_dgmn2_beside_swin_t(tmp_path, capsys, monkeypatch, channels
 def test_image_folder_with_the_paper_recipe(tmp_path):
     data = write_image_folder(tmp_path / "data")
     cfg = train_imagenet.parse_args(["--data", str(data), "--img-size", "32", "--eval-resize", "36", "--batch-size",
-                                     "4", "--epochs", "1", "--workers", "0", "--output", str(tmp_path / "run")])
+                                     "4", "--epochs", "1", "--workers", "0", "--output", str(tmp_path / "run"),
+                                     "--min-lr", "1e-6"])  # under batch 4's peak, 1e-3 x 4 / 1024
     assert cfg.mixup == 0.8 and cfg.cutmix == 1.0 and cfg.epochs == 1 and cfg.warmup_epochs == 5  # paper defaults
     metrics = train_imagenet.main(cfg)
     assert metrics["step"] == 3 and metrics["images"] == 6 and math.isfinite(metrics["train_loss"])
@@ -3702,7 +3703,13 @@ def test_bad_input_gives_one_line(tmp_path):
              (dict(eval_only=True, resume="auto"), "--eval-only --resume auto: no checkpoint in"),
              (dict(amp="fp8"), "unknown --amp 'fp8'"),
              (dict(batch_size=0), "--batch-size must be positive, got 0"),
-             (dict(img_size=64, eval_resize=36), "--eval-resize 36 is smaller than the --img-size 64")]
+             (dict(img_size=64, eval_resize=36), "--eval-resize 36 is smaller than the --img-size 64"),
+             (dict(warmup_lr=2e-4), r"--warmup-lr 0.0002 must be positive and at most the peak learning rate, "
+              r"0.000125 \(--lr x --batch-size / 1024\)"),  # tiny_run's: 1.6e-2 x 8 / 1024
+             (dict(min_lr=2e-4), r"--min-lr 0.0002 is above the peak learning rate, 0.000125 .*: the cosine would"),
+             (dict(warmup_lr=0.0, bench=1), "--warmup-lr 0.0 must be positive")]
+    for settings in (dict(bench=1), dict(eval_only=True, weights="w.pth")):  # neither follows the schedule
+        train_imagenet.check(tiny_run(tmp_path, min_lr=2e-4, warmup_lr=2e-4, **settings))
     for overrides, message in cases:
         with pytest.raises(train_imagenet.InputError, match=message) as error:
             train_imagenet.main(tiny_run(tmp_path, **overrides))
@@ -3970,6 +3977,149 @@ def test_imagenet_loaders_keep_their_workers(tmp_path):
     assert all(map(torch.equal, first, [images for images, _ in train]))  # the same epoch, the same augmentations
     train.sampler.set_epoch(1)
     assert not any(map(torch.equal, first, [images for images, _ in train]))
+
+
+def test_the_learning_rate_scales_with_the_global_batch():
+    """DeiT's rule, lr 5e-4 per 512 images (--lr 1e-3 at 1024): at a global batch of 256 the peak is 2.5e-4; the
+    warm-up still starts at --warmup-lr (1e-6) and reaches the scaled peak after --warmup-epochs."""
+    cfg = train_imagenet.Config(batch_size=256, epochs=4, warmup_epochs=1, warmup_lr=1e-6, min_lr=1e-5)
+    optimizer, scheduler = train_imagenet.optimiser(cfg, nn.Linear(2, 2), steps_per_epoch=4)
+    lrs = []
+    for _ in range(5):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(1e-6, rel=1e-9) and lrs[4] == pytest.approx(2.5e-4, rel=1e-9)
+    assert lrs[2] == pytest.approx((1e-6 + 2.5e-4) / 2, rel=1e-9)  # half-way up the linear ramp
+
+
+def test_imagenet_top_5_counts_the_fifth_class_and_not_the_sixth():
+    """Labels ranked 5th and 6th of 8 classes: only the 5th is a top-5 hit; the model is evaluated in eval mode (its
+    dropout and BatchNorm off) and handed back in training mode."""
+    modes = []
+
+    class Fixed(nn.Module):
+        def forward(self, images):  # class 0 first, class 7 last
+            modes.append(self.training)
+            return torch.arange(8.0, 0, -1).expand(len(images), -1)
+
+    model = Fixed()
+    loader = [(torch.zeros(3, 3, 8, 8), torch.tensor([4, 5, 1]))]
+    metrics = train_imagenet.evaluate(model, loader, torch.device("cpu"), contextlib.nullcontext(),
+                                      train_imagenet.Config(), 1)
+    assert metrics["top1"] == 0 and metrics["top5"] == pytest.approx(200 / 3) and metrics["images"] == 3
+    assert modes == [False] and model.training
+
+
+def test_imagenet_evaluation_resizes_to_256_crops_224_and_normalises():
+    """The release's evaluation at 224: the shorter side to 224 / 0.875 = 256, the centre 224 x 224, then ImageNet's
+    mean and std. A 320 x 256 image needs no resize: the result is its centre crop, normalised."""
+    from PIL import Image
+    pixels = torch.randint(0, 256, (256, 320, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    image = train_imagenet.transforms(train_imagenet.Config(), train=False)(Image.fromarray(pixels.numpy()))
+    crop = pixels[16:240, 48:272].permute(2, 0, 1).double() / 255  # (3, 224, 224): 16 rows and 48 columns off each side
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    torch.testing.assert_close(image.double(), (crop - mean) / std, rtol=0, atol=1e-5)
+
+
+def test_imagenet_defaults_are_deits_recipe(tmp_path):
+    """DeiT's / PVT's numbers: 300 epochs, 5 of warm-up from 1e-6, cosine to 1e-5, weight decay 0.05, label smoothing
+    0.1, MixUp alpha 0.8 and CutMix alpha 1.0 (one of the two a batch), random erasing 0.25, 3 repeats."""
+    cfg = train_imagenet.Config()
+    assert (cfg.epochs, cfg.warmup_epochs, cfg.warmup_lr, cfg.min_lr, cfg.weight_decay) == (300, 5, 1e-6, 1e-5, 0.05)
+    assert (cfg.label_smoothing, cfg.random_erasing, cfg.repeated_aug) == (0.1, 0.25, 3)
+    train, _, _ = train_imagenet.loaders(tiny_run(tmp_path, mixup=cfg.mixup, cutmix=cfg.cutmix), 0, 1, print)
+    mixes = train.collate_fn.keywords["mix"].transforms
+    assert [(type(m).__name__, m.alpha) for m in mixes] == [("MixUp", 0.8), ("CutMix", 1.0)]
+
+
+def test_imagenet_training_loss_smooths_the_labels(tmp_path, monkeypatch):
+    """The loss a run trains with is the cross-entropy against labels smoothed by --label-smoothing (0.1 by default):
+    at 3 classes the target 0 becomes (0.9 + 0.1 / 3, 0.1 / 3, 0.1 / 3)."""
+    criteria, step = [], train_imagenet.train_step
+    monkeypatch.setattr(train_imagenet, "train_step", lambda parts, *args: criteria.append(parts.criterion) or
+                        step(parts, *args))
+    train_imagenet.main(tiny_run(tmp_path, synthetic_val=2))
+    log_p = [2 - math.log(math.exp(2) + 2), -math.log(math.exp(2) + 2), -math.log(math.exp(2) + 2)]
+    expected = -sum(q * lp for q, lp in zip([0.9 + 0.1 / 3, 0.1 / 3, 0.1 / 3], log_p))
+    loss = criteria[0](torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([0]))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_imagenet_ema_is_a_moving_average_of_the_trained_weights(tmp_path, monkeypatch):
+    """--ema-decay d: after the first step the average is the weights, after each further step d x itself + (1 - d) x
+    the new weights (two steps at d = 0.9: 0.9 w1 + 0.1 w2)."""
+    snapshots, update = [], train_imagenet.AveragedModel.update_parameters
+
+    def record(self, model):
+        snapshots.append({k: v.detach().clone() for k, v in model.named_parameters()})
+        return update(self, model)
+
+    monkeypatch.setattr(train_imagenet.AveragedModel, "update_parameters", record)
+    train_imagenet.main(tiny_run(tmp_path, ema_decay=0.9, synthetic_val=2))
+    assert len(snapshots) == 2
+    ema = torch.load(tmp_path / "run" / "checkpoint-0000002.pth", weights_only=True)["ema"]
+    for name, first in snapshots[0].items():
+        torch.testing.assert_close(ema[f"module.{name}"], 0.9 * first + 0.1 * snapshots[1][name])
+
+
+def test_imagenet_train_step_clips_the_gradient_norm_and_starts_each_step_afresh():
+    """--clip-grad 0.5: the gradient (loss (w . x)^2 / 2 at w = 1, x = (3, 4): w . x x = (21, 28), norm 35) is scaled
+    to norm 0.5; a second step's gradient is its own, not added to the first's."""
+    model = nn.Linear(2, 1, bias=False)
+    nn.init.ones_(model.weight)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    parts = train_imagenet.Parts(model, model, optimizer, None, torch.amp.GradScaler("cpu", enabled=False),
+                                 contextlib.nullcontext(), lambda out, target: (out ** 2).sum() / 2, None, None, None,
+                                 {})
+    images = torch.tensor([[3.0, 4.0]])
+    train_imagenet.train_step(parts, images, None, train_imagenet.Config(clip_grad=0.5))
+    torch.testing.assert_close(model.weight.grad, torch.tensor([[21.0, 28.0]]) * 0.5 / 35)
+    for _ in range(2):
+        train_imagenet.train_step(parts, images, None, train_imagenet.Config(clip_grad=0.0))
+        torch.testing.assert_close(model.weight.grad, torch.tensor([[21.0, 28.0]]))
+
+
+def test_the_synthetic_validation_images_are_not_the_training_images():
+    """The built-in set's validation images are drawn apart from its training images (a held-out set)."""
+    train, val, _ = train_imagenet.datasets(train_imagenet.Config(img_size=16))
+    for i in range(3):
+        assert train[i][1] == val[i][1] and train[i][0].tobytes() != val[i][0].tobytes()
+
+
+def test_repeated_augmentation_reshuffles_the_images_each_epoch():
+    """Each epoch deals the images in a new order (DeiT's RASampler: a permutation of (seed, epoch)), not only new
+    augmentations."""
+    sampler = train_imagenet.RepeatedAugmentationSampler(12, 3, 0, 1, seed=0)
+    orders = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        orders.append([index for index, _ in sampler])
+    assert len({tuple(order) for order in orders}) == 3
+
+
+def test_imagenet_validation_is_split_across_ranks_once(tmp_path):
+    """Under 2 processes the ranks' validation shares are disjoint and cover the 11 images, rank 0 taking the even
+    ones; each rank's training batch is half the global batch."""
+    shares = []
+    for rank in range(2):
+        train, val, _ = train_imagenet.loaders(tiny_run(tmp_path), rank, 2, print)
+        shares.append(list(val.dataset.indices))
+        assert train.batch_size == val.batch_size == 4
+    assert shares[0] == [0, 2, 4, 6, 8, 10] and sorted(shares[0] + shares[1]) == list(range(11))
+
+
+def test_an_imagenet_resume_refuses_another_warm_up_decay_or_batch(tmp_path):
+    """Beside epochs, lr, min_lr and EMA: the warm-up's length and start, the weight decay and the global batch are in
+    the saved optimiser and schedule too, so a training resume with other values is refused."""
+    saved = train_imagenet.Config()
+    path = tmp_path / "checkpoint-0000002.pth"
+    torch.save(dict(model={}, optimizer={}, scheduler={}, scaler={}, step=0, plan={},
+                    config=dataclasses.asdict(saved)), path)
+    for changed in [dict(warmup_epochs=10), dict(warmup_lr=1e-7), dict(weight_decay=0.1), dict(batch_size=512)]:
+        with pytest.raises(train_imagenet.InputError, match=f"saved with --{next(iter(changed)).replace('_', '-')} "):
+            train_imagenet.read_checkpoint(path, dataclasses.replace(saved, **changed),
+                                           train_imagenet.WEIGHTS_DEPEND_ON, train_imagenet.TRAINING_DEPENDS_ON)
 
 
 # ====================================================================================================================

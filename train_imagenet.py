@@ -398,6 +398,8 @@ def check(cfg):
     for name in [n for n in positive if getattr(cfg, n) < 1] + [n for n in at_least_0 if getattr(cfg, n) < 0]:
         raise InputError(f"--{name.replace('_', '-')} must be {'positive' if name in positive else '>= 0'}, "
                          f"got {getattr(cfg, name)}")
+    peak = cfg.lr * cfg.batch_size / REFERENCE_BATCH  # as optimiser() scales it
+    schedule = not (cfg.eval_only or cfg.bench)  # a run that follows it: an evaluation or a benchmark takes any batch
     refusals = [  # each would fail late (drop path at --drop-path-epoch) or deep inside torch or torchvision
         (not cfg.lr > 0, f"--lr {cfg.lr}: the peak learning rate must be positive"),
         (not 0 < cfg.crop_scale <= 1, f"--crop-scale {cfg.crop_scale}: a fraction of the image's area, in (0, 1]"),
@@ -409,8 +411,10 @@ def check(cfg):
          f"--img-size {cfg.img_size} it crops"),
         (cfg.eval_only and not (cfg.resume or cfg.weights), "--eval-only needs the weights to evaluate: --resume CKPT "
          "or --weights WEIGHTS"),
-        (not 0 < cfg.warmup_lr <= cfg.lr * cfg.batch_size / REFERENCE_BATCH, f"--warmup-lr {cfg.warmup_lr} must be "
-         "positive and at most the peak learning rate")]
+        (not cfg.warmup_lr > 0 or schedule and cfg.warmup_lr > peak, f"--warmup-lr {cfg.warmup_lr} must be positive "
+         f"and at most the peak learning rate, {peak:.3g} (--lr x --batch-size / {REFERENCE_BATCH})"),
+        (schedule and cfg.min_lr > peak, f"--min-lr {cfg.min_lr} is above the peak learning rate, {peak:.3g} (--lr x "
+         f"--batch-size / {REFERENCE_BATCH}): the cosine would rise")]
     for refused, message in refusals:
         if refused:
             raise InputError(message)

@@ -3755,8 +3755,8 @@ def test_command_line_errors_exit_with_one_line(tmp_path):
     (data / "train" / "cat" / "0.png").write_bytes(b"not an image")
     script = str(Path(__file__).with_name("train_imagenet.py"))
     run = subprocess.run([sys.executable, script, "--data", str(data), "--img-size", "32", "--batch-size", "4",
-                          "--workers", "1", "--output", str(tmp_path / "run")], capture_output=True, text=True,
-                         timeout=300)
+                          "--min-lr", "1e-6", "--workers", "1", "--output", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 1
     assert run.stderr.strip().splitlines()[-1] == \
         f"train_imagenet.py: error: {data / 'train' / 'cat' / '0.png'}: unreadable image " \
@@ -3816,7 +3816,7 @@ def test_imagenet_under_torchrun(tmp_path):
     data = write_image_folder(tmp_path / "data")  # one rank alone meets the unreadable image, mid-epoch
     (data / "train" / "dog" / "1.png").write_bytes(b"not an image")
     run, seconds = torchrun("train_imagenet.py", "--data", data, "--img-size", "32", "--batch-size", "4",
-                            "--repeated-aug", "1", "--workers", "0", "--output", tmp_path / "bad")
+                            "--min-lr", "1e-6", "--repeated-aug", "1", "--workers", "0", "--output", tmp_path / "bad")
     errors = [line for line in run.stderr.splitlines() if "error:" in line]
     bad = data / "train" / "dog" / "1.png"
     assert run.returncode != 0 and len(errors) == 1

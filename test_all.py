@@ -4882,6 +4882,122 @@ def test_new_options_are_refused_in_one_line_where_they_do_not_apply(tmp_path):
         assert "\n" not in str(error.value)
 
 
+# The official Cityscapes label table (cityscapesScripts' labels.py): labelId -> trainId of the 19 evaluated classes
+CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+                        26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+
+
+def test_label_ids_map_to_the_official_train_ids_and_the_rest_is_ignored(tmp_path):
+    """Every labelId 0-255 maps as cityscapesScripts' table says: the 19 classes to train ids 0-18 in order (road ...
+    bicycle), everything else (unlabeled, ego vehicle, license plate's -1, ...) to 255."""
+    assert [c.id for c in cs.TRAIN_CLASSES] == list(CITYSCAPES_TRAIN_IDS)
+    assert [c.name for c in cs.TRAIN_CLASSES][:3] == ["road", "sidewalk", "building"]
+    assert cs.TRAIN_CLASSES[-1].name == "bicycle" and cs.IGNORE == 255
+    lut = cs.CityscapesTrainIds(str(write_cityscapes(tmp_path / "cityscapes")), "val").lut
+    assert lut.tolist() == [CITYSCAPES_TRAIN_IDS.get(label_id, 255) for label_id in range(256)]
+
+
+def test_miou_averages_the_classes_present_alone():
+    """A class absent from both the labels and the prediction has no IoU (None) and leaves the mean: 2 of 3 classes
+    seen, IoUs 1/2 and 2/3 by hand, mIoU their mean (not a third of their sum)."""
+    label = torch.tensor([[0, 0, 1, 1]])
+    prediction = torch.tensor([[0, 1, 1, 1]])  # confusion [[1, 1], [0, 2]]: IoU 1 / (2 + 1 - 1), 2 / (2 + 3 - 2)
+
+    class Fixed(nn.Module):
+        def forward(self, windows):
+            return F.one_hot(prediction, 3).permute(2, 0, 1).float()[None]
+
+    cfg = cs.Config(crop=4, eval_stride=4, eval_batch=1, workers=0)
+    metrics = cs.evaluate(Fixed(), [(torch.zeros(3, 1, 4, dtype=torch.uint8), label)], ["a", "b", "c"], cfg,
+                          torch.device("cpu"), torch.autocast("cpu", enabled=False), 0, 1)
+    assert metrics["iou"] == dict(a=50.0, b=round(200 / 3, 2), c=None)
+    assert metrics["miou"] == pytest.approx((50 + 200 / 3) / 2)
+
+
+def test_each_family_gets_its_papers_optimiser_with_the_given_decay_and_poly_power():
+    """FCNs: SGD, lr 0.01, momentum 0.9 (Section 8.1.1); DGMN2: AdamW, lr 1e-4; both take --weight-decay, and the
+    schedule decays as (1 - t / T) ** --poly-power."""
+    for model, kind, lr in (("fcn-dgmn", torch.optim.SGD, 0.01), ("dgmn2-tiny", torch.optim.AdamW, 1e-4)):
+        cfg = cs.Config(model=model, iterations=10, weight_decay=3e-4, poly_power=2.0)
+        optimizer, scheduler = cs.optimiser_and_schedule(cfg, nn.Linear(2, 2))
+        group = optimizer.param_groups[0]
+        assert type(optimizer) is kind and group["lr"] == lr and group["weight_decay"] == 3e-4
+        assert kind is torch.optim.AdamW or group["momentum"] == 0.9
+        lrs = []
+        for _ in range(10):
+            optimizer.step()
+            scheduler.step()
+            lrs.append(group["lr"])
+        assert lrs == pytest.approx([lr * (1 - t / 10) ** 2 for t in range(1, 11)], rel=1e-9, abs=1e-15)
+
+
+def test_training_crops_are_flipped_half_the_time():
+    """mmseg's RandomFlip(prob=0.5): over 200 items, the crop's left column holds the image's rightmost source column
+    (a flip) in about half (binomial sd 3.5%)."""
+    H, W = 16, 16
+    label = (torch.arange(W) % 2).expand(H, W).to(torch.uint8)
+    cfg = cs.Config(model="fcn", crop=16, base_size=H, scale_min=1.0, scale_max=1.0)  # the whole image, scale 1
+    augmented = cs.Augmented([(coordinates(H, W), label)], cfg)
+    mean, std = 255 * dgmn2.IMAGENET_MEAN[1], 255 * dgmn2.IMAGENET_STD[1]
+    first_columns = [round(augmented[(key, 0)][0][1, 0, 0].item() * std + mean) for key in range(200)]
+    assert set(first_columns) == {0, W - 1}
+    assert 0.4 < first_columns.count(W - 1) / 200 < 0.6
+
+
+def test_synthetic_trainval_adds_the_validation_scenes_which_differ_from_the_training_ones(tmp_path):
+    """--trainval on the built-in scenes trains on the training and the validation scenes; the validation scenes are
+    not copies of training scenes."""
+    cfg = segmentation_run(tmp_path, synthetic_train=4, synthetic_val=3)
+    train, val, _ = cs.datasets(cfg)
+    assert len(train) == 4 and len(val) == 3
+    assert not any(torch.equal(train[i][0], val[j][0]) for i in range(4) for j in range(3))
+    train, val, _ = cs.datasets(dataclasses.replace(cfg, trainval=True))
+    assert len(train) == 4 + 3 and torch.equal(train[4][0], val[0][0])
+
+
+def test_multi_scale_evaluation_takes_mmsegs_six_ratios_and_flips(monkeypatch):
+    """--multi-scale is mmseg's aug_test of Cityscapes: img_ratios 0.5, 0.75, 1.0, 1.25, 1.5, 1.75 with flips; single
+    scale: 1 without a flip."""
+    seen = []
+
+    def recorder(model, image, classes, **kwargs):
+        seen.append((tuple(kwargs["scales"]), kwargs["flip"]))
+        return torch.zeros(1, classes, *image.shape[-2:])
+
+    monkeypatch.setattr(segmentation, "predict", recorder)
+    dataset = [(torch.zeros(3, 4, 4, dtype=torch.uint8), torch.zeros(4, 4, dtype=torch.uint8))]
+    for multi_scale in (True, False):
+        cfg = cs.Config(crop=4, eval_stride=4, workers=0, multi_scale=multi_scale)
+        list(cs.predictions(nn.Identity(), dataset, 3, cfg, torch.device("cpu"), contextlib.nullcontext(), 0, 1))
+    assert seen == [((0.5, 0.75, 1.0, 1.25, 1.5, 1.75), True), ((1,), False)]
+
+
+def test_the_passes_of_neighbouring_seeds_are_not_shifted_copies():
+    """Pass p of --seed s is not pass p - 1 of --seed s + 1 (as seed + p would make it): runs of seeds 0 and 1 do not
+    share their data orders."""
+    orders = {}
+    for seed in (0, 1):
+        passes = cs.Passes(range(40), num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=True)
+        stream = [i for _, i in itertools.islice(passes, 120)]
+        orders[seed] = [stream[p * 40:p * 40 + 40] for p in range(3)]
+    assert orders[0][1] != orders[1][0] and orders[0][2] != orders[1][1]
+
+
+def test_the_defaults_are_mmsegs_cityscapes_769_recipe():
+    """mmseg's Cityscapes 769 x 769 configs (and the DGMN2 release's): a 769 crop, windows every 513 pixels at
+    evaluation, the shorter side (Cityscapes' 1024) times 0.5 to 2.0, 8 images a step for 40k steps, poly power 0.9."""
+    cfg = cs.Config()
+    assert (cfg.crop, cfg.eval_stride, cfg.base_size, cfg.scale_min, cfg.scale_max) == (769, 513, 1024, 0.5, 2.0)
+    assert (cfg.batch_size, cfg.iterations, cfg.poly_power) == (8, 40_000, 0.9)
+
+
+def test_each_rank_loads_its_share_of_the_global_batch(tmp_path):
+    """--batch-size is global: under 2 processes each rank's loader gives half of it."""
+    cfg = segmentation_run(tmp_path, batch_size=4)
+    train, _, _ = cs.datasets(cfg)
+    assert [cs.training_loader(train, cfg, rank, 2, torch.device("cpu")).batch_size for rank in (0, 1)] == [2, 2]
+
+
 # ====================================================================================================================
 # train_coco.py: Sections 5.1-5.3, 6.2, 8.1.2
 

@@ -1038,6 +1038,21 @@ def test_dgmn_update_is_eq_2_iterated_from_the_observed_map():
     assert (h == 0).any() and not (h < 0).any()
 
 
+def test_dgmn_walks_are_predicted_from_the_uniform_grid_of_their_rate():
+    """Eq. 4: the walks of rate q are a ks x ks conv (with bias) over the nodes uniformly sampled at that rate, i.e.
+    dilated by q (against conv2d on a map whose grid at rate 3 differs from that at rate 1)."""
+    torch.manual_seed(0)
+    for rate, ks in [(3, 3), (2, 5)]:
+        message = dgmn.RateMessage(8, rate, groups=2, kernel_size=ks).double()
+        with torch.no_grad():
+            message.walk.weight.normal_(0, 0.3)
+            message.walk.bias.normal_(0, 1)
+        h = torch.randn(2, 8, 7, 9, dtype=torch.float64)
+        expected = F.conv2d(h, message.walk.weight, message.walk.bias, padding=rate * (ks // 2), dilation=rate)
+        assert message.walk.weight.shape == (2 * ks * ks, 8, ks, ks)
+        torch.testing.assert_close(message.graph(h)[0], expected)
+
+
 def test_dgmn_filters_and_affinities_come_from_the_walked_nodes(path):
     """Eq. 6-7 against deform_conv2d on the same walks: filters from the first G K kernels, affinity logits from the
     last K, softmax over the K nodes; the node weights are their product."""
@@ -1204,6 +1219,82 @@ def test_global_context_block_adds_one_pooled_context_everywhere():
     weights = module.attention(x).flatten(2).softmax(dim=-1)  # (B, 1, N)
     context = (x.flatten(2) * weights).sum(-1)[..., None, None]  # (B, C, 1, 1)
     torch.testing.assert_close(module(x), x + module.transform(context))
+
+
+def test_global_context_transform_is_conv_layernorm_relu_conv():
+    """GCNet's transform (Cao et al., Fig. 4(d)): 1x1 conv to C / r, LayerNorm over those C / r channels, ReLU, 1x1 conv
+    back; the context is the softmax-weighted mean of the positions. Against that computed here with plain tensors;
+    r is the ratio passed, 16 by default."""
+    module = randomised(dgmn.GlobalContext(16, ratio=4))
+    x = torch.randn(2, 16, 3, 4, dtype=torch.float64)
+    logits = torch.einsum("c,bcn->bn", module.attention.weight.flatten(), x.flatten(2))
+    context = torch.einsum("bcn,bn->bc", x.flatten(2), logits.softmax(dim=1))  # (B, C)
+    first, norm, _, last = module.transform
+    t = context @ first.weight.flatten(1).T + first.bias  # (B, C / r)
+    mean, var = t.mean(1, keepdim=True), t.var(1, unbiased=False, keepdim=True)
+    t = (t - mean) / torch.sqrt(var + norm.eps) * norm.weight.flatten() + norm.bias.flatten()
+    out = t.clamp(min=0) @ last.weight.flatten(1).T + last.bias  # (B, C)
+    torch.testing.assert_close(module(x), x + out[..., None, None])
+    C = 64  # GCNet's ratio 16 by default: a 4-channel bottleneck; attention C, convs with biases, LayerNorm 2 C / 16
+    assert parameter_count(dgmn.GlobalContext(C)) == C + (C * 4 + 4) + 2 * 4 + (4 * C + C)
+
+
+def test_criss_cross_attention_starts_as_the_identity_with_c_8_queries_and_keys():
+    """CCNet: gamma starts at 0, so a new module (any recurrence) is the identity; queries and keys have C / 8 channels,
+    values C (1x1 convs with biases): 2 (C C / 8 + C / 8) + C C + C + 1 parameters."""
+    torch.manual_seed(0)
+    C = 32
+    module = dgmn.CrissCrossAttention(C)
+    x = torch.randn(2, C, 4, 5)
+    assert torch.equal(module(x), x)
+    assert parameter_count(module) == 2 * (C * C // 8 + C // 8) + C * C + C + 1
+
+
+def test_modulated_deform_conv_keeps_dilation_stride_and_groups():
+    """DCNv2 at dilation 2, stride 2: padding "same" is dilation (ks // 2), and the offset-and-mask conv has the
+    geometry of the main one (both against deform_conv2d and conv2d called here); replacing a grouped conv (ResNeXt)
+    keeps its groups and computes it at masks 0.5."""
+    torch.manual_seed(0)
+    dcn = dgmn.ModulatedDeformConv(6, 4, stride=2, dilation=2)
+    with torch.no_grad():
+        dcn.offset_mask.weight.normal_(0, 0.3)
+        dcn.offset_mask.bias.normal_(0, 1)
+    x = torch.randn(2, 6, 9, 8)
+    predicted = F.conv2d(x, dcn.offset_mask.weight, dcn.offset_mask.bias, stride=2, padding=2, dilation=2)
+    offsets, masks = predicted[:, :18], predicted[:, 18:]
+    expected = deform_conv2d(x, offsets, dcn.weight, stride=2, padding=2, dilation=2, mask=masks.sigmoid())
+    assert expected.shape == (2, 4, 5, 4)
+    torch.testing.assert_close(dcn(x), expected)
+    conv = nn.Conv2d(8, 6, 3, padding=1, groups=2, bias=True)
+    replaced = dgmn.ModulatedDeformConv.replacing(conv)
+    x = torch.randn(2, 8, 5, 7)
+    assert replaced.groups == 2
+    half = 0.5 * F.conv2d(x, conv.weight, padding=1, groups=2)  # masks sigmoid(0); the bias is not masked
+    torch.testing.assert_close(replaced(x), half + conv.bias[:, None, None])
+
+
+def test_insert_into_resnet_takes_dgmn_keywords_over_its_defaults():
+    """insert_into_resnet's defaults (the release's layout, no sigma) give way to the keywords passed, and the rates
+    passed are the modules' dilations; every 3x3 conv of the stage (two a basic block) and no other gets one."""
+    from torchvision.models import resnet18
+    with torch.device("meta"):
+        model = dgmn.insert_into_resnet(resnet18(), stages=("C4",), rates=(1, 2), channel_transforms=True,
+                                        nonlinearity=True)
+    modules = [m for m in model.modules() if isinstance(m, dgmn.DGMN)]
+    assert len(modules) == 4 and all(m.update is not None and isinstance(m.sigma, nn.ReLU) for m in modules)
+    assert all([message.rate for message in m.messages] == [1, 2] for m in modules)
+    assert [n for n, m in model.named_modules() if isinstance(m, dgmn.DGMN)] == [
+        f"layer3.{b}.conv{c}.context" for b in (0, 1) for c in (1, 2)]
+
+
+def test_deformable_message_passing_starts_with_taps_at_a_convs_scale():
+    """Table 3's baseline: its static taps are drawn uniformly within 1 / sqrt(K) (a ks x ks conv's scale per channel
+    group), the same for all pixels, and nothing else weighs the nodes."""
+    torch.manual_seed(0)
+    module = dgmn.deformable_message_passing(8, rates=(1,), groups=4, kernel_size=5)
+    taps = module.messages[0].static_filters
+    assert taps.shape == (4, 25) and 0.9 / 5 < taps.abs().max() <= 1 / 5
+    assert module.messages[0].predict is None
 
 
 def test_a_module_before_the_last_block_of_res4():

@@ -3610,14 +3610,19 @@ def test_image_folder_with_the_paper_recipe(tmp_path):
     assert metrics["step"] == 3 and metrics["images"] == 6 and math.isfinite(metrics["train_loss"])
 
 
-def test_learning_rate_schedule():
-    cfg = train_imagenet.Config(epochs=10, warmup_epochs=2, warmup_lr=1e-6, min_lr=1e-5)  # batch 1024: peak 1e-3
-    optimizer, scheduler = train_imagenet.optimiser(cfg, nn.Linear(2, 2), steps_per_epoch=5)
+def scheduled_lrs(optimizer, scheduler, steps):
+    """The first parameter group's lr at steps 0, 1, ..., steps - 1 of the schedule (before each step)."""
     lrs = []
-    for _ in range(51):
-        lrs.append(scheduler.get_last_lr()[0])
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
+    return lrs
+
+
+def test_learning_rate_schedule():
+    cfg = train_imagenet.Config(epochs=10, warmup_epochs=2, warmup_lr=1e-6, min_lr=1e-5)  # batch 1024: peak 1e-3
+    lrs = scheduled_lrs(*train_imagenet.optimiser(cfg, nn.Linear(2, 2), steps_per_epoch=5), 51)
     warmup = [1e-6 + (1e-3 - 1e-6) * t / 10 for t in range(10)]  # linear from --warmup-lr over 2 epochs of 5 steps
     cosine = [1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * t / 40)) / 2 for t in range(41)]  # then to --min-lr
     assert lrs == pytest.approx(warmup + cosine, rel=1e-9)
@@ -4074,12 +4079,7 @@ def test_the_learning_rate_scales_with_the_global_batch():
     """DeiT's rule, lr 5e-4 per 512 images (--lr 1e-3 at 1024): at a global batch of 256 the peak is 2.5e-4; the
     warm-up still starts at --warmup-lr (1e-6) and reaches the scaled peak after --warmup-epochs."""
     cfg = train_imagenet.Config(batch_size=256, epochs=4, warmup_epochs=1, warmup_lr=1e-6, min_lr=1e-5)
-    optimizer, scheduler = train_imagenet.optimiser(cfg, nn.Linear(2, 2), steps_per_epoch=4)
-    lrs = []
-    for _ in range(5):
-        lrs.append(scheduler.get_last_lr()[0])
-        optimizer.step()
-        scheduler.step()
+    lrs = scheduled_lrs(*train_imagenet.optimiser(cfg, nn.Linear(2, 2), steps_per_epoch=4), 5)
     assert lrs[0] == pytest.approx(1e-6, rel=1e-9) and lrs[4] == pytest.approx(2.5e-4, rel=1e-9)
     assert lrs[2] == pytest.approx((1e-6 + 2.5e-4) / 2, rel=1e-9)  # half-way up the linear ramp
 
@@ -4267,12 +4267,7 @@ def test_cityscapes_layout_trains_and_maps_train_ids(tmp_path):
 def test_the_learning_rate_decays_as_a_polynomial_to_zero():
     for name, base in (("fcn", 0.01), ("dgmn2-tiny", 1e-4)):
         cfg = train_cityscapes.Config(model=name, iterations=20)
-        optimizer, scheduler = train_cityscapes.optimiser_and_schedule(cfg, nn.Linear(2, 2))
-        lrs = []
-        for _ in range(21):
-            lrs.append(optimizer.param_groups[0]["lr"])
-            optimizer.step()
-            scheduler.step()
+        lrs = scheduled_lrs(*train_cityscapes.optimiser_and_schedule(cfg, nn.Linear(2, 2)), 21)
         assert lrs == pytest.approx([base * (1 - t / 20) ** 0.9 for t in range(21)], rel=1e-9, abs=1e-12)
 
 
@@ -5014,12 +5009,8 @@ def test_each_family_gets_its_papers_optimiser_with_the_given_decay_and_poly_pow
         group = optimizer.param_groups[0]
         assert type(optimizer) is kind and group["lr"] == lr and group["weight_decay"] == 3e-4
         assert kind is torch.optim.AdamW or group["momentum"] == 0.9
-        lrs = []
-        for _ in range(10):
-            optimizer.step()
-            scheduler.step()
-            lrs.append(group["lr"])
-        assert lrs == pytest.approx([lr * (1 - t / 10) ** 2 for t in range(1, 11)], rel=1e-9, abs=1e-15)
+        lrs = scheduled_lrs(optimizer, scheduler, 11)
+        assert lrs == pytest.approx([lr * (1 - t / 10) ** 2 for t in range(11)], rel=1e-9, abs=1e-15)
 
 
 def test_training_crops_are_flipped_half_the_time():

@@ -398,7 +398,7 @@ def check(cfg):
     for name in [n for n in positive if getattr(cfg, n) < 1] + [n for n in at_least_0 if getattr(cfg, n) < 0]:
         raise InputError(f"--{name.replace('_', '-')} must be {'positive' if name in positive else '>= 0'}, "
                          f"got {getattr(cfg, name)}")
-    peak = cfg.lr * cfg.batch_size / REFERENCE_BATCH  # as optimiser() scales it
+    peak = peak_lr(cfg)
     schedule = not (cfg.eval_only or cfg.bench)  # a run that follows it: an evaluation or a benchmark takes any batch
     refusals = [  # each would fail late (drop path at --drop-path-epoch) or deep inside torch or torchvision
         (not cfg.lr > 0, f"--lr {cfg.lr}: the peak learning rate must be positive"),
@@ -656,11 +656,16 @@ def param_groups(model, weight_decay):
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
+def peak_lr(cfg):
+    """--lr scaled to the global batch, DeiT's rule: --lr at REFERENCE_BATCH images a step."""
+    return cfg.lr * cfg.batch_size / REFERENCE_BATCH
+
+
 def optimiser(cfg, model, steps_per_epoch):
     """AdamW at the peak lr scaled to the global batch, and its schedule, stepped every optimiser step: linear
     warm-up from --warmup-lr over --warmup-epochs, then cosine to --min-lr at the last step. The release steps timm's
     cosine once an epoch, an epoch behind (its first two epochs at --warmup-lr): the same shape in steps of an epoch."""
-    peak = cfg.lr * cfg.batch_size / REFERENCE_BATCH
+    peak = peak_lr(cfg)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak)
     warmup, total = cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch
     cosine = CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1), eta_min=cfg.min_lr)

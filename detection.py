@@ -183,8 +183,8 @@ class Detector:
     gflops: float | None = None      # the paper's FLOPs (G, multiply-adds at 800 x 1333)
 
 
-R50, R101, X101 = (functools.partial(Detector, "maskrcnn", name) for name in ("resnet50", "resnet101",
-                                                                                "resnext101_32x8d"))
+R50, R101, X101 = (functools.partial(Detector, "maskrcnn", name)
+                   for name in ("resnet50", "resnet101", "resnext101_32x8d"))
 C4_ONCE = dict(stages=("C4",), placement="before the last block")  # Table 3's single module, where Wang et al. put it
 MODELS = {
     **{f"retinanet-dgmn2-{v}": Detector("retinanet", v, ap, None, "Table 7", params_m=p, gflops=g) for v, p, g, ap in [

@@ -2200,7 +2200,8 @@ def test_setr_heads_resize_as_the_release(monkeypatch):
 
     monkeypatch.setattr(segmentation.F, "interpolate", spy)
     maps = [torch.randn(1, c, *side) for c, side in zip((64, 128, 320, 512), [(10, 12), (5, 6), (5, 6), (5, 6)])]
-    expected = dict(naive=[], pup=[((5, 6), (10, 12)), ((10, 12), (20, 24)), ((20, 24), (40, 48)), ((40, 48), (80, 96))],
+    pup = [((5, 6), (10, 12)), ((10, 12), (20, 24)), ((20, 24), (40, 48)), ((40, 48), (80, 96))]
+    expected = dict(naive=[], pup=pup,
                     mla=[((10, 12), (20, 24))] + [((5, 6), (20, 24))] * 3)  # all to 4 x the stride-8 map
     out_sides = dict(naive=(5, 6), pup=(80, 96), mla=(20, 24))
     for head, resizes in expected.items():
@@ -2556,7 +2557,8 @@ DEEPER = ["maskrcnn-r101", "maskrcnn-r101-dgmn-c5", "maskrcnn-x101", "maskrcnn-x
 def test_every_baseline_backbone_parameter_learns_in_two_steps(model):
     """Two SGD steps of the backbone (the ResNet-50 with its module, the FPN) on a loss over every FPN level: by the
     second every parameter has had a gradient (zero-initialised parts, such as GCNet's last conv or the non-local
-    block's BN, pass one on only once the first step has moved them). The heads are maskrcnn-r50's, trained elsewhere."""
+    block's BN, pass one on only once the first step has moved them). The heads are maskrcnn-r50's, trained
+    elsewhere."""
     torch.manual_seed(0)  # BN trains: with random weights, frozen BN would pass unnormalised activations on
     backbone = detection.build(model, 5, min_size=64, max_size=64).backbone
     optimizer = torch.optim.SGD(backbone.parameters(), lr=1e-4)  # small: walks that leave a 2 x 2 map read zeros

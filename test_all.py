@@ -175,6 +175,21 @@ def test_a_non_finite_walk_reads_nan_at_its_query_only(path):
     assert all(g.isfinite().all() for g in gradients)  # no exception, no NaN, on either path
 
 
+def test_a_non_finite_walk_gives_its_weights_a_nan_gradient(path):
+    """The weight of a node whose walk is NaN or infinite gets a NaN gradient (the node reads NaN), and no other
+    weight does: aggregate's weights' gradient is NaN exactly at that query's node, in the groups following the walk."""
+    B, C, H, W, G, Go = 2, 8, 5, 6, 4, 2
+    x, weights = torch.randn(B, C, H, W), torch.rand(B, G, 9, H, W, requires_grad=True)
+    offsets = walks(B, 9, H, W, dtype=torch.float32, groups=Go)
+    offsets[0, 2 * 9 + 2 * 4, 1, 2] = math.nan  # walk group 1, node 4, query (1, 2) of image 0: its dy
+    offsets[1, 1, 3, 0] = math.inf              # walk group 0, node 0, query (3, 0) of image 1: its dx
+    out = sampler.aggregate(x, offsets, weights, offset_groups=Go)
+    grad, = torch.autograd.grad(out, weights, torch.randn(out.shape))
+    nan = torch.zeros_like(grad, dtype=torch.bool)
+    nan[0, 2:, 4, 1, 2] = nan[1, :2, 0, 3, 0] = True  # groups 2, 3 follow walk group 1; groups 0, 1 walk group 0
+    assert torch.equal(grad.isnan(), nan)
+
+
 @pytest.mark.parametrize("dilation", [1, 2])
 def test_sample_matches_grid_sample(path, dilation):
     x = torch.randn(2, 6, 5, 6, dtype=torch.float64)
@@ -858,6 +873,64 @@ def test_fused_attention_of_a_non_finite_walk_is_nan_at_its_query_only():
     nan[1, 7, D:] = True
     assert torch.equal(out.isnan(), nan)
     torch.testing.assert_close(out[~nan], clean[~nan])
+
+
+def test_fused_attention_of_a_non_finite_walk_is_nan_off_the_map_too(path):
+    """A query whose nodes all leave the map reads zeros; one NaN walk among them makes its head's output NaN (the
+    node reads NaN, as the composed path's NaN logit and weights do), not the 0 of the other nodes."""
+    B, H, W, G, D = 1, 4, 5, 2, 8
+    qkv, walks_, width, height = attention_inputs(B, H, W, G, D)
+    far = torch.full_like(walks_, 1000.5)  # every node 1000 pixels off the map
+    far[0, 7, 1, 4] = math.nan  # token 7, head 1, node 2's dy
+    out = sampler.attention(qkv, far, width, height, (H, W), G, D ** -0.5)
+    nan = torch.zeros_like(out, dtype=torch.bool)
+    nan[0, 7, D:] = True
+    assert torch.equal(out.isnan(), nan) and out[~nan].abs().max() == 0
+
+
+def test_fused_attention_reads_qkv_and_a_gradient_of_any_strides():
+    """qkv whose channels are not contiguous (a transposed tensor's) and the gradient of out.sum() (every stride 0):
+    the fused op's values and gradients are the composed reference's."""
+    B, H, W, G, D = 2, 5, 6, 2, 8
+    qkv, walks_, width, height = attention_inputs(B, H, W, G, D)
+    qkv = qkv.transpose(1, 2).contiguous().transpose(1, 2)  # (B, N, 3C), channels N apart
+    assert qkv.stride(2) != 1
+    results = []
+    for name in ("torch", "kernel"):
+        with sampler.backend(name):
+            leaves = [t.detach().requires_grad_() for t in (qkv, walks_, width, height)]
+            out = sampler.attention(*leaves, (H, W), G, D ** -0.5)
+            results.append([out, *torch.autograd.grad(out.sum(), leaves)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_attention_softmax_is_shift_invariant_far_below_zero(path):
+    """Adding one amount to all K logits of a query changes nothing: tables whose rows are all one vector r add
+    q . r to every slot alike. With q . r below -3000, where exp underflows even float64, the output is still finite
+    and that of zero tables (the softmax subtracts the largest logit, whatever its sign)."""
+    B, H, W, G, D = 2, 5, 6, 2, 8
+    qkv, walks_, width, height = attention_inputs(B, H, W, G, D)
+    C = G * D
+    qkv[..., :C] = qkv[..., :C].abs() + 1  # q > 1: q . r < -3200 for r = 2 (-200, ..., -200)
+    shifted = [torch.full_like(t, -200.0) for t in (width, height)]
+    out = sampler.attention(qkv, walks_, *shifted, (H, W), G, D ** -0.5)
+    plain = sampler.attention(qkv, walks_, *(torch.zeros_like(t) for t in shifted), (H, W), G, D ** -0.5)
+    assert out.isfinite().all()
+    torch.testing.assert_close(out, plain, rtol=1e-9, atol=1e-9)
+
+
+def test_fused_attention_at_whole_pixel_walks():
+    """Walks of whole pixels (zero, as a model's start, and integers): each node sits on a pixel, where three of its
+    four corners have weight 0 but a slope along y or x. Values and gradients, the walks' (one-sided slopes towards
+    the next row and column, as the reference's floor takes them) included, are the composed reference's."""
+    B, H, W, G, D = 2, 5, 6, 2, 8
+    qkv, walks_, width, height = attention_inputs(B, H, W, G, D)
+    walks_ = walks_.round()
+    walks_[0] = 0
+    reference, fused = both_paths(lambda *t: sampler.attention(*t, (H, W), G, D ** -0.5), (qkv, walks_, width, height))
+    for a, b in zip(fused, reference):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

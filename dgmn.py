@@ -185,6 +185,14 @@ def deformable_message_passing(channels, rates=COCO_RATES, groups=4, kernel_size
 # The modules DGMN is compared with (Tables 2, 3): each returns x + its context, so each drops in where DGMN does
 
 
+def bottleneck(channels, ratio, module):
+    """channels // ratio, the width of a baseline's 1x1 bottleneck: a one-line error where that leaves none."""
+    if channels < ratio:
+        raise ValueError(f"{module}: channels = {channels} // {ratio} leaves its bottleneck empty; give it at least "
+                         f"{ratio} channels")
+    return channels // ratio
+
+
 class NonLocal(nn.Module):
     """The non-local block (Wang et al., CVPR 2018), embedded Gaussian: y = softmax(theta(x)^T phi(x) / sqrt(C')) g(x)
     over all N = H W positions, z = x + BN(W_z y), BN's weight starting at 0 so that a new block is the identity.
@@ -196,7 +204,7 @@ class NonLocal(nn.Module):
 
     def __init__(self, channels, inner_channels=None):
         super().__init__()
-        inner = inner_channels or channels // 2
+        inner = inner_channels or bottleneck(channels, 2, "NonLocal")
         self.theta, self.phi, self.g = (nn.Conv2d(channels, inner, 1) for _ in range(3))
         for conv in (self.theta, self.phi, self.g):
             nn.init.normal_(conv.weight, std=0.01)
@@ -219,7 +227,7 @@ class GlobalContext(nn.Module):
 
     def __init__(self, channels, ratio=16):
         super().__init__()
-        inner = channels // ratio
+        inner = bottleneck(channels, ratio, "GlobalContext")
         self.attention = nn.Conv2d(channels, 1, 1, bias=False)  # GCNet's has one: a softmax ignores it, it never learns
         nn.init.kaiming_normal_(self.attention.weight, mode="fan_in", nonlinearity="relu")  # GCNet's start
         self.transform = nn.Sequential(nn.Conv2d(channels, inner, 1), nn.LayerNorm([inner, 1, 1]),
@@ -242,7 +250,8 @@ class CrissCrossAttention(nn.Module):
     def __init__(self, channels, recurrence=2, reduction=8):
         super().__init__()
         self.recurrence = recurrence
-        self.query, self.key = (nn.Conv2d(channels, channels // reduction, 1) for _ in range(2))
+        inner = bottleneck(channels, reduction, "CrissCrossAttention")
+        self.query, self.key = (nn.Conv2d(channels, inner, 1) for _ in range(2))
         self.value = nn.Conv2d(channels, channels, 1)
         self.gamma = nn.Parameter(torch.zeros(()))
 

@@ -1428,7 +1428,11 @@ def test_dgmn_errors_are_one_line():
              (lambda: dgmn.DGMN(8, rates=(True,)), "rates must be positive ints"),
              (lambda: dgmn.DGMN(8, kernel_size=4), "kernel_size must be odd"),
              (lambda: dgmn.DGMN(8, kernel_size=-1), "kernel_size must be odd and positive"),
-             (lambda: dgmn.DGMN(8)(torch.randn(2, 6, 5, 5)), r"DGMN takes \(B, 8, H, W\) maps, got \(2, 6, 5, 5\)")]
+             (lambda: dgmn.DGMN(8)(torch.randn(2, 6, 5, 5)), r"DGMN takes \(B, 8, H, W\) maps, got \(2, 6, 5, 5\)"),
+             (lambda: dgmn.NonLocal(1), "NonLocal: channels = 1 // 2 leaves its bottleneck empty"),
+             (lambda: dgmn.GlobalContext(8), "GlobalContext: channels = 8 // 16 leaves its bottleneck empty; give "
+                                             "it at least 16 channels"),
+             (lambda: dgmn.CrissCrossAttention(4), "CrissCrossAttention: channels = 4 // 8 leaves")]
     for call, message in cases:
         with pytest.raises(ValueError, match=message) as error:
             call()

@@ -1019,6 +1019,160 @@ def test_cuda_fused_attention_matches_reference(exact_cuda, dtype, G, layout):
         torch.testing.assert_close(a.float(), b.float(), rtol=scale, atol=scale * b.abs().max().item())
 
 
+@pytest.mark.parametrize("op", ["dot", "aggregate"])
+def test_kernel_gradients_go_to_exactly_the_inputs_that_need_them(op):
+    """For every subset of the inputs that requires grad (q, x, walks for dot; x, walks, weights for aggregate), the
+    kernel path returns the reference's gradient for each of them: needs_input_grad is read per input."""
+    B, C, H, W, G, Go = 2, 4, 4, 5, 2, 2
+    g = torch.Generator().manual_seed(0)
+    q, x = (torch.randn(B, C, H, W, generator=g, dtype=torch.float64) for _ in range(2))
+    offsets, weights = walks(B, 9, H, W, groups=Go), torch.randn(B, G, 9, H, W, generator=g, dtype=torch.float64)
+    call, inputs = {
+        "dot": (lambda q, x, o: sampler.dot(q, x, o, G, offset_groups=Go), (q, x, offsets)),
+        "aggregate": (lambda x, o, w: sampler.aggregate(x, o, w, offset_groups=Go), (x, offsets, weights)),
+    }[op]
+    for need in itertools.product([False, True], repeat=3):
+        if not any(need):
+            continue
+        results = []
+        for path in ("torch", "kernel"):
+            leaves = [t.clone().requires_grad_(n) for t, n in zip(inputs, need)]
+            with sampler.backend(path):
+                out = call(*leaves)
+            results.append(torch.autograd.grad(out, [t for t in leaves if t.requires_grad], torch.ones_like(out)))
+        for ref, ker in zip(*results):
+            torch.testing.assert_close(ker, ref, msg=lambda m: f"{op} {need}: {m}")
+
+
+def test_fused_attention_ops_pass_opcheck():
+    """The fused attention op and its backward pass torch.library.opcheck (schema, autograd registration, the fake
+    kernels' shapes, dtypes and strides against the real ones) on a map with H != W (the tables differ in rows) and
+    half qkv with float32 tables as under autocast (p and the table gradients in float32); the sampler backward's
+    fake too, for bf16 maps with float32 weights."""
+    B, H, W, G, D = 2, 3, 5, 2, 8
+    qkv, walks_, width, height = attention_inputs(B, H, W, G, D, dtype=torch.float32)
+    for dtype in (torch.float32, torch.bfloat16):
+        q, w = qkv.to(dtype).requires_grad_(), walks_.to(dtype).requires_grad_()
+        args = (q, w, width.clone().requires_grad_(), height.clone().requires_grad_(), H, G, D ** -0.5)
+        results = torch.library.opcheck(sampler._attention_kernel, args)
+        assert set(results.values()) == {"SUCCESS"}, (dtype, results)
+        out, probs = sampler._attention_kernel(*args)
+        assert not probs.requires_grad  # p is saved, not differentiated
+        grad = torch.randn_like(out)
+        results = torch.library.opcheck(sampler._attention_backward_kernel,
+                                        (q.detach(), w.detach(), width, height, probs, grad, H, G, D ** -0.5))
+        assert set(results.values()) == {"SUCCESS"}, (dtype, results)
+    x, u, v = torch.randn(B, 4, H, W).bfloat16(), torch.rand(B, 2, 9, H, W), torch.randn(B, 4, H, W).bfloat16()
+    results = torch.library.opcheck(sampler._backward_kernel, (x, walks(B, 9, H, W, dtype=torch.bfloat16), u, v, 1, 1,
+                                                               True, True, True))
+    assert set(results.values()) == {"SUCCESS"}, results
+
+
+def test_meta_tensors_take_the_reference_without_a_build_or_a_warning():
+    """Under "auto", meta tensors (FLOP counts, shape checks) take the reference path: nothing is built for them and
+    nothing warns of a failed build."""
+    sampler._build.cache_clear()  # a fresh answer, as in a new process
+    with sampler.backend("auto"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sampler.which_path("meta") == "torch"
+        x = torch.empty(1, 4, 5, 6, device="meta")
+        assert sampler.aggregate(x, torch.empty(1, 18, 5, 6, device="meta"),
+                                 torch.empty(1, 2, 9, 5, 6, device="meta")).shape == (1, 4, 5, 6)
+
+
+def test_backend_blocks_nest_and_restore_the_previous_choice():
+    """`with backend(...)` restores the choice it found, not the default: after an inner block (left normally or by
+    an exception) the outer block's path holds again, and after all blocks the run's default."""
+    default = sampler._backend
+    with sampler.backend("torch"):
+        with sampler.backend("kernel"):
+            assert sampler.which_path("cpu") == "kernel"
+        assert sampler.which_path("cpu") == "torch"
+        with pytest.raises(KeyError), sampler.backend("auto"):
+            raise KeyError("inside")
+        assert sampler.which_path("cpu") == "torch"
+    assert sampler._backend == default
+
+
+def test_fused_attention_of_half_qkv_and_float32_walks():
+    """bf16 qkv with float32 walks: the fused op reads both in float32 (the walks are not rounded to bf16) and
+    returns qkv's dtype, as the composed path does: exactly the float32 op's output rounded once."""
+    B, H, W, G, D = 2, 5, 6, 2, 16
+    qkv, walks_, width, height = attention_inputs(B, H, W, G, D, dtype=torch.float32)
+    qkv = qkv.bfloat16()
+    with sampler.backend("kernel"):
+        out = sampler.attention(qkv, walks_, width, height, (H, W), G, D ** -0.5)
+        full = sampler.attention(qkv.float(), walks_, width, height, (H, W), G, D ** -0.5)
+    with sampler.backend("torch"):
+        composed = sampler.attention(qkv, walks_, width, height, (H, W), G, D ** -0.5)
+    assert out.dtype == composed.dtype == torch.bfloat16
+    torch.testing.assert_close(out, full.bfloat16(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("D, K", [(36, 9), (8, 25)])
+def test_attention_runs_composed_where_the_fused_op_does_not_apply(D, K):
+    """The fused op holds K = 9 nodes and a head of at most 32 channels or a multiple of 8 up to 64; a head of 36
+    channels (on a GPU, more than a warp of single channels) or a 5 x 5 grid runs composed on the kernel path (dot
+    and aggregate, no fused op) and gives the reference's output."""
+    B, H, W, G = 1, 4, 5, 2
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, H * W, 3 * G * D, generator=g, dtype=torch.float64)
+    walks_ = rearrange(walks(B, K, H, W, groups=G), "b (g o) h w -> b (h w) g o", g=G)
+    width, height = (torch.randn(side + K - 1, D, generator=g, dtype=torch.float64) for side in (W, H))
+    assert sampler._fused(qkv, walks_, G) is False
+    for fits in (32, 40):  # at most a warp of single channels; a multiple of 8 up to 64
+        assert sampler._fused(torch.zeros(B, H * W, 3 * G * fits), walks_[..., :18], G)
+    outs = []
+    for path in ("torch", "kernel"):
+        with sampler.backend(path), torch.profiler.profile() as prof:
+            outs.append(sampler.attention(qkv, walks_, width, height, (H, W), G, D ** -0.5))
+    calls = {e.name.split("::")[-1] for e in prof.events() if e.name.startswith(sampler._OPS + "::")}
+    assert calls == {"dot", "aggregate"}
+    torch.testing.assert_close(outs[1], outs[0])
+
+
+def test_bad_weights_and_q_on_another_device_raise_one_clear_error():
+    """The Python checks name integer weights and a q on another device (ValueError) before any kernel sees them."""
+    x, q = torch.randn(2, 4, 5, 6), torch.randn(2, 4, 5, 6)
+    offsets, weights = torch.zeros(2, 18, 5, 6), torch.rand(2, 2, 9, 5, 6)
+    for path in ("torch", "kernel"):
+        with sampler.backend(path):
+            with pytest.raises(ValueError, match="weights must be floating point, got torch.int64"):
+                sampler.aggregate(x, offsets, weights.long())
+            with pytest.raises(ValueError, match="q is on meta but x is on cpu"):
+                sampler.dot(q.to("meta"), x, offsets)
+
+
+def test_attention_refuses_walks_of_an_even_grid():
+    """Walks of a 4 x 4 grid (2K = 32: K a square, but not of an odd side) are refused by name, on both paths."""
+    qkv, walks_, width, height = attention_inputs(1, 3, 4, 2, 4)
+    even = torch.zeros(*walks_.shape[:3], 32, dtype=walks_.dtype)
+    for path in ("torch", "kernel"):
+        with sampler.backend(path), pytest.raises(ValueError, match=r"walks must be .* odd ks, got .*\(1, 12, 2, 32\)"):
+            sampler.attention(qkv, even, width, height, (3, 4), 2, 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_benchmark_counts_the_least_bytes_moved(dtype, monkeypatch):
+    """python sampler.py's bandwidth bound, counted by hand. DGMN2 row: forward reads q, k, v, walks and both tables
+    and writes out; backward reads them and out's gradient and writes the gradients of qkv, walks and tables. DGMN
+    row: forward reads x, walks, weights and writes out; backward reads those and out's gradient and writes three
+    gradients. Feature maps and walks in the run's dtype, tables and weights in float32."""
+    monkeypatch.setattr(sampler, "TINY_STAGES", [(6, 2)])
+    monkeypatch.setitem(sampler.DGMN_SETTING, "channels", 16)
+    monkeypatch.setitem(sampler.DGMN_SETTING, "side", 7)
+    size = torch.finfo(dtype).bits // 8
+    B, side, G, D, K = 3, 6, 2, 64, 9
+    feature, walk, tables = B * side * side * G * D * size, B * side * side * G * 2 * K * size, 2 * (side + 8) * D * 4
+    (_, _, _, dgmn2_moved, _), (_, _, _, dgmn_moved, _) = sampler._cases(B, dtype, "cpu")
+    forward = 3 * feature + walk + tables + feature  # q, k, v, walks, tables in; out
+    backward = forward + 3 * feature + walk + tables  # the same and out's gradient in; qkv's, walks', tables' out
+    assert dgmn2_moved == forward + backward
+    feature, walk, weights = 16 * 7 * 7 * size, 2 * K * 7 * 7 * size, 4 * K * 7 * 7 * 4  # batch max(3 // 8, 1) = 1
+    forward = feature + walk + weights + feature  # x, walks, weights in; out
+    assert dgmn_moved == forward + forward + (feature + walk + weights)  # backward: out's gradient in; three out
+
+
 # ====================================================================================================================
 # dgmn.py: Eq. 1-7, Table 2, Section 5.1; the modules DGMN is compared with
 
@@ -2100,6 +2254,54 @@ def test_show_walks_draws_a_picture(tmp_path):
         with pytest.raises(ValueError, match=message) as error:
             call()
         assert "\n" not in str(error.value)
+
+
+def test_stages_keep_the_residual_stream_channels_last():
+    """Stage casts its embedding's output to channels-last: each layer gets (B, N, C) tokens that are a contiguous
+    view of the map (no strided reads in the Linears), and the stage maps are channels-last views of the tokens."""
+    model = dgmn2.dgmn2_tiny(num_classes=0).eval()
+    seen = []
+    for stage in model.stages:
+        stage.layers[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        maps = model.forward_features(torch.randn(2, 3, 40, 56))
+    assert len(seen) == 4 and all(tokens.is_contiguous() for tokens in seen)
+    assert all(m.is_contiguous(memory_format=torch.channels_last) and not m.is_contiguous() for m in maps)
+
+
+def test_a_checkpoint_file_that_is_not_a_dict_is_named(tmp_path):
+    """A file that torch.load reads but that holds no dict (a list) is refused in one line naming the file."""
+    path = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], path)
+    for read in (dgmn2.from_checkpoint, lambda p: dgmn2.load_official(dgmn2.dgmn2_tiny(), p)):
+        with pytest.raises(ValueError, match=r"list.pth: not a checkpoint \(a list, not a dict of tensors\)"):
+            read(str(path))
+
+
+def test_the_sampled_nodes_sit_at_the_walked_grid_in_image_pixels():
+    """_sampled_nodes puts node k = 3 i + j of the query (qy, qx) at ((qy + i - 1 + dy_k) s, (qx + j - 1 + dx_k) s)
+    for stage stride s, the query the nearest feature to the point, clamped onto the map by its own height and
+    width: here walks fixed by the walk Linear's bias (dy_k, dx_k different), a 64 x 128 image and a point on its
+    bottom row."""
+    model = dgmn2.dgmn2_tiny(num_classes=3).eval()
+    dy, dx = 0.1 * torch.arange(9) + 0.25, -0.05 * torch.arange(9) - 0.5
+    for stage in model.stages:
+        walk = stage.layers[-1].attn.walk
+        nn.init.zeros_(walk.weight)
+        with torch.no_grad():
+            walk.bias.copy_(torch.stack([dy, dx], dim=1).flatten())  # channel 2k is dy, 2k + 1 is dx
+    point = (63, 10)
+    nodes = dgmn2._sampled_nodes(model, torch.randint(0, 256, (3, 64, 128), dtype=torch.uint8), point)
+    expected = []
+    for s, stride in enumerate((4, 8, 16, 32)):
+        h, w = 64 // stride, 128 // stride
+        qy, qx = min(round(point[0] / stride), h - 1), min(round(point[1] / stride), w - 1)
+        for g in range(model.stages[s].layers[-1].attn.heads):
+            expected += [(s, g, (qy + k // 3 - 1 + dy[k].item()) * stride, (qx + k % 3 - 1 + dx[k].item()) * stride)
+                         for k in range(9)]
+    assert len(nodes) == len(expected)
+    for node, (s, g, row, column) in zip(nodes, expected):
+        assert node[:2] == (s, g) and node[2:4] == pytest.approx((row, column), abs=1e-4)
 
 
 # ====================================================================================================================

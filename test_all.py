@@ -1173,6 +1173,68 @@ def test_the_benchmark_counts_the_least_bytes_moved(dtype, monkeypatch):
     assert dgmn_moved == forward + forward + (feature + walk + weights)  # backward: out's gradient in; three out
 
 
+def test_the_benchmark_measures_the_median_after_a_warm_up_and_the_peak_memory(monkeypatch):
+    """sampler._measure (CPU): one untimed warm-up call, then the median of `repeats` timed calls; the peak memory is
+    the highest running total of the allocations and frees (here 4 MiB + 1 MiB held at once), not what is left."""
+    clock, durations = [0.0], itertools.chain([100.0, 5.0, 1.0, 2.0], itertools.repeat(0.0))  # warm-up first
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+
+    def fn():
+        clock[0] += next(durations)
+        a = torch.ones(2 ** 20)  # 4 MiB
+        b = torch.ones(2 ** 18)  # 1 MiB, with a
+        del a, b
+        c = torch.ones(2 ** 19)  # 2 MiB, alone
+        del c
+
+    seconds, peak = sampler._measure(fn, "cpu", 3)
+    assert seconds == 2.0  # median of 5, 1, 2: the warm-up's 100 is not timed, the fastest is not taken
+    assert peak == 5 * 2 ** 20
+    # CUDA (faked): the same median; the allocator's peak above what was allocated after the warm-up
+    durations = itertools.chain([100.0, 5.0, 1.0, 2.0], itertools.repeat(0.0))
+    for name, value in [("synchronize", None), ("reset_peak_memory_stats", None), ("memory_allocated", 3 * 2 ** 20),
+                        ("max_memory_allocated", 10 * 2 ** 20)]:
+        monkeypatch.setattr(torch.cuda, name, lambda *args, value=value: value)
+    assert sampler._measure(lambda: clock.__setitem__(0, clock[0] + next(durations)), "cuda", 3) == (2.0, 7 * 2 ** 20)
+
+
+def test_the_benchmark_copy_bandwidth_counts_the_read_and_the_write(monkeypatch):
+    """sampler._copy_bandwidth: 10 copies of `size` bytes, each reading and writing them, over the timed seconds."""
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    ticks = iter([1.0, 3.0])  # start, end
+    monkeypatch.setattr(time, "perf_counter", lambda: next(ticks))
+    assert sampler._copy_bandwidth("cpu", size=1024) == 10 * 2 * 1024 / 2.0
+
+
+def test_the_benchmark_prints_its_rows_bounds_and_ratios(monkeypatch, capsys):
+    """python sampler.py on a GPU, measurements faked: each row's times in ms, peaks in MiB, the least bytes moved in
+    MiB, the bound (bytes over the measured copy bandwidth) and fwd+bwd over it; the summary's ratios of the fused
+    op's fwd+bwd time against the kernel path's, the reference's and grid_sample's, and of grid_sample's memory."""
+    moved, bandwidth = 2 ** 30, 2e12  # 1024 MiB at 2 TB/s: a bound of 0.537 ms
+    measured = iter([(0.010, 2 ** 29), (0.040, 800 * 2 ** 20), (0.005, 2 ** 28), (0.020, 400 * 2 ** 20),
+                     (0.001, 2 ** 27), (0.004, 100 * 2 ** 20), (0.0005, 2 ** 26), (0.002, 50 * 2 ** 20)])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Fake GPU")
+    monkeypatch.setattr(sampler, "_copy_bandwidth", lambda device: bandwidth)
+    monkeypatch.setattr(sampler, "_measure", lambda fn, device, repeats: next(measured))
+    x = torch.ones(2, requires_grad=True)
+    monkeypatch.setattr(sampler, "_cases", lambda batch, dtype, device: iter(
+        [("case", lambda path, x: 2 * x, (x,), moved, sampler.PATHS)]))
+    monkeypatch.setattr(sys, "argv", ["sampler.py"])
+    sampler._benchmark()
+    out = capsys.readouterr().out
+    assert "bandwidth bound: the least bytes of a fused forward and backward over the measured device-to-device " \
+           "copy, 2.00 TB/s" in out
+    rows = [line for line in out.splitlines() if line.startswith("| case |")]
+    assert rows == ["| case | torch | 10.00 | 40.00 | 512 | 800 | 1024 | 0.537 | 74.5x |",
+                    "| case | grid_sample | 5.00 | 20.00 | 256 | 400 | 1024 | 0.537 | 37.3x |",
+                    "| case | kernel | 1.00 | 4.00 | 128 | 100 | 1024 | 0.537 | 7.5x |",
+                    "| case | fused | 0.50 | 2.00 | 64 | 50 | 1024 | 0.537 | 3.7x |"]
+    assert out.splitlines()[-1] == (
+        "case: fused op fwd+bwd 2.00 ms (3.7x the bandwidth bound), 2.00x faster than the composed kernel path "
+        "(4.00 ms), 20.0x faster than the torch reference, 10.0x faster than grid_sample with 8.0x less memory")
+
+
 # ====================================================================================================================
 # dgmn.py: Eq. 1-7, Table 2, Section 5.1; the modules DGMN is compared with
 
@@ -1751,6 +1813,15 @@ def test_multiply_adds_within_3_percent_of_table_6_and_python_dgmn2_prints_them(
                    f"{macs / 1e9:.3f}", str(variant.gflops), f"{bilinear / 1e9:.3f}", f"{variant.top1} |"]
 
 
+def test_count_macs_counts_at_the_size_it_is_given():
+    """dgmn2.count_macs(variant, size) (train_imagenet.py's log at --img-size) counts at size x size, batch 1: as
+    counted apart here, and not 224's count."""
+    with torch.device("meta"):
+        model = dgmn2.build("tiny").eval()
+    assert dgmn2.count_macs("tiny", 112) == macs_counted_here(model, (1, 3, 112, 112))
+    assert dgmn2.count_macs("tiny", 112)[0] < dgmn2.count_macs("tiny")[0]
+
+
 def test_checkpoint_round_trip_reproduces_the_release(tmp_path):
     release = release_tiny_checkpoint()
     images = torch.randn(2, 3, 224, 224)
@@ -2181,6 +2252,43 @@ def test_the_profile_counts_every_gpu_kernel_of_the_sampler_as_its():
     assert all(map(dgmn2._is_launch, others[::2]))
     for memory in ("Memset (Device)", "Memcpy DtoD (Device -> Device)", "Memcpy HtoD (Pageable -> Device)"):
         assert not dgmn2._is_launch(memory)
+
+
+def test_profile_rows_are_the_profilers_self_times_summed_by_name(monkeypatch):
+    """python dgmn2.py --profile (here the CPU's ops): each run's head counts every op the profiler recorded and
+    sums their self times (not their inclusive times, which count nested ops twice); its table has exactly `top`
+    rows, the ops of most self time, each with its number of calls and the sum of their self times, counted here
+    from the profiler's own events."""
+    from torch.autograd import DeviceType
+    profilers, original = [], torch.profiler.profile
+
+    def recording(*args, **kwargs):
+        profilers.append(original(*args, **kwargs))
+        return profilers[-1]
+
+    monkeypatch.setattr(torch.profiler, "profile", recording)
+    lines = dgmn2._profile("tiny", batch=1, img_size=64, top=3)
+    heads = [i for i, line in enumerate(lines) if re.fullmatch(r".+: \d+ ops \(.+\), [\d.]+ ms of op self time", line)]
+    assert len(heads) == len(profilers) == 2
+    for i, prof in zip(heads, profilers):
+        per_name = {}
+        for e in prof.events():
+            if e.device_type == DeviceType.CPU:
+                calls, us = per_name.get(e.name, (0, 0.0))
+                per_name[e.name] = calls + 1, us + e.self_cpu_time_total
+        total = sum(us for _, us in per_name.values())
+        m = re.fullmatch(r".+: (\d+) ops \(.+\), ([\d.]+) ms of op self time", lines[i])
+        assert int(m[1]) == sum(calls for calls, _ in per_name.values())
+        assert float(m[2]) == pytest.approx(total / 1e3, abs=0.006)  # printed to 0.01 ms, summed in another order
+        end = next((j for j in range(i + 4, len(lines)) if not lines[j].startswith("| ")), len(lines))
+        rows = [re.fullmatch(r"\| (.+) \| (\d+) \| ([\d.]+) \| ([\d.]+)% \|", line) for line in lines[i + 4:end]]
+        assert len(rows) == 3 and all(rows)
+        for row in rows:  # each row an op's calls and summed self time (printed to 0.001 ms)
+            assert int(row[2]) == per_name[row[1]][0]
+            assert float(row[3]) == pytest.approx(per_name[row[1]][1] / 1e3, abs=0.0006)
+        times = [float(row[3]) for row in rows]
+        left_out = max(us for name, (_, us) in per_name.items() if name not in {row[1] for row in rows}) / 1e3
+        assert times == sorted(times, reverse=True) and left_out <= times[-1] + 0.0006  # the most self time first
 
 
 def test_from_checkpoint_builds_what_a_checkpoint_holds(tmp_path):

@@ -1121,7 +1121,7 @@ def test_attention_runs_composed_where_the_fused_op_does_not_apply(D, K):
     width, height = (torch.randn(side + K - 1, D, generator=g, dtype=torch.float64) for side in (W, H))
     assert sampler._fused(qkv, walks_, G) is False
     for fits in (32, 40):  # at most a warp of single channels; a multiple of 8 up to 64
-        assert sampler._fused(torch.zeros(B, H * W, 3 * G * fits), walks_[..., :18], G)
+        assert sampler._fused(torch.zeros(B, H * W, 3 * G * fits), walks_[..., :2 * sampler.ATTENTION_NODES], G)
     outs = []
     for path in ("torch", "kernel"):
         with sampler.backend(path), torch.profiler.profile() as prof:
@@ -1163,7 +1163,8 @@ def test_the_benchmark_counts_the_least_bytes_moved(dtype, monkeypatch):
     monkeypatch.setitem(sampler.DGMN_SETTING, "side", 7)
     size = torch.finfo(dtype).bits // 8
     B, side, G, D, K = 3, 6, 2, 64, 9
-    feature, walk, tables = B * side * side * G * D * size, B * side * side * G * 2 * K * size, 2 * (side + 8) * D * 4
+    feature, walk = B * side * side * G * D * size, B * side * side * G * 2 * K * size
+    tables = 2 * (side + K - 1) * D * 4  # float32
     (_, _, _, dgmn2_moved, _), (_, _, _, dgmn_moved, _) = sampler._cases(B, dtype, "cpu")
     forward = 3 * feature + walk + tables + feature  # q, k, v, walks, tables in; out
     backward = forward + 3 * feature + walk + tables  # the same and out's gradient in; qkv's, walks', tables' out

@@ -411,7 +411,7 @@ def check(cfg):
          f"--img-size {cfg.img_size} it crops"),
         (cfg.eval_only and not (cfg.resume or cfg.weights), "--eval-only needs the weights to evaluate: --resume CKPT "
          "or --weights WEIGHTS"),
-        (not cfg.warmup_lr > 0 or schedule and cfg.warmup_lr > peak, f"--warmup-lr {cfg.warmup_lr} must be positive "
+        (not cfg.warmup_lr > 0 or (schedule and cfg.warmup_lr > peak), f"--warmup-lr {cfg.warmup_lr} must be positive "
          f"and at most the peak learning rate, {peak:.3g} (--lr x --batch-size / {REFERENCE_BATCH})"),
         (schedule and cfg.min_lr > peak, f"--min-lr {cfg.min_lr} is above the peak learning rate, {peak:.3g} (--lr x "
          f"--batch-size / {REFERENCE_BATCH}): the cosine would rise; lower --min-lr")]

@@ -6564,3 +6564,24 @@ def test_ci_gpu_fails_a_failed_build_and_runs_nothing_after_it(tmp_path):
     assert all(row[1] == "NOT RUN: the CUDA build failed (its error is in gpu.log)" for row in rows[1:])
     assert "none: no step that measures ran to its end" in summary
     assert "torch reference path" not in log and run.stdout.endswith(summary)
+
+
+# ====================================================================================================================
+# .ci/sanitize: the host kernels under AddressSanitizer and UndefinedBehaviorSanitizer
+
+
+@pytest.mark.slow
+def test_host_kernels_read_and_write_only_inside_their_tensors(tmp_path):
+    """The kernels' tests against the sanitized host build: no read or write outside a tensor and no undefined
+    arithmetic, which comparisons of values cannot see (a flush that adds zero sums one row before a table, or at
+    column W, changes no value)."""
+    asan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not Path(asan).is_file():
+        pytest.skip("gcc has no AddressSanitizer runtime")
+    tests = "fused_attention or kernel_matches_reference or gradcheck or host_backward or dot_matches or aggregate_with"
+    run = subprocess.run(["bash", str(Path(__file__).with_name(".ci") / "sanitize"), "-q", "-k", tests],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)})
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert list(tmp_path.iterdir()) == []  # no report
+    assert int(re.search(r"(\d+) passed", run.stdout)[1]) >= 100  # the kernels' tests, not a selection gone empty

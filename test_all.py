@@ -6578,10 +6578,11 @@ def test_host_kernels_read_and_write_only_inside_their_tensors(tmp_path):
     asan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
     if not Path(asan).is_file():
         pytest.skip("gcc has no AddressSanitizer runtime")
-    tests = "fused_attention or kernel_matches_reference or gradcheck or host_backward or dot_matches or aggregate_with"
+    tests = ("(fused_attention or kernel_matches_reference or gradcheck or host_backward or dot_matches or aggregate_with)"
+             " and not torch")  # the kernel's cases, not the reference's
     run = subprocess.run(["bash", str(Path(__file__).with_name(".ci") / "sanitize"), "-q", "-k", tests],
                          capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)})
     assert run.returncode == 0, run.stderr[-4000:]
     assert list(tmp_path.iterdir()) == []  # no report
-    assert int(re.search(r"(\d+) passed", run.stdout)[1]) >= 100  # the kernels' tests, not a selection gone empty
+    assert int(re.search(r"(\d+) passed", run.stdout)[1]) >= 80  # the kernels' tests, not a selection gone empty
